@@ -1,0 +1,106 @@
+//! The enqueue client, and the operations on jobs (get, cancel, retry).
+//!
+//! Transactional enqueue: [`Client::enqueue_in`] runs inside the caller's own
+//! transaction — if it rolls back, nothing was enqueued and nobody was woken
+//! (PostgreSQL delivers NOTIFY only on commit).
+
+use crate::error::Result;
+use crate::handler::{JobOptions, Registry};
+use crate::job::{AttemptRow, CancelResult, Enqueued, JobRow, NewJob};
+use crate::store::{self, StateCounts};
+use sqlx::postgres::PgPool;
+use std::sync::Arc;
+use warden_cluster::PartitionCount;
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    pool: PgPool,
+    partitions: PartitionCount,
+    /// Per-kind defaults (max attempts, timeout) when the client runs beside handlers.
+    registry: Option<Arc<Registry>>,
+}
+
+impl Client {
+    /// A client on a database where a node has initialised the schema.
+    pub async fn connect(pool: PgPool) -> Result<Self> {
+        let partitions = store::load_partitions(&pool).await?;
+        Ok(Self { pool, partitions, registry: None })
+    }
+
+    pub(crate) fn with_registry(pool: PgPool, partitions: PartitionCount, registry: Arc<Registry>) -> Self {
+        Self { pool, partitions, registry: Some(registry) }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn partitions(&self) -> PartitionCount {
+        self.partitions
+    }
+
+    /// Enqueue one job in its own transaction.
+    pub async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        Ok(self.enqueue_many(std::slice::from_ref(&job)).await?.remove(0))
+    }
+
+    /// Enqueue up to [`crate::job::MAX_BATCH`] jobs in one statement and transaction.
+    pub async fn enqueue_many(&self, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+        for j in jobs {
+            j.validate()?;
+        }
+        let mut tx = self.pool.begin().await?;
+        let out = self.enqueue_many_in(&mut tx, jobs).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Enqueue inside the caller's transaction (or on any connection).
+    pub async fn enqueue_in(&self, conn: &mut sqlx::PgConnection, job: NewJob) -> Result<Enqueued> {
+        Ok(self.enqueue_many_in(conn, std::slice::from_ref(&job)).await?.remove(0))
+    }
+
+    pub async fn enqueue_many_in(&self, conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+        let reg = self.registry.clone();
+        let reg2 = self.registry.clone();
+        store::insert_jobs(
+            conn,
+            self.partitions,
+            jobs,
+            move |k| {
+                reg.as_ref()
+                    .and_then(|r| r.options(k).map(|o| o.max_attempts))
+                    .unwrap_or(JobOptions::default().max_attempts)
+            },
+            move |k| {
+                reg2.as_ref()
+                    .and_then(|r| r.options(k).map(|o| o.timeout))
+                    .unwrap_or(JobOptions::default().timeout)
+            },
+        )
+        .await
+    }
+
+    pub async fn get(&self, job_id: i64) -> Result<Option<JobRow>> {
+        store::get_job(&self.pool, job_id).await
+    }
+
+    pub async fn attempts(&self, job_id: i64) -> Result<Vec<AttemptRow>> {
+        store::attempts_of(&self.pool, job_id).await
+    }
+
+    /// Cancel a queued job at once, or ask a running one to stop (it is aborted
+    /// after the node's cancel grace if its handler ignores the request).
+    pub async fn cancel(&self, job_id: i64) -> Result<CancelResult> {
+        store::cancel_job(&self.pool, job_id).await
+    }
+
+    /// Re-queue a discarded or cancelled job.
+    pub async fn retry(&self, job_id: i64) -> Result<JobRow> {
+        store::retry_job(&self.pool, job_id).await
+    }
+
+    pub async fn state_counts(&self) -> Result<StateCounts> {
+        store::state_counts(&self.pool).await
+    }
+}

@@ -1,0 +1,151 @@
+//! The enforcer: one per node, `tick + run_once()`. It reconciles what the node
+//! should own (placement) with what it holds (leases), and makes sure every account
+//! with due work in a held partition has an actor. It is also the cold-boot path:
+//! after a full outage it alone rebuilds everything from the database, and it is the
+//! polling fallback behind LISTEN/NOTIFY wake-ups.
+//!
+//! One `run_once()`:
+//! 1. desired = placement(P); held = lease table.
+//! 2. acquire desired − held (skipping partitions whose old actors are still
+//!    stopping), rescue attempts an older epoch left running, then start using them;
+//! 3. held − desired: drain their actors; once none is left, release the lease
+//!    (NOTIFY) so the next owner acquires at once;
+//! 4. wake (or spawn) the actor of every account with due work in usable partitions.
+
+use crate::account_actor::AccountActors;
+use crate::error::Result;
+use crate::lease::{LeaseConfig, LeaseTable};
+use crate::store::{Fence, Store};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use warden_cluster::Placement;
+
+/// What one reconciliation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnforceReport {
+    pub acquired: Vec<u32>,
+    pub released: Vec<u32>,
+    pub draining: Vec<u32>,
+    pub rescued_attempts: u64,
+    pub woken_accounts: usize,
+}
+
+pub struct Enforcer {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) leases: Arc<LeaseTable>,
+    pub(crate) actors: Arc<AccountActors>,
+    pub(crate) placement: Arc<dyn Placement>,
+    pub(crate) lease_config: LeaseConfig,
+    /// Max accounts woken per run (bounds one scan).
+    pub(crate) due_scan_limit: i64,
+}
+
+impl Enforcer {
+    pub async fn run_once(&self) -> Result<EnforceReport> {
+        let mut report = EnforceReport::default();
+        let p = self.store.partitions();
+        let desired = self.placement.desired(p).partitions;
+        let held: BTreeSet<u32> = self.leases.held().iter().map(|l| l.partition).collect();
+
+        // 2. Acquire.
+        let to_acquire: Vec<u32> = desired
+            .difference(&held)
+            .copied()
+            .filter(|p| self.actors.count_in_partition(*p) == 0)
+            .collect();
+        if !to_acquire.is_empty() {
+            let sent_at = Instant::now();
+            let granted = self.store.acquire(self.leases.owner(), &to_acquire, self.lease_config.ttl).await?;
+            for g in &granted {
+                let fence = Fence { partition: g.partition, epoch: g.epoch, owner: self.leases.owner().clone() };
+                let rescued = self.store.rescue(&fence).await?;
+                if rescued > 0 {
+                    tracing::warn!(partition = g.partition, epoch = g.epoch, rescued, "rescued attempts left running by an older epoch");
+                    metrics::counter!("warden_rescued_attempts_total").increment(rescued);
+                }
+                report.rescued_attempts += rescued;
+            }
+            self.leases.granted(&granted, sent_at + self.lease_config.valid_for());
+            for g in &granted {
+                tracing::info!(partition = g.partition, epoch = g.epoch, "ownership: acquired partition");
+            }
+            report.acquired = granted.iter().map(|g| g.partition).collect();
+            metrics::counter!("warden_lease_acquired_total").increment(granted.len() as u64);
+        }
+
+        // 3. Hand off what we should no longer own.
+        let unwanted: Vec<u32> = held.difference(&desired).copied().collect();
+        let mut releasable = Vec::new();
+        for p in unwanted {
+            if !self.leases.is_draining(p) {
+                self.leases.begin_drain(p);
+                self.actors.drain(Some(&[p]));
+                tracing::info!(partition = p, "ownership: draining partition for handoff");
+            }
+            if self.actors.count_in_partition(p) == 0 {
+                releasable.push(p);
+            } else {
+                report.draining.push(p);
+            }
+        }
+        if !releasable.is_empty() {
+            let leases: Vec<_> = releasable.iter().filter_map(|p| self.leases.fence(*p)).collect();
+            self.store.release(self.leases.owner(), &leases).await?;
+            for l in &leases {
+                tracing::info!(partition = l.partition, epoch = l.epoch, "ownership: released partition");
+            }
+            report.released = releasable;
+        }
+
+        // 4. Wake accounts with due work.
+        let usable: Vec<u32> = self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
+        let due = self.store.due_accounts(&usable, self.due_scan_limit).await?;
+        for (account, partition) in &due {
+            if self.actors.wake(account, *partition).await {
+                report.woken_accounts += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Drain every actor, then release every lease. Bounded by `drain_timeout` plus a
+    /// second; whatever is still running then is dropped and left for rescue.
+    pub async fn release_all(&self, drain_timeout: Duration) -> Result<usize> {
+        for l in self.leases.held() {
+            self.leases.begin_drain(l.partition);
+        }
+        self.actors.drain(None);
+        let deadline = Instant::now() + drain_timeout + Duration::from_secs(1);
+        while !self.actors.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let held: Vec<_> = self.leases.held().iter().filter_map(|l| self.leases.fence(l.partition)).collect();
+        let n = self.store.release(self.leases.owner(), &held).await?;
+        tracing::info!(released = n, "ownership: released all partitions");
+        Ok(held.len())
+    }
+}
+
+/// Run the enforcer every `interval` (with ±20% jitter) and whenever poked.
+pub async fn run(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notify>, shutdown: CancellationToken) {
+    let mut rng = fastrand::Rng::new();
+    loop {
+        match enforcer.run_once().await {
+            Ok(r) if !r.acquired.is_empty() || !r.released.is_empty() => {
+                tracing::debug!(acquired = r.acquired.len(), released = r.released.len(), woken = r.woken_accounts, "enforcer ran");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "enforcer run failed; will retry"),
+        }
+        let jittered = interval.mul_f64(0.8 + 0.4 * rng.f64());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jittered) => {}
+            _ = poke.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The runtime's error type at its crate boundary.
+
+use std::time::Duration;
+
+/// Errors returned by the Warden runtime API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller's input was rejected before it reached the database.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// The node's configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The database schema was created with a different partition count.
+    #[error("partition count mismatch: the database was created with P={stored}, this node is configured with P={configured}")]
+    PartitionMismatch { stored: u32, configured: u32 },
+
+    /// The cluster schema has not been initialised (no node has started yet).
+    #[error("cluster not initialised: start a node (which applies migrations) before enqueueing")]
+    NotInitialised,
+
+    /// No job with this id.
+    #[error("job {0} not found")]
+    JobNotFound(i64),
+
+    /// A fenced write failed: this node no longer holds the lease epoch it acted under.
+    /// Not retryable: the caller is a zombie for that partition and must stop.
+    #[error("fenced: lease for partition {partition} epoch {epoch} is no longer held")]
+    Fenced { partition: u32, epoch: i64 },
+
+    /// The database did not answer in time.
+    #[error("database timed out after {0:?}")]
+    Timeout(Duration),
+
+    /// Any other database error (connection loss, constraint violation, ...).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Error {
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,273 @@
+//! The handler API: what users implement, per-kind options, and the job context.
+//!
+//! ```ignore
+//! struct Charge;
+//! #[warden_runtime::async_trait]
+//! impl Handler for Charge {
+//!     type Args = ChargeArgs;
+//!     const KIND: &'static str = "charge";
+//!     async fn run(&self, ctx: &mut JobContext, args: ChargeArgs) -> HandlerResult {
+//!         sqlx::query("INSERT INTO ledger ...").execute(ctx.tx().await?).await?;
+//!         ctx.enqueue(NewJob::new(ctx.account(), "invoice", &args)?).await?;
+//!         Ok(Outcome::Done)
+//!     }
+//! }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::job::{Enqueued, JobRow, Lane, NewJob};
+use crate::store::{JobTx, Store};
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use warden_cluster::PartitionCount;
+
+/// What a handler asks for after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job is complete.
+    Done,
+    /// Count this attempt as failed and retry: after `after`, or the kind's backoff if `None`.
+    Retry { after: Option<Duration> },
+    /// Run again after the delay without using up an attempt.
+    Snooze(Duration),
+    /// Give up for good, with a reason that is recorded.
+    Discard(String),
+}
+
+/// A handler's error: any error counts as a failed attempt and is retried per the kind's backoff.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub type HandlerResult = std::result::Result<Outcome, HandlerError>;
+
+/// Exponential backoff with jitter: `base · 2^(attempt−1)`, capped at `max`, then
+/// multiplied by a uniform factor in `[1 − jitter, 1 + jitter]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    /// 0.0 ..= 1.0
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { base: Duration::from_secs(1), max: Duration::from_secs(3600), jitter: 0.25 }
+    }
+}
+
+impl Backoff {
+    /// Delay before retrying after failed attempt number `attempt` (1-based).
+    pub fn delay(&self, attempt: i32, rng: &mut fastrand::Rng) -> Duration {
+        let exp = (attempt.max(1) - 1).min(32) as u32;
+        let raw = self.base.saturating_mul(1u32.checked_shl(exp).unwrap_or(u32::MAX)).min(self.max);
+        let factor = 1.0 + self.jitter * (rng.f64() * 2.0 - 1.0);
+        raw.mul_f64(factor.max(0.0))
+    }
+}
+
+/// Per-kind options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOptions {
+    pub max_attempts: i32,
+    pub timeout: Duration,
+    pub backoff: Backoff,
+    pub lane: Lane,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        Self { max_attempts: 25, timeout: Duration::from_secs(60), backoff: Backoff::default(), lane: Lane::Serial }
+    }
+}
+
+/// A job handler for one kind, with typed arguments.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    type Args: DeserializeOwned + Send + 'static;
+    /// The job kind this handler runs.
+    const KIND: &'static str;
+
+    fn options(&self) -> JobOptions {
+        JobOptions::default()
+    }
+
+    async fn run(&self, ctx: &mut JobContext, args: Self::Args) -> HandlerResult;
+}
+
+/// Why an attempt produced no handler outcome.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// The stored args do not deserialize into the handler's type: discard.
+    BadArgs(String),
+    Failed(HandlerError),
+}
+
+#[async_trait]
+pub(crate) trait ErasedHandler: Send + Sync {
+    async fn call(&self, ctx: &mut JobContext, args: serde_json::Value) -> std::result::Result<Outcome, CallError>;
+    fn options(&self) -> &JobOptions;
+}
+
+struct Typed<H: Handler> {
+    handler: H,
+    options: JobOptions,
+}
+
+#[async_trait]
+impl<H: Handler> ErasedHandler for Typed<H> {
+    async fn call(&self, ctx: &mut JobContext, args: serde_json::Value) -> std::result::Result<Outcome, CallError> {
+        let args: H::Args = serde_json::from_value(args)
+            .map_err(|e| CallError::BadArgs(format!("args do not match kind {:?}: {e}", H::KIND)))?;
+        self.handler.run(ctx, args).await.map_err(CallError::Failed)
+    }
+    fn options(&self) -> &JobOptions {
+        &self.options
+    }
+}
+
+/// The handlers a node runs, by kind.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("kinds", &self.kinds()).finish()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register `handler` for `H::KIND`. Errors on a duplicate kind or invalid options.
+    pub fn register<H: Handler>(&mut self, handler: H) -> Result<()> {
+        crate::job::validate_name("kind", H::KIND, crate::job::MAX_KIND_BYTES)?;
+        let options = handler.options();
+        if !(1..=crate::job::MAX_MAX_ATTEMPTS).contains(&options.max_attempts) {
+            return Err(Error::Config(format!("kind {}: max_attempts must be 1..=1000", H::KIND)));
+        }
+        if options.timeout.is_zero() || options.timeout > crate::job::MAX_TIMEOUT {
+            return Err(Error::Config(format!("kind {}: timeout must be 1ms..=24h", H::KIND)));
+        }
+        if !(0.0..=1.0).contains(&options.backoff.jitter) {
+            return Err(Error::Config(format!("kind {}: backoff jitter must be within 0..=1", H::KIND)));
+        }
+        if self.handlers.contains_key(H::KIND) {
+            return Err(Error::Config(format!("a handler for kind {:?} is already registered", H::KIND)));
+        }
+        self.handlers.insert(H::KIND.to_string(), Arc::new(Typed { handler, options }));
+        Ok(())
+    }
+
+    pub(crate) fn get(&self, kind: &str) -> Option<&Arc<dyn ErasedHandler>> {
+        self.handlers.get(kind)
+    }
+
+    pub fn options(&self, kind: &str) -> Option<&JobOptions> {
+        self.handlers.get(kind).map(|h| h.options())
+    }
+
+    pub fn kinds(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.handlers.keys().map(|k| k.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// The token a handler passes to downstream systems so they can reject stale writers:
+/// within a partition, a later owner always has a larger epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FencingToken {
+    pub partition: u32,
+    pub epoch: i64,
+}
+
+/// Everything a handler may know and use about the attempt it runs.
+pub struct JobContext {
+    pub(crate) job: JobRow,
+    pub(crate) fence: FencingToken,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) partitions: PartitionCount,
+    pub(crate) tx: Option<JobTx>,
+}
+
+impl JobContext {
+    pub fn account(&self) -> &str {
+        &self.job.account
+    }
+    pub fn job_id(&self) -> i64 {
+        self.job.id
+    }
+    pub fn kind(&self) -> &str {
+        &self.job.kind
+    }
+    /// 1 for the first attempt.
+    pub fn attempt(&self) -> i32 {
+        self.job.attempt
+    }
+    pub fn max_attempts(&self) -> i32 {
+        self.job.max_attempts
+    }
+    pub fn fence(&self) -> FencingToken {
+        self.fence
+    }
+    /// Fires when the job is cancelled or the node must stop (drain, lost lease).
+    /// Handlers that check it stop cleanly; the others are aborted after a grace.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+    /// The attempt's database transaction, opened on first use. Its writes commit
+    /// in the same transaction as the job's completion — and only if the lease fence
+    /// still holds then; on any other outcome they are rolled back.
+    pub async fn tx(&mut self) -> Result<&mut sqlx::PgConnection> {
+        if self.tx.is_none() {
+            self.tx = Some(self.store.begin().await?);
+        }
+        Ok(&mut **self.tx.as_mut().expect("opened above"))
+    }
+    /// Enqueue a follow-up job inside this attempt's transaction (a job chain):
+    /// it exists if and only if this attempt completes.
+    pub async fn enqueue(&mut self, job: NewJob) -> Result<Enqueued> {
+        let registry = self.registry.clone();
+        let partitions = self.partitions;
+        let conn = self.tx().await?;
+        let mut out = crate::store::insert_jobs(
+            conn,
+            partitions,
+            std::slice::from_ref(&job),
+            |k| registry.options(k).map(|o| o.max_attempts).unwrap_or(JobOptions::default().max_attempts),
+            |k| registry.options(k).map(|o| o.timeout).unwrap_or(JobOptions::default().timeout),
+        )
+        .await?;
+        Ok(out.remove(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_with_bounded_jitter() {
+        let b = Backoff { base: Duration::from_millis(100), max: Duration::from_secs(10), jitter: 0.2 };
+        let mut rng = fastrand::Rng::with_seed(7);
+        for attempt in 1..=12 {
+            let raw = Duration::from_millis(100 * (1u64 << (attempt - 1))).min(Duration::from_secs(10));
+            for _ in 0..50 {
+                let d = b.delay(attempt, &mut rng);
+                assert!(d >= raw.mul_f64(0.8) && d <= raw.mul_f64(1.2), "attempt {attempt}: {d:?} vs {raw:?}");
+            }
+        }
+        let none = Backoff { jitter: 0.0, ..b };
+        assert_eq!(none.delay(1, &mut rng), Duration::from_millis(100));
+        assert_eq!(none.delay(40, &mut rng), Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,345 @@
+//! Jobs: the row, its states and lanes, the enqueue request, and input limits.
+//!
+//! Limits are enforced here, before anything reaches the database; the SQL
+//! function `warden.enqueue` enforces the same limits for trigger enqueues.
+
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::time::Duration;
+
+/// Maximum account id length in bytes.
+pub const MAX_ACCOUNT_BYTES: usize = 256;
+/// Maximum job kind length in bytes.
+pub const MAX_KIND_BYTES: usize = 128;
+/// Maximum serialized args size in bytes.
+pub const MAX_ARGS_BYTES: usize = 64 * 1024;
+/// Maximum unique key length in bytes.
+pub const MAX_UNIQUE_KEY_BYTES: usize = 256;
+/// Maximum attempts a job may be given.
+pub const MAX_MAX_ATTEMPTS: i32 = 1000;
+/// Maximum per-job timeout.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Maximum jobs in one batch enqueue.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Lifecycle state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Not yet due when enqueued (run_at in the future).
+    Scheduled,
+    Available,
+    Running,
+    /// Failed an attempt; waits for its backoff (`due_at`).
+    Retryable,
+    Completed,
+    Discarded,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Scheduled,
+        JobState::Available,
+        JobState::Running,
+        JobState::Retryable,
+        JobState::Completed,
+        JobState::Discarded,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Retryable => "retryable",
+            JobState::Completed => "completed",
+            JobState::Discarded => "discarded",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Completed, discarded and cancelled jobs never run again (unless retried by an operator).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Discarded | JobState::Cancelled)
+    }
+}
+
+/// Ordering lane of a job within its account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    /// One at a time, in (run_at, id) order; a failing head blocks the jobs behind it.
+    #[default]
+    Serial,
+    /// Runs on the account's actor when due, without blocking or being blocked by order.
+    Unordered,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Serial => "serial",
+            Lane::Unordered => "unordered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "serial" => Some(Lane::Serial),
+            "unordered" => Some(Lane::Unordered),
+            _ => None,
+        }
+    }
+}
+
+/// A job row as stored.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub account: String,
+    pub partition: i32,
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub lane: String,
+    pub state: String,
+    pub priority: i16,
+    pub run_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub timeout_ms: i32,
+    pub unique_key: Option<String>,
+    pub epoch: Option<i64>,
+    pub node: Option<String>,
+    pub cancel_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub attempted_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+impl JobRow {
+    pub fn state(&self) -> Option<JobState> {
+        JobState::parse(&self.state)
+    }
+}
+
+/// One recorded attempt (the audit trail).
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct AttemptRow {
+    pub id: i64,
+    pub job_id: i64,
+    pub account: String,
+    pub partition: i32,
+    pub attempt: i32,
+    pub node: String,
+    pub epoch: i64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// When a new job becomes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    #[default]
+    Now,
+    At(DateTime<Utc>),
+    After(Duration),
+}
+
+/// A request to enqueue one job. Build with [`NewJob::new`] and the `with_*` methods.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub account: String,
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub schedule: Schedule,
+    pub priority: i16,
+    /// `None`: the kind's registered default (or 25 if enqueued where no handler is known).
+    pub max_attempts: Option<i32>,
+    pub timeout: Option<Duration>,
+    pub unique_key: Option<String>,
+    pub lane: Lane,
+}
+
+impl NewJob {
+    /// A job for `account` of `kind` with `args` serialized to JSON.
+    pub fn new(account: impl Into<String>, kind: impl Into<String>, args: impl Serialize) -> Result<Self> {
+        let args = serde_json::to_value(args)
+            .map_err(|e| Error::invalid(format!("args do not serialize to JSON: {e}")))?;
+        Ok(Self {
+            account: account.into(),
+            kind: kind.into(),
+            args,
+            schedule: Schedule::Now,
+            priority: 0,
+            max_attempts: None,
+            timeout: None,
+            unique_key: None,
+            lane: Lane::Serial,
+        })
+    }
+
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.schedule = Schedule::At(at);
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.schedule = Schedule::After(d);
+        self
+    }
+    pub fn priority(mut self, p: i16) -> Self {
+        self.priority = p;
+        self
+    }
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+    pub fn unique_key(mut self, k: impl Into<String>) -> Self {
+        self.unique_key = Some(k.into());
+        self
+    }
+    pub fn lane(mut self, lane: Lane) -> Self {
+        self.lane = lane;
+        self
+    }
+
+    /// Check every limit; the error names the field and the limit.
+    pub fn validate(&self) -> Result<()> {
+        validate_name("account", &self.account, MAX_ACCOUNT_BYTES)?;
+        validate_name("kind", &self.kind, MAX_KIND_BYTES)?;
+        let args_len = self.args.to_string().len();
+        if args_len > MAX_ARGS_BYTES {
+            return Err(Error::invalid(format!(
+                "args are {args_len} bytes of JSON; the limit is {MAX_ARGS_BYTES}"
+            )));
+        }
+        if let Some(k) = &self.unique_key {
+            validate_name("unique_key", k, MAX_UNIQUE_KEY_BYTES)?;
+        }
+        if let Some(n) = self.max_attempts {
+            if !(1..=MAX_MAX_ATTEMPTS).contains(&n) {
+                return Err(Error::invalid(format!(
+                    "max_attempts must be between 1 and {MAX_MAX_ATTEMPTS}, got {n}"
+                )));
+            }
+        }
+        if let Some(t) = self.timeout {
+            if t.is_zero() || t > MAX_TIMEOUT {
+                return Err(Error::invalid(format!(
+                    "timeout must be between 1ms and {}s, got {t:?}",
+                    MAX_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        if let Schedule::After(d) = self.schedule {
+            if d > Duration::from_secs(10 * 365 * 24 * 3600) {
+                return Err(Error::invalid("delay must be at most 10 years"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Validate an identifier-like string: non-empty, at most `max` bytes, no control characters.
+pub fn validate_name(field: &str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(format!("{field} must not be empty")));
+    }
+    if value.len() > max {
+        return Err(Error::invalid(format!(
+            "{field} is {} bytes; the limit is {max}",
+            value.len()
+        )));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(Error::invalid(format!(
+            "{field} contains a control character ({:?})",
+            c
+        )));
+    }
+    Ok(())
+}
+
+/// Result of an enqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    pub id: i64,
+    /// True when an unfinished job with the same (account, unique_key) already existed;
+    /// `id` is then that job's id and nothing new was inserted.
+    pub duplicate: bool,
+}
+
+/// Result of a cancel request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum CancelResult {
+    /// The job was queued and is now cancelled.
+    Cancelled,
+    /// The job is running; its handler is asked to stop and the attempt is aborted after a grace.
+    CancelRequested,
+    /// The job had already finished in this state.
+    AlreadyFinished { state: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> NewJob {
+        NewJob::new("acct", "kind", serde_json::json!({"a": 1})).unwrap()
+    }
+
+    #[test]
+    fn accepts_reasonable_input() {
+        job().validate().unwrap();
+        job().unique_key("k").max_attempts(3).timeout(Duration::from_secs(1)).validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let mut j = job();
+        j.account = String::new();
+        assert!(j.validate().unwrap_err().to_string().contains("account must not be empty"));
+        j.account = "a".repeat(257);
+        assert!(j.validate().unwrap_err().to_string().contains("limit is 256"));
+        j.account = "a\u{0}b".into();
+        assert!(j.validate().unwrap_err().to_string().contains("control character"));
+        let mut j = job();
+        j.kind = "k\n".into();
+        assert!(j.validate().unwrap_err().to_string().contains("kind contains a control"));
+    }
+
+    #[test]
+    fn rejects_oversized_args_and_bad_options() {
+        let big = "x".repeat(MAX_ARGS_BYTES);
+        let j = NewJob::new("a", "k", serde_json::json!({ "big": big })).unwrap();
+        assert!(j.validate().unwrap_err().to_string().contains("args are"));
+        assert!(job().max_attempts(0).validate().is_err());
+        assert!(job().max_attempts(1001).validate().is_err());
+        assert!(job().timeout(Duration::ZERO).validate().is_err());
+        assert!(job().unique_key("").validate().is_err());
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in JobState::ALL {
+            assert_eq!(JobState::parse(s.as_str()), Some(s));
+        }
+        assert!(JobState::Completed.is_terminal() && !JobState::Retryable.is_terminal());
+    }
+}

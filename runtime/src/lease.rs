@@ -1,0 +1,299 @@
+//! Partition leases on the node side: what this node holds, until when it may act
+//! on it, and the keeper loop that renews leases and self-fences.
+//!
+//! Invariant (DESIGN §4): a node acts on partition `p` only while
+//! `Instant::now() < valid_until(p)`, where `valid_until = renewal_sent_at + ttl −
+//! safety_margin` on the *monotonic* clock. The database set the expiry to
+//! `db_now + ttl` with `db_now ≥ renewal_sent_at`, so the node stops before anyone
+//! else can acquire the lease — through database outages, network partitions and
+//! process pauses alike. When a deadline passes, [`LeaseTable::fence`] removes the
+//! lease and cancels its token, which aborts every attempt running under it.
+
+use crate::store::{Fence, GrantedLease, Store};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Lease timing. `renew_interval` < `ttl − safety_margin` so that a single slow
+/// renewal does not fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// Lease time-to-live, as granted by the database.
+    pub ttl: Duration,
+    /// How often held leases are renewed (one statement for all).
+    pub renew_interval: Duration,
+    /// Stop acting this long before the lease could expire in the database.
+    pub safety_margin: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(4),
+            renew_interval: Duration::from_millis(1000),
+            safety_margin: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl LeaseConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ttl < Duration::from_millis(300) {
+            return Err(format!("lease_ttl must be at least 300ms, got {:?}", self.ttl));
+        }
+        if self.safety_margin.is_zero() || self.safety_margin >= self.ttl {
+            return Err(format!(
+                "lease_safety_margin must be > 0 and < lease_ttl ({:?}), got {:?}",
+                self.ttl, self.safety_margin
+            ));
+        }
+        if self.renew_interval.is_zero() || self.renew_interval >= self.ttl - self.safety_margin {
+            return Err(format!(
+                "lease_renew_interval must be > 0 and < lease_ttl − lease_safety_margin ({:?}), got {:?}",
+                self.ttl - self.safety_margin,
+                self.renew_interval
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long after sending a renewal the node may act on its result.
+    pub fn valid_for(&self) -> Duration {
+        self.ttl - self.safety_margin
+    }
+}
+
+#[derive(Debug)]
+struct Held {
+    epoch: i64,
+    valid_until: Instant,
+    token: CancellationToken,
+    /// Handing off: keep renewing, start nothing new.
+    draining: bool,
+}
+
+/// The leases this node holds. Never held across `.await`.
+#[derive(Debug)]
+pub struct LeaseTable {
+    owner: Arc<str>,
+    held: Mutex<HashMap<u32, Held>>,
+}
+
+/// A usable lease: the fence to write under and the token that fires when it is lost.
+#[derive(Debug, Clone)]
+pub struct ActiveLease {
+    pub fence: Fence,
+    pub token: CancellationToken,
+}
+
+impl LeaseTable {
+    pub fn new(owner: Arc<str>) -> Self {
+        Self { owner, held: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn owner(&self) -> &Arc<str> {
+        &self.owner
+    }
+
+    /// The lease for `partition` if held and still inside its validity window.
+    pub fn current(&self, partition: u32) -> Option<ActiveLease> {
+        let held = self.held.lock().unwrap();
+        let h = held.get(&partition)?;
+        if h.draining || Instant::now() >= h.valid_until {
+            return None;
+        }
+        Some(ActiveLease {
+            fence: Fence { partition, epoch: h.epoch, owner: self.owner.clone() },
+            token: h.token.clone(),
+        })
+    }
+
+    pub fn holds(&self, partition: u32) -> bool {
+        self.current(partition).is_some()
+    }
+
+    /// Record freshly granted leases (from a statement sent at `sent_at`).
+    pub fn granted(&self, leases: &[GrantedLease], valid_until: Instant) {
+        let mut held = self.held.lock().unwrap();
+        for l in leases {
+            if let Some(old) = held.insert(
+                l.partition,
+                Held { epoch: l.epoch, valid_until, token: CancellationToken::new(), draining: false },
+            ) {
+                old.token.cancel();
+            }
+        }
+    }
+
+    /// Extend the validity of renewed partitions.
+    pub fn renewed(&self, partitions: &[u32], valid_until: Instant) {
+        let mut held = self.held.lock().unwrap();
+        for p in partitions {
+            if let Some(h) = held.get_mut(p) {
+                h.valid_until = h.valid_until.max(valid_until);
+            }
+        }
+    }
+
+    /// Start handing `partition` off: it stays held (and renewed) but is no longer usable
+    /// for new attempts; attempts already running keep their fence.
+    pub fn begin_drain(&self, partition: u32) {
+        if let Some(h) = self.held.lock().unwrap().get_mut(&partition) {
+            h.draining = true;
+        }
+    }
+
+    pub fn is_draining(&self, partition: u32) -> bool {
+        self.held.lock().unwrap().get(&partition).is_some_and(|h| h.draining)
+    }
+
+    pub fn held(&self) -> Vec<GrantedLease> {
+        let held = self.held.lock().unwrap();
+        let mut v: Vec<_> =
+            held.iter().map(|(p, h)| GrantedLease { partition: *p, epoch: h.epoch }).collect();
+        v.sort_by_key(|l| l.partition);
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stop acting on `partition`: forget it and abort everything running under it.
+    pub fn fence(&self, partition: u32) -> Option<GrantedLease> {
+        let h = self.held.lock().unwrap().remove(&partition)?;
+        h.token.cancel();
+        Some(GrantedLease { partition, epoch: h.epoch })
+    }
+
+    /// Partitions whose validity window has passed at `now`.
+    pub fn expired(&self, now: Instant) -> Vec<u32> {
+        let held = self.held.lock().unwrap();
+        let mut v: Vec<u32> = held.iter().filter(|(_, h)| now >= h.valid_until).map(|(p, _)| *p).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn earliest_deadline(&self) -> Option<Instant> {
+        self.held.lock().unwrap().values().map(|h| h.valid_until).min()
+    }
+}
+
+/// Renews held leases every `renew_interval` and self-fences partitions whose
+/// window passes without a successful renewal. `on_fence` is told which partitions
+/// were fenced so the caller can stop their actors.
+pub async fn keep_leases(
+    store: Arc<dyn Store>,
+    table: Arc<LeaseTable>,
+    config: LeaseConfig,
+    on_fence: Arc<dyn Fn(&[u32]) + Send + Sync>,
+    shutdown: CancellationToken,
+) {
+    let mut next_renew = Instant::now() + config.renew_interval;
+    loop {
+        let wake_at = match table.earliest_deadline() {
+            Some(d) => d.min(next_renew),
+            None => next_renew,
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+        if Instant::now() >= next_renew {
+            let held = table.held();
+            let sent_at = Instant::now();
+            let deadline = table.earliest_deadline().unwrap_or(sent_at + config.valid_for());
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout_at(deadline, store.renew(&table.owner, &held, config.ttl)) => r,
+            };
+            match result {
+                Ok(Ok(renewed)) => {
+                    table.renewed(&renewed, sent_at + config.valid_for());
+                    let lost: Vec<u32> = held
+                        .iter()
+                        .map(|l| l.partition)
+                        .filter(|p| !renewed.contains(p))
+                        .collect();
+                    if !lost.is_empty() {
+                        tracing::warn!(count = lost.len(), partitions = ?lost, "lease renewal refused; fencing");
+                        fence(&table, &lost, &on_fence);
+                    }
+                    metrics::counter!("warden_lease_renewals_total", "result" => "ok").increment(1);
+                    next_renew = sent_at + config.renew_interval;
+                }
+                Ok(Err(e)) => {
+                    metrics::counter!("warden_lease_renewals_total", "result" => "error").increment(1);
+                    tracing::warn!(error = %e, "lease renewal failed; retrying");
+                    next_renew = Instant::now() + config.renew_interval.min(Duration::from_millis(250));
+                }
+                Err(_) => {
+                    metrics::counter!("warden_lease_renewals_total", "result" => "timeout").increment(1);
+                    tracing::warn!("lease renewal did not answer before the self-fence deadline");
+                    next_renew = Instant::now();
+                }
+            }
+        }
+        let expired = table.expired(Instant::now());
+        if !expired.is_empty() {
+            tracing::warn!(count = expired.len(), "lease validity window passed without renewal; self-fencing");
+            metrics::counter!("warden_self_fence_total").increment(expired.len() as u64);
+            fence(&table, &expired, &on_fence);
+        }
+    }
+}
+
+fn fence(table: &LeaseTable, partitions: &[u32], on_fence: &Arc<dyn Fn(&[u32]) + Send + Sync>) {
+    for p in partitions {
+        if let Some(l) = table.fence(*p) {
+            tracing::info!(partition = l.partition, epoch = l.epoch, "ownership: fenced partition");
+        }
+    }
+    on_fence(partitions);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_is_usable_only_inside_its_window() {
+        let t = LeaseTable::new("n1/1".into());
+        t.granted(&[GrantedLease { partition: 3, epoch: 7 }], Instant::now() + Duration::from_secs(2));
+        let a = t.current(3).expect("held");
+        assert_eq!(a.fence.epoch, 7);
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(t.holds(3));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!t.holds(3), "expired window must not be usable");
+        assert_eq!(t.expired(Instant::now()), vec![3]);
+        t.fence(3);
+        assert!(a.token.is_cancelled(), "fencing cancels running work");
+        assert!(t.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_extends_only_held_partitions() {
+        let t = LeaseTable::new("n1/1".into());
+        let now = Instant::now();
+        t.granted(&[GrantedLease { partition: 1, epoch: 1 }], now + Duration::from_secs(1));
+        t.renewed(&[1, 2], now + Duration::from_secs(5));
+        assert_eq!(t.held(), vec![GrantedLease { partition: 1, epoch: 1 }]);
+        assert_eq!(t.earliest_deadline(), Some(now + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn config_validation() {
+        LeaseConfig::default().validate().unwrap();
+        let bad = LeaseConfig { safety_margin: Duration::from_secs(5), ..Default::default() };
+        assert!(bad.validate().is_err());
+        let bad = LeaseConfig { renew_interval: Duration::from_secs(3), ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("lease_renew_interval"));
+    }
+}

@@ -1,0 +1,43 @@
+//! # warden-runtime
+//!
+//! Account-scoped serial jobs on PostgreSQL: per-account actors run each account's
+//! jobs one at a time, in order, never twice, every write fenced by a partition
+//! lease epoch. See `shared/DESIGN.md` for the guarantee.
+//!
+//! Module map:
+//!
+//! - [`job`] — job rows, states, lanes, the enqueue request and its input limits.
+//! - [`store`] — all SQL: the [`store::Store`] seam and its PostgreSQL implementation,
+//!   migrations, the fenced finish-and-claim-next hot path, client statements.
+//! - [`handler`] — the [`Handler`] trait, per-kind [`JobOptions`], [`JobContext`].
+//! - [`client`] — enqueue (also inside the caller's transaction), get, cancel, retry.
+//! - [`lease`] — the node's lease table and the keeper that renews and self-fences.
+//! - [`account_actor`] — one ractor actor per active account; attempt execution.
+//! - [`enforcer`] — `tick + run_once()`: leases ↔ placement, actors for due work.
+//! - [`wakeup`] — LISTEN/NOTIFY routing with rescan after reconnect.
+//! - [`node`] — configuration, builder, lifecycle and graceful shutdown.
+//! - [`history`] — the checker of the serial guarantee over the attempts table.
+//! - [`telemetry`] — metric names.
+//! - [`error`] — the crate's error type.
+
+pub mod account_actor;
+pub mod client;
+pub mod enforcer;
+pub mod error;
+pub mod handler;
+pub mod history;
+pub mod job;
+pub mod lease;
+pub mod node;
+pub mod store;
+pub mod telemetry;
+pub mod wakeup;
+
+pub use async_trait::async_trait;
+pub use client::Client;
+pub use error::{Error, Result};
+pub use handler::{Backoff, FencingToken, Handler, HandlerError, HandlerResult, JobContext, JobOptions, Outcome};
+pub use job::{CancelResult, Enqueued, JobRow, JobState, Lane, NewJob};
+pub use node::{shutdown_signal, Node, NodeBuilder, NodeConfig};
+pub use warden_cluster::{partition_of, PartitionCount};
+pub use sqlx;

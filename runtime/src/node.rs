@@ -1,0 +1,286 @@
+//! The node: configuration, builder, and the tasks it runs.
+//!
+//! ```text
+//!   Node::start
+//!    ├─ migrate + fix P + create lease rows
+//!    ├─ enforcer::run        (tick + run_once; acquires leases, wakes accounts)
+//!    ├─ lease::keep_leases   (renew every ttl/3-ish, self-fence on missed deadline)
+//!    ├─ wakeup::listen       (LISTEN/NOTIFY → account actors; rescan on reconnect)
+//!    └─ AccountActors        (see account_actor)
+//! ```
+//!
+//! The caller owns shutdown: [`Node::shutdown`] drains every actor (bounded by
+//! `drain_timeout`), releases every lease and stops the tasks. Calling it twice is safe.
+
+use crate::account_actor::{AccountActors, ExecConfig, Shared};
+use crate::client::Client;
+use crate::enforcer::{self, EnforceReport, Enforcer};
+use crate::error::{Error, Result};
+use crate::handler::{Handler, Registry};
+use crate::lease::{self, LeaseConfig, LeaseTable};
+use crate::store::{self, PgStore, Store};
+use sqlx::postgres::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warden_cluster::{PartitionCount, Placement, SingleNode};
+
+/// Everything a node is configured with. `Default` is a sane single-node setup.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Stable node id (e.g. the pod name). 1..=128 bytes, no control characters.
+    pub node_id: String,
+    /// Partition count P; must match the database once it is set.
+    pub partitions: PartitionCount,
+    pub lease: LeaseConfig,
+    pub exec: ExecConfig,
+    /// Enforcer period (jittered ±20%); also the worst-case delay of a lost wake-up.
+    pub enforcer_interval: Duration,
+    /// Max accounts the enforcer wakes per run.
+    pub due_scan_limit: i64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "node-1".into(),
+            partitions: PartitionCount::default(),
+            lease: LeaseConfig::default(),
+            exec: ExecConfig::default(),
+            enforcer_interval: Duration::from_secs(1),
+            due_scan_limit: 10_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn validate(&self) -> Result<()> {
+        crate::job::validate_name("node_id", &self.node_id, 128).map_err(|e| Error::Config(e.to_string()))?;
+        if self.node_id.contains('/') {
+            return Err(Error::Config("node_id must not contain '/'".into()));
+        }
+        self.lease.validate().map_err(Error::Config)?;
+        if self.enforcer_interval < Duration::from_millis(10) {
+            return Err(Error::Config("enforcer_interval must be at least 10ms".into()));
+        }
+        if self.exec.max_actors == 0 || self.due_scan_limit <= 0 {
+            return Err(Error::Config("max_actors and due_scan_limit must be positive".into()));
+        }
+        if self.exec.idle_timeout.is_zero() || self.exec.cancel_poll_interval.is_zero() {
+            return Err(Error::Config("idle_timeout and cancel_poll_interval must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a node: configuration, handlers, placement.
+pub struct NodeBuilder {
+    config: NodeConfig,
+    registry: Registry,
+    placement: Arc<dyn Placement>,
+}
+
+impl NodeBuilder {
+    pub fn new(config: NodeConfig) -> Self {
+        Self { config, registry: Registry::new(), placement: Arc::new(SingleNode) }
+    }
+
+    /// Register a handler for `H::KIND`.
+    pub fn register<H: Handler>(mut self, handler: H) -> Result<Self> {
+        self.registry.register(handler)?;
+        Ok(self)
+    }
+
+    /// Replace the placement (default: this node owns every partition).
+    pub fn placement(mut self, placement: Arc<dyn Placement>) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Migrate the schema, take the leases this node should own and start its tasks.
+    pub async fn start(self, pool: PgPool) -> Result<Node> {
+        let config = self.config;
+        config.validate()?;
+        store::migrate(&pool).await?;
+        let partitions = store::init_partitions(&pool, config.partitions).await?;
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
+        let owner: Arc<str> = format!("{}/{}", config.node_id, generation).into();
+        let store: Arc<dyn Store> = Arc::new(PgStore::new(pool.clone(), partitions));
+        let registry = Arc::new(self.registry);
+        let leases = Arc::new(LeaseTable::new(owner.clone()));
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            registry: registry.clone(),
+            leases: leases.clone(),
+            config: config.exec.clone(),
+            partitions,
+            node_id: config.node_id.as_str().into(),
+        });
+        let actors = AccountActors::new(shared);
+        let enforcer = Arc::new(Enforcer {
+            store: store.clone(),
+            leases: leases.clone(),
+            actors: actors.clone(),
+            placement: self.placement,
+            lease_config: config.lease,
+            due_scan_limit: config.due_scan_limit,
+        });
+        crate::telemetry::describe();
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let poke = Arc::new(Notify::new());
+
+        let fence_actors = actors.clone();
+        tracker.spawn(lease::keep_leases(
+            store.clone(),
+            leases.clone(),
+            config.lease,
+            Arc::new(move |parts: &[u32]| fence_actors.fence_partitions(parts)),
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::wakeup::listen(
+            pool.clone(),
+            leases.clone(),
+            actors.clone(),
+            poke.clone(),
+            shutdown.clone(),
+        ));
+        // First reconciliation before returning, so a started node owns its partitions.
+        if let Err(e) = enforcer.run_once().await {
+            tracing::warn!(error = %e, "first enforcer run failed; the loop will retry");
+        }
+        tracker.spawn(enforcer::run(enforcer.clone(), config.enforcer_interval, poke.clone(), shutdown.clone()));
+        tracing::info!(node = %owner, partitions = partitions.get(), kinds = ?registry.kinds(), "node started");
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                config,
+                owner,
+                pool: pool.clone(),
+                client: Client::with_registry(pool, partitions, registry),
+                leases,
+                actors,
+                enforcer,
+                shutdown,
+                tracker,
+                stopped: tokio::sync::Mutex::new(false),
+            }),
+        })
+    }
+}
+
+struct NodeInner {
+    config: NodeConfig,
+    owner: Arc<str>,
+    pool: PgPool,
+    client: Client,
+    leases: Arc<LeaseTable>,
+    actors: Arc<AccountActors>,
+    enforcer: Arc<Enforcer>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    stopped: tokio::sync::Mutex<bool>,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+/// A point-in-time view of a node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStats {
+    pub owner: String,
+    pub partitions_held: usize,
+    pub active_actors: usize,
+    pub actors_spawned: u64,
+}
+
+impl Node {
+    pub fn builder(config: NodeConfig) -> NodeBuilder {
+        NodeBuilder::new(config)
+    }
+
+    /// The lease owner string `node_id/generation`.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            owner: self.inner.owner.to_string(),
+            partitions_held: self.inner.leases.len(),
+            active_actors: self.inner.actors.len(),
+            actors_spawned: self.inner.actors.spawned(),
+        }
+    }
+
+    /// Run one enforcer reconciliation now (tests, operators).
+    pub async fn run_enforcer_once(&self) -> Result<EnforceReport> {
+        self.inner.enforcer.run_once().await
+    }
+
+    /// Ready when the node holds at least one partition.
+    pub fn is_ready(&self) -> bool {
+        !self.inner.shutdown.is_cancelled() && !self.inner.leases.is_empty()
+    }
+
+    /// Run until `signal` resolves, then shut down gracefully.
+    pub async fn run_until(&self, signal: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = signal => {}
+            _ = self.inner.shutdown.cancelled() => {}
+        }
+        self.shutdown().await
+    }
+
+    /// Graceful stop: no new attempts, running ones get `drain_timeout`, then every
+    /// lease is released (NOTIFY) and the node's tasks end. Idempotent.
+    pub async fn shutdown(&self) -> Result<()> {
+        let mut stopped = self.inner.stopped.lock().await;
+        if *stopped {
+            return Ok(());
+        }
+        *stopped = true;
+        tracing::info!(node = %self.inner.owner, "shutting down: draining and releasing");
+        self.inner.shutdown.cancel();
+        let released = self.inner.enforcer.release_all(self.inner.config.exec.drain_timeout).await;
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        released.map(|_| ())
+    }
+}
+
+/// A future that resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,771 @@
+//! The job store: every SQL statement Warden runs lives in this module.
+//!
+//! [`Store`] is the seam the executor, enforcer and lease keeper talk to;
+//! [`PgStore`] implements it on PostgreSQL. The hot path is [`Store::finish`]:
+//! one statement that (fenced by the lease epoch, `FOR SHARE`) finishes the
+//! current attempt, writes its attempt row and claims the account's next job.
+//!
+//! Fencing: every executor write carries a [`Fence`] (partition, epoch, node) and is
+//! conditional on `warden.leases` still holding exactly that, unexpired by the
+//! database clock, in the same statement. A write that affects no row is reported as
+//! [`Error::Fenced`]; callers must stop, not retry.
+
+use crate::error::{Error, Result};
+use crate::job::{CancelResult, Enqueued, JobRow, NewJob, Schedule};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+use warden_cluster::{partition_of, PartitionCount};
+
+/// A handler's transaction: its writes commit atomically with the job's completion.
+pub type JobTx = Transaction<'static, Postgres>;
+
+/// NOTIFY channel: `partition:account` has new due work.
+pub const CHANNEL_WAKE: &str = "warden_wake";
+/// NOTIFY channel: `partition:account:job_id` was asked to cancel while running.
+pub const CHANNEL_CANCEL: &str = "warden_cancel";
+/// NOTIFY channel: a node released leases (payload: node); owners should re-check.
+pub const CHANNEL_LEASE: &str = "warden_lease";
+
+/// The authority an executor acts under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub partition: u32,
+    pub epoch: i64,
+    /// The lease owner string: `node_id/generation`.
+    pub owner: std::sync::Arc<str>,
+}
+
+/// What happened to an attempt, as the store records it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    Completed,
+    /// Failed (handler error, panic, timeout or explicit retry): retry after `after`.
+    Retry { after: Duration, outcome: &'static str, error: String },
+    /// Try again after `after` without using up an attempt.
+    Snooze { after: Duration },
+    /// Give up: `outcome` is `discarded`, `failed` (exhausted) or `timeout` (exhausted).
+    Discard { outcome: &'static str, error: String },
+    Cancelled { error: String },
+}
+
+impl Finish {
+    fn columns(&self) -> (&'static str, Option<i64>, &'static str, Option<&str>, bool) {
+        // (new state, due in ms, attempt outcome, error, snooze)
+        match self {
+            Finish::Completed => ("completed", None, "completed", None, false),
+            Finish::Retry { after, outcome, error } => {
+                ("retryable", Some(after.as_millis() as i64), outcome, Some(error), false)
+            }
+            Finish::Snooze { after } => ("retryable", Some(after.as_millis() as i64), "snoozed", None, true),
+            Finish::Discard { outcome, error } => ("discarded", None, outcome, Some(error), false),
+            Finish::Cancelled { error } => ("cancelled", None, "cancelled", Some(error), false),
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Finish::Completed | Finish::Discard { .. } | Finish::Cancelled { .. })
+    }
+}
+
+/// A lease this node holds, as the database granted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantedLease {
+    pub partition: u32,
+    pub epoch: i64,
+}
+
+/// One row of `warden.leases`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LeaseRow {
+    pub partition: i32,
+    pub owner_node: Option<String>,
+    pub epoch: i64,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+/// Per-state job counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateCounts(pub Vec<(String, i64)>);
+
+impl StateCounts {
+    pub fn get(&self, state: &str) -> i64 {
+        self.0.iter().find(|(s, _)| s == state).map(|(_, n)| *n).unwrap_or(0)
+    }
+}
+
+/// The storage seam. All executor writes are fenced; see the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Partition count P fixed in the database.
+    fn partitions(&self) -> PartitionCount;
+
+    /// Acquire the given partitions for `owner` where free, expired, or already ours.
+    async fn acquire(&self, owner: &str, partitions: &[u32], ttl: Duration) -> Result<Vec<GrantedLease>>;
+    /// Renew held leases in one statement; returns the partitions renewed.
+    async fn renew(&self, owner: &str, held: &[GrantedLease], ttl: Duration) -> Result<Vec<u32>>;
+    /// Release leases (owner = NULL, epoch kept) and NOTIFY so the next owner acquires at once.
+    async fn release(&self, owner: &str, held: &[GrantedLease]) -> Result<u64>;
+    /// Reset attempts left `running` in `fence.partition` under an older epoch.
+    async fn rescue(&self, fence: &Fence) -> Result<u64>;
+    /// Accounts with due work in these partitions, at most `limit`.
+    async fn due_accounts(&self, partitions: &[u32], limit: i64) -> Result<Vec<(String, u32)>>;
+
+    /// Claim the account's next runnable job (serial head if due, else a due unordered job).
+    async fn claim(&self, account: &str, fence: &Fence) -> Result<Option<JobRow>>;
+    /// Finish `job` (fenced), record its attempt, and if `claim_next` claim the account's
+    /// next job, all in one statement. With `tx`, the statement runs inside the handler's
+    /// transaction, which is then committed (or rolled back if fenced).
+    async fn finish(
+        &self,
+        tx: Option<JobTx>,
+        job: &JobRow,
+        fence: &Fence,
+        finish: &Finish,
+        claim_next: bool,
+    ) -> Result<Option<JobRow>>;
+    /// Undo a claim that will not run (the account is draining).
+    async fn unclaim(&self, job: &JobRow, fence: &Fence) -> Result<()>;
+    /// Has someone asked to cancel this (running) job?
+    async fn cancel_requested(&self, job_id: i64) -> Result<bool>;
+    /// Begin a handler transaction.
+    async fn begin(&self) -> Result<JobTx>;
+}
+
+/// Connection settings for the store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Max connections in the executor pool.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before failing the operation.
+    pub acquire_timeout: Duration,
+    /// Per-statement timeout set on every connection (`statement_timeout`).
+    pub statement_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Open a pool tuned for the executor hot path: long-lived connections, no ping on
+/// acquire (sqlx pings by default, which costs a round trip per statement).
+pub async fn connect(database_url: &str, config: &StoreConfig) -> Result<PgPool> {
+    let opts = PgConnectOptions::from_str(database_url)?
+        .application_name("warden")
+        .options([("statement_timeout", format!("{}", config.statement_timeout.as_millis()))]);
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.acquire_timeout)
+        .test_before_acquire(false)
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .connect_with(opts)
+        .await?;
+    Ok(pool)
+}
+
+/// Apply the embedded migrations. sqlx takes an advisory lock, so several nodes
+/// starting at once apply them exactly once.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}
+
+/// Fix (or check) the partition count and make sure every lease row exists.
+pub async fn init_partitions(pool: &PgPool, partitions: PartitionCount) -> Result<PartitionCount> {
+    let mut tx = pool.begin().await?;
+    // Serialise concurrent first starts on the meta row.
+    sqlx::query("INSERT INTO warden.meta (key, value) VALUES ('partitions', $1) ON CONFLICT (key) DO NOTHING")
+        .bind(partitions.get().to_string())
+        .execute(&mut *tx)
+        .await?;
+    let stored: String = sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'")
+        .fetch_one(&mut *tx)
+        .await?;
+    let stored: u32 = stored
+        .parse()
+        .map_err(|_| Error::Config(format!("warden.meta partitions value {stored:?} is not a number")))?;
+    if stored != partitions.get() {
+        return Err(Error::PartitionMismatch { stored, configured: partitions.get() });
+    }
+    sqlx::query(
+        "INSERT INTO warden.leases (partition) SELECT g FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING",
+    )
+    .bind(partitions.get() as i32)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(partitions)
+}
+
+/// Read P from the database (for clients that do not run a node).
+pub async fn load_partitions(pool: &PgPool) -> Result<PartitionCount> {
+    let stored: Option<String> =
+        match sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'")
+            .fetch_optional(pool)
+            .await
+        {
+            Ok(v) => v,
+            // 42P01: undefined_table (no migrations yet); 3F000: invalid_schema_name.
+            Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P01" | "3F000")) => None,
+            Err(e) => return Err(e.into()),
+        };
+    let stored = stored.ok_or(Error::NotInitialised)?;
+    let p: u32 = stored.parse().map_err(|_| Error::NotInitialised)?;
+    PartitionCount::new(p).map_err(|e| Error::Config(e.to_string()))
+}
+
+
+/// Fence check, usable as a CTE body. $P partition, $E epoch, $O owner.
+macro_rules! fence_sql {
+    ($p:literal, $e:literal, $o:literal) => {
+        concat!(
+            "SELECT 1 FROM warden.leases WHERE partition = ", $p, " AND owner_node = ", $o,
+            " AND epoch = ", $e, " AND lease_expires_at > statement_timestamp() FOR SHARE"
+        )
+    };
+}
+
+/// The account's next runnable job id: the serial head if it is due and not running,
+/// else the earliest due unordered job. `$A` account, `$X` a job id to ignore (the one
+/// being finished in the same statement, which the statement's snapshot still sees).
+macro_rules! head_sql {
+    ($a:literal, $x:literal) => {
+        concat!(
+            "SELECT id FROM (",
+            "  (SELECT id, state, due_at FROM warden.jobs",
+            "    WHERE account = ", $a, " AND lane = 'serial' AND id <> ", $x,
+            "      AND state IN ('scheduled', 'available', 'retryable', 'running')",
+            "    ORDER BY run_at, id LIMIT 1)",
+            ") h WHERE h.state <> 'running' AND h.due_at <= statement_timestamp()",
+            " UNION ALL ",
+            "(SELECT id FROM warden.jobs",
+            "  WHERE account = ", $a, " AND lane = 'unordered' AND id <> ", $x,
+            "    AND state IN ('scheduled', 'available', 'retryable') AND due_at <= statement_timestamp()",
+            "  ORDER BY due_at, id LIMIT 1)",
+            " LIMIT 1"
+        )
+    };
+}
+
+/// Claim the job chosen by `head` for ($E epoch, $O owner).
+macro_rules! claim_update_sql {
+    ($e:literal, $o:literal, $cond:literal) => {
+        concat!(
+            "UPDATE warden.jobs j SET state = 'running', attempt = j.attempt + 1, epoch = ", $e,
+            ", node = ", $o, ", attempted_at = statement_timestamp()",
+            " FROM head WHERE j.id = head.id AND j.state IN ('scheduled', 'available', 'retryable') AND ",
+            $cond,
+            " RETURNING j.*"
+        )
+    };
+}
+
+const CLAIM_SQL: &str = concat!(
+    "WITH fence AS (", fence_sql!("$2", "$3", "$4"), "),",
+    " head AS (", head_sql!("$1", "0"), "),",
+    " next AS (", claim_update_sql!("$3", "$4", "EXISTS (SELECT 1 FROM fence)"), ")",
+    " SELECT * FROM next"
+);
+
+// $1 job id, $2 partition, $3 epoch, $4 owner, $5 new state, $6 due in ms (NULL: keep),
+// $7 outcome, $8 error, $9 snooze, $10 account, $11 claim next.
+const FINISH_SQL: &str = concat!(
+    "WITH fence AS (", fence_sql!("$2", "$3", "$4"), "),",
+    " done AS (",
+    "  UPDATE warden.jobs SET state = $5,",
+    "    due_at = COALESCE(statement_timestamp() + $6::bigint * interval '1 millisecond', due_at),",
+    "    finished_at = CASE WHEN $5 IN ('completed', 'discarded', 'cancelled') THEN statement_timestamp() END,",
+    "    last_error = COALESCE($8, last_error),",
+    "    max_attempts = max_attempts + CASE WHEN $9 THEN 1 ELSE 0 END",
+    "  WHERE id = $1 AND state = 'running' AND epoch = $3 AND EXISTS (SELECT 1 FROM fence)",
+    "  RETURNING id, account, partition, attempt, attempted_at),",
+    " att AS (",
+    "  INSERT INTO warden.attempts (job_id, account, partition, attempt, node, epoch, started_at, finished_at, outcome, error)",
+    "  SELECT id, account, partition, attempt, $4, $3, attempted_at, statement_timestamp(), $7, $8 FROM done),",
+    " head AS (", head_sql!("$10", "$1"), "),",
+    " next AS (", claim_update_sql!("$3", "$4", "$11 AND EXISTS (SELECT 1 FROM done)"), ")",
+    " SELECT (SELECT count(*) FROM done) AS finished, next.* FROM (SELECT 1) one LEFT JOIN next ON true"
+);
+
+const RESCUE_SQL: &str = concat!(
+    "WITH fence AS (", fence_sql!("$1", "$2", "$3"), "),",
+    " r AS (",
+    "  UPDATE warden.jobs SET",
+    "    state = CASE WHEN cancel_requested THEN 'cancelled' WHEN attempt >= max_attempts THEN 'discarded' ELSE 'retryable' END,",
+    "    due_at = statement_timestamp(),",
+    "    finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN statement_timestamp() END,",
+    "    last_error = 'attempt ' || attempt || ' abandoned by ' || COALESCE(node, '?') || ' at epoch ' || COALESCE(epoch, 0) || '; rescued'",
+    "  WHERE partition = $1 AND state = 'running' AND (epoch IS NULL OR epoch < $2) AND EXISTS (SELECT 1 FROM fence)",
+    "  RETURNING id, account, partition, attempt, node, epoch, attempted_at, last_error)",
+    " INSERT INTO warden.attempts (job_id, account, partition, attempt, node, epoch, started_at, finished_at, outcome, error)",
+    " SELECT id, account, partition, attempt, COALESCE(node, ''), COALESCE(epoch, 0),",
+    "        COALESCE(attempted_at, statement_timestamp()), statement_timestamp(), 'rescued', last_error FROM r"
+);
+
+const UNCLAIM_SQL: &str = concat!(
+    "WITH fence AS (", fence_sql!("$2", "$3", "$4"), ")",
+    " UPDATE warden.jobs SET state = 'available', attempt = attempt - 1, attempted_at = NULL",
+    " WHERE id = $1 AND state = 'running' AND epoch = $3 AND EXISTS (SELECT 1 FROM fence)"
+);
+
+/// PostgreSQL implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    partitions: PartitionCount,
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool, partitions: PartitionCount) -> Self {
+        Self { pool, partitions }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn partitions(&self) -> PartitionCount {
+        self.partitions
+    }
+
+    async fn acquire(&self, owner: &str, partitions: &[u32], ttl: Duration) -> Result<Vec<GrantedLease>> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let rows = sqlx::query(
+            "UPDATE warden.leases SET owner_node = $1, epoch = epoch + 1,
+                    lease_expires_at = now() + $2::bigint * interval '1 millisecond'
+             WHERE partition = ANY($3)
+               AND (owner_node IS NULL OR owner_node = $1 OR lease_expires_at < now())
+             RETURNING partition, epoch",
+        )
+        .bind(owner)
+        .bind(ms(ttl))
+        .bind(&parts)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(GrantedLease { partition: r.try_get::<i32, _>(0)? as u32, epoch: r.try_get(1)? }))
+            .collect()
+    }
+
+    async fn renew(&self, owner: &str, held: &[GrantedLease], ttl: Duration) -> Result<Vec<u32>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parts: Vec<i32> = held.iter().map(|h| h.partition as i32).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.epoch).collect();
+        let renewed: Vec<i32> = sqlx::query_scalar(
+            "UPDATE warden.leases l SET lease_expires_at = now() + $2::bigint * interval '1 millisecond'
+             FROM unnest($3::int[], $4::bigint[]) AS h(partition, epoch)
+             WHERE l.partition = h.partition AND l.epoch = h.epoch AND l.owner_node = $1
+               AND l.lease_expires_at > now()
+             RETURNING l.partition",
+        )
+        .bind(owner)
+        .bind(ms(ttl))
+        .bind(&parts)
+        .bind(&epochs)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(renewed.into_iter().map(|p| p as u32).collect())
+    }
+
+    async fn release(&self, owner: &str, held: &[GrantedLease]) -> Result<u64> {
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let parts: Vec<i32> = held.iter().map(|h| h.partition as i32).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.epoch).collect();
+        let n: i64 = sqlx::query_scalar(
+            "WITH r AS (
+                UPDATE warden.leases l SET owner_node = NULL, lease_expires_at = NULL
+                FROM unnest($2::int[], $3::bigint[]) AS h(partition, epoch)
+                WHERE l.partition = h.partition AND l.epoch = h.epoch AND l.owner_node = $1
+                RETURNING l.partition)
+             SELECT (SELECT count(*) FROM r) AS n, pg_notify($4, $1)",
+        )
+        .bind(owner)
+        .bind(&parts)
+        .bind(&epochs)
+        .bind(CHANNEL_LEASE)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
+
+    async fn rescue(&self, fence: &Fence) -> Result<u64> {
+        let r = sqlx::query(RESCUE_SQL)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn due_accounts(&self, partitions: &[u32], limit: i64) -> Result<Vec<(String, u32)>> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let rows: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT DISTINCT account, partition FROM warden.jobs
+             WHERE partition = ANY($1) AND state IN ('scheduled', 'available', 'retryable') AND due_at <= now()
+             LIMIT $2",
+        )
+        .bind(&parts)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(a, p)| (a, p as u32)).collect())
+    }
+
+    async fn claim(&self, account: &str, fence: &Fence) -> Result<Option<JobRow>> {
+        let job = sqlx::query_as::<_, JobRow>(CLAIM_SQL)
+            .bind(account)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(job)
+    }
+
+    async fn finish(
+        &self,
+        tx: Option<JobTx>,
+        job: &JobRow,
+        fence: &Fence,
+        finish: &Finish,
+        claim_next: bool,
+    ) -> Result<Option<JobRow>> {
+        let (state, due_ms, outcome, error, snooze) = finish.columns();
+        let query = sqlx::query(FINISH_SQL)
+            .bind(job.id)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .bind(state)
+            .bind(due_ms)
+            .bind(outcome)
+            .bind(error)
+            .bind(snooze)
+            .bind(&job.account)
+            .bind(claim_next && finish.is_terminal());
+        let row = match tx {
+            None => query.fetch_one(&self.pool).await?,
+            Some(mut tx) => {
+                let row = query.fetch_one(&mut *tx).await?;
+                let finished: i64 = row.try_get("finished")?;
+                if finished == 0 {
+                    tx.rollback().await?;
+                    return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+                }
+                tx.commit().await?;
+                row
+            }
+        };
+        let finished: i64 = row.try_get("finished")?;
+        if finished == 0 {
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        let next_id: Option<i64> = row.try_get("id")?;
+        match next_id {
+            None => Ok(None),
+            Some(_) => Ok(Some(<JobRow as sqlx::FromRow<_>>::from_row(&row)?)),
+        }
+    }
+
+    async fn unclaim(&self, job: &JobRow, fence: &Fence) -> Result<()> {
+        let r = sqlx::query(UNCLAIM_SQL)
+        .bind(job.id)
+        .bind(fence.partition as i32)
+        .bind(fence.epoch)
+        .bind(&*fence.owner)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        Ok(())
+    }
+
+    async fn cancel_requested(&self, job_id: i64) -> Result<bool> {
+        let v: Option<bool> = sqlx::query_scalar("SELECT cancel_requested FROM warden.jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(false))
+    }
+
+    async fn begin(&self) -> Result<JobTx> {
+        Ok(self.pool.begin().await?)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client-side statements (enqueue, cancel, retry, inspection). These take any
+// executor so callers can run them inside their own transaction.
+// ---------------------------------------------------------------------------
+
+/// Insert validated jobs in one statement; unique-key duplicates return the existing id.
+/// Wakes each (partition, account) with a NOTIFY delivered at commit.
+pub async fn insert_jobs(
+    conn: &mut sqlx::PgConnection,
+    partitions: PartitionCount,
+    jobs: &[NewJob],
+    default_max_attempts: impl Fn(&str) -> i32,
+    default_timeout: impl Fn(&str) -> Duration,
+) -> Result<Vec<Enqueued>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    if jobs.len() > crate::job::MAX_BATCH {
+        return Err(Error::invalid(format!(
+            "batch of {} jobs; the limit is {}",
+            jobs.len(),
+            crate::job::MAX_BATCH
+        )));
+    }
+    let n = jobs.len();
+    let mut account = Vec::with_capacity(n);
+    let mut partition = Vec::with_capacity(n);
+    let mut kind = Vec::with_capacity(n);
+    let mut args = Vec::with_capacity(n);
+    let mut lane = Vec::with_capacity(n);
+    let mut priority = Vec::with_capacity(n);
+    let mut delay_ms: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut run_at: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut timeout_ms = Vec::with_capacity(n);
+    let mut unique_key: Vec<Option<String>> = Vec::with_capacity(n);
+    for j in jobs {
+        j.validate()?;
+        account.push(j.account.clone());
+        partition.push(partition_of(&j.account, partitions) as i32);
+        kind.push(j.kind.clone());
+        args.push(j.args.clone());
+        lane.push(j.lane.as_str().to_string());
+        priority.push(j.priority);
+        match j.schedule {
+            Schedule::Now => {
+                delay_ms.push(None);
+                run_at.push(None)
+            }
+            Schedule::After(d) => {
+                delay_ms.push(Some(ms(d)));
+                run_at.push(None)
+            }
+            Schedule::At(t) => {
+                delay_ms.push(None);
+                run_at.push(Some(t))
+            }
+        }
+        max_attempts.push(j.max_attempts.unwrap_or_else(|| default_max_attempts(&j.kind)));
+        timeout_ms.push(ms(j.timeout.unwrap_or_else(|| default_timeout(&j.kind))).min(i32::MAX as i64) as i32);
+        unique_key.push(j.unique_key.clone());
+    }
+    let rows = sqlx::query(
+        "WITH src AS (
+            SELECT ord, account, partition, kind, args, lane, priority, max_attempts, timeout_ms, unique_key,
+                   COALESCE(run_at, statement_timestamp() + COALESCE(delay_ms, 0) * interval '1 millisecond') AS run_at
+            FROM unnest($1::text[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::smallint[],
+                        $7::bigint[], $8::timestamptz[], $9::int[], $10::int[], $11::text[])
+                 WITH ORDINALITY AS s(account, partition, kind, args, lane, priority, delay_ms, run_at,
+                                      max_attempts, timeout_ms, unique_key, ord)),
+         ins AS (
+            INSERT INTO warden.jobs (account, partition, kind, args, lane, state, priority, run_at, due_at,
+                                     max_attempts, timeout_ms, unique_key)
+            SELECT account, partition, kind, args, lane,
+                   CASE WHEN run_at > statement_timestamp() THEN 'scheduled' ELSE 'available' END,
+                   priority, run_at, run_at, max_attempts, timeout_ms, unique_key
+            FROM src ORDER BY ord
+            ON CONFLICT (account, unique_key)
+                WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
+                DO NOTHING
+            RETURNING id, account, partition, unique_key),
+         woke AS (
+            SELECT count(pg_notify('warden_wake', w.partition::text || ':' || w.account)) AS n
+            FROM (SELECT DISTINCT partition, account FROM ins) w)
+         SELECT ins.id, ins.account, ins.unique_key, woke.n FROM ins, woke ORDER BY ins.id",
+    )
+    .bind(&account)
+    .bind(&partition)
+    .bind(&kind)
+    .bind(&args)
+    .bind(&lane)
+    .bind(&priority)
+    .bind(&delay_ms)
+    .bind(&run_at)
+    .bind(&max_attempts)
+    .bind(&timeout_ms)
+    .bind(&unique_key)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    // Rows come back in id order, which is insertion order (ORDER BY ord). Inputs whose
+    // unique key already had an unfinished job were skipped; map them to that job.
+    let mut out = Vec::with_capacity(n);
+    let mut inserted = rows.iter().map(|r| -> Result<(i64, String, Option<String>)> {
+        Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
+    });
+    let mut pending_inserted = inserted.next().transpose()?;
+    let mut seen_keys: std::collections::HashMap<(String, String), i64> = Default::default();
+    for j in jobs {
+        let key = j.unique_key.as_ref().map(|k| (j.account.clone(), k.clone()));
+        if let Some(k) = &key {
+            if let Some(id) = seen_keys.get(k) {
+                out.push(Enqueued { id: *id, duplicate: true });
+                continue;
+            }
+        }
+        match &pending_inserted {
+            Some((id, acc, uk)) if *acc == j.account && *uk == j.unique_key => {
+                out.push(Enqueued { id: *id, duplicate: false });
+                if let Some(k) = key {
+                    seen_keys.insert(k, *id);
+                }
+                pending_inserted = inserted.next().transpose()?;
+            }
+            _ => {
+                let Some((acc, uk)) = key else {
+                    return Err(Error::Database(sqlx::Error::Protocol(
+                        "enqueue returned fewer rows than jobs without unique keys".into(),
+                    )));
+                };
+                let id: i64 = sqlx::query_scalar(
+                    "SELECT id FROM warden.jobs WHERE account = $1 AND unique_key = $2
+                       AND state IN ('scheduled', 'available', 'retryable', 'running')",
+                )
+                .bind(&acc)
+                .bind(&uk)
+                .fetch_one(&mut *conn)
+                .await?;
+                seen_keys.insert((acc, uk), id);
+                out.push(Enqueued { id, duplicate: true });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Cancel a job: queued → cancelled now; running → flag it and notify its owner.
+pub async fn cancel_job(pool: &PgPool, job_id: i64) -> Result<CancelResult> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, i32, String)> =
+        sqlx::query_as("SELECT state, partition, account FROM warden.jobs WHERE id = $1 FOR UPDATE")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((state, partition, account)) = row else {
+        return Err(Error::JobNotFound(job_id));
+    };
+    let result = match state.as_str() {
+        "scheduled" | "available" | "retryable" => {
+            sqlx::query(
+                "UPDATE warden.jobs SET state = 'cancelled', finished_at = statement_timestamp(),
+                        last_error = 'cancelled before it ran'
+                 WHERE id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+            // The account's next job may now be its head.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL_WAKE)
+                .bind(format!("{partition}:{account}"))
+                .execute(&mut *tx)
+                .await?;
+            CancelResult::Cancelled
+        }
+        "running" => {
+            sqlx::query("UPDATE warden.jobs SET cancel_requested = true WHERE id = $1")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL_CANCEL)
+                .bind(format!("{partition}:{job_id}:{account}"))
+                .execute(&mut *tx)
+                .await?;
+            CancelResult::CancelRequested
+        }
+        other => CancelResult::AlreadyFinished { state: other.to_string() },
+    };
+    tx.commit().await?;
+    Ok(result)
+}
+
+/// Put a discarded or cancelled job back in the queue with one more attempt allowed.
+/// Its serial position is unchanged, so it blocks its account's later jobs again.
+pub async fn retry_job(pool: &PgPool, job_id: i64) -> Result<JobRow> {
+    let job = sqlx::query_as::<_, JobRow>(
+        "WITH r AS (
+            UPDATE warden.jobs SET state = 'available', due_at = statement_timestamp(), finished_at = NULL,
+                   cancel_requested = false, max_attempts = GREATEST(max_attempts, attempt + 1)
+            WHERE id = $1 AND state IN ('discarded', 'cancelled')
+            RETURNING *),
+         n AS (SELECT pg_notify('warden_wake', partition::text || ':' || account) FROM r)
+         SELECT r.* FROM r LEFT JOIN (SELECT count(*) FROM n) c ON true",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await?;
+    match job {
+        Some(j) => Ok(j),
+        None => match get_job(pool, job_id).await? {
+            None => Err(Error::JobNotFound(job_id)),
+            Some(j) => Err(Error::invalid(format!(
+                "job {job_id} is {}; only discarded or cancelled jobs can be retried",
+                j.state
+            ))),
+        },
+    }
+}
+
+pub async fn get_job(pool: &PgPool, job_id: i64) -> Result<Option<JobRow>> {
+    Ok(sqlx::query_as::<_, JobRow>("SELECT * FROM warden.jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+pub async fn attempts_of(pool: &PgPool, job_id: i64) -> Result<Vec<crate::job::AttemptRow>> {
+    Ok(sqlx::query_as("SELECT * FROM warden.attempts WHERE job_id = $1 ORDER BY id")
+        .bind(job_id)
+        .fetch_all(pool)
+        .await?)
+}
+
+pub async fn state_counts(pool: &PgPool) -> Result<StateCounts> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM warden.jobs GROUP BY state ORDER BY state")
+            .fetch_all(pool)
+            .await?;
+    Ok(StateCounts(rows))
+}
+
+pub async fn leases(pool: &PgPool) -> Result<Vec<LeaseRow>> {
+    Ok(sqlx::query_as("SELECT partition, owner_node, epoch, lease_expires_at FROM warden.leases ORDER BY partition")
+        .fetch_all(pool)
+        .await?)
+}

@@ -1,0 +1,32 @@
+//! Metric names and descriptions (Prometheus via the `metrics` crate). Install any
+//! `metrics` recorder — e.g. `metrics-exporter-prometheus` — in the binary.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `warden_queue_seconds` | histogram: due → started | kind |
+//! | `warden_processing_seconds` | histogram: handler run time | kind |
+//! | `warden_attempts_total` | counter | kind, outcome |
+//! | `warden_jobs_completed_total` | counter (throughput) | kind |
+//! | `warden_retries_total`, `warden_discards_total`, `warden_cancels_total`, `warden_snoozes_total` | counter | kind |
+//! | `warden_errors_total` | counter: attempts that did not complete | kind |
+//! | `warden_active_actors` | gauge | |
+//! | `warden_lease_renewals_total` | counter | result |
+//! | `warden_self_fence_total`, `warden_fenced_writes_total`, `warden_rescued_attempts_total` | counter | |
+
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!("warden_queue_seconds", Unit::Seconds, "Time from a job being due to its attempt starting");
+    describe_histogram!("warden_processing_seconds", Unit::Seconds, "Handler run time per attempt");
+    describe_counter!("warden_attempts_total", "Attempts by outcome");
+    describe_counter!("warden_jobs_completed_total", "Jobs completed");
+    describe_counter!("warden_retries_total", "Attempts that will be retried");
+    describe_counter!("warden_discards_total", "Jobs discarded");
+    describe_counter!("warden_cancels_total", "Jobs cancelled while running");
+    describe_counter!("warden_snoozes_total", "Attempts snoozed");
+    describe_counter!("warden_errors_total", "Attempts that did not complete");
+    describe_gauge!("warden_active_actors", "Live account actors on this node");
+    describe_counter!("warden_lease_renewals_total", "Lease renewal rounds by result");
+    describe_counter!("warden_self_fence_total", "Partitions this node stopped because renewal missed its deadline");
+    describe_counter!("warden_fenced_writes_total", "Executor writes rejected by the lease fence");
+    describe_counter!("warden_rescued_attempts_total", "Attempts rescued from an older epoch");
+}
