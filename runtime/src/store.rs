@@ -274,7 +274,7 @@ const CLAIM_SQL: &str = concat!(
     "WITH fence AS (", fence_sql!("$2", "$3", "$4"), "),",
     " head AS (", head_sql!("$1", "0"), "),",
     " next AS (", claim_update_sql!("$3", "$4", "EXISTS (SELECT 1 FROM fence)"), ")",
-    " SELECT * FROM next"
+    " SELECT (SELECT count(*) FROM fence) AS fence_held, next.* FROM (SELECT 1) one LEFT JOIN next ON true"
 );
 
 // $1 job id, $2 partition, $3 epoch, $4 owner, $5 new state, $6 due in ms (NULL: keep),
@@ -440,14 +440,20 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, account: &str, fence: &Fence) -> Result<Option<JobRow>> {
-        let job = sqlx::query_as::<_, JobRow>(CLAIM_SQL)
+        let row = sqlx::query(CLAIM_SQL)
             .bind(account)
             .bind(fence.partition as i32)
             .bind(fence.epoch)
             .bind(&*fence.owner)
-            .fetch_optional(&self.pool)
+            .fetch_one(&self.pool)
             .await?;
-        Ok(job)
+        if row.try_get::<i64, _>("fence_held")? == 0 {
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        match row.try_get::<Option<i64>, _>("id")? {
+            None => Ok(None),
+            Some(_) => Ok(Some(<JobRow as sqlx::FromRow<_>>::from_row(&row)?)),
+        }
     }
 
     async fn finish(

@@ -1,0 +1,6 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    warden_examples::node_main::run(warden_examples::node_main::NodeArgs::parse()).await
+}

@@ -1,0 +1,160 @@
+//! The `warden-node` binary: a Warden node with the demo (billing) and workload
+//! (audit) handlers, configured by flags or environment variables, serving
+//! `/metrics`, `/healthz` and `/readyz` on its admin address. Logs one line per
+//! ownership change (target `warden_runtime`, "ownership: …").
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::time::Duration;
+use warden_runtime::account_actor::ExecConfig;
+use warden_runtime::lease::LeaseConfig;
+use warden_runtime::{Node, NodeConfig, PartitionCount};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "warden-node", about = "Run a Warden node with the demo handlers", version)]
+pub struct NodeArgs {
+    /// Stable node id (e.g. the pod name).
+    #[arg(long, env = "WARDEN_NODE_ID", default_value = "node-1")]
+    pub node_id: String,
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Partition count P (fixed when the database is first used).
+    #[arg(long, env = "WARDEN_PARTITIONS", default_value_t = 1024)]
+    pub partitions: u32,
+    /// Lease TTL in milliseconds.
+    #[arg(long, env = "WARDEN_LEASE_TTL_MS", default_value_t = 4000)]
+    pub lease_ttl_ms: u64,
+    /// Lease renewal interval in milliseconds (default: TTL/4).
+    #[arg(long, env = "WARDEN_LEASE_RENEW_MS")]
+    pub lease_renew_ms: Option<u64>,
+    /// Self-fence margin in milliseconds (default: TTL/4).
+    #[arg(long, env = "WARDEN_LEASE_MARGIN_MS")]
+    pub lease_margin_ms: Option<u64>,
+    /// Drain timeout for running attempts on handoff/shutdown, in milliseconds.
+    #[arg(long, env = "WARDEN_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+    /// Enforcer interval in milliseconds.
+    #[arg(long, env = "WARDEN_ENFORCER_INTERVAL_MS", default_value_t = 1000)]
+    pub enforcer_interval_ms: u64,
+    /// Account actor idle timeout in milliseconds.
+    #[arg(long, env = "WARDEN_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// Max database connections of the executor pool.
+    #[arg(long, env = "WARDEN_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+    /// Admin HTTP address for /metrics, /healthz, /readyz (port 0 picks a free one).
+    #[arg(long, env = "WARDEN_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+}
+
+impl NodeArgs {
+    /// Turn flags into a validated node configuration.
+    pub fn config(&self) -> anyhow::Result<NodeConfig> {
+        let ttl = Duration::from_millis(self.lease_ttl_ms);
+        let partitions = PartitionCount::new(self.partitions).map_err(|e| anyhow::anyhow!("--partitions: {e}"))?;
+        let config = NodeConfig {
+            node_id: self.node_id.clone(),
+            partitions,
+            lease: LeaseConfig {
+                ttl,
+                renew_interval: Duration::from_millis(self.lease_renew_ms.unwrap_or(self.lease_ttl_ms / 4)),
+                safety_margin: Duration::from_millis(self.lease_margin_ms.unwrap_or(self.lease_ttl_ms / 4)),
+            },
+            exec: ExecConfig {
+                idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+                drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+                ..Default::default()
+            },
+            enforcer_interval: Duration::from_millis(self.enforcer_interval_ms),
+            ..Default::default()
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+        )
+        .try_init();
+}
+
+/// Build and start a node with the demo and workload handlers.
+pub async fn start_node(args: &NodeArgs) -> anyhow::Result<Node> {
+    let config = args.config()?;
+    let store_config = warden_runtime::store::StoreConfig { max_connections: args.max_connections, ..Default::default() };
+    let pool = warden_runtime::store::connect(&args.database_url, &store_config)
+        .await
+        .context("connecting to the database")?;
+    crate::billing::migrate(&pool).await?;
+    crate::workload::migrate(&pool).await?;
+    let faults = crate::billing::Faults::default();
+    let node = Node::builder(config)
+        .register(crate::billing::Charge(faults))?
+        .register(crate::billing::Invoice)?
+        .register(crate::billing::Notify(faults))?
+        .register(crate::workload::Audit { node: args.node_id.clone(), pool: pool.clone() })?
+        .start(pool)
+        .await?;
+    Ok(node)
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    node: Node,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::{http::StatusCode, routing::get, Router};
+    let ready_node = node.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.map(|h| h.render()).unwrap_or_default() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready_node.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no partitions held")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    Ok(())
+}
+
+/// The whole `warden-node` main: start, serve admin, run until SIGTERM/SIGINT, drain, exit.
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    let node = start_node(&args).await?;
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.admin_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding admin address {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "admin HTTP listening");
+        tokio::spawn(serve_admin(listener, node.clone(), Some(metrics), admin_stop.clone()));
+    }
+    println!("READY {}", node.owner());
+    node.run_until(warden_runtime::shutdown_signal()).await?;
+    admin_stop.cancel();
+    tracing::info!("node stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Store-level tests: schema, partition hash twin, enqueue paths and limits,
+//! unique keys, claim order, fencing and rescue — directly against PostgreSQL.
+
+
+use std::time::Duration;
+use warden_runtime::store::{self, Fence, Finish, PgStore, Store};
+use warden_runtime::{Client, Error, NewJob, PartitionCount};
+use warden_tests::TestDb;
+
+const TTL: Duration = Duration::from_secs(30);
+
+async fn setup(p: u32) -> (TestDb, PgStore, Client) {
+    let db = TestDb::new().await;
+    store::migrate(&db.pool).await.unwrap();
+    let parts = store::init_partitions(&db.pool, PartitionCount::new(p).unwrap()).await.unwrap();
+    let client = Client::connect(db.pool.clone()).await.unwrap();
+    (db.clone_handle(), PgStore::new(db.pool.clone(), parts), client)
+}
+
+async fn own_all(s: &PgStore, owner: &str) -> Vec<Fence> {
+    let all: Vec<u32> = (0..s.partitions().get()).collect();
+    let granted = s.acquire(owner, &all, TTL).await.unwrap();
+    assert_eq!(granted.len(), all.len());
+    granted.iter().map(|g| Fence { partition: g.partition, epoch: g.epoch, owner: owner.into() }).collect()
+}
+
+fn fence_for(fences: &[Fence], account: &str, p: u32) -> Fence {
+    fences[warden_runtime::partition_of(account, PartitionCount::new(p).unwrap()) as usize].clone()
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_concurrent_starts_are_safe() {
+    let db = TestDb::new().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let pool = db.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            store::migrate(&pool).await.unwrap();
+            store::init_partitions(&pool, PartitionCount::new(64).unwrap()).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.leases").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(leases, 64);
+    let err = store::init_partitions(&db.pool, PartitionCount::new(128).unwrap()).await.unwrap_err();
+    assert!(matches!(err, Error::PartitionMismatch { stored: 64, configured: 128 }), "{err}");
+}
+
+#[tokio::test]
+async fn client_on_uninitialised_database_says_so() {
+    let db = TestDb::new().await;
+    let err = Client::connect(db.pool.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::NotInitialised), "{err}");
+}
+
+#[tokio::test]
+async fn sql_partition_function_matches_rust() {
+    let (db, _s, _c) = setup(1024).await;
+    for i in 0..500 {
+        let account = format!("acct-{i}-{}", "é".repeat(i % 3));
+        let sql: i32 = sqlx::query_scalar("SELECT warden.partition_of($1, 1024)")
+            .bind(&account)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(sql as u32, warden_runtime::partition_of(&account, PartitionCount::new(1024).unwrap()), "{account}");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_before_the_database() {
+    let (db, _s, client) = setup(16).await;
+    let cases: Vec<(NewJob, &str)> = vec![
+        (NewJob::new("", "k", ()).unwrap(), "account must not be empty"),
+        (NewJob::new("a".repeat(300), "k", ()).unwrap(), "account is 300 bytes"),
+        (NewJob::new("a\tb", "k", ()).unwrap(), "account contains a control character"),
+        (NewJob::new("a", "", ()).unwrap(), "kind must not be empty"),
+        (NewJob::new("a", "k\u{7}", ()).unwrap(), "kind contains a control character"),
+        (NewJob::new("a", "k", "x".repeat(70_000)).unwrap(), "args are"),
+        (NewJob::new("a", "k", ()).unwrap().max_attempts(0), "max_attempts"),
+        (NewJob::new("a", "k", ()).unwrap().unique_key("u".repeat(257)), "unique_key is 257 bytes"),
+    ];
+    for (job, expected) in cases {
+        let err = client.enqueue(job).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains(expected), "{err} should mention {expected}");
+    }
+    let too_many: Vec<NewJob> = (0..10_001).map(|i| NewJob::new(format!("a{i}"), "k", ()).unwrap()).collect();
+    assert!(client.enqueue_many(&too_many).await.unwrap_err().to_string().contains("limit is 10000"));
+    assert_eq!(warden_tests::count_unfinished(&db.pool).await, 0, "nothing was stored");
+}
+
+#[tokio::test]
+async fn unique_keys_make_enqueue_idempotent_while_unfinished() {
+    let (db, s, client) = setup(16).await;
+    let a = client.enqueue(NewJob::new("acct", "k", 1).unwrap().unique_key("order-1")).await.unwrap();
+    let b = client.enqueue(NewJob::new("acct", "k", 2).unwrap().unique_key("order-1")).await.unwrap();
+    assert!(!a.duplicate && b.duplicate && a.id == b.id);
+    // Same key on another account is independent.
+    let c = client.enqueue(NewJob::new("other", "k", 1).unwrap().unique_key("order-1")).await.unwrap();
+    assert!(!c.duplicate && c.id != a.id);
+    // In one batch: the second occurrence is a duplicate of the first.
+    let batch = client
+        .enqueue_many(&[
+            NewJob::new("acct", "k", 3).unwrap().unique_key("order-2"),
+            NewJob::new("acct", "k", 4).unwrap(),
+            NewJob::new("acct", "k", 5).unwrap().unique_key("order-2"),
+            NewJob::new("acct", "k", 6).unwrap().unique_key("order-1"),
+        ])
+        .await
+        .unwrap();
+    assert!(!batch[0].duplicate && !batch[1].duplicate && batch[2].duplicate && batch[3].duplicate);
+    assert_eq!(batch[2].id, batch[0].id);
+    assert_eq!(batch[3].id, a.id);
+    // Once the job is finished, the key is free again.
+    let fences = own_all(&s, "n/1").await;
+    let f = fence_for(&fences, "acct", 16);
+    let job = s.claim("acct", &f).await.unwrap().unwrap();
+    assert_eq!(job.id, a.id);
+    s.finish(None, &job, &f, &Finish::Completed, false).await.unwrap();
+    let again = client.enqueue(NewJob::new("acct", "k", 7).unwrap().unique_key("order-1")).await.unwrap();
+    assert!(!again.duplicate && again.id != a.id);
+    drop(db);
+}
+
+#[tokio::test]
+async fn transactional_enqueue_rolls_back_with_the_caller() {
+    let (db, _s, client) = setup(16).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    client.enqueue_in(&mut tx, NewJob::new("acct", "k", ()).unwrap()).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(warden_tests::count_unfinished(&db.pool).await, 0);
+    let mut tx = db.pool.begin().await.unwrap();
+    let e = client.enqueue_in(&mut tx, NewJob::new("acct", "k", ()).unwrap()).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(client.get(e.id).await.unwrap().unwrap().state, "available");
+}
+
+#[tokio::test]
+async fn a_row_update_enqueues_a_job_through_a_trigger() {
+    let (db, _s, client) = setup(16).await;
+    sqlx::raw_sql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, account text NOT NULL, status text NOT NULL);
+         CREATE FUNCTION orders_paid() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.status = 'paid' AND OLD.status <> 'paid' THEN
+                 PERFORM warden.enqueue(NEW.account, 'ship_order', jsonb_build_object('order', NEW.id),
+                                        p_unique_key => 'ship-' || NEW.id);
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER orders_paid AFTER UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION orders_paid();
+         INSERT INTO orders VALUES (1, 'acct-42', 'new');",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE orders SET status = 'paid' WHERE id = 1").execute(&db.pool).await.unwrap();
+    let job: warden_runtime::JobRow = sqlx::query_as("SELECT * FROM warden.jobs WHERE kind = 'ship_order'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(job.account, "acct-42");
+    assert_eq!(job.args, serde_json::json!({"order": 1}));
+    assert_eq!(job.partition as u32, warden_runtime::partition_of("acct-42", client.partitions()));
+    assert_eq!(job.state, "available");
+    // A rolled-back row change enqueues nothing.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO orders VALUES (2, 'acct-42', 'new')").execute(&mut *tx).await.unwrap();
+    sqlx::query("UPDATE orders SET status = 'paid' WHERE id = 2").execute(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(n, 1);
+    // The SQL function validates like the client.
+    let err = sqlx::query("SELECT warden.enqueue('', 'k')").execute(&db.pool).await.unwrap_err();
+    assert!(err.to_string().contains("account must be 1..256 bytes"), "{err}");
+    let err = sqlx::query("SELECT warden.enqueue('a', E'k\\n')").execute(&db.pool).await.unwrap_err();
+    assert!(err.to_string().contains("kind must be"), "{err}");
+}
+
+#[tokio::test]
+async fn claim_follows_serial_order_and_a_failing_head_blocks() {
+    let (_db, s, client) = setup(16).await;
+    let fences = own_all(&s, "n/1").await;
+    let f = fence_for(&fences, "acct", 16);
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    // Scheduled for later: must not block the earlier-ordered jobs.
+    let sched = client.enqueue(NewJob::new("acct", "k", "sched").unwrap().run_at(later)).await.unwrap();
+    let ids = client
+        .enqueue_many(&(0..3).map(|i| NewJob::new("acct", "k", i).unwrap()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let j0 = s.claim("acct", &f).await.unwrap().unwrap();
+    assert_eq!(j0.id, ids[0].id);
+    assert!(s.claim("acct", &f).await.unwrap().is_none(), "one running serial job per account");
+    // Head fails and retries later: nothing behind it may run.
+    let next = s
+        .finish(None, &j0, &f, &Finish::Retry { after: Duration::from_millis(300), outcome: "failed", error: "boom".into() }, true)
+        .await
+        .unwrap();
+    assert!(next.is_none(), "a retrying head blocks its account");
+    assert!(s.claim("acct", &f).await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let j0b = s.claim("acct", &f).await.unwrap().unwrap();
+    assert_eq!((j0b.id, j0b.attempt), (ids[0].id, 2));
+    // Completing claims the next in the same statement.
+    let j1 = s.finish(None, &j0b, &f, &Finish::Completed, true).await.unwrap().unwrap();
+    assert_eq!(j1.id, ids[1].id);
+    let j2 = s.finish(None, &j1, &f, &Finish::Completed, true).await.unwrap().unwrap();
+    assert_eq!(j2.id, ids[2].id);
+    let none = s.finish(None, &j2, &f, &Finish::Completed, true).await.unwrap();
+    assert!(none.is_none(), "the scheduled job is not due");
+    assert_eq!(client.get(sched.id).await.unwrap().unwrap().state, "scheduled");
+}
+
+#[tokio::test]
+async fn a_write_with_a_stale_epoch_is_rejected() {
+    let (db, s, client) = setup(4).await;
+    let old = own_all(&s, "old/1").await;
+    let e = client.enqueue(NewJob::new("acct", "k", ()).unwrap()).await.unwrap();
+    let f_old = fence_for(&old, "acct", 4);
+    let job = s.claim("acct", &f_old).await.unwrap().unwrap();
+    // The lease expires (the old owner paused) and a new owner takes it.
+    sqlx::query("UPDATE warden.leases SET lease_expires_at = now() - interval '1 second'").execute(&db.pool).await.unwrap();
+    let new = own_all(&s, "new/1").await;
+    let f_new = fence_for(&new, "acct", 4);
+    assert_eq!(f_new.epoch, f_old.epoch + 1);
+    // The zombie's completion is refused and its handler writes roll back.
+    let mut tx = s.begin().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE zombie_effect (x int); INSERT INTO zombie_effect VALUES (1)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = s.finish(Some(tx), &job, &f_old, &Finish::Completed, true).await.unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }), "{err}");
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('zombie_effect')::text").fetch_one(&db.pool).await.unwrap();
+    assert!(exists.is_none(), "fenced handler writes must roll back");
+    assert!(matches!(s.claim("acct", &f_old).await.unwrap_err(), Error::Fenced { .. }));
+    assert!(matches!(s.unclaim(&job, &f_old).await.unwrap_err(), Error::Fenced { .. }));
+    // Renewal by the old owner fails; the new owner rescues the abandoned attempt.
+    let renewed = s.renew("old/1", &[warden_runtime::store::GrantedLease { partition: f_old.partition, epoch: f_old.epoch }], TTL).await.unwrap();
+    assert!(renewed.is_empty());
+    assert_eq!(s.rescue(&f_new).await.unwrap(), 1);
+    let j = client.get(e.id).await.unwrap().unwrap();
+    assert_eq!((j.state.as_str(), j.attempt), ("retryable", 1));
+    let attempts = client.attempts(e.id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].outcome, "rescued");
+    assert_eq!(attempts[0].epoch, f_old.epoch);
+    // The new owner runs it to completion.
+    let j2 = s.claim("acct", &f_new).await.unwrap().unwrap();
+    assert_eq!(j2.attempt, 2);
+    s.finish(None, &j2, &f_new, &Finish::Completed, true).await.unwrap();
+    assert_eq!(client.get(e.id).await.unwrap().unwrap().state, "completed");
+}
+
+#[tokio::test]
+async fn released_leases_keep_their_epoch_and_free_the_partition() {
+    let (_db, s, _c) = setup(4).await;
+    let a = own_all(&s, "a/1").await;
+    // Held leases cannot be taken by another owner.
+    assert!(s.acquire("b/1", &[0, 1, 2, 3], TTL).await.unwrap().is_empty());
+    let held: Vec<_> = a.iter().map(|f| warden_runtime::store::GrantedLease { partition: f.partition, epoch: f.epoch }).collect();
+    assert_eq!(s.release("a/1", &held).await.unwrap(), 4);
+    let b = s.acquire("b/1", &[0, 1, 2, 3], TTL).await.unwrap();
+    assert_eq!(b.len(), 4);
+    for g in b {
+        assert_eq!(g.epoch, a[g.partition as usize].epoch + 1, "epochs only grow");
+    }
+}
+
+#[tokio::test]
+async fn cancel_and_retry_from_the_client() {
+    let (_db, s, client) = setup(4).await;
+    let fences = own_all(&s, "n/1").await;
+    let f = fence_for(&fences, "acct", 4);
+    let a = client.enqueue(NewJob::new("acct", "k", 1).unwrap()).await.unwrap();
+    let b = client.enqueue(NewJob::new("acct", "k", 2).unwrap()).await.unwrap();
+    assert_eq!(client.cancel(b.id).await.unwrap(), warden_runtime::CancelResult::Cancelled);
+    let job = s.claim("acct", &f).await.unwrap().unwrap();
+    assert_eq!(client.cancel(a.id).await.unwrap(), warden_runtime::CancelResult::CancelRequested);
+    assert!(s.cancel_requested(a.id).await.unwrap());
+    s.finish(None, &job, &f, &Finish::Discard { outcome: "discarded", error: "x".into() }, true).await.unwrap();
+    assert!(matches!(client.cancel(a.id).await.unwrap(), warden_runtime::CancelResult::AlreadyFinished { .. }));
+    assert!(matches!(client.cancel(999_999).await.unwrap_err(), Error::JobNotFound(999_999)));
+    let r = client.retry(a.id).await.unwrap();
+    assert_eq!(r.state, "available");
+    assert!(client.retry(a.id).await.unwrap_err().to_string().contains("only discarded or cancelled"));
+
+}
