@@ -1,0 +1,433 @@
+//! Execution tests: a node in-process against a real PostgreSQL, one database per
+//! test. Every test that runs jobs ends by checking the serial guarantee from the
+//! attempts table (`history::check`).
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use warden_runtime::account_actor::ExecConfig;
+use warden_runtime::lease::LeaseConfig;
+use warden_runtime::{
+    async_trait, history, Backoff, CancelResult, Handler, HandlerResult, JobContext, JobOptions, NewJob, Node,
+    NodeConfig, Outcome, PartitionCount,
+};
+use warden_tests::{count_state, eventually, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        node_id: "test-node".into(),
+        partitions: PartitionCount::new(16).unwrap(),
+        lease: LeaseConfig {
+            ttl: Duration::from_secs(2),
+            renew_interval: Duration::from_millis(400),
+            safety_margin: Duration::from_millis(500),
+        },
+        exec: ExecConfig {
+            idle_timeout: Duration::from_secs(1),
+            cancel_grace: Duration::from_millis(300),
+            cancel_poll_interval: Duration::from_millis(200),
+            drain_timeout: Duration::from_secs(2),
+            max_actors: 1000,
+        },
+        enforcer_interval: Duration::from_millis(200),
+        due_scan_limit: 10_000,
+    }
+}
+
+/// What the scripted handler does on each attempt.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Script {
+    #[serde(default)]
+    seq: i64,
+    #[serde(default)]
+    sleep_ms: u64,
+    /// Return an error on the first N attempts.
+    #[serde(default)]
+    fail_times: i32,
+    /// Panic on the first N attempts.
+    #[serde(default)]
+    panic_times: i32,
+    /// "done" (default), "retry", "snooze_once", "discard", "wait_cancel", "ignore_cancel".
+    #[serde(default)]
+    mode: String,
+    /// Enqueue this follow-up (kind "script") in the job transaction before finishing.
+    #[serde(default)]
+    follow_up: Option<Box<Script>>,
+}
+
+struct Scripted;
+
+#[async_trait]
+impl Handler for Scripted {
+    type Args = Script;
+    const KIND: &'static str = "script";
+
+    fn options(&self) -> JobOptions {
+        JobOptions {
+            max_attempts: 3,
+            timeout: Duration::from_secs(10),
+            backoff: Backoff { base: Duration::from_millis(100), max: Duration::from_secs(1), jitter: 0.0 },
+            ..Default::default()
+        }
+    }
+
+    async fn run(&self, ctx: &mut JobContext, s: Script) -> HandlerResult {
+        let account = ctx.account().to_string();
+        sqlx::query("INSERT INTO script_log (job_id, account, seq, attempt) VALUES ($1, $2, $3, $4)")
+            .bind(ctx.job_id())
+            .bind(&account)
+            .bind(s.seq)
+            .bind(ctx.attempt())
+            .execute(ctx.tx().await?)
+            .await?;
+        if let Some(next) = &s.follow_up {
+            ctx.enqueue(NewJob::new(account.clone(), "script", next)?).await?;
+        }
+        if s.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(s.sleep_ms)).await;
+        }
+        if ctx.attempt() <= s.panic_times {
+            panic!("scripted panic on attempt {}", ctx.attempt());
+        }
+        if ctx.attempt() <= s.fail_times {
+            return Err(format!("scripted failure on attempt {}", ctx.attempt()).into());
+        }
+        match s.mode.as_str() {
+            "retry" => Ok(Outcome::Retry { after: Some(Duration::from_millis(50)) }),
+            "snooze_once" if ctx.attempt() == 1 => Ok(Outcome::Snooze(Duration::from_millis(100))),
+            "discard" => Ok(Outcome::Discard("scripted discard".into())),
+            "wait_cancel" => {
+                ctx.cancellation().cancelled().await;
+                Err("stopped on cancellation".into())
+            }
+            "ignore_cancel" => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(Outcome::Done)
+            }
+            _ => Ok(Outcome::Done),
+        }
+    }
+}
+
+async fn start(db: &TestDb, config: NodeConfig) -> Node {
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS script_log (job_id bigint, account text, seq bigint, attempt int,
+                                                at timestamptz DEFAULT clock_timestamp())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    warden_examples::workload::migrate(&db.pool).await.unwrap();
+    Node::builder(config)
+        .register(Scripted)
+        .unwrap()
+        .register(warden_examples::workload::Audit { node: "test-node".into(), pool: db.pool.clone() })
+        .unwrap()
+        .start(db.node_pool().await)
+        .await
+        .unwrap()
+}
+
+fn script(account: &str, s: Script) -> NewJob {
+    NewJob::new(account, "script", s).unwrap()
+}
+
+async fn wait_finished(db: &TestDb, id: i64) -> warden_runtime::JobRow {
+    eventually(WAIT, &format!("job {id} finished"), || async {
+        let j: warden_runtime::JobRow =
+            sqlx::query_as("SELECT * FROM warden.jobs WHERE id = $1").bind(id).fetch_one(&db.pool).await.unwrap();
+        j.state().filter(|s| s.is_terminal()).map(|_| j)
+    })
+    .await
+}
+
+async fn assert_clean(db: &TestDb) -> history::HistoryReport {
+    let h = history::check(&db.pool).await.unwrap();
+    assert!(h.is_clean(), "serial guarantee violated: {h:?}");
+    h
+}
+
+#[tokio::test]
+async fn many_accounts_run_in_order_without_overlap_under_load() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let (accounts, per_account) = (40, 25);
+    let mut jobs = Vec::new();
+    for seq in 0..per_account {
+        for a in 0..accounts {
+            let args = warden_examples::workload::AuditArgs {
+                seq,
+                sleep_ms: fastrand::u64(0..3),
+                fail_times: if fastrand::u8(..) < 20 { 1 } else { 0 },
+            };
+            jobs.push(NewJob::new(format!("acct-{a}"), "audit", args).unwrap());
+        }
+    }
+    node.client().enqueue_many(&jobs).await.unwrap();
+    let total = (accounts * per_account) as i64;
+    eventually(Duration::from_secs(120), "all audit jobs completed", || async {
+        (count_state(&db.pool, "completed").await == total).then_some(())
+    })
+    .await;
+    let h = assert_clean(&db).await;
+    assert_eq!(h.completed, total);
+    assert!(h.retried_attempts > 0, "some injected failures were retried");
+    let audit = warden_examples::workload::check(&db.pool).await.unwrap();
+    assert_eq!(audit.rows, total, "exactly one committed audit row per job");
+    assert_eq!((audit.duplicate_jobs, audit.overlaps, audit.order_violations), (0, 0, 0), "{audit:?}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn failing_head_retries_with_backoff_blocks_its_account_then_is_discarded() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let c = node.client();
+    let head = c.enqueue(script("a", Script { fail_times: 99, ..Default::default() })).await.unwrap();
+    let behind = c.enqueue(script("a", Script { seq: 1, ..Default::default() })).await.unwrap();
+    let other = c.enqueue(script("b", Script::default())).await.unwrap();
+    // Another account is not blocked.
+    assert_eq!(wait_finished(&db, other.id).await.state, "completed");
+    let h = wait_finished(&db, head.id).await;
+    assert_eq!((h.state.as_str(), h.attempt), ("discarded", 3));
+    assert!(h.last_error.as_deref().unwrap().contains("scripted failure"), "{:?}", h.last_error);
+    let b = wait_finished(&db, behind.id).await;
+    assert_eq!(b.state, "completed");
+    let attempts = c.attempts(head.id).await.unwrap();
+    assert_eq!(attempts.iter().map(|a| a.outcome.as_str()).collect::<Vec<_>>(), ["failed", "failed", "failed"]);
+    // Exponential backoff: ≥100ms then ≥200ms between attempts (jitter 0).
+    let gap1 = attempts[1].started_at - attempts[0].finished_at;
+    let gap2 = attempts[2].started_at - attempts[1].finished_at;
+    assert!(gap1 >= chrono::Duration::milliseconds(95), "{gap1}");
+    assert!(gap2 >= chrono::Duration::milliseconds(195), "{gap2}");
+    // The job behind the head started only after the head was discarded.
+    let behind_attempts = c.attempts(behind.id).await.unwrap();
+    assert!(behind_attempts[0].started_at >= h.finished_at.unwrap());
+    assert_clean(&db).await;
+    // An operator can retry the discarded job (this re-opens it, so the history
+    // checker — which judges by each job's final state — is not run after it).
+    c.retry(head.id).await.unwrap();
+    let h = wait_finished(&db, head.id).await;
+    assert_eq!((h.state.as_str(), h.attempt), ("discarded", 4));
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn outcomes_retry_snooze_discard_and_panics() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let c = node.client();
+    let snooze = c.enqueue(script("s", Script { mode: "snooze_once".into(), ..Default::default() })).await.unwrap();
+    let retry = c.enqueue(script("r", Script { mode: "retry".into(), ..Default::default() })).await.unwrap();
+    let discard = c.enqueue(script("d", Script { mode: "discard".into(), ..Default::default() })).await.unwrap();
+    let panics = c.enqueue(script("p", Script { panic_times: 1, ..Default::default() })).await.unwrap();
+
+    let s = wait_finished(&db, snooze.id).await;
+    assert_eq!((s.state.as_str(), s.attempt, s.max_attempts), ("completed", 2, 4), "snooze does not use up an attempt");
+    let r = wait_finished(&db, retry.id).await;
+    assert_eq!((r.state.as_str(), r.attempt), ("discarded", 3));
+    let d = wait_finished(&db, discard.id).await;
+    assert_eq!((d.state.as_str(), d.attempt, d.last_error.as_deref()), ("discarded", 1, Some("scripted discard")));
+    let p = wait_finished(&db, panics.id).await;
+    assert_eq!((p.state.as_str(), p.attempt), ("completed", 2));
+    let pa = c.attempts(panics.id).await.unwrap();
+    assert_eq!(pa[0].outcome, "failed");
+    assert!(pa[0].error.as_deref().unwrap().contains("panicked: scripted panic"), "{:?}", pa[0].error);
+    let sa = c.attempts(snooze.id).await.unwrap();
+    assert_eq!(sa.iter().map(|a| a.outcome.as_str()).collect::<Vec<_>>(), ["snoozed", "completed"]);
+    // Handler writes of non-completed attempts were rolled back: one log row per completion.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM script_log WHERE job_id = $1")
+        .bind(panics.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn timeouts_abort_the_attempt_and_record_it() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let j = node
+        .client()
+        .enqueue(script("t", Script { sleep_ms: 5_000, ..Default::default() }).timeout(Duration::from_millis(200)).max_attempts(2))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let row = wait_finished(&db, j.id).await;
+    assert_eq!((row.state.as_str(), row.attempt), ("discarded", 2));
+    assert!(started.elapsed() < Duration::from_secs(4), "timeouts must abort the 5s handler");
+    let a = node.client().attempts(j.id).await.unwrap();
+    assert_eq!(a.iter().map(|a| a.outcome.as_str()).collect::<Vec<_>>(), ["timeout", "timeout"]);
+    assert!(a[0].error.as_deref().unwrap().contains("timed out after 200ms"));
+    let dur = a[0].finished_at - a[0].started_at;
+    assert!(dur >= chrono::Duration::milliseconds(190) && dur < chrono::Duration::seconds(2), "{dur}");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancel_queued_and_running_jobs() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let c = node.client();
+    // A cooperative handler stops on the token; one that ignores it is aborted after the grace.
+    let coop = c.enqueue(script("c1", Script { mode: "wait_cancel".into(), ..Default::default() })).await.unwrap();
+    let stubborn = c.enqueue(script("c2", Script { mode: "ignore_cancel".into(), ..Default::default() })).await.unwrap();
+    let queued = c.enqueue(script("c1", Script { seq: 1, ..Default::default() })).await.unwrap();
+    let after = c.enqueue(script("c1", Script { seq: 2, ..Default::default() })).await.unwrap();
+    assert_eq!(c.cancel(queued.id).await.unwrap(), CancelResult::Cancelled);
+    for id in [coop.id, stubborn.id] {
+        eventually(WAIT, "job running", || async {
+            (c.get(id).await.unwrap().unwrap().state == "running").then_some(())
+        })
+        .await;
+    }
+    let t = std::time::Instant::now();
+    assert_eq!(c.cancel(coop.id).await.unwrap(), CancelResult::CancelRequested);
+    assert_eq!(c.cancel(stubborn.id).await.unwrap(), CancelResult::CancelRequested);
+    let a = wait_finished(&db, coop.id).await;
+    assert_eq!(a.state, "cancelled");
+    let b = wait_finished(&db, stubborn.id).await;
+    assert_eq!(b.state, "cancelled");
+    assert!(b.last_error.as_deref().unwrap().contains("aborted"), "{:?}", b.last_error);
+    assert!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
+    assert_eq!(wait_finished(&db, queued.id).await.state, "cancelled");
+    assert_eq!(wait_finished(&db, after.id).await.state, "completed", "the account continues after a cancel");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn undecodable_args_and_unknown_kinds_are_discarded_with_a_clear_error() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let c = node.client();
+    let bad = c.enqueue(NewJob::new("x", "script", serde_json::json!({"seq": "not a number"})).unwrap()).await.unwrap();
+    let unknown = c.enqueue(NewJob::new("x", "no_such_kind", ()).unwrap()).await.unwrap();
+    let fine = c.enqueue(script("x", Script::default())).await.unwrap();
+    let b = wait_finished(&db, bad.id).await;
+    assert_eq!((b.state.as_str(), b.attempt), ("discarded", 1));
+    assert!(b.last_error.as_deref().unwrap().contains("args do not match kind \"script\""), "{:?}", b.last_error);
+    let u = wait_finished(&db, unknown.id).await;
+    assert_eq!((u.state.as_str(), u.attempt), ("discarded", 1));
+    assert!(u.last_error.as_deref().unwrap().contains("no handler for kind \"no_such_kind\""), "{:?}", u.last_error);
+    assert_eq!(wait_finished(&db, fine.id).await.state, "completed");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn job_chains_exist_only_if_the_step_completes() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let c = node.client();
+    let chain = Script { follow_up: Some(Box::new(Script { seq: 2, ..Default::default() })), seq: 1, ..Default::default() };
+    let ok = c.enqueue(script("chain", chain.clone())).await.unwrap();
+    let failing = c.enqueue(script("chain2", Script { mode: "discard".into(), ..chain })).await.unwrap();
+    wait_finished(&db, ok.id).await;
+    wait_finished(&db, failing.id).await;
+    eventually(WAIT, "follow-up completed", || async {
+        (count_state(&db.pool, "completed").await == 2).then_some(())
+    })
+    .await;
+    let follow_ups: Vec<String> = sqlx::query_scalar("SELECT account FROM warden.jobs WHERE id > $1 ORDER BY id")
+        .bind(failing.id)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(follow_ups, ["chain"], "a discarded step's follow-up was rolled back");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lost_notification_only_delays_work() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    // Insert behind Warden's back: no NOTIFY is ever sent for this job.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO warden.jobs (account, partition, kind, args, state, run_at, due_at, max_attempts, timeout_ms)
+         VALUES ('silent', warden.partition_of('silent', 16), 'script', '{}', 'available', now(), now(), 3, 10000)
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(wait_finished(&db, id).await.state, "completed", "the enforcer's poll picks it up");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn wake_ups_start_work_without_waiting_for_the_poll() {
+    let db = TestDb::new().await;
+    let node = start(&db, NodeConfig { enforcer_interval: Duration::from_secs(3600), ..config() }).await;
+    for i in 0..20 {
+        let e = node.client().enqueue(script(&format!("w{i}"), Script::default())).await.unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(wait_finished(&db, e.id).await.state, "completed");
+        assert!(t.elapsed() < Duration::from_secs(2), "job {i} waited {:?}: NOTIFY path broken", t.elapsed());
+    }
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_actors_passivate_and_shutdown_releases_every_lease() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    assert_eq!(node.stats().partitions_held, 16);
+    let jobs: Vec<NewJob> = (0..30).map(|i| script(&format!("p{i}"), Script::default())).collect();
+    node.client().enqueue_many(&jobs).await.unwrap();
+    eventually(WAIT, "jobs done", || async { (count_state(&db.pool, "completed").await == 30).then_some(()) }).await;
+    assert!(node.stats().actors_spawned >= 30);
+    eventually(WAIT, "actors passivated", || async { (node.stats().active_actors == 0).then_some(()) }).await;
+    node.shutdown().await.unwrap();
+    node.shutdown().await.unwrap(); // idempotent
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.leases WHERE owner_node IS NOT NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(held, 0, "graceful shutdown releases every lease");
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_running_attempts_within_the_drain_timeout() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let j = node.client().enqueue(script("drain", Script { sleep_ms: 500, ..Default::default() })).await.unwrap();
+    let k = node.client().enqueue(script("drain", Script { seq: 1, ..Default::default() })).await.unwrap();
+    eventually(WAIT, "job running", || async {
+        (node.client().get(j.id).await.unwrap().unwrap().state == "running").then_some(())
+    })
+    .await;
+    node.shutdown().await.unwrap();
+    let row = node.client().get(j.id).await.unwrap().unwrap();
+    assert_eq!(row.state, "completed", "the in-flight attempt finished during the drain");
+    let next = node.client().get(k.id).await.unwrap().unwrap();
+    assert_eq!((next.state.as_str(), next.attempt), ("available", 0), "nothing new started while draining");
+    // A new node takes over at once (the lease was released, not left to expire).
+    let t = std::time::Instant::now();
+    let node2 = start(&db, config()).await;
+    assert_eq!(wait_finished(&db, k.id).await.state, "completed");
+    assert!(t.elapsed() < Duration::from_secs(2), "takeover after release took {:?}", t.elapsed());
+    assert_clean(&db).await;
+    node2.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn node_refuses_bad_configuration() {
+    let db = TestDb::new().await;
+    let bad = NodeConfig { node_id: "bad\nid".into(), ..config() };
+    let err = Node::builder(bad).start(db.node_pool().await).await.err().unwrap();
+    assert!(err.to_string().contains("node_id contains a control character"), "{err}");
+    let node = start(&db, config()).await;
+    node.shutdown().await.unwrap();
+    let other_p = NodeConfig { partitions: PartitionCount::new(32).unwrap(), ..config() };
+    let err = Node::builder(other_p).start(db.node_pool().await).await.err().unwrap();
+    assert!(err.to_string().contains("P=16"), "{err}");
+    let dup = Node::builder(config()).register(Scripted).unwrap().register(Scripted);
+    assert!(dup.err().unwrap().to_string().contains("already registered"));
+}
