@@ -230,7 +230,7 @@ async fn a_write_with_a_stale_epoch_is_rejected() {
     // The zombie's completion is refused and its handler writes roll back.
     let mut tx = s.begin().await.unwrap();
     sqlx::raw_sql("CREATE TABLE zombie_effect (x int); INSERT INTO zombie_effect VALUES (1)")
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await
         .unwrap();
     let err = s.finish(Some(tx), &job, &f_old, &Finish::Completed, true).await.unwrap_err();
@@ -289,4 +289,49 @@ async fn cancel_and_retry_from_the_client() {
     assert_eq!(r.state, "available");
     assert!(client.retry(a.id).await.unwrap_err().to_string().contains("only discarded or cancelled"));
 
+}
+
+/// Regression: with `FOR SHARE` fences a busy node starved its own lease renewals
+/// and self-fenced. Fences now lock `FOR KEY SHARE` and `epoch` is a key column.
+#[tokio::test]
+async fn renewal_is_not_blocked_by_fenced_work_but_takeover_is() {
+    let (db, s, _client) = setup(4).await;
+    let fences = own_all(&s, "a/1").await;
+    let f = fences[0].clone();
+    // An executor statement in flight holds the fence lock (same lock as fence_sql!).
+    let mut tx = db.pool.begin().await.unwrap();
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM warden.leases WHERE partition = $1 AND owner_node = $2 AND epoch = $3
+                                AND lease_expires_at > statement_timestamp() FOR KEY SHARE) x",
+    )
+    .bind(f.partition as i32)
+    .bind("a/1")
+    .bind(f.epoch)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(held, 1);
+    // The owner's renewal goes through at once.
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(2),
+        s.renew("a/1", &[warden_runtime::store::GrantedLease { partition: f.partition, epoch: f.epoch }], TTL),
+    )
+    .await
+    .expect("renewal must not wait for fenced work")
+    .unwrap();
+    assert_eq!(renewed, vec![f.partition]);
+    // A takeover (epoch bump) must wait for the in-flight fenced statement.
+    sqlx::query("UPDATE warden.leases SET lease_expires_at = now() - interval '1 second' WHERE partition = $1")
+        .bind(f.partition as i32)
+        .execute(&db.pool)
+        .await
+        .unwrap_or_else(|_| panic!("expire"));
+    let s2 = s.clone();
+    let takeover = tokio::spawn(async move { s2.acquire("b/1", &[f.partition], TTL).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!takeover.is_finished(), "takeover must wait for the fenced statement's transaction");
+    tx.commit().await.unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(5), takeover).await.unwrap().unwrap();
+    assert_eq!(granted.len(), 1);
+    assert_eq!(granted[0].epoch, f.epoch + 1);
 }

@@ -81,6 +81,7 @@ pub fn init_tracing() {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
         )
+        .with_writer(std::io::stderr)
         .try_init();
 }
 
@@ -98,7 +99,12 @@ pub async fn start_node(args: &NodeArgs) -> anyhow::Result<Node> {
         .register(crate::billing::Charge(faults))?
         .register(crate::billing::Invoice)?
         .register(crate::billing::Notify(faults))?
-        .register(crate::workload::Audit { node: args.node_id.clone(), pool: pool.clone() })?
+        // The audit handler's "external" effect log gets its own small pool, as an
+        // external system would: it must not compete with the executor's connections.
+        .register(crate::workload::Audit {
+            node: args.node_id.clone(),
+            pool: sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&args.database_url).await?,
+        })?
         .start(pool)
         .await?;
     Ok(node)

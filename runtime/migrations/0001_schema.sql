@@ -11,11 +11,16 @@ CREATE TABLE warden.meta (
 );
 
 -- One row per partition. The database clock alone decides expiry.
+-- The unique (partition, epoch) index makes `epoch` a *key* column: an acquire
+-- (which bumps the epoch) then conflicts with the FOR KEY SHARE lock every fenced
+-- executor statement takes, while a renewal (which only moves lease_expires_at)
+-- does not — so a busy partition can never starve its own renewal.
 CREATE TABLE warden.leases (
     partition        integer PRIMARY KEY,
     owner_node       text,
     epoch            bigint NOT NULL DEFAULT 0,
-    lease_expires_at timestamptz
+    lease_expires_at timestamptz,
+    UNIQUE (partition, epoch)
 );
 
 CREATE TABLE warden.jobs (

@@ -93,8 +93,9 @@ pub enum AccountMsg {
 
 /// How an attempt task ended.
 pub enum AttemptReport {
-    /// The outcome was recorded; `next` is the account's next job, already claimed.
-    Finished { next: Option<JobRow>, wake_in: Option<Duration> },
+    /// The outcome was recorded; `next` is the account's next job, already claimed
+    /// under `lease` (needed to undo the claim if the account is draining).
+    Finished { next: Option<JobRow>, wake_in: Option<Duration>, lease: ActiveLease },
     /// The attempt was dropped without recording (fenced or aborted); stop the actor.
     Stopped,
 }
@@ -171,12 +172,12 @@ impl Actor for AccountActor {
                 st.running = None;
                 match *report {
                     AttemptReport::Stopped => myself.stop(Some("attempt stopped".into())),
-                    AttemptReport::Finished { next, wake_in } => match next {
+                    AttemptReport::Finished { next, wake_in, lease } => match next {
                         Some(job) if st.draining => {
-                            if let Some(lease) = st.shared.leases.current(st.partition) {
-                                if let Err(e) = st.shared.store.unclaim(&job, &lease.fence).await {
-                                    tracing::warn!(job_id = job.id, error = %e, "unclaim on drain failed; rescue will reset it");
-                                }
+                            // The partition is draining, so `leases.current()` no longer
+                            // answers; undo the claim under the lease it was made with.
+                            if let Err(e) = st.shared.store.unclaim(&job, &lease.fence).await {
+                                tracing::warn!(job_id = job.id, error = %e, "unclaim on drain failed; rescue will reset it");
                             }
                             myself.stop(Some("drained".into()));
                         }
@@ -254,6 +255,11 @@ fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobR
         // The actor may already be gone (fenced); then nobody needs the report.
         let _ = me.send_message(AccountMsg::Done(Box::new(report)));
     });
+}
+
+enum EndedKind {
+    Returned,
+    Dropped,
 }
 
 enum Ended {
@@ -335,6 +341,10 @@ async fn run_attempt(
                 }
             }
         };
+        let ended_kind = match &ended {
+            Ended::Returned(_) => EndedKind::Returned,
+            _ => EndedKind::Dropped,
+        };
         let elapsed = started.elapsed();
         metrics::histogram!("warden_processing_seconds", "kind" => kind_label.clone()).record(elapsed.as_secs_f64());
 
@@ -370,10 +380,18 @@ async fn run_attempt(
             Finish::Retry { after, .. } | Finish::Snooze { after } => Some(*after),
             _ => None,
         };
-        // Handler writes commit only with a completion.
+        // Handler writes commit only with a completion. If the handler returned, its
+        // connection is idle and can be rolled back and reused; if its future was
+        // dropped mid-statement (timeout, panic, hard cancel), dropping the JobTx
+        // closes the connection instead.
+        let returned = matches!(ended_kind, EndedKind::Returned);
         let mut tx = ctx.tx.take();
         if !matches!(finish, Finish::Completed) {
-            tx = None;
+            if let Some(t) = tx.take() {
+                if returned {
+                    let _ = t.rollback().await;
+                }
+            }
         }
         drop(ctx);
 
@@ -399,7 +417,7 @@ async fn run_attempt(
                         tracing::info!(outcome, "attempt finished");
                         metrics::counter!("warden_errors_total", "kind" => job.kind.clone()).increment(1);
                     }
-                    return AttemptReport::Finished { next, wake_in };
+                    return AttemptReport::Finished { next, wake_in, lease };
                 }
                 Err(Error::Fenced { .. }) => {
                     tracing::warn!("finish rejected by the lease fence: this node no longer owns the partition");

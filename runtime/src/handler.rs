@@ -231,7 +231,7 @@ impl JobContext {
         if self.tx.is_none() {
             self.tx = Some(self.store.begin().await?);
         }
-        Ok(&mut **self.tx.as_mut().expect("opened above"))
+        Ok(self.tx.as_mut().expect("opened above").conn())
     }
     /// Enqueue a follow-up job inside this attempt's transaction (a job chain):
     /// it exists if and only if this attempt completes.

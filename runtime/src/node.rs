@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Handler, Registry};
 use crate::lease::{self, LeaseConfig, LeaseTable};
 use crate::store::{self, PgStore, Store};
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -111,6 +111,15 @@ impl NodeBuilder {
             .unwrap_or(0);
         let owner: Arc<str> = format!("{}/{}", config.node_id, generation).into();
         let store: Arc<dyn Store> = Arc::new(PgStore::new(pool.clone(), partitions));
+        // The control plane (lease renewal, enforcer, listener) has its own small pool:
+        // a renewal must never wait behind handlers that hold every executor connection,
+        // or a busy node would self-fence.
+        let control_pool = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(config.lease.valid_for())
+            .test_before_acquire(false)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let control: Arc<dyn Store> = Arc::new(PgStore::new(control_pool.clone(), partitions));
         let registry = Arc::new(self.registry);
         let leases = Arc::new(LeaseTable::new(owner.clone()));
         let shared = Arc::new(Shared {
@@ -123,7 +132,7 @@ impl NodeBuilder {
         });
         let actors = AccountActors::new(shared);
         let enforcer = Arc::new(Enforcer {
-            store: store.clone(),
+            store: control.clone(),
             leases: leases.clone(),
             actors: actors.clone(),
             placement: self.placement,
@@ -137,14 +146,14 @@ impl NodeBuilder {
 
         let fence_actors = actors.clone();
         tracker.spawn(lease::keep_leases(
-            store.clone(),
+            control.clone(),
             leases.clone(),
             config.lease,
             Arc::new(move |parts: &[u32]| fence_actors.fence_partitions(parts)),
             shutdown.clone(),
         ));
         tracker.spawn(crate::wakeup::listen(
-            pool.clone(),
+            control_pool,
             leases.clone(),
             actors.clone(),
             poke.clone(),

@@ -9,19 +9,73 @@
 //! conditional on `warden.leases` still holding exactly that, unexpired by the
 //! database clock, in the same statement. A write that affects no row is reported as
 //! [`Error::Fenced`]; callers must stop, not retry.
+//!
+//! The fence locks the lease row `FOR KEY SHARE`, not `FOR SHARE` as DESIGN §4 first
+//! said: `epoch` is a key column (unique index), so a takeover — which bumps the
+//! epoch — still waits for, and then re-checks against, every fenced statement in
+//! flight; but the owner's renewal (a non-key update) no longer queues behind a
+//! continuous stream of share locks. With `FOR SHARE`, a busy node starved its own
+//! renewals and self-fenced (found by the SIGKILL process test; regression test:
+//! `store::renewal_is_not_blocked_by_fenced_work_but_takeover_is`).
 
 use crate::error::{Error, Result};
 use crate::job::{CancelResult, Enqueued, JobRow, NewJob, Schedule};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Postgres, Row};
 use std::str::FromStr;
 use std::time::Duration;
 use warden_cluster::{partition_of, PartitionCount};
 
 /// A handler's transaction: its writes commit atomically with the job's completion.
-pub type JobTx = Transaction<'static, Postgres>;
+///
+/// Not `sqlx::Transaction`: an attempt can be dropped mid-statement (timeout, lost
+/// lease, abort), and a connection in that state must never go back to the pool —
+/// a later `BEGIN` on it would silently continue the dead attempt's transaction and
+/// commit its writes. A `JobTx` that was not explicitly committed or rolled back
+/// closes its connection instead; PostgreSQL then rolls the transaction back.
+pub struct JobTx {
+    conn: PoolConnection<Postgres>,
+    clean: bool,
+}
+
+impl JobTx {
+    async fn begin(pool: &PgPool) -> Result<Self> {
+        let conn = pool.acquire().await?;
+        let mut tx = JobTx { conn, clean: false };
+        sqlx::raw_sql("BEGIN").execute(&mut *tx.conn).await?;
+        Ok(tx)
+    }
+
+    /// The connection, inside the transaction.
+    pub fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.conn
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        sqlx::raw_sql("COMMIT").execute(&mut *self.conn).await?;
+        self.clean = true;
+        Ok(())
+    }
+
+    /// Roll back and return the connection to the pool (only when no statement can
+    /// be in flight on it, i.e. the handler returned normally).
+    pub async fn rollback(mut self) -> Result<()> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut *self.conn).await?;
+        self.clean = true;
+        Ok(())
+    }
+}
+
+impl Drop for JobTx {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.conn.close_on_drop();
+        }
+    }
+}
 
 /// NOTIFY channel: `partition:account` has new due work.
 pub const CHANNEL_WAKE: &str = "warden_wake";
@@ -230,7 +284,7 @@ macro_rules! fence_sql {
     ($p:literal, $e:literal, $o:literal) => {
         concat!(
             "SELECT 1 FROM warden.leases WHERE partition = ", $p, " AND owner_node = ", $o,
-            " AND epoch = ", $e, " AND lease_expires_at > statement_timestamp() FOR SHARE"
+            " AND epoch = ", $e, " AND lease_expires_at > statement_timestamp() FOR KEY SHARE"
         )
     };
 }
@@ -480,7 +534,7 @@ impl Store for PgStore {
         let row = match tx {
             None => query.fetch_one(&self.pool).await?,
             Some(mut tx) => {
-                let row = query.fetch_one(&mut *tx).await?;
+                let row = query.fetch_one(tx.conn()).await?;
                 let finished: i64 = row.try_get("finished")?;
                 if finished == 0 {
                     tx.rollback().await?;
@@ -524,7 +578,7 @@ impl Store for PgStore {
     }
 
     async fn begin(&self) -> Result<JobTx> {
-        Ok(self.pool.begin().await?)
+        JobTx::begin(&self.pool).await
     }
 }
 

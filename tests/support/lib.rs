@@ -109,3 +109,150 @@ pub async fn count_unfinished(pool: &PgPool) -> i64 {
     .await
     .unwrap()
 }
+
+/// A `warden-test-node` process.
+pub struct NodeProc {
+    pub child: std::process::Child,
+    pub node_id: String,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl NodeProc {
+    /// Start a node process and wait until it prints READY (it then holds its partitions).
+    pub async fn start(bin: &str, database_url: &str, node_id: &str, extra: &[&str]) -> NodeProc {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(bin)
+            .args(["--database-url", database_url, "--node-id", node_id])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "warn,warden_runtime=info".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn node process");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (l1, l2) = (log.clone(), log.clone());
+        let id = node_id.to_string();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("READY") {
+                    let _ = ready_tx.send(());
+                }
+                l1.lock().unwrap().push(line);
+            }
+        });
+        let pid = child.id();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            // NODE_LOG_DIR=/some/dir keeps every node's log in a file for post-mortems.
+            let mut file = std::env::var("NODE_LOG_DIR").ok().and_then(|d| {
+                std::fs::File::create(std::path::Path::new(&d).join(format!("{id}-{pid}.log"))).ok()
+            });
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var("NODE_ECHO").is_ok() {
+                    eprintln!("[{id}] {line}");
+                }
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if ready_rx.try_recv().is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("node {node_id} exited before READY ({status}): {:?}", log.lock().unwrap());
+            }
+            assert!(std::time::Instant::now() < deadline, "node {node_id} not READY in 30s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        NodeProc { child, node_id: node_id.to_string(), log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Wait for exit up to `timeout`; returns the exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private PostgreSQL server (for tests that stop and restart it).
+pub struct PrivatePg {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+}
+
+fn pg_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pg.sh")
+}
+
+impl PrivatePg {
+    pub fn start() -> PrivatePg {
+        let dir = std::env::temp_dir().join(format!("warden-pg-test-{}-{}", std::process::id(), fastrand::u32(..)));
+        let out = std::process::Command::new(pg_script()).arg("start").arg(&dir).output().expect("run pg.sh");
+        assert!(out.status.success(), "pg.sh start failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port: u16 = std::fs::read_to_string(dir.join("port")).unwrap().trim().parse().unwrap();
+        PrivatePg { dir, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn stop(&self) {
+        let out = std::process::Command::new(pg_script()).arg("stop").arg(&self.dir).output().expect("run pg.sh");
+        assert!(out.status.success());
+    }
+
+    pub fn restart(&self) {
+        let out = std::process::Command::new(pg_script())
+            .arg("start")
+            .arg(&self.dir)
+            .env("PGPORT_WANTED", self.port.to_string())
+            .output()
+            .expect("run pg.sh");
+        assert!(out.status.success(), "pg.sh restart failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
