@@ -116,3 +116,50 @@ async fn database_outage_pauses_execution_and_resumes_without_loss_or_duplicates
     assert_guarantee(&pool, total).await;
     assert!(node.log_contains("self-fencing") || node.log_contains("fenced"), "the node noticed it lost its leases");
 }
+
+/// Minimal HTTP GET against the node's admin port.
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, buf)
+}
+
+#[tokio::test]
+async fn admin_port_serves_metrics_health_and_readiness() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = FAST.to_vec();
+    args.extend(["--admin-addr", &addr]);
+    let _node = NodeProc::start(BIN, &db.url, "node-a", &args).await;
+    let client = Client::connect(db.pool.clone()).await.unwrap();
+    client.enqueue_many(&audit_jobs(5, 4, 0)).await.unwrap();
+    eventually(Duration::from_secs(30), "jobs done", || async {
+        (count_state(&db.pool, "completed").await == 20).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    // Lease renewals happen every TTL/4: poll until the first one is counted.
+    let body = eventually(Duration::from_secs(10), "renewals in /metrics", || async {
+        let (status, body) = http_get(port, "/metrics").await;
+        assert_eq!(status, 200);
+        body.contains("warden_lease_renewals_total").then_some(body)
+    })
+    .await;
+    for metric in [
+        "warden_attempts_total",
+        "warden_jobs_completed_total",
+        "warden_queue_seconds",
+        "warden_processing_seconds",
+        "warden_active_actors",
+        "warden_lease_renewals_total",
+    ] {
+        assert!(body.contains(metric), "{metric} missing from /metrics:\n{body}");
+    }
+    assert!(body.contains(r#"warden_jobs_completed_total{kind="audit"} 20"#), "{body}");
+}

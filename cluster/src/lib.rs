@@ -8,12 +8,19 @@
 //!
 //! - [`partition`] — the stable account → partition hash (`md5`-based, so the very
 //!   same function also runs inside PostgreSQL for trigger enqueues).
-//! - [`placement`] — the pure placement function: (members, P) → which partitions
-//!   each node should hold. Today: every partition on the single local node; the
-//!   consistent-hash ring with bounded loads lands with the cluster issue.
+//! - [`membership`] — who is in the cluster: the [`Membership`] seam and its chitchat
+//!   gossip implementation (UDP, or chitchat's in-memory transport in tests).
+//! - [`ring`] — the pure placement function: consistent-hash ring (`hashring`, virtual
+//!   nodes) with bounded loads, from (active members, P) to an owner per partition.
+//! - [`placement`] — what this node should hold: [`SingleNode`], or the ring over the
+//!   active members with a settle delay ([`RingPlacement`], [`Settler`]).
 
+pub mod membership;
 pub mod partition;
 pub mod placement;
+pub mod ring;
 
+pub use membership::{GossipConfig, GossipMembership, Member, MemberState, Membership};
 pub use partition::{partition_of, PartitionCount, PartitionCountError, DEFAULT_PARTITIONS};
-pub use placement::{Assignment, Placement, SingleNode};
+pub use placement::{Assignment, Placement, RingPlacement, Settler, SingleNode};
+pub use ring::{place, RingAssignment, RingConfig};

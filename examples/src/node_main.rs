@@ -47,6 +47,26 @@ pub struct NodeArgs {
     /// Admin HTTP address for /metrics, /healthz, /readyz (port 0 picks a free one).
     #[arg(long, env = "WARDEN_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// Gossip (UDP) listen address. Setting it runs the node as a cluster member;
+    /// without it the node owns every partition alone.
+    #[arg(long, env = "WARDEN_GOSSIP_LISTEN")]
+    pub gossip_listen: Option<SocketAddr>,
+    /// Gossip address peers should use (default: the listen address).
+    #[arg(long, env = "WARDEN_GOSSIP_ADVERTISE")]
+    pub gossip_advertise: Option<SocketAddr>,
+    /// Seeds, comma-separated `host:port`: addresses and/or DNS names (a Kubernetes
+    /// headless service name resolves to every pod; names are re-resolved periodically).
+    #[arg(long, env = "WARDEN_SEEDS", value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// Gossip interval in milliseconds.
+    #[arg(long, env = "WARDEN_GOSSIP_INTERVAL_MS", default_value_t = 100)]
+    pub gossip_interval_ms: u64,
+    /// Rebalance only after the member set was stable this long (ms).
+    #[arg(long, env = "WARDEN_SETTLE_DELAY_MS", default_value_t = 500)]
+    pub settle_delay_ms: u64,
+    /// gRPC address announced to peers and clients.
+    #[arg(long, env = "WARDEN_GRPC_ADDR")]
+    pub grpc_addr: Option<String>,
 }
 
 impl NodeArgs {
@@ -95,7 +115,25 @@ pub async fn start_node(args: &NodeArgs) -> anyhow::Result<Node> {
     crate::billing::migrate(&pool).await?;
     crate::workload::migrate(&pool).await?;
     let faults = crate::billing::Faults::default();
-    let node = Node::builder(config)
+    let mut builder = Node::builder(config);
+    if let Some(listen) = args.gossip_listen {
+        let mut g = warden_cluster::GossipConfig::new(args.node_id.clone(), listen);
+        g.advertise_addr = args.gossip_advertise;
+        g.seeds = args.seeds.clone();
+        g.gossip_interval = Duration::from_millis(args.gossip_interval_ms);
+        g.grpc_addr = args.grpc_addr.clone();
+        let membership = warden_cluster::GossipMembership::start(g, &warden_cluster::membership::UdpTransport)
+            .await
+            .map_err(|e| anyhow::anyhow!("gossip: {e}"))?;
+        builder = builder.cluster(
+            membership,
+            warden_runtime::node::ClusterOptions {
+                settle_delay: Duration::from_millis(args.settle_delay_ms),
+                ..Default::default()
+            },
+        );
+    }
+    let node = builder
         .register(crate::billing::Charge(faults))?
         .register(crate::billing::Invoice)?
         .register(crate::billing::Notify(faults))?

@@ -32,6 +32,9 @@ pub struct EnforceReport {
     pub draining: Vec<u32>,
     pub rescued_attempts: u64,
     pub woken_accounts: usize,
+    /// Wanted partitions still held by another owner: run again when the earliest
+    /// of their leases expires (crash failover without waiting for the next tick).
+    pub retry_in: Option<Duration>,
 }
 
 pub struct Enforcer {
@@ -48,8 +51,12 @@ impl Enforcer {
     pub async fn run_once(&self) -> Result<EnforceReport> {
         let mut report = EnforceReport::default();
         let p = self.store.partitions();
-        let desired = self.placement.desired(p).partitions;
         let held: BTreeSet<u32> = self.leases.held().iter().map(|l| l.partition).collect();
+        // Unknown placement (no ring yet): keep what we hold, take nothing new.
+        let desired = match self.placement.desired(p) {
+            Some(a) => a.partitions,
+            None => held.clone(),
+        };
 
         // 2. Acquire.
         let to_acquire: Vec<u32> = desired
@@ -75,6 +82,10 @@ impl Enforcer {
             }
             report.acquired = granted.iter().map(|g| g.partition).collect();
             metrics::counter!("warden_lease_acquired_total").increment(granted.len() as u64);
+            let missing: Vec<u32> = to_acquire.iter().copied().filter(|p| !report.acquired.contains(p)).collect();
+            if !missing.is_empty() {
+                report.retry_in = self.store.lease_wait(self.leases.owner(), &missing).await?;
+            }
         }
 
         // 3. Hand off what we should no longer own.
@@ -130,22 +141,46 @@ impl Enforcer {
     }
 }
 
-/// Run the enforcer every `interval` (with ±20% jitter) and whenever poked.
+const RUN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run the enforcer every `interval` (with ±20% jitter), whenever poked, whenever
+/// the placement changes, and when a wanted lease held by someone else expires.
 pub async fn run(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notify>, shutdown: CancellationToken) {
     let mut rng = fastrand::Rng::new();
+    let mut changes = enforcer.placement.changes();
     loop {
-        match enforcer.run_once().await {
-            Ok(r) if !r.acquired.is_empty() || !r.released.is_empty() => {
-                tracing::debug!(acquired = r.acquired.len(), released = r.released.len(), woken = r.woken_accounts, "enforcer ran");
+        let mut sleep_for = interval.mul_f64(0.8 + 0.4 * rng.f64());
+        // Bounded: a statement stuck on a cut network must not stall reconciliation.
+        let result = match tokio::time::timeout(RUN_TIMEOUT, enforcer.run_once()).await {
+            Ok(r) => r,
+            Err(_) => Err(crate::error::Error::Timeout(RUN_TIMEOUT)),
+        };
+        match result {
+            Ok(r) => {
+                if !r.acquired.is_empty() || !r.released.is_empty() {
+                    tracing::debug!(acquired = r.acquired.len(), released = r.released.len(), woken = r.woken_accounts, "enforcer ran");
+                }
+                if let Some(wait) = r.retry_in {
+                    // The database clock decides expiry; add a little slack for the round trip.
+                    sleep_for = sleep_for.min(wait + Duration::from_millis(20));
+                }
+                if !r.draining.is_empty() {
+                    // Handoff in progress: release as soon as the last actor is gone.
+                    sleep_for = sleep_for.min(Duration::from_millis(20));
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "enforcer run failed; will retry"),
         }
-        let jittered = interval.mul_f64(0.8 + 0.4 * rng.f64());
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jittered) => {}
+            _ = tokio::time::sleep(sleep_for) => {}
             _ = poke.notified() => {}
+            _ = async {
+                match changes.as_mut() {
+                    Some(c) => { if c.changed().await.is_err() { std::future::pending::<()>().await } }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
         }
     }
 }

@@ -25,7 +25,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use warden_cluster::{PartitionCount, Placement, SingleNode};
+use warden_cluster::ring::RingConfig;
+use warden_cluster::{MemberState, Membership, PartitionCount, Placement, RingPlacement, SingleNode};
 
 /// Everything a node is configured with. `Default` is a sane single-node setup.
 #[derive(Debug, Clone)]
@@ -75,16 +76,40 @@ impl NodeConfig {
     }
 }
 
+/// Cluster settings: how membership turns into ownership.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Rebalance only after the active member set has been stable this long.
+    pub settle_delay: Duration,
+    pub ring: RingConfig,
+    /// How often load figures are published in gossip.
+    pub load_interval: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { settle_delay: Duration::from_millis(500), ring: RingConfig::default(), load_interval: Duration::from_secs(1) }
+    }
+}
+
 /// Builds a node: configuration, handlers, placement.
 pub struct NodeBuilder {
     config: NodeConfig,
     registry: Registry,
     placement: Arc<dyn Placement>,
+    cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
 }
 
 impl NodeBuilder {
     pub fn new(config: NodeConfig) -> Self {
-        Self { config, registry: Registry::new(), placement: Arc::new(SingleNode) }
+        Self { config, registry: Registry::new(), placement: Arc::new(SingleNode), cluster: None }
+    }
+
+    /// Run as a cluster member: partitions are placed on the ring of active members
+    /// seen through `membership`. The membership's node id must equal `node_id`.
+    pub fn cluster(mut self, membership: Arc<dyn Membership>, options: ClusterOptions) -> Self {
+        self.cluster = Some((membership, options));
+        self
     }
 
     /// Register a handler for `H::KIND`.
@@ -103,6 +128,15 @@ impl NodeBuilder {
     pub async fn start(self, pool: PgPool) -> Result<Node> {
         let config = self.config;
         config.validate()?;
+        if let Some((m, _)) = &self.cluster {
+            if m.node_id() != config.node_id {
+                return Err(Error::Config(format!(
+                    "membership node id {:?} differs from node_id {:?}",
+                    m.node_id(),
+                    config.node_id
+                )));
+            }
+        }
         store::migrate(&pool).await?;
         let partitions = store::init_partitions(&pool, config.partitions).await?;
         let generation = std::time::SystemTime::now()
@@ -110,7 +144,8 @@ impl NodeBuilder {
             .map(|d| d.as_micros())
             .unwrap_or(0);
         let owner: Arc<str> = format!("{}/{}", config.node_id, generation).into();
-        let store: Arc<dyn Store> = Arc::new(PgStore::new(pool.clone(), partitions));
+        let store: Arc<dyn Store> =
+            Arc::new(PgStore::new(pool.clone(), partitions).with_finish_idle_timeout(config.lease.ttl));
         // The control plane (lease renewal, enforcer, listener) has its own small pool:
         // a renewal must never wait behind handlers that hold every executor connection,
         // or a busy node would self-fence.
@@ -131,17 +166,47 @@ impl NodeBuilder {
             node_id: config.node_id.as_str().into(),
         });
         let actors = AccountActors::new(shared);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut placement = self.placement;
+        let mut ring = None;
+        if let Some((membership, options)) = &self.cluster {
+            let rp = RingPlacement::new(config.node_id.clone());
+            tracker.spawn(warden_cluster::placement::run_ring(
+                membership.clone(),
+                rp.clone(),
+                partitions,
+                options.ring.clone(),
+                options.settle_delay,
+                shutdown.clone(),
+            ));
+            // Join the ring once gossip has had a settle delay to show us the cluster.
+            let (m, delay, stop) = (membership.clone(), options.settle_delay, shutdown.clone());
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => m.set_state(MemberState::Active).await,
+                }
+            });
+            tracker.spawn(publish_load(
+                membership.clone(),
+                leases.clone(),
+                actors.clone(),
+                options.load_interval,
+                shutdown.clone(),
+            ));
+            placement = rp.clone();
+            ring = Some(rp);
+        }
         let enforcer = Arc::new(Enforcer {
             store: control.clone(),
             leases: leases.clone(),
             actors: actors.clone(),
-            placement: self.placement,
+            placement,
             lease_config: config.lease,
             due_scan_limit: config.due_scan_limit,
         });
         crate::telemetry::describe();
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let poke = Arc::new(Notify::new());
 
         let fence_actors = actors.clone();
@@ -177,6 +242,8 @@ impl NodeBuilder {
                 shutdown,
                 tracker,
                 stopped: tokio::sync::Mutex::new(false),
+                cluster: self.cluster,
+                ring,
             }),
         })
     }
@@ -193,6 +260,8 @@ struct NodeInner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     stopped: tokio::sync::Mutex<bool>,
+    cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
+    ring: Option<Arc<RingPlacement>>,
 }
 
 /// A running node. Cheap to clone.
@@ -241,6 +310,21 @@ impl Node {
         }
     }
 
+    /// The current ring (cluster mode only).
+    pub fn ring(&self) -> Option<Arc<warden_cluster::ring::RingAssignment>> {
+        self.inner.ring.as_ref().and_then(|r| r.ring())
+    }
+
+    /// The membership seam (cluster mode only).
+    pub fn membership(&self) -> Option<&Arc<dyn Membership>> {
+        self.inner.cluster.as_ref().map(|(m, _)| m)
+    }
+
+    /// Partitions this node holds (usable or draining), with epochs.
+    pub fn held_partitions(&self) -> Vec<crate::store::GrantedLease> {
+        self.inner.leases.held()
+    }
+
     /// Run one enforcer reconciliation now (tests, operators).
     pub async fn run_enforcer_once(&self) -> Result<EnforceReport> {
         self.inner.enforcer.run_once().await
@@ -268,12 +352,45 @@ impl Node {
             return Ok(());
         }
         *stopped = true;
+        let drain = self.inner.config.exec.drain_timeout;
+        if let Some((membership, options)) = &self.inner.cluster {
+            // Graceful leave: announce it, let the ring move our partitions away through
+            // the normal handoff (drain → release → NOTIFY), bounded in time.
+            tracing::info!(node = %self.inner.owner, "leaving: handing off every partition");
+            membership.set_state(MemberState::Leaving).await;
+            let deadline = tokio::time::Instant::now() + options.settle_delay * 2 + drain + Duration::from_secs(1);
+            while !self.inner.leases.is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         tracing::info!(node = %self.inner.owner, "shutting down: draining and releasing");
         self.inner.shutdown.cancel();
-        let released = self.inner.enforcer.release_all(self.inner.config.exec.drain_timeout).await;
+        let released = self.inner.enforcer.release_all(drain).await;
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+        if let Some((membership, _)) = &self.inner.cluster {
+            membership.shutdown().await;
+        }
         released.map(|_| ())
+    }
+}
+
+/// Publish this node's load in gossip every `every`.
+async fn publish_load(
+    membership: Arc<dyn Membership>,
+    leases: Arc<LeaseTable>,
+    actors: Arc<AccountActors>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        membership
+            .set_load(&[("partitions", leases.len().to_string()), ("actors", actors.len().to_string())])
+            .await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

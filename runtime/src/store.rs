@@ -165,6 +165,9 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self, owner: &str, held: &[GrantedLease]) -> Result<u64>;
     /// Reset attempts left `running` in `fence.partition` under an older epoch.
     async fn rescue(&self, fence: &Fence) -> Result<u64>;
+    /// How long until the earliest of these partitions' leases, held by someone else,
+    /// expires (by the database clock); `None` if none is held by another owner.
+    async fn lease_wait(&self, owner: &str, partitions: &[u32]) -> Result<Option<Duration>>;
     /// Accounts with due work in these partitions, at most `limit`.
     async fn due_accounts(&self, partitions: &[u32], limit: i64) -> Result<Vec<(String, u32)>>;
 
@@ -332,9 +335,16 @@ const CLAIM_SQL: &str = concat!(
 );
 
 // $1 job id, $2 partition, $3 epoch, $4 owner, $5 new state, $6 due in ms (NULL: keep),
-// $7 outcome, $8 error, $9 snooze, $10 account, $11 claim next.
+// $7 outcome, $8 error, $9 snooze, $10 account, $11 claim next, $12 idle timeout.
+//
+// `guard` bounds how long the fence lock can outlive this statement: inside a handler
+// transaction, the lock is held until COMMIT, and a process paused between the two
+// would block every takeover of the partition. With the local
+// idle_in_transaction_session_timeout, PostgreSQL ends such a session (rolling the
+// attempt back, to be rescued) after a lease TTL.
 const FINISH_SQL: &str = concat!(
-    "WITH fence AS (", fence_sql!("$2", "$3", "$4"), "),",
+    "WITH guard AS (SELECT set_config('idle_in_transaction_session_timeout', $12, true)),",
+    " fence AS (", fence_sql!("$2", "$3", "$4"), "),",
     " done AS (",
     "  UPDATE warden.jobs SET state = $5,",
     "    due_at = COALESCE(statement_timestamp() + $6::bigint * interval '1 millisecond', due_at),",
@@ -342,6 +352,7 @@ const FINISH_SQL: &str = concat!(
     "    last_error = COALESCE($8, last_error),",
     "    max_attempts = max_attempts + CASE WHEN $9 THEN 1 ELSE 0 END",
     "  WHERE id = $1 AND state = 'running' AND epoch = $3 AND EXISTS (SELECT 1 FROM fence)",
+    "    AND EXISTS (SELECT 1 FROM guard)",
     "  RETURNING id, account, partition, attempt, attempted_at),",
     " att AS (",
     "  INSERT INTO warden.attempts (job_id, account, partition, attempt, node, epoch, started_at, finished_at, outcome, error)",
@@ -377,11 +388,20 @@ const UNCLAIM_SQL: &str = concat!(
 pub struct PgStore {
     pool: PgPool,
     partitions: PartitionCount,
+    /// Bound on how long a finished-but-uncommitted handler transaction may hold its
+    /// fence lock (see FINISH_SQL). Set it to the lease TTL.
+    finish_idle_timeout_ms: u64,
 }
 
 impl PgStore {
     pub fn new(pool: PgPool, partitions: PartitionCount) -> Self {
-        Self { pool, partitions }
+        Self { pool, partitions, finish_idle_timeout_ms: 4000 }
+    }
+
+    /// See `finish_idle_timeout_ms`.
+    pub fn with_finish_idle_timeout(mut self, t: Duration) -> Self {
+        self.finish_idle_timeout_ms = t.as_millis().max(1) as u64;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -405,11 +425,16 @@ impl Store for PgStore {
         }
         let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
         let rows = sqlx::query(
-            "UPDATE warden.leases SET owner_node = $1, epoch = epoch + 1,
+            // SKIP LOCKED: a row locked by an in-flight fenced statement (perhaps of a
+            // paused node) is skipped this round instead of stalling the enforcer.
+            "UPDATE warden.leases l SET owner_node = $1, epoch = l.epoch + 1,
                     lease_expires_at = now() + $2::bigint * interval '1 millisecond'
-             WHERE partition = ANY($3)
-               AND (owner_node IS NULL OR owner_node = $1 OR lease_expires_at < now())
-             RETURNING partition, epoch",
+             FROM (SELECT partition FROM warden.leases
+                   WHERE partition = ANY($3)
+                     AND (owner_node IS NULL OR owner_node = $1 OR lease_expires_at < now())
+                   FOR UPDATE SKIP LOCKED) free
+             WHERE l.partition = free.partition
+             RETURNING l.partition, l.epoch",
         )
         .bind(owner)
         .bind(ms(ttl))
@@ -476,6 +501,22 @@ impl Store for PgStore {
         Ok(r.rows_affected())
     }
 
+    async fn lease_wait(&self, owner: &str, partitions: &[u32]) -> Result<Option<Duration>> {
+        if partitions.is_empty() {
+            return Ok(None);
+        }
+        let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let ms: Option<f64> = sqlx::query_scalar(
+            "SELECT (EXTRACT(EPOCH FROM (min(lease_expires_at) - now())) * 1000)::float8 FROM warden.leases
+             WHERE partition = ANY($1) AND owner_node IS NOT NULL AND owner_node <> $2",
+        )
+        .bind(&parts)
+        .bind(owner)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
+    }
+
     async fn due_accounts(&self, partitions: &[u32], limit: i64) -> Result<Vec<(String, u32)>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
@@ -530,7 +571,8 @@ impl Store for PgStore {
             .bind(error)
             .bind(snooze)
             .bind(&job.account)
-            .bind(claim_next && finish.is_terminal());
+            .bind(claim_next && finish.is_terminal())
+            .bind(self.finish_idle_timeout_ms.to_string());
         let row = match tx {
             None => query.fetch_one(&self.pool).await?,
             Some(mut tx) => {

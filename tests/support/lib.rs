@@ -125,7 +125,7 @@ impl NodeProc {
         let mut child = Command::new(bin)
             .args(["--database-url", database_url, "--node-id", node_id])
             .args(extra)
-            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "warn,warden_runtime=info".into()))
+            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "warn,warden_runtime=info,warden_cluster=info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -254,5 +254,87 @@ impl Drop for PrivatePg {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (for gossip).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Current lease owners: partition → owner node id (without generation), for unexpired leases.
+pub async fn owners(pool: &PgPool) -> std::collections::BTreeMap<i32, String> {
+    let rows: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT partition, split_part(owner_node, '/', 1) FROM warden.leases
+         WHERE owner_node IS NOT NULL AND lease_expires_at > now() ORDER BY partition",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+/// A TCP proxy in front of PostgreSQL that a test can cut (black-hole: bytes stop
+/// flowing both ways, connections stay open — like a network partition) and heal.
+pub struct CutProxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl CutProxy {
+    pub async fn start(target: std::net::SocketAddr) -> CutProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (cut2, stop2) = (cut.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                };
+                let (cut3, stop3) = (cut2.clone(), stop2.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let pipe = |mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, cut: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await { Ok(0) | Err(_) => return, Ok(n) => n };
+                            // While cut, hold the bytes back until healed (a partition, not a reset).
+                            while cut.load(Ordering::Acquire) {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() { return; }
+                        }
+                    };
+                    tokio::select! {
+                        _ = stop3.cancelled() => {}
+                        _ = pipe(cr, sw, cut3.clone()) => {}
+                        _ = pipe(sr, cw, cut3.clone()) => {}
+                    }
+                });
+            }
+        });
+        CutProxy { port, cut, stop }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

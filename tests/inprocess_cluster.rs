@@ -1,0 +1,110 @@
+//! Cluster logic in-process: three nodes gossiping over chitchat's in-memory
+//! transport (which can cut links) and sharing one PostgreSQL. A gossip partition
+//! makes the two sides disagree about who should own what — the leases must still
+//! keep every account on one executor at a time.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use warden_cluster::membership::ChannelTransport;
+use warden_cluster::{GossipConfig, GossipMembership, PartitionCount};
+use warden_examples::workload::{self, Audit, AuditArgs};
+use warden_runtime::lease::LeaseConfig;
+use warden_runtime::node::ClusterOptions;
+use warden_runtime::{history, NewJob, Node, NodeConfig};
+use warden_tests::{count_state, eventually, owners, TestDb};
+
+const P: u32 = 32;
+
+fn addr(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+async fn start_node(db: &TestDb, t: &ChannelTransport, id: &str, port: u16) -> Node {
+    let mut g = GossipConfig::new(id, addr(port));
+    g.seeds = vec!["127.0.0.1:7001".into()];
+    g.gossip_interval = Duration::from_millis(20);
+    let membership = GossipMembership::start(g, t).await.unwrap();
+    let config = NodeConfig {
+        node_id: id.into(),
+        partitions: PartitionCount::new(P).unwrap(),
+        lease: LeaseConfig {
+            ttl: Duration::from_secs(2),
+            renew_interval: Duration::from_millis(400),
+            safety_margin: Duration::from_millis(500),
+        },
+        enforcer_interval: Duration::from_millis(200),
+        ..Default::default()
+    };
+    Node::builder(config)
+        .cluster(membership, ClusterOptions { settle_delay: Duration::from_millis(200), ..Default::default() })
+        .register(Audit { node: id.into(), pool: db.pool.clone() })
+        .unwrap()
+        .start(db.node_pool().await)
+        .await
+        .unwrap()
+}
+
+async fn wait_owners(db: &TestDb, n: usize) {
+    eventually(Duration::from_secs(30), &format!("{P} partitions over {n} nodes"), || async {
+        let o = owners(&db.pool).await;
+        let distinct: std::collections::BTreeSet<&String> = o.values().collect();
+        (o.len() == P as usize && distinct.len() == n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_gossip_partition_never_yields_two_owners() {
+    let db = TestDb::new().await;
+    workload::migrate(&db.pool).await.unwrap();
+    let t = ChannelTransport::with_mtu(65_000);
+    let n1 = start_node(&db, &t, "n1", 7001).await;
+    let n2 = start_node(&db, &t, "n2", 7002).await;
+    let n3 = start_node(&db, &t, "n3", 7003).await;
+    wait_owners(&db, 3).await;
+    let ring = n1.ring().unwrap();
+    assert_eq!(ring.members().len(), 3);
+
+    let mut jobs = Vec::new();
+    for seq in 0..30 {
+        for a in 0..40 {
+            jobs.push(NewJob::new(format!("acct-{a}"), "audit", AuditArgs { seq, sleep_ms: 5, fail_times: 0 }).unwrap());
+        }
+    }
+    let total = jobs.len() as i64;
+    n1.client().enqueue_many(&jobs).await.unwrap();
+
+    // n1 can no longer gossip with n2 and n3: each side thinks the other is dead
+    // and computes a ring that claims the other side's partitions.
+    for other in [7002, 7003] {
+        t.remove_link(addr(7001), addr(other)).await;
+    }
+    eventually(Duration::from_secs(20), "n1 alone in its ring", || async {
+        n1.ring().filter(|r| r.members().len() == 1).map(|_| ())
+    })
+    .await;
+    eventually(Duration::from_secs(20), "n2 and n3 without n1", || async {
+        n2.ring().filter(|r| r.members().len() == 2).map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every partition still has exactly one lease holder (the table's primary key),
+    // and nobody stole a partition whose holder keeps renewing.
+    let o = owners(&db.pool).await;
+    assert_eq!(o.len(), P as usize, "no partition was left without an owner");
+    for other in [7002, 7003] {
+        t.add_link(addr(7001), addr(other)).await;
+    }
+    wait_owners(&db, 3).await;
+    eventually(Duration::from_secs(60), "all jobs done", || async {
+        (count_state(&db.pool, "completed").await == total).then_some(())
+    })
+    .await;
+    let h = history::check(&db.pool).await.unwrap();
+    assert!(h.is_clean(), "{h:?}");
+    let audit = workload::check(&db.pool).await.unwrap();
+    assert_eq!((audit.rows, audit.duplicate_jobs, audit.overlaps, audit.order_violations), (total, 0, 0, 0), "{audit:?}");
+    for n in [n1, n2, n3] {
+        n.shutdown().await.unwrap();
+    }
+}
