@@ -242,7 +242,7 @@ async fn a_write_with_a_stale_epoch_is_rejected() {
     // Renewal by the old owner fails; the new owner rescues the abandoned attempt.
     let renewed = s.renew("old/1", &[warden_runtime::store::GrantedLease { partition: f_old.partition, epoch: f_old.epoch }], TTL).await.unwrap();
     assert!(renewed.is_empty());
-    assert_eq!(s.rescue(&f_new).await.unwrap(), 1);
+    assert_eq!(s.rescue("new/1", &[warden_runtime::store::GrantedLease { partition: f_new.partition, epoch: f_new.epoch }]).await.unwrap(), 1);
     let j = client.get(e.id).await.unwrap().unwrap();
     assert_eq!((j.state.as_str(), j.attempt), ("retryable", 1));
     let attempts = client.attempts(e.id).await.unwrap();

@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     pub config: ExecConfig,
     pub partitions: PartitionCount,
     pub node_id: Arc<str>,
+    /// Pokes the enforcer (a draining partition just lost its last actor).
+    pub poke_enforcer: Arc<tokio::sync::Notify>,
 }
 
 /// Messages to an account actor.
@@ -571,11 +573,18 @@ impl AccountActors {
         let id = actor.get_id();
         tokio::spawn(async move {
             let _ = join.await;
-            let mut map = me.map.lock().unwrap();
-            if map.get(&account).is_some_and(|e| e.actor.get_id() == id) {
-                map.remove(&account);
+            let emptied = {
+                let mut map = me.map.lock().unwrap();
+                if map.get(&account).is_some_and(|e| e.actor.get_id() == id) {
+                    map.remove(&account);
+                }
+                metrics::gauge!("warden_active_actors").set(map.len() as f64);
+                !map.values().any(|e| e.partition == partition)
+            };
+            // The last actor of a partition being handed off is gone: release it now.
+            if emptied && me.shared.leases.is_draining(partition) {
+                me.shared.poke_enforcer.notify_one();
             }
-            metrics::gauge!("warden_active_actors").set(map.len() as f64);
         });
         true
     }

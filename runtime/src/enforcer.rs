@@ -15,7 +15,7 @@
 use crate::account_actor::AccountActors;
 use crate::error::Result;
 use crate::lease::{LeaseConfig, LeaseTable};
-use crate::store::{Fence, Store};
+use crate::store::Store;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +48,38 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
+    /// One full reconciliation: leases, then a due-work scan of every usable partition.
     pub async fn run_once(&self) -> Result<EnforceReport> {
+        self.run(Scan::All).await
+    }
+
+    /// Leases only, scanning just the partitions acquired in this run: the fast path
+    /// used while a handoff is in progress (the full scan can take tens of ms with a
+    /// large backlog, and would delay every release by as much).
+    pub async fn run_leases(&self) -> Result<EnforceReport> {
+        self.run(Scan::Acquired).await
+    }
+
+    /// Wake (or spawn) the actor of every account with due work in usable partitions.
+    pub async fn scan_due(&self) -> Result<EnforceReport> {
+        let mut report = EnforceReport::default();
+        let usable: Vec<u32> = self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
+        report.woken_accounts = self.wake_due(&usable).await?;
+        Ok(report)
+    }
+
+    async fn wake_due(&self, partitions: &[u32]) -> Result<usize> {
+        let due = self.store.due_accounts(partitions, self.due_scan_limit).await?;
+        let mut woken = 0;
+        for (account, partition) in &due {
+            if self.actors.wake(account, *partition).await {
+                woken += 1;
+            }
+        }
+        Ok(woken)
+    }
+
+    async fn run(&self, scan: Scan) -> Result<EnforceReport> {
         let mut report = EnforceReport::default();
         let p = self.store.partitions();
         let held: BTreeSet<u32> = self.leases.held().iter().map(|l| l.partition).collect();
@@ -67,15 +98,12 @@ impl Enforcer {
         if !to_acquire.is_empty() {
             let sent_at = Instant::now();
             let granted = self.store.acquire(self.leases.owner(), &to_acquire, self.lease_config.ttl).await?;
-            for g in &granted {
-                let fence = Fence { partition: g.partition, epoch: g.epoch, owner: self.leases.owner().clone() };
-                let rescued = self.store.rescue(&fence).await?;
-                if rescued > 0 {
-                    tracing::warn!(partition = g.partition, epoch = g.epoch, rescued, "rescued attempts left running by an older epoch");
-                    metrics::counter!("warden_rescued_attempts_total").increment(rescued);
-                }
-                report.rescued_attempts += rescued;
+            let rescued = self.store.rescue(self.leases.owner(), &granted).await?;
+            if rescued > 0 {
+                tracing::warn!(partitions = granted.len(), rescued, "rescued attempts left running by an older epoch");
+                metrics::counter!("warden_rescued_attempts_total").increment(rescued);
             }
+            report.rescued_attempts += rescued;
             self.leases.granted(&granted, sent_at + self.lease_config.valid_for());
             for g in &granted {
                 tracing::info!(partition = g.partition, epoch = g.epoch, "ownership: acquired partition");
@@ -113,13 +141,11 @@ impl Enforcer {
         }
 
         // 4. Wake accounts with due work.
-        let usable: Vec<u32> = self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
-        let due = self.store.due_accounts(&usable, self.due_scan_limit).await?;
-        for (account, partition) in &due {
-            if self.actors.wake(account, *partition).await {
-                report.woken_accounts += 1;
-            }
-        }
+        let usable: Vec<u32> = match scan {
+            Scan::All => self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect(),
+            Scan::Acquired => report.acquired.clone(),
+        };
+        report.woken_accounts = self.wake_due(&usable).await?;
         Ok(report)
     }
 
@@ -143,33 +169,49 @@ impl Enforcer {
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Run the enforcer every `interval` (with ±20% jitter), whenever poked, whenever
-/// the placement changes, and when a wanted lease held by someone else expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    All,
+    Acquired,
+}
+
+/// Run the enforcer as two loops: lease reconciliation, which reacts at once to
+/// pokes (lease releases, wake-up listener reconnects, drained partitions), ring
+/// changes and lease expiries; and the due-work scan every `interval` (±20%), the
+/// polling fallback behind NOTIFY. They are separate so that a slow scan over a large
+/// backlog never delays a handoff.
 pub async fn run(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notify>, shutdown: CancellationToken) {
-    let mut rng = fastrand::Rng::new();
+    tokio::join!(
+        lease_loop(enforcer.clone(), interval, poke, shutdown.clone()),
+        scan_loop(enforcer, interval, shutdown)
+    );
+}
+
+async fn bounded(pass: impl std::future::Future<Output = Result<EnforceReport>>) -> Result<EnforceReport> {
+    // A statement stuck on a cut network must not stall reconciliation.
+    match tokio::time::timeout(RUN_TIMEOUT, pass).await {
+        Ok(r) => r,
+        Err(_) => Err(crate::error::Error::Timeout(RUN_TIMEOUT)),
+    }
+}
+
+async fn lease_loop(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notify>, shutdown: CancellationToken) {
     let mut changes = enforcer.placement.changes();
     loop {
-        let mut sleep_for = interval.mul_f64(0.8 + 0.4 * rng.f64());
-        // Bounded: a statement stuck on a cut network must not stall reconciliation.
-        let result = match tokio::time::timeout(RUN_TIMEOUT, enforcer.run_once()).await {
-            Ok(r) => r,
-            Err(_) => Err(crate::error::Error::Timeout(RUN_TIMEOUT)),
-        };
-        match result {
+        let mut sleep_for = interval;
+        match bounded(enforcer.run_leases()).await {
             Ok(r) => {
-                if !r.acquired.is_empty() || !r.released.is_empty() {
-                    tracing::debug!(acquired = r.acquired.len(), released = r.released.len(), woken = r.woken_accounts, "enforcer ran");
-                }
                 if let Some(wait) = r.retry_in {
                     // The database clock decides expiry; add a little slack for the round trip.
                     sleep_for = sleep_for.min(wait + Duration::from_millis(20));
                 }
                 if !r.draining.is_empty() {
-                    // Handoff in progress: release as soon as the last actor is gone.
-                    sleep_for = sleep_for.min(Duration::from_millis(20));
+                    // Handoff in progress: actors poke us when a draining partition
+                    // empties; this short sleep is only the fallback.
+                    sleep_for = sleep_for.min(Duration::from_millis(50));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "enforcer run failed; will retry"),
+            Err(e) => tracing::warn!(error = %e, "lease reconciliation failed; will retry"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -181,6 +223,19 @@ pub async fn run(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notify>,
                     None => std::future::pending::<()>().await,
                 }
             } => {}
+        }
+    }
+}
+
+async fn scan_loop(enforcer: Arc<Enforcer>, interval: Duration, shutdown: CancellationToken) {
+    let mut rng = fastrand::Rng::new();
+    loop {
+        if let Err(e) = bounded(enforcer.scan_due()).await {
+            tracing::warn!(error = %e, "due-work scan failed; will retry");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval.mul_f64(0.8 + 0.4 * rng.f64())) => {}
         }
     }
 }

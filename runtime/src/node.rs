@@ -157,6 +157,7 @@ impl NodeBuilder {
         let control: Arc<dyn Store> = Arc::new(PgStore::new(control_pool.clone(), partitions));
         let registry = Arc::new(self.registry);
         let leases = Arc::new(LeaseTable::new(owner.clone()));
+        let poke = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             store: store.clone(),
             registry: registry.clone(),
@@ -164,6 +165,7 @@ impl NodeBuilder {
             config: config.exec.clone(),
             partitions,
             node_id: config.node_id.as_str().into(),
+            poke_enforcer: poke.clone(),
         });
         let actors = AccountActors::new(shared);
         let shutdown = CancellationToken::new();
@@ -207,7 +209,6 @@ impl NodeBuilder {
             due_scan_limit: config.due_scan_limit,
         });
         crate::telemetry::describe();
-        let poke = Arc::new(Notify::new());
 
         let fence_actors = actors.clone();
         tracker.spawn(lease::keep_leases(

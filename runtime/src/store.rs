@@ -163,8 +163,9 @@ pub trait Store: Send + Sync + 'static {
     async fn renew(&self, owner: &str, held: &[GrantedLease], ttl: Duration) -> Result<Vec<u32>>;
     /// Release leases (owner = NULL, epoch kept) and NOTIFY so the next owner acquires at once.
     async fn release(&self, owner: &str, held: &[GrantedLease]) -> Result<u64>;
-    /// Reset attempts left `running` in `fence.partition` under an older epoch.
-    async fn rescue(&self, fence: &Fence) -> Result<u64>;
+    /// Reset attempts left `running` under an older epoch in partitions just acquired
+    /// (one statement for all). Returns the number of attempts rescued.
+    async fn rescue(&self, owner: &str, acquired: &[GrantedLease]) -> Result<u64>;
     /// How long until the earliest of these partitions' leases, held by someone else,
     /// expires (by the database clock); `None` if none is held by another owner.
     async fn lease_wait(&self, owner: &str, partitions: &[u32]) -> Result<Option<Duration>>;
@@ -362,16 +363,21 @@ const FINISH_SQL: &str = concat!(
     " SELECT (SELECT count(*) FROM done) AS finished, next.* FROM (SELECT 1) one LEFT JOIN next ON true"
 );
 
+// Rescue in every partition just acquired, in one statement: $1 partitions, $2 epochs
+// (pairwise), $3 owner. Fenced per partition like every executor write.
 const RESCUE_SQL: &str = concat!(
-    "WITH fence AS (", fence_sql!("$1", "$2", "$3"), "),",
+    "WITH held AS (",
+    "  SELECT l.partition, l.epoch FROM warden.leases l",
+    "  JOIN unnest($1::int[], $2::bigint[]) AS h(partition, epoch) ON l.partition = h.partition AND l.epoch = h.epoch",
+    "  WHERE l.owner_node = $3 AND l.lease_expires_at > statement_timestamp() FOR KEY SHARE OF l),",
     " r AS (",
-    "  UPDATE warden.jobs SET",
-    "    state = CASE WHEN cancel_requested THEN 'cancelled' WHEN attempt >= max_attempts THEN 'discarded' ELSE 'retryable' END,",
+    "  UPDATE warden.jobs j SET",
+    "    state = CASE WHEN j.cancel_requested THEN 'cancelled' WHEN j.attempt >= j.max_attempts THEN 'discarded' ELSE 'retryable' END,",
     "    due_at = statement_timestamp(),",
-    "    finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN statement_timestamp() END,",
-    "    last_error = 'attempt ' || attempt || ' abandoned by ' || COALESCE(node, '?') || ' at epoch ' || COALESCE(epoch, 0) || '; rescued'",
-    "  WHERE partition = $1 AND state = 'running' AND (epoch IS NULL OR epoch < $2) AND EXISTS (SELECT 1 FROM fence)",
-    "  RETURNING id, account, partition, attempt, node, epoch, attempted_at, last_error)",
+    "    finished_at = CASE WHEN j.cancel_requested OR j.attempt >= j.max_attempts THEN statement_timestamp() END,",
+    "    last_error = 'attempt ' || j.attempt || ' abandoned by ' || COALESCE(j.node, '?') || ' at epoch ' || COALESCE(j.epoch, 0) || '; rescued'",
+    "  FROM held WHERE j.partition = held.partition AND j.state = 'running' AND (j.epoch IS NULL OR j.epoch < held.epoch)",
+    "  RETURNING j.id, j.account, j.partition, j.attempt, j.node, j.epoch, j.attempted_at, j.last_error)",
     " INSERT INTO warden.attempts (job_id, account, partition, attempt, node, epoch, started_at, finished_at, outcome, error)",
     " SELECT id, account, partition, attempt, COALESCE(node, ''), COALESCE(epoch, 0),",
     "        COALESCE(attempted_at, statement_timestamp()), statement_timestamp(), 'rescued', last_error FROM r"
@@ -491,13 +497,13 @@ impl Store for PgStore {
         Ok(n as u64)
     }
 
-    async fn rescue(&self, fence: &Fence) -> Result<u64> {
-        let r = sqlx::query(RESCUE_SQL)
-            .bind(fence.partition as i32)
-            .bind(fence.epoch)
-            .bind(&*fence.owner)
-            .execute(&self.pool)
-            .await?;
+    async fn rescue(&self, owner: &str, acquired: &[GrantedLease]) -> Result<u64> {
+        if acquired.is_empty() {
+            return Ok(0);
+        }
+        let parts: Vec<i32> = acquired.iter().map(|h| h.partition as i32).collect();
+        let epochs: Vec<i64> = acquired.iter().map(|h| h.epoch).collect();
+        let r = sqlx::query(RESCUE_SQL).bind(&parts).bind(&epochs).bind(owner).execute(&self.pool).await?;
         Ok(r.rows_affected())
     }
 
