@@ -431,3 +431,36 @@ async fn node_refuses_bad_configuration() {
     let dup = Node::builder(config()).register(Scripted).unwrap().register(Scripted);
     assert!(dup.err().unwrap().to_string().contains("already registered"));
 }
+
+#[tokio::test]
+async fn a_listener_reconnect_rescans_for_work_whose_notification_was_lost() {
+    let db = TestDb::new().await;
+    // Polling is effectively off: only wake-ups and the post-reconnect rescan can start work.
+    let node = start(&db, NodeConfig { enforcer_interval: Duration::from_secs(3600), ..config() }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the first scan pass
+    // A job whose NOTIFY is lost (inserted behind Warden's back) ...
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO warden.jobs (account, partition, kind, args, state, run_at, due_at, max_attempts, timeout_ms)
+         VALUES ('lost', warden.partition_of('lost', 16), 'script', '{}', 'available', now(), now(), 3, 10000)
+         RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count_state(&db.pool, "available").await, 1, "nothing polls for it");
+    // ... is found as soon as the listener's connection drops and comes back.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "the listener connection was found");
+    assert_eq!(wait_finished(&db, id).await.state, "completed");
+    // Wake-ups work again after the reconnect.
+    let e = node.client().enqueue(script("after", Script::default())).await.unwrap();
+    assert_eq!(wait_finished(&db, e.id).await.state, "completed");
+    node.shutdown().await.unwrap();
+}

@@ -180,10 +180,18 @@ enum Scan {
 /// changes and lease expiries; and the due-work scan every `interval` (±20%), the
 /// polling fallback behind NOTIFY. They are separate so that a slow scan over a large
 /// backlog never delays a handoff.
-pub async fn run(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notify>, shutdown: CancellationToken) {
+/// `rescan` asks for a full due-work scan now (after the wake-up listener reconnects,
+/// when notifications may have been lost).
+pub async fn run(
+    enforcer: Arc<Enforcer>,
+    interval: Duration,
+    poke: Arc<Notify>,
+    rescan: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     tokio::join!(
         lease_loop(enforcer.clone(), interval, poke, shutdown.clone()),
-        scan_loop(enforcer, interval, shutdown)
+        scan_loop(enforcer, interval, rescan, shutdown)
     );
 }
 
@@ -227,7 +235,7 @@ async fn lease_loop(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notif
     }
 }
 
-async fn scan_loop(enforcer: Arc<Enforcer>, interval: Duration, shutdown: CancellationToken) {
+async fn scan_loop(enforcer: Arc<Enforcer>, interval: Duration, rescan: Arc<Notify>, shutdown: CancellationToken) {
     let mut rng = fastrand::Rng::new();
     loop {
         if let Err(e) = bounded(enforcer.scan_due()).await {
@@ -236,6 +244,7 @@ async fn scan_loop(enforcer: Arc<Enforcer>, interval: Duration, shutdown: Cancel
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval.mul_f64(0.8 + 0.4 * rng.f64())) => {}
+            _ = rescan.notified() => {}
         }
     }
 }

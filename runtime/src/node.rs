@@ -158,6 +158,7 @@ impl NodeBuilder {
         let registry = Arc::new(self.registry);
         let leases = Arc::new(LeaseTable::new(owner.clone()));
         let poke = Arc::new(Notify::new());
+        let rescan = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             store: store.clone(),
             registry: registry.clone(),
@@ -223,13 +224,20 @@ impl NodeBuilder {
             leases.clone(),
             actors.clone(),
             poke.clone(),
+            rescan.clone(),
             shutdown.clone(),
         ));
         // First reconciliation before returning, so a started node owns its partitions.
         if let Err(e) = enforcer.run_once().await {
             tracing::warn!(error = %e, "first enforcer run failed; the loop will retry");
         }
-        tracker.spawn(enforcer::run(enforcer.clone(), config.enforcer_interval, poke.clone(), shutdown.clone()));
+        tracker.spawn(enforcer::run(
+            enforcer.clone(),
+            config.enforcer_interval,
+            poke.clone(),
+            rescan,
+            shutdown.clone(),
+        ));
         tracing::info!(node = %owner, partitions = partitions.get(), kinds = ?registry.kinds(), "node started");
         Ok(Node {
             inner: Arc::new(NodeInner {

@@ -4,8 +4,8 @@
 //! releases (`warden_lease`) poke the enforcer.
 //!
 //! A lost notification only delays work: the enforcer polls, and after every
-//! (re)connect of the listener — when notifications may have been missed — it is
-//! poked to rescan at once.
+//! (re)connect of the listener — when notifications may have been missed — it
+//! runs a full due-work scan at once.
 
 use crate::account_actor::AccountActors;
 use crate::lease::LeaseTable;
@@ -21,6 +21,7 @@ pub async fn listen(
     leases: Arc<LeaseTable>,
     actors: Arc<AccountActors>,
     poke_enforcer: Arc<Notify>,
+    rescan: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -38,8 +39,8 @@ pub async fn listen(
             }
         };
         backoff = Duration::from_millis(100);
-        // Anything sent while we were not listening is lost: rescan.
-        poke_enforcer.notify_one();
+        // Anything sent while we were not listening is lost: rescan everything.
+        rescan.notify_one();
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
