@@ -4,9 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-use warden_examples::workload::{self, AuditArgs};
-use warden_runtime::{history, Client, NewJob};
-use warden_tests::{count_state, eventually, free_udp_port, owners, CutProxy, NodeProc, PrivatePg, TestDb};
+use warden_runtime::Client;
+use warden_tests::{assert_guarantee, audit_jobs, count_state, eventually, free_udp_port, owners, CutProxy, NodeProc, PrivatePg, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
 const P: usize = 64;
@@ -97,14 +96,22 @@ async fn wait_stable(pool: &sqlx::PgPool, expected: &[&str], quiet: Duration) ->
     }
 }
 
-fn audit_jobs(accounts: usize, per_account: i64, sleep_ms: u64) -> Vec<NewJob> {
-    let mut jobs = Vec::new();
-    for seq in 0..per_account {
-        for a in 0..accounts {
-            jobs.push(NewJob::new(format!("acct-{a}"), "audit", AuditArgs { seq, sleep_ms, fail_times: 0 }).unwrap());
-        }
+/// Three nodes owning every partition, with 1,800 audit jobs over 60 accounts under way.
+async fn loaded_cluster(url: &str, pool: &sqlx::PgPool) -> (Cluster, i64) {
+    let mut c = Cluster::new(url);
+    for id in ["n1", "n2", "n3"] {
+        c.add(id).await;
     }
-    jobs
+    wait_owned_by(pool, &["n1", "n2", "n3"], Duration::from_secs(30)).await;
+    let client = Client::connect(pool.clone()).await.unwrap();
+    let jobs = audit_jobs(60, 30, 10);
+    let total = jobs.len() as i64;
+    client.enqueue_many(&jobs).await.unwrap();
+    eventually(Duration::from_secs(60), "work under way", || async {
+        (count_state(pool, "completed").await >= total / 5).then_some(())
+    })
+    .await;
+    (c, total)
 }
 
 async fn wait_all_done(pool: &sqlx::PgPool, total: i64) {
@@ -112,16 +119,6 @@ async fn wait_all_done(pool: &sqlx::PgPool, total: i64) {
         (count_state(pool, "completed").await == total).then_some(())
     })
     .await;
-}
-
-async fn assert_guarantee(pool: &sqlx::PgPool, total: i64) -> history::HistoryReport {
-    let h = history::check(pool).await.unwrap();
-    assert!(h.is_clean(), "serial guarantee violated: {h:?}");
-    assert_eq!((h.completed, h.unfinished), (total, 0), "nothing lost: {h:?}");
-    let audit = workload::check(pool).await.unwrap();
-    assert_eq!(audit.rows, total, "one committed audit row per job: {audit:?}");
-    assert_eq!((audit.duplicate_jobs, audit.overlaps, audit.order_violations), (0, 0, 0), "{audit:?}");
-    h
 }
 
 #[tokio::test]
@@ -188,19 +185,7 @@ async fn scale_out_under_load_moves_only_what_the_ring_moves() {
 #[tokio::test]
 async fn sigterm_one_node_under_load_hands_off_and_exits_in_bounded_time() {
     let db = TestDb::new().await;
-    let mut c = Cluster::new(&db.url);
-    for id in ["n1", "n2", "n3"] {
-        c.add(id).await;
-    }
-    wait_owned_by(&db.pool, &["n1", "n2", "n3"], Duration::from_secs(30)).await;
-    let client = Client::connect(db.pool.clone()).await.unwrap();
-    let jobs = audit_jobs(60, 30, 10);
-    let total = jobs.len() as i64;
-    client.enqueue_many(&jobs).await.unwrap();
-    eventually(Duration::from_secs(60), "work under way", || async {
-        (count_state(&db.pool, "completed").await >= total / 5).then_some(())
-    })
-    .await;
+    let (mut c, total) = loaded_cluster(&db.url, &db.pool).await;
     let t = std::time::Instant::now();
     c.node("n2").signal(libc::SIGTERM);
     // Bound: 2 × settle (0.6s) + drain timeout (3s) + 1s, plus process exit.
@@ -217,19 +202,7 @@ async fn sigterm_one_node_under_load_hands_off_and_exits_in_bounded_time() {
 #[tokio::test]
 async fn sigkill_one_node_under_load_its_accounts_resume_elsewhere() {
     let db = TestDb::new().await;
-    let mut c = Cluster::new(&db.url);
-    for id in ["n1", "n2", "n3"] {
-        c.add(id).await;
-    }
-    wait_owned_by(&db.pool, &["n1", "n2", "n3"], Duration::from_secs(30)).await;
-    let client = Client::connect(db.pool.clone()).await.unwrap();
-    let jobs = audit_jobs(60, 30, 10);
-    let total = jobs.len() as i64;
-    client.enqueue_many(&jobs).await.unwrap();
-    eventually(Duration::from_secs(60), "work under way", || async {
-        (count_state(&db.pool, "completed").await >= total / 5).then_some(())
-    })
-    .await;
+    let (mut c, total) = loaded_cluster(&db.url, &db.pool).await;
     let t = std::time::Instant::now();
     c.node("n3").signal(libc::SIGKILL);
     wait_owned_by(&db.pool, &["n1", "n2"], Duration::from_secs(15)).await;
@@ -243,19 +216,7 @@ async fn sigkill_one_node_under_load_its_accounts_resume_elsewhere() {
 #[tokio::test]
 async fn a_paused_node_is_fenced_then_rejoins_cleanly() {
     let db = TestDb::new().await;
-    let mut c = Cluster::new(&db.url);
-    for id in ["n1", "n2", "n3"] {
-        c.add(id).await;
-    }
-    wait_owned_by(&db.pool, &["n1", "n2", "n3"], Duration::from_secs(30)).await;
-    let client = Client::connect(db.pool.clone()).await.unwrap();
-    let jobs = audit_jobs(60, 30, 10);
-    let total = jobs.len() as i64;
-    client.enqueue_many(&jobs).await.unwrap();
-    eventually(Duration::from_secs(60), "work under way", || async {
-        (count_state(&db.pool, "completed").await >= total / 5).then_some(())
-    })
-    .await;
+    let (mut c, total) = loaded_cluster(&db.url, &db.pool).await;
     // Pause n2 for longer than the lease TTL (2s): the others take over its partitions.
     c.node("n2").signal(libc::SIGSTOP);
     wait_owned_by(&db.pool, &["n1", "n3"], Duration::from_secs(15)).await;
@@ -277,19 +238,7 @@ async fn a_paused_node_is_fenced_then_rejoins_cleanly() {
 async fn postgres_restart_under_load_every_node_recovers() {
     let pg = PrivatePg::start();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&pg.url()).await.unwrap();
-    let mut c = Cluster::new(&pg.url());
-    for id in ["n1", "n2", "n3"] {
-        c.add(id).await;
-    }
-    wait_owned_by(&pool, &["n1", "n2", "n3"], Duration::from_secs(30)).await;
-    let client = Client::connect(pool.clone()).await.unwrap();
-    let jobs = audit_jobs(60, 30, 10);
-    let total = jobs.len() as i64;
-    client.enqueue_many(&jobs).await.unwrap();
-    eventually(Duration::from_secs(60), "work under way", || async {
-        (count_state(&pool, "completed").await >= total / 5).then_some(())
-    })
-    .await;
+    let (_cluster, total) = loaded_cluster(&pg.url(), &pool).await;
     pool.close().await;
     pg.stop();
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -3,34 +3,12 @@
 //! table and the handler's own audit log (committed in the job transaction).
 
 use std::time::Duration;
-use warden_examples::workload::{self, AuditArgs};
-use warden_runtime::{history, Client, NewJob};
-use warden_tests::{count_state, eventually, NodeProc, PrivatePg, TestDb};
+use warden_runtime::Client;
+use warden_tests::{assert_guarantee, audit_jobs, count_state, eventually, NodeProc, PrivatePg, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
 /// Short lease so tests fail over quickly; everything else default.
 const FAST: &[&str] = &["--partitions", "16", "--lease-ttl-ms", "2000", "--enforcer-interval-ms", "200", "--drain-timeout-ms", "3000"];
-
-fn audit_jobs(accounts: usize, per_account: i64, sleep_ms: u64) -> Vec<NewJob> {
-    let mut jobs = Vec::new();
-    for seq in 0..per_account {
-        for a in 0..accounts {
-            let args = AuditArgs { seq, sleep_ms, fail_times: 0 };
-            jobs.push(NewJob::new(format!("acct-{a}"), "audit", args).unwrap());
-        }
-    }
-    jobs
-}
-
-async fn assert_guarantee(pool: &sqlx::PgPool, total: i64) -> history::HistoryReport {
-    let h = history::check(pool).await.unwrap();
-    assert!(h.is_clean(), "serial guarantee violated: {h:?}");
-    assert_eq!((h.completed, h.unfinished), (total, 0), "nothing lost: {h:?}");
-    let audit = workload::check(pool).await.unwrap();
-    assert_eq!(audit.rows, total, "one committed audit row per job: {audit:?}");
-    assert_eq!((audit.duplicate_jobs, audit.overlaps, audit.order_violations), (0, 0, 0), "{audit:?}");
-    h
-}
 
 #[tokio::test]
 async fn sigkill_mid_run_then_restart_loses_nothing_and_reruns_nothing() {

@@ -338,3 +338,27 @@ impl Drop for CutProxy {
         self.stop.cancel();
     }
 }
+
+/// Serial audit jobs: `per_account` jobs for each of `accounts` accounts, interleaved.
+pub fn audit_jobs(accounts: usize, per_account: i64, sleep_ms: u64) -> Vec<warden_runtime::NewJob> {
+    let mut jobs = Vec::new();
+    for seq in 0..per_account {
+        for a in 0..accounts {
+            let args = warden_examples::workload::AuditArgs { seq, sleep_ms, fail_times: 0 };
+            jobs.push(warden_runtime::NewJob::new(format!("acct-{a}"), "audit", args).unwrap());
+        }
+    }
+    jobs
+}
+
+/// The serial guarantee over the whole history, from the attempts table and from the
+/// audit handler's own log (committed in the job transaction), plus "nothing lost".
+pub async fn assert_guarantee(pool: &PgPool, total: i64) -> warden_runtime::history::HistoryReport {
+    let h = warden_runtime::history::check(pool).await.unwrap();
+    assert!(h.is_clean(), "serial guarantee violated: {h:?}");
+    assert_eq!((h.completed, h.unfinished), (total, 0), "nothing lost: {h:?}");
+    let audit = warden_examples::workload::check(pool).await.unwrap();
+    assert_eq!(audit.rows, total, "one committed audit row per job: {audit:?}");
+    assert_eq!((audit.duplicate_jobs, audit.overlaps, audit.order_violations), (0, 0, 0), "{audit:?}");
+    h
+}
