@@ -64,9 +64,18 @@ pub struct NodeArgs {
     /// Rebalance only after the member set was stable this long (ms).
     #[arg(long, env = "WARDEN_SETTLE_DELAY_MS", default_value_t = 500)]
     pub settle_delay_ms: u64,
-    /// gRPC address announced to peers and clients.
+    /// gRPC address announced to peers and clients (default: the gRPC listen address).
     #[arg(long, env = "WARDEN_GRPC_ADDR")]
     pub grpc_addr: Option<String>,
+    /// gRPC API listen address (cluster observation and job operations); off if unset.
+    #[arg(long, env = "WARDEN_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Require this bearer token on every gRPC call.
+    #[arg(long, env = "WARDEN_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Read the bearer token from this file (first line).
+    #[arg(long, env = "WARDEN_API_TOKEN_FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<std::path::PathBuf>,
 }
 
 impl NodeArgs {
@@ -121,7 +130,7 @@ pub async fn start_node(args: &NodeArgs) -> anyhow::Result<Node> {
         g.advertise_addr = args.gossip_advertise;
         g.seeds = args.seeds.clone();
         g.gossip_interval = Duration::from_millis(args.gossip_interval_ms);
-        g.grpc_addr = args.grpc_addr.clone();
+        g.grpc_addr = args.grpc_addr.clone().or_else(|| args.grpc_listen.map(|a| a.to_string()));
         let membership = warden_cluster::GossipMembership::start(g, &warden_cluster::membership::UdpTransport)
             .await
             .map_err(|e| anyhow::anyhow!("gossip: {e}"))?;
@@ -195,6 +204,31 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding admin address {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, "admin HTTP listening");
         tokio::spawn(serve_admin(listener, node.clone(), Some(metrics), admin_stop.clone()));
+    }
+    if let Some(addr) = args.grpc_listen {
+        let token = match &args.api_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the API token file {}", path.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            ),
+            None => args.api_token.clone(),
+        };
+        if token.as_deref() == Some("") {
+            anyhow::bail!("the API token is empty");
+        }
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding gRPC address {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, auth = token.is_some(), "gRPC API listening");
+        let (n, stop) = (node.clone(), admin_stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = warden_runtime::api::serve(listener, n, warden_runtime::api::Auth::new(token), stop).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
     }
     println!("READY {}", node.owner());
     node.run_until(warden_runtime::shutdown_signal()).await?;

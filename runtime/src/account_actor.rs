@@ -589,6 +589,11 @@ impl AccountActors {
         true
     }
 
+    /// Is there a live actor for this account here?
+    pub fn contains(&self, account: &str) -> bool {
+        self.map.lock().unwrap().contains_key(account)
+    }
+
     /// Forward a cancel request to the account's actor, if it is live here.
     pub fn cancel(&self, account: &str, job_id: i64) {
         if let Some(e) = self.map.lock().unwrap().get(account) {

@@ -16,11 +16,14 @@
 //! - [`enforcer`] — `tick + run_once()`: leases ↔ placement, actors for due work.
 //! - [`wakeup`] — LISTEN/NOTIFY routing with rescan after reconnect.
 //! - [`node`] — configuration, builder, lifecycle and graceful shutdown.
+//! - [`api`] — the gRPC services (`proto/warden.proto`): cluster observation and job
+//!   operations, bearer-token auth, limits, error mapping.
 //! - [`history`] — the checker of the serial guarantee over the attempts table.
 //! - [`telemetry`] — metric names.
 //! - [`error`] — the crate's error type.
 
 pub mod account_actor;
+pub mod api;
 pub mod client;
 pub mod enforcer;
 pub mod error;

@@ -334,6 +334,14 @@ impl Node {
         self.inner.leases.held()
     }
 
+    pub(crate) fn lease_table(&self) -> &Arc<LeaseTable> {
+        &self.inner.leases
+    }
+
+    pub(crate) fn account_actors(&self) -> &Arc<AccountActors> {
+        &self.inner.actors
+    }
+
     /// Run one enforcer reconciliation now (tests, operators).
     pub async fn run_enforcer_once(&self) -> Result<EnforceReport> {
         self.inner.enforcer.run_once().await

@@ -877,3 +877,91 @@ pub async fn leases(pool: &PgPool) -> Result<Vec<LeaseRow>> {
         .fetch_all(pool)
         .await?)
 }
+
+// ---------------------------------------------------------------------------
+// Observation queries (gRPC API).
+// ---------------------------------------------------------------------------
+
+/// Filters and page for [`list_jobs`]: jobs by id descending (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub account: Option<String>,
+    pub kind: Option<String>,
+    pub state: Option<String>,
+    /// Only ids below this (the previous page's last id).
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+pub async fn list_jobs(pool: &PgPool, f: &JobFilter) -> Result<Vec<JobRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM warden.jobs
+         WHERE ($1::text IS NULL OR account = $1) AND ($2::text IS NULL OR kind = $2)
+           AND ($3::text IS NULL OR state = $3) AND ($4::bigint IS NULL OR id < $4)
+         ORDER BY id DESC LIMIT $5",
+    )
+    .bind(&f.account)
+    .bind(&f.kind)
+    .bind(&f.state)
+    .bind(f.before_id)
+    .bind(f.limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Unfinished jobs per lease-holding node id (unexpired leases only).
+pub async fn backlog_by_node(pool: &PgPool) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT split_part(l.owner_node, '/', 1), count(j.id)
+         FROM warden.leases l LEFT JOIN warden.jobs j ON j.partition = l.partition
+              AND j.state IN ('scheduled', 'available', 'retryable', 'running')
+         WHERE l.owner_node IS NOT NULL AND l.lease_expires_at > now()
+         GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The largest unfinished backlogs per partition, with the lease holder's node id.
+pub async fn top_partition_backlogs(pool: &PgPool, limit: i64) -> Result<Vec<(i32, i64, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT j.partition, count(*), split_part(min(l.owner_node), '/', 1)
+         FROM warden.jobs j LEFT JOIN warden.leases l ON l.partition = j.partition AND l.lease_expires_at > now()
+         WHERE j.state IN ('scheduled', 'available', 'retryable', 'running')
+         GROUP BY j.partition ORDER BY 2 DESC, 1 LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Age of the oldest due, not yet started job.
+pub async fn oldest_due_age(pool: &PgPool) -> Result<Option<Duration>> {
+    let ms: Option<f64> = sqlx::query_scalar(
+        "SELECT (EXTRACT(EPOCH FROM (now() - min(due_at))) * 1000)::float8 FROM warden.jobs
+         WHERE state IN ('scheduled', 'available', 'retryable') AND due_at <= now()",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
+}
+
+/// The account's next job in serial order and its number of unfinished jobs.
+pub async fn account_queue(pool: &PgPool, account: &str) -> Result<(Option<JobRow>, i64)> {
+    let next = sqlx::query_as(
+        "SELECT * FROM warden.jobs WHERE account = $1
+           AND state IN ('scheduled', 'available', 'retryable', 'running')
+         ORDER BY (lane <> 'serial'), run_at, id LIMIT 1",
+    )
+    .bind(account)
+    .fetch_optional(pool)
+    .await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM warden.jobs WHERE account = $1
+           AND state IN ('scheduled', 'available', 'retryable', 'running')",
+    )
+    .bind(account)
+    .fetch_one(pool)
+    .await?;
+    Ok((next, n))
+}

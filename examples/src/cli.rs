@@ -1,0 +1,421 @@
+//! The `warden` command-line client for a Warden cluster's gRPC API.
+//!
+//! Examples:
+//!   warden ring                                   # partitions and load per node
+//!   warden members --json
+//!   warden locate tenant-42
+//!   warden watch                                  # live ownership events (Ctrl-C to stop)
+//!   warden jobs enqueue tenant-42 charge --args '{"purchase": 1, "amount_cents": 500}'
+//!   warden jobs list --account tenant-42 --state retryable
+//!   warden jobs get 1234 ; warden jobs cancel 1234 ; warden jobs retry 1234
+//!   warden stats
+//!
+//! Exit codes: 0 ok, 1 other error, 2 bad usage, 3 not found, 4 invalid argument,
+//! 5 unavailable (cannot connect / database down), 6 unauthenticated.
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::process::ExitCode;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use warden_runtime::api::pb;
+
+#[derive(Parser, Debug)]
+#[command(name = "warden", version, about = "Observe ring ownership and operate jobs of a Warden cluster",
+          after_help = "Examples:\n  warden ring\n  warden locate tenant-42\n  warden watch\n  warden jobs enqueue tenant-42 charge --args '{\"purchase\":1}'\n  warden jobs list --state discarded --json\n\nExit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid argument, 5 unavailable, 6 unauthenticated")]
+struct Cli {
+    /// gRPC endpoint of any node.
+    #[arg(long, global = true, env = "WARDEN_ENDPOINT", default_value = "http://127.0.0.1:7070")]
+    endpoint: String,
+    /// Bearer token (if the cluster requires one).
+    #[arg(long, global = true, env = "WARDEN_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the bearer token from a file.
+    #[arg(long, global = true, env = "WARDEN_API_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Members: state, partitions held (lease table) and desired (ring), load.
+    Members,
+    /// How partitions and load are spread over nodes; `--partitions` lists every partition.
+    Ring {
+        #[arg(long)]
+        partitions: bool,
+    },
+    /// Where an account lives: partition, owners, epoch, next job.
+    Locate { account: String },
+    /// Stream ownership events until interrupted.
+    Watch,
+    /// Queue statistics: jobs per state, backlog per node and partition, oldest due job.
+    Stats,
+    /// Job operations.
+    Jobs {
+        #[command(subcommand)]
+        cmd: JobsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCmd {
+    /// Enqueue one job.
+    Enqueue {
+        account: String,
+        kind: String,
+        /// Arguments as JSON.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        #[arg(long)]
+        delay_ms: Option<u64>,
+        #[arg(long)]
+        unique_key: Option<String>,
+        #[arg(long)]
+        max_attempts: Option<i32>,
+        #[arg(long)]
+        priority: Option<i32>,
+        /// serial (default) or unordered.
+        #[arg(long)]
+        lane: Option<String>,
+    },
+    /// A job and its attempts.
+    Get { id: i64 },
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+        /// Page size (max 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// Cancel a queued job, or ask a running one to stop.
+    Cancel { id: i64 },
+    /// Re-queue a discarded or cancelled job.
+    Retry { id: i64 },
+}
+
+struct Ctx {
+    channel: Channel,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    json: bool,
+}
+
+impl Ctx {
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(t) = &self.token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        r
+    }
+    fn cluster(&self) -> pb::cluster_client::ClusterClient<Channel> {
+        pb::cluster_client::ClusterClient::new(self.channel.clone())
+    }
+    fn jobs(&self) -> pb::jobs_client::JobsClient<Channel> {
+        pb::jobs_client::JobsClient::new(self.channel.clone())
+    }
+}
+
+enum Failure {
+    Status(Status),
+    Other(String),
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure::Status(s)
+    }
+}
+
+fn time(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()).unwrap_or_default()
+}
+
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    json!({
+        "id": j.id, "account": j.account, "partition": j.partition, "kind": j.kind,
+        "args": serde_json::from_str::<serde_json::Value>(&j.args_json).unwrap_or(serde_json::Value::Null),
+        "lane": j.lane, "state": j.state, "priority": j.priority, "run_at_unix_ms": j.run_at_unix_ms,
+        "due_at_unix_ms": j.due_at_unix_ms, "attempt": j.attempt, "max_attempts": j.max_attempts,
+        "unique_key": j.unique_key, "node": j.node, "epoch": j.epoch, "created_at_unix_ms": j.created_at_unix_ms,
+        "finished_at_unix_ms": j.finished_at_unix_ms, "last_error": j.last_error,
+    })
+}
+
+/// Print rows as an aligned table.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let token = match (&cli.token_file, &cli.token) {
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| Failure::Other(format!("reading token file {}: {e}", path.display())))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        (None, t) => t.clone(),
+    };
+    let token = token
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("Bearer {t}").parse::<MetadataValue<_>>())
+        .transpose()
+        .map_err(|_| Failure::Other("the token contains characters not allowed in a header".into()))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(cli.endpoint.clone())
+        .map_err(|e| Failure::Other(format!("invalid --endpoint {:?}: {e}", cli.endpoint)))?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Status(Status::unavailable(format!("cannot connect to {}: {e}", cli.endpoint))))?;
+    let cx = Ctx { channel, token, json: cli.json };
+    match cli.cmd {
+        Cmd::Members => {
+            let r = cx.cluster().list_members(cx.req(pb::ListMembersRequest {})).await?.into_inner();
+            if cx.json {
+                let members: Vec<_> = r.members.iter().map(|m| json!({
+                    "node_id": m.node_id, "generation": m.generation, "gossip_addr": m.gossip_addr, "grpc_addr": m.grpc_addr,
+                    "state": m.state, "live": m.live, "partitions_held": m.partitions_held, "partitions_desired": m.partitions_desired,
+                    "active_accounts": m.active_accounts, "backlog": m.backlog })).collect();
+                println!("{}", json!({ "members": members, "lease_holders_not_in_gossip": r.lease_holders_not_in_gossip, "answered_by": r.answered_by }));
+            } else {
+                let rows: Vec<Vec<String>> = r.members.iter().map(|m| vec![
+                    m.node_id.clone(), m.state.clone(), m.partitions_held.to_string(), m.partitions_desired.to_string(),
+                    m.active_accounts.to_string(), m.backlog.to_string(), m.grpc_addr.clone(), m.generation.to_string()]).collect();
+                table(&["node", "state", "held", "desired", "actors", "backlog", "grpc", "generation"], &rows);
+                if !r.lease_holders_not_in_gossip.is_empty() {
+                    println!("\nholding leases but not seen in gossip: {}", r.lease_holders_not_in_gossip.join(", "));
+                }
+            }
+        }
+        Cmd::Ring { partitions } => {
+            let r = cx.cluster().get_assignment(cx.req(pb::GetAssignmentRequest {})).await?.into_inner();
+            if cx.json {
+                let a: Vec<_> = r.assignment.iter().map(|p| json!({ "partition": p.partition, "desired_owner": p.desired_owner,
+                    "actual_owner": p.actual_owner, "epoch": p.epoch, "lease_expires_at_unix_ms": p.lease_expires_at_unix_ms, "handoff": p.handoff })).collect();
+                println!("{}", json!({ "partitions": r.partitions, "assignment": a, "answered_by": r.answered_by }));
+                return Ok(());
+            }
+            let mut per: std::collections::BTreeMap<String, (u32, u32, u32)> = Default::default();
+            let (mut moving, mut unowned) = (0, 0);
+            for p in &r.assignment {
+                if !p.actual_owner.is_empty() {
+                    per.entry(p.actual_owner.clone()).or_default().0 += 1;
+                }
+                if !p.desired_owner.is_empty() {
+                    per.entry(p.desired_owner.clone()).or_default().1 += 1;
+                }
+                match p.handoff.as_str() {
+                    "moving" => { moving += 1; per.entry(p.actual_owner.clone()).or_default().2 += 1; }
+                    "unowned" => unowned += 1,
+                    _ => {}
+                }
+            }
+            let mean = r.partitions as f64 / per.len().max(1) as f64;
+            let rows: Vec<Vec<String>> = per.iter().map(|(n, (held, desired, mv))| {
+                let bar = "#".repeat(((*held as f64 / r.partitions as f64) * 40.0).round() as usize);
+                vec![n.clone(), held.to_string(), desired.to_string(), mv.to_string(), format!("{:.2}", *held as f64 / mean), bar]
+            }).collect();
+            table(&["node", "held", "desired", "moving", "load/mean", "share"], &rows);
+            println!("\n{} partitions: {} moving, {} unowned (answered by {})", r.partitions, moving, unowned, r.answered_by);
+            if partitions {
+                println!();
+                let rows: Vec<Vec<String>> = r.assignment.iter().map(|p| vec![p.partition.to_string(), p.actual_owner.clone(),
+                    p.desired_owner.clone(), p.epoch.to_string(), time(p.lease_expires_at_unix_ms), p.handoff.clone()]).collect();
+                table(&["partition", "owner", "desired", "epoch", "lease expires", "handoff"], &rows);
+            }
+        }
+        Cmd::Locate { account } => {
+            let r = cx.cluster().locate(cx.req(pb::LocateRequest { account })).await?.into_inner();
+            if cx.json {
+                println!("{}", json!({ "account": r.account, "partition": r.partition, "desired_owner": r.desired_owner,
+                    "actual_owner": r.actual_owner, "epoch": r.epoch, "actor_running": r.actor_running,
+                    "answered_by_owner": r.answered_by_owner, "unfinished_jobs": r.unfinished_jobs,
+                    "next_due_job": r.next_due_job.as_ref().map(job_json) }));
+            } else {
+                println!("account        {}", r.account);
+                println!("partition      {}", r.partition);
+                println!("owner (lease)  {} (epoch {})", if r.actual_owner.is_empty() { "-" } else { &r.actual_owner }, r.epoch);
+                println!("owner (ring)   {}", if r.desired_owner.is_empty() { "-" } else { &r.desired_owner });
+                println!("actor running  {}", if r.answered_by_owner { r.actor_running.to_string() } else { "unknown (ask the owner)".into() });
+                println!("unfinished     {}", r.unfinished_jobs);
+                if let Some(j) = r.next_due_job {
+                    println!("next job       #{} {} ({}, due {})", j.id, j.kind, j.state, time(j.due_at_unix_ms));
+                }
+            }
+        }
+        Cmd::Watch => {
+            let mut stream = cx.cluster().watch_ownership(cx.req(pb::WatchOwnershipRequest {})).await?.into_inner();
+            while let Some(e) = stream.message().await? {
+                if cx.json {
+                    println!("{}", json!({ "at_unix_ms": e.at_unix_ms, "kind": e.kind, "node_id": e.node_id, "state": e.state,
+                        "partition": e.partition, "from_owner": e.from_owner, "to_owner": e.to_owner, "epoch": e.epoch }));
+                } else {
+                    let what = match e.kind.as_str() {
+                        "snapshot" => "watching (events follow)".to_string(),
+                        "member_joined" => format!("member {} joined ({})", e.node_id, e.state),
+                        "member_left" => format!("member {} left", e.node_id),
+                        "member_state" => format!("member {} is now {}", e.node_id, e.state),
+                        "acquired" => format!("partition {} acquired by {} (epoch {})", e.partition, e.to_owner, e.epoch),
+                        "released" => format!("partition {} released by {} (epoch {})", e.partition, e.from_owner, e.epoch),
+                        "moved" => format!("partition {} moved {} → {} (epoch {})", e.partition, e.from_owner, e.to_owner, e.epoch),
+                        other => other.to_string(),
+                    };
+                    println!("{}  {what}", time(e.at_unix_ms));
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+        }
+        Cmd::Stats => {
+            let r = cx.jobs().queue_stats(cx.req(pb::QueueStatsRequest {})).await?.into_inner();
+            if cx.json {
+                let top: Vec<_> = r.top_partitions.iter().map(|p| json!({ "partition": p.partition, "backlog": p.backlog, "owner": p.owner })).collect();
+                println!("{}", json!({ "by_state": r.by_state, "backlog_by_node": r.backlog_by_node, "top_partitions": top, "oldest_due_age_ms": r.oldest_due_age_ms }));
+            } else {
+                let mut states: Vec<_> = r.by_state.iter().collect();
+                states.sort();
+                table(&["state", "jobs"], &states.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>());
+                println!();
+                let mut nodes: Vec<_> = r.backlog_by_node.iter().collect();
+                nodes.sort();
+                table(&["node", "backlog"], &nodes.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>());
+                println!("\noldest due job waiting: {} ms", r.oldest_due_age_ms);
+            }
+        }
+        Cmd::Jobs { cmd } => jobs(&cx, cmd).await?,
+    }
+    Ok(())
+}
+
+async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
+    match cmd {
+        JobsCmd::Enqueue { account, kind, args, delay_ms, unique_key, max_attempts, priority, lane } => {
+            let job = pb::NewJob {
+                account, kind, args_json: args, delay_ms: delay_ms.unwrap_or(0), unique_key: unique_key.unwrap_or_default(),
+                max_attempts: max_attempts.unwrap_or(0), priority: priority.unwrap_or(0), lane: lane.unwrap_or_default(),
+                ..Default::default()
+            };
+            let r = cx.jobs().enqueue(cx.req(pb::EnqueueRequest { job: Some(job) })).await?.into_inner();
+            if cx.json {
+                println!("{}", json!({ "id": r.id, "duplicate": r.duplicate }));
+            } else if r.duplicate {
+                println!("job {} already queued with that unique key", r.id);
+            } else {
+                println!("enqueued job {}", r.id);
+            }
+        }
+        JobsCmd::Get { id } => {
+            let r = cx.jobs().get_job(cx.req(pb::GetJobRequest { id })).await?.into_inner();
+            let j = r.job.ok_or_else(|| Failure::Other("empty response".into()))?;
+            if cx.json {
+                let attempts: Vec<_> = r.attempts.iter().map(|a| json!({ "attempt": a.attempt, "node": a.node, "epoch": a.epoch,
+                    "started_at_unix_ms": a.started_at_unix_ms, "finished_at_unix_ms": a.finished_at_unix_ms, "outcome": a.outcome, "error": a.error })).collect();
+                println!("{}", json!({ "job": job_json(&j), "attempts": attempts }));
+            } else {
+                println!("job {}  {} / {}  state {}  attempt {}/{}", j.id, j.account, j.kind, j.state, j.attempt, j.max_attempts);
+                println!("args {}  lane {}  partition {}  run_at {}  due {}", j.args_json, j.lane, j.partition, time(j.run_at_unix_ms), time(j.due_at_unix_ms));
+                if !j.last_error.is_empty() {
+                    println!("last error: {}", j.last_error);
+                }
+                println!();
+                let rows: Vec<Vec<String>> = r.attempts.iter().map(|a| vec![a.attempt.to_string(), a.outcome.clone(), a.node.clone(),
+                    a.epoch.to_string(), time(a.started_at_unix_ms), format!("{} ms", a.finished_at_unix_ms - a.started_at_unix_ms), a.error.clone()]).collect();
+                table(&["attempt", "outcome", "node", "epoch", "started", "took", "error"], &rows);
+            }
+        }
+        JobsCmd::List { account, kind, state, limit, page_token } => {
+            let r = cx.jobs().list_jobs(cx.req(pb::ListJobsRequest {
+                account: account.unwrap_or_default(), kind: kind.unwrap_or_default(), state: state.unwrap_or_default(),
+                page_size: limit, page_token: page_token.unwrap_or_default(),
+            })).await?.into_inner();
+            if cx.json {
+                println!("{}", json!({ "jobs": r.jobs.iter().map(job_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token }));
+            } else {
+                let rows: Vec<Vec<String>> = r.jobs.iter().map(|j| vec![j.id.to_string(), j.account.clone(), j.kind.clone(), j.state.clone(),
+                    format!("{}/{}", j.attempt, j.max_attempts), time(j.run_at_unix_ms), j.last_error.chars().take(60).collect()]).collect();
+                table(&["id", "account", "kind", "state", "attempts", "run_at", "last error"], &rows);
+                if !r.next_page_token.is_empty() {
+                    println!("\nmore: --page-token {}", r.next_page_token);
+                }
+            }
+        }
+        JobsCmd::Cancel { id } => {
+            let r = cx.jobs().cancel_job(cx.req(pb::CancelJobRequest { id })).await?.into_inner();
+            if cx.json {
+                println!("{}", json!({ "result": r.result, "state": r.state }));
+            } else {
+                match r.result.as_str() {
+                    "cancelled" => println!("job {id} cancelled"),
+                    "cancel_requested" => println!("job {id} is running: asked to stop (aborted after the grace period)"),
+                    _ => println!("job {id} had already finished ({})", r.state),
+                }
+            }
+        }
+        JobsCmd::Retry { id } => {
+            let r = cx.jobs().retry_job(cx.req(pb::RetryJobRequest { id })).await?.into_inner();
+            let j = r.job.ok_or_else(|| Failure::Other("empty response".into()))?;
+            if cx.json {
+                println!("{}", job_json(&j));
+            } else {
+                println!("job {} re-queued ({}; attempts {}/{})", j.id, j.state, j.attempt, j.max_attempts);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The whole `warden` CLI: parse the process arguments, run, map the outcome to an exit code.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Other(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Status(s)) => {
+            eprintln!("error: {}", s.message());
+            ExitCode::from(match s.code() {
+                Code::NotFound => 3,
+                Code::InvalidArgument => 4,
+                Code::Unavailable | Code::DeadlineExceeded => 5,
+                Code::Unauthenticated => 6,
+                _ => 1,
+            })
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The gRPC API and the `warden` CLI against real nodes and PostgreSQL: every RPC,
+//! bad input, limits, NOT_FOUND / UNAVAILABLE / UNAUTHENTICATED, the ownership stream
+//! while nodes join and leave, and the CLI binary's output and exit codes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use warden_runtime::api::{self, pb, Auth};
+use warden_runtime::lease::LeaseConfig;
+use warden_runtime::{Node, NodeConfig, PartitionCount};
+use warden_tests::{eventually, PrivatePg, TestDb};
+
+const CLI: &str = env!("CARGO_BIN_EXE_warden-cli");
+
+fn config(id: &str) -> NodeConfig {
+    NodeConfig {
+        node_id: id.into(),
+        partitions: PartitionCount::new(16).unwrap(),
+        lease: LeaseConfig {
+            ttl: Duration::from_secs(2),
+            renew_interval: Duration::from_millis(400),
+            safety_margin: Duration::from_millis(500),
+        },
+        enforcer_interval: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+async fn node_on(url: &str, id: &str) -> Node {
+    let pool = warden_runtime::store::connect(url, &Default::default()).await.unwrap();
+    warden_examples::workload::migrate(&pool).await.unwrap();
+    Node::builder(config(id))
+        .register(warden_examples::workload::Audit { node: id.into(), pool: pool.clone() })
+        .unwrap()
+        .start(pool)
+        .await
+        .unwrap()
+}
+
+/// Serve the API of `node` on a free port; returns its address.
+async fn serve(node: &Node, token: Option<&str>) -> (SocketAddr, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(api::serve(listener, node.clone(), Auth::new(token.map(str::to_string)), stop.clone()));
+    (addr, stop)
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+}
+
+fn job(account: &str, kind: &str, args: &str) -> pb::NewJob {
+    pb::NewJob { account: account.into(), kind: kind.into(), args_json: args.into(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn job_service_end_to_end() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+
+    let a = jobs.enqueue(pb::EnqueueRequest { job: Some(job("acct", "audit", r#"{"seq": 1}"#)) }).await.unwrap().into_inner();
+    assert!(a.id > 0 && !a.duplicate);
+    let batch = jobs
+        .enqueue_batch(pb::EnqueueBatchRequest {
+            jobs: vec![
+                pb::NewJob { unique_key: "k1".into(), ..job("acct", "audit", r#"{"seq": 2}"#) },
+                pb::NewJob { unique_key: "k1".into(), ..job("acct", "audit", r#"{"seq": 3}"#) },
+                job("other", "nosuchkind", ""),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.results.len(), 3);
+    assert!(!batch.results[0].duplicate && batch.results[1].duplicate && batch.results[1].id == batch.results[0].id);
+    let discarded = batch.results[2].id;
+
+    // Get with attempts, once done.
+    let got = eventually(Duration::from_secs(20), "job completed", || {
+        let mut jobs = jobs.clone();
+        async move {
+            let r = jobs.get_job(pb::GetJobRequest { id: a.id }).await.unwrap().into_inner();
+            (r.job.as_ref().unwrap().state == "completed").then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(got.attempts.len(), 1);
+    assert_eq!(got.attempts[0].outcome, "completed");
+    assert!(got.attempts[0].node.starts_with("n1/"));
+
+    // The unknown kind was discarded; an operator retries it (and it is discarded again).
+    eventually(Duration::from_secs(20), "discarded", || {
+        let mut jobs = jobs.clone();
+        async move { (jobs.get_job(pb::GetJobRequest { id: discarded }).await.unwrap().into_inner().job.unwrap().state == "discarded").then_some(()) }
+    })
+    .await;
+    let retried = jobs.retry_job(pb::RetryJobRequest { id: discarded }).await.unwrap().into_inner().job.unwrap();
+    assert_eq!(retried.state, "available");
+
+    // Cancel a scheduled job.
+    let later = jobs
+        .enqueue(pb::EnqueueRequest { job: Some(pb::NewJob { delay_ms: 3_600_000, ..job("acct2", "audit", r#"{"seq": 1}"#) }) })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = jobs.cancel_job(pb::CancelJobRequest { id: later.id }).await.unwrap().into_inner();
+    assert_eq!((c.result.as_str(), c.state.as_str()), ("cancelled", "cancelled"));
+    let c = jobs.cancel_job(pb::CancelJobRequest { id: later.id }).await.unwrap().into_inner();
+    assert_eq!(c.result, "already_finished");
+
+    // List with filters and pagination.
+    let many: Vec<pb::NewJob> = (0..7).map(|i| job("paged", "audit", &format!(r#"{{"seq": {i}}}"#))).collect();
+    jobs.enqueue_batch(pb::EnqueueBatchRequest { jobs: many }).await.unwrap();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = jobs
+            .list_jobs(pb::ListJobsRequest { account: "paged".into(), page_size: 3, page_token: token.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.iter().map(|j| j.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 7);
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first, no repeats: {seen:?}");
+    let cancelled = jobs
+        .list_jobs(pb::ListJobsRequest { state: "cancelled".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![later.id]);
+
+    // Queue statistics.
+    let stats = jobs.queue_stats(pb::QueueStatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.by_state.get("cancelled"), Some(&1));
+    assert!(stats.by_state.values().sum::<i64>() >= 11);
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_and_missing_jobs_get_clear_statuses() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel(addr).await);
+
+    let cases: Vec<(pb::NewJob, &str)> = vec![
+        (job("", "audit", ""), "account must not be empty"),
+        (job("a\u{1}", "audit", ""), "control character"),
+        (job(&"x".repeat(300), "audit", ""), "account is 300 bytes"),
+        (job("a", "", ""), "kind must not be empty"),
+        (job("a", "audit", "{not json"), "args_json is not valid JSON"),
+        (job("a", "audit", &format!(r#"{{"x": "{}"}}"#, "y".repeat(70_000))), "limit is 65536"),
+        (pb::NewJob { lane: "sideways".into(), ..job("a", "audit", "") }, "lane must be serial or unordered"),
+        (pb::NewJob { max_attempts: -1, ..job("a", "audit", "") }, "max_attempts"),
+        (pb::NewJob { priority: 1 << 20, ..job("a", "audit", "") }, "priority"),
+    ];
+    for (j, expected) in cases {
+        let s = jobs.enqueue(pb::EnqueueRequest { job: Some(j) }).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(expected), "{:?} should mention {expected:?}", s.message());
+    }
+    let s = jobs.enqueue(pb::EnqueueRequest { job: None }).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let too_many = (0..1001).map(|i| job(&format!("a{i}"), "audit", "")).collect();
+    let s = jobs.enqueue_batch(pb::EnqueueBatchRequest { jobs: too_many }).await.unwrap_err();
+    assert!(s.code() == Code::InvalidArgument && s.message().contains("limit is 1000"), "{s:?}");
+    let s = jobs.enqueue_batch(pb::EnqueueBatchRequest { jobs: vec![job("ok", "audit", ""), job("", "audit", "")] }).await.unwrap_err();
+    assert!(s.message().starts_with("jobs[1]:"), "{s:?}");
+    let s = jobs.list_jobs(pb::ListJobsRequest { page_size: 501, ..Default::default() }).await.unwrap_err();
+    assert!(s.code() == Code::InvalidArgument && s.message().contains("limit of 500"), "{s:?}");
+    let s = jobs.list_jobs(pb::ListJobsRequest { page_token: "zzz".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let s = jobs.list_jobs(pb::ListJobsRequest { state: "sleeping".into(), ..Default::default() }).await.unwrap_err();
+    assert!(s.message().contains("unknown state"), "{s:?}");
+    let s = jobs.get_job(pb::GetJobRequest { id: 0 }).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    for s in [
+        jobs.get_job(pb::GetJobRequest { id: 424242 }).await.unwrap_err(),
+        jobs.cancel_job(pb::CancelJobRequest { id: 424242 }).await.unwrap_err(),
+        jobs.retry_job(pb::RetryJobRequest { id: 424242 }).await.unwrap_err(),
+    ] {
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+        assert_eq!(s.message(), "job 424242 not found");
+    }
+    let s = cluster.locate(pb::LocateRequest { account: String::new() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    // Nothing of the above reached the database.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(n, 0);
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cluster_service_answers_from_the_lease_table() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel(addr).await);
+    let a = cluster.get_assignment(pb::GetAssignmentRequest {}).await.unwrap().into_inner();
+    assert_eq!(a.partitions, 16);
+    assert!(a.assignment.iter().all(|p| p.actual_owner == "n1" && p.desired_owner == "n1" && p.handoff == "stable" && p.epoch == 1));
+    let m = cluster.list_members(pb::ListMembersRequest {}).await.unwrap().into_inner();
+    assert_eq!(m.members.len(), 1);
+    assert_eq!((m.members[0].node_id.as_str(), m.members[0].partitions_held), ("n1", 16));
+    let stats = cluster.node_stats(pb::NodeStatsRequest {}).await.unwrap().into_inner();
+    assert!(stats.ready && stats.partitions_held == 16 && stats.node.starts_with("n1/"));
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+    jobs.enqueue(pb::EnqueueRequest { job: Some(pb::NewJob { delay_ms: 60_000, ..job("acct-9", "audit", r#"{"seq":1}"#) }) })
+        .await
+        .unwrap();
+    let l = cluster.locate(pb::LocateRequest { account: "acct-9".into() }).await.unwrap().into_inner();
+    assert_eq!(l.partition, warden_runtime::partition_of("acct-9", PartitionCount::new(16).unwrap()));
+    assert_eq!((l.actual_owner.as_str(), l.epoch, l.answered_by_owner, l.unfinished_jobs), ("n1", 1, true, 1));
+    assert_eq!(l.next_due_job.unwrap().state, "scheduled");
+    // A lease taken over behind the node's back shows up as the truth.
+    sqlx::query("UPDATE warden.leases SET owner_node = 'intruder/1', epoch = epoch + 1 WHERE partition = 0")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let a = cluster.get_assignment(pb::GetAssignmentRequest {}).await.unwrap().into_inner();
+    let p0 = &a.assignment[0];
+    assert_eq!((p0.actual_owner.as_str(), p0.desired_owner.as_str(), p0.handoff.as_str()), ("intruder", "n1", "moving"));
+    let m = cluster.list_members(pb::ListMembersRequest {}).await.unwrap().into_inner();
+    assert_eq!(m.lease_holders_not_in_gossip, vec!["intruder".to_string()]);
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bearer_token_is_required_when_configured() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, Some("s3cret")).await;
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel(addr).await);
+    let s = cluster.node_stats(pb::NodeStatsRequest {}).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    let mut wrong = Request::new(pb::NodeStatsRequest {});
+    wrong.metadata_mut().insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(cluster.node_stats(wrong).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut right = Request::new(pb::NodeStatsRequest {});
+    right.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+    assert!(cluster.node_stats(right).await.is_ok());
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn database_down_is_unavailable_without_internal_detail() {
+    let pg = PrivatePg::start();
+    let node = node_on(&pg.url(), "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+    pg.stop();
+    let s = jobs.get_job(pb::GetJobRequest { id: 1 }).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert_eq!(s.message(), "database unavailable, try again");
+    pg.restart();
+    let _ = tokio::time::timeout(Duration::from_secs(10), node.shutdown()).await;
+}
+
+/// Run the CLI binary (async: the server under test runs on this test's runtime).
+async fn cli(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(CLI)
+        .arg("--endpoint")
+        .arg(format!("http://{addr}"))
+        .args(args)
+        .env_remove("WARDEN_API_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test]
+async fn cli_tables_json_and_exit_codes() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let (code, out, err) = cli(addr, &["jobs", "enqueue", "acct-7", "audit", "--args", r#"{"seq": 1}"#, "--json"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_i64().unwrap();
+    let (code, out, _) = cli(addr, &["ring"], &[]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("NODE") && out.contains("n1") && out.contains("16 partitions: 0 moving, 0 unowned"), "{out}");
+    let (code, out, _) = cli(addr, &["members", "--json"], &[]).await;
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["members"][0]["partitions_held"], 16);
+    let (code, out, _) = cli(addr, &["locate", "acct-7"], &[]).await;
+    assert!(code == 0 && out.contains("owner (lease)  n1 (epoch 1)"), "{out}");
+    eventually(Duration::from_secs(20), "job done", || async {
+        let (_, out, _) = cli(addr, &["jobs", "get", &id.to_string(), "--json"], &[]).await;
+        (serde_json::from_str::<serde_json::Value>(&out).unwrap()["job"]["state"] == "completed").then_some(())
+    })
+    .await;
+    let (code, out, _) = cli(addr, &["jobs", "list", "--account", "acct-7"], &[]).await;
+    assert!(code == 0 && out.contains("completed"), "{out}");
+    let (code, out, _) = cli(addr, &["stats", "--json"], &[]).await;
+    assert!(code == 0 && serde_json::from_str::<serde_json::Value>(&out).unwrap()["by_state"]["completed"] == 1, "{out}");
+    // Exit codes.
+    let (code, _, err) = cli(addr, &["jobs", "get", "987654"], &[]).await;
+    assert_eq!((code, err.trim()), (3, "error: job 987654 not found"));
+    let (code, _, err) = cli(addr, &["jobs", "enqueue", "", "audit"], &[]).await;
+    assert!(code == 4 && err.contains("account must not be empty"), "{err}");
+    let (code, _, err) = cli(addr, &["jobs", "enqueue", "a", "audit", "--args", "{oops"], &[]).await;
+    assert!(code == 4 && err.contains("not valid JSON"), "{err}");
+    let (code, _, _) = cli(addr, &["jobs", "list", "--limit", "9999"], &[]).await;
+    assert_eq!(code, 4);
+    let (code, _, _) = cli(addr, &["jobs", "frobnicate"], &[]).await;
+    assert_eq!(code, 2, "usage errors exit 2");
+    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let (code, _, err) = cli(dead, &["ring"], &[]).await;
+    assert!(code == 5 && err.contains("cannot connect"), "{err}");
+    let (code, out, _) = cli(addr, &["--help"], &[]).await;
+    assert!(code == 0 && out.contains("Examples:") && out.contains("Exit codes"), "{out}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cli_with_authentication() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, Some("tok-123")).await;
+    let (code, _, err) = cli(addr, &["ring"], &[]).await;
+    assert!(code == 6 && err.contains("bearer token"), "{err}");
+    let (code, _, _) = cli(addr, &["ring", "--token", "wrong"], &[]).await;
+    assert_eq!(code, 6);
+    let (code, _, _) = cli(addr, &["ring", "--token", "tok-123"], &[]).await;
+    assert_eq!(code, 0);
+    let (code, _, _) = cli(addr, &["ring"], &[("WARDEN_API_TOKEN", "tok-123")]).await;
+    assert_eq!(code, 0);
+    let file = std::env::temp_dir().join(format!("warden-token-{}", std::process::id()));
+    std::fs::write(&file, "tok-123\n").unwrap();
+    let (code, _, _) = cli(addr, &["ring", "--token-file", file.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0);
+    node.shutdown().await.unwrap();
+}
