@@ -345,3 +345,129 @@ async fn cli_with_authentication() {
     assert_eq!(code, 0);
     node.shutdown().await.unwrap();
 }
+
+/// Python stubs generated from proto/ by grpcio-tools (installed into the cargo target
+/// dir on first use), talking to a node: the schema alone is enough to use the API.
+#[tokio::test]
+async fn a_python_client_generated_from_the_proto_works() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let deps = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pydeps");
+    let py = |args: &[&str]| {
+        std::process::Command::new("python3").args(args).env("PYTHONPATH", &deps).output().expect("python3 runs")
+    };
+    if !py(&["-c", "import grpc_tools, grpc"]).status.success() {
+        let out = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(&deps)
+            .arg("grpcio-tools==1.85.1")
+            .output()
+            .expect("pip runs");
+        assert!(out.status.success(), "installing grpcio-tools failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stubs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pystubs-{}", std::process::id()));
+    std::fs::create_dir_all(&stubs).unwrap();
+    let proto_dir = root.join("proto");
+    let gen = py(&[
+        "-m",
+        "grpc_tools.protoc",
+        &format!("-I{}", proto_dir.display()),
+        &format!("--python_out={}", stubs.display()),
+        &format!("--grpc_python_out={}", stubs.display()),
+        proto_dir.join("warden.proto").to_str().unwrap(),
+    ]);
+    assert!(gen.status.success(), "protoc failed: {}", String::from_utf8_lossy(&gen.stderr));
+
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let script = root.join("tests/python/client.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(&stubs)
+        .arg(addr.to_string())
+        .env("PYTHONPATH", &deps)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["attempts"], 1);
+    assert_eq!(v["partitions"], 16);
+    assert_eq!(v["owners"], serde_json::json!(["n1"]));
+    assert_eq!(v["missing"], "NOT_FOUND");
+    assert!(v["invalid"].as_str().unwrap().starts_with("INVALID_ARGUMENT: account must not be empty"), "{v}");
+    node.shutdown().await.unwrap();
+}
+
+/// The ownership stream while a node joins and leaves (in-process gossip).
+#[tokio::test]
+async fn ownership_stream_shows_a_node_joining_and_leaving() {
+    use warden_cluster::membership::ChannelTransport;
+    use warden_cluster::{GossipConfig, GossipMembership};
+    let db = TestDb::new().await;
+    warden_examples::workload::migrate(&db.pool).await.unwrap();
+    let t = ChannelTransport::with_mtu(65_000);
+    let start = |id: &'static str, port: u16| {
+        let (t, url) = (t.clone(), db.url.clone());
+        async move {
+            let mut g = GossipConfig::new(id, ([127, 0, 0, 1], port).into());
+            g.seeds = vec!["127.0.0.1:7101".into()];
+            g.gossip_interval = Duration::from_millis(20);
+            let m = GossipMembership::start(g, &t).await.unwrap();
+            let pool = warden_runtime::store::connect(&url, &Default::default()).await.unwrap();
+            Node::builder(config(id))
+                .cluster(m, warden_runtime::node::ClusterOptions { settle_delay: Duration::from_millis(200), ..Default::default() })
+                .start(pool)
+                .await
+                .unwrap()
+        }
+    };
+    let n1 = start("n1", 7101).await;
+    let n2 = start("n2", 7102).await;
+    let (addr, _stop) = serve(&n1, None).await;
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel(addr).await);
+    eventually(Duration::from_secs(20), "two owners", || {
+        let mut c = cluster.clone();
+        async move {
+            let a = c.get_assignment(pb::GetAssignmentRequest {}).await.unwrap().into_inner();
+            let owners: std::collections::BTreeSet<_> = a.assignment.iter().map(|p| p.actual_owner.clone()).collect();
+            (owners.len() == 2 && !owners.contains("") && a.assignment.iter().all(|p| p.handoff == "stable")).then_some(())
+        }
+    })
+    .await;
+    let mut stream = cluster.watch_ownership(pb::WatchOwnershipRequest {}).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().kind, "snapshot");
+    let mut events = Vec::new();
+    let n3 = start("n3", 7103).await;
+    next_event(&mut stream, &mut events, |e| e.kind == "member_joined" && e.node_id == "n3").await;
+    next_event(&mut stream, &mut events, |e| e.kind == "moved" && e.to_owner == "n3" && e.epoch > 1).await;
+    n3.shutdown().await.unwrap();
+    next_event(&mut stream, &mut events, |e| {
+        (e.kind == "member_state" && e.node_id == "n3" && e.state == "leaving") || (e.kind == "member_left" && e.node_id == "n3")
+    })
+    .await;
+    next_event(&mut stream, &mut events, |e| (e.kind == "moved" || e.kind == "released") && e.from_owner == "n3").await;
+    n1.shutdown().await.unwrap();
+    n2.shutdown().await.unwrap();
+}
+
+/// Read the stream until an event matches `want` (20 s at most), keeping what was seen.
+async fn next_event(
+    stream: &mut tonic::Streaming<pb::OwnershipEvent>,
+    seen: &mut Vec<pb::OwnershipEvent>,
+    want: impl Fn(&pb::OwnershipEvent) -> bool,
+) {
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let e = stream.message().await.unwrap().expect("stream ended");
+            let hit = want(&e);
+            seen.push(e);
+            if hit {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "expected event not seen; got {seen:?}");
+}
