@@ -471,3 +471,49 @@ async fn next_event(
     .await;
     assert!(found.is_ok(), "expected event not seen; got {seen:?}");
 }
+
+/// TLS on the gRPC port (rustls), used from the CLI with a CA certificate.
+#[tokio::test]
+async fn tls_on_the_grpc_port_works_from_the_cli() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key, ca) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
+    // A CA and a leaf certificate it signs (rustls rejects a CA certificate used as the leaf).
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let sh = format!(
+        "set -e; cd {d}; EC='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
+         openssl req -x509 $EC -days 1 -subj /CN=warden-test-ca -keyout ca.key -out ca.pem 2>/dev/null
+         openssl req $EC -subj /CN=localhost -keyout key.pem -out leaf.csr 2>/dev/null
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile leaf.ext -out cert.pem 2>/dev/null",
+        d = dir.display()
+    );
+    let out = std::process::Command::new("sh").arg("-c").arg(&sh).output().expect("openssl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let tls = api::Tls { cert_pem: std::fs::read(&cert).unwrap(), key_pem: std::fs::read(&key).unwrap() };
+    let server = api::serve_with(listener, node.clone(), Auth::new(Some("t".into())), Some(tls), stop.clone());
+    tokio::spawn(async move { server.await.expect("TLS server runs") });
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(CLI).args(&args).env_remove("WARDEN_API_TOKEN").output().await.unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let https = format!("https://127.0.0.1:{port}");
+    let ca = ca.to_str().unwrap().to_string();
+    let (code, out, err) = run(vec![
+        "--endpoint".into(), https.clone(), "--ca-cert".into(), ca.clone(), "--tls-domain".into(), "localhost".into(),
+        "--token".into(), "t".into(), "ring".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("16 partitions"), "{out}");
+    let (code, _, err) = run(vec!["--endpoint".into(), https.clone(), "--token".into(), "t".into(), "ring".into()]).await;
+    assert!(code == 1 && err.contains("needs --ca-cert"), "{err}");
+    let (code, _, _) = run(vec!["--endpoint".into(), format!("http://127.0.0.1:{port}"), "--token".into(), "t".into(), "ring".into()]).await;
+    assert_ne!(code, 0, "plain HTTP/2 to a TLS port fails");
+    stop.cancel();
+    node.shutdown().await.unwrap();
+}

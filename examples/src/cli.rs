@@ -9,6 +9,7 @@
 //!   warden jobs list --account tenant-42 --state retryable
 //!   warden jobs get 1234 ; warden jobs cancel 1234 ; warden jobs retry 1234
 //!   warden stats
+//!   warden --endpoint https://node-1:7070 --ca-cert ca.pem --token-file token ring
 //!
 //! Exit codes: 0 ok, 1 other error, 2 bad usage, 3 not found, 4 invalid argument,
 //! 5 unavailable (cannot connect / database down), 6 unauthenticated.
@@ -37,6 +38,12 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// PEM CA certificate to trust for an https:// endpoint.
+    #[arg(long, global = true, env = "WARDEN_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Server name to verify in the certificate (default: the endpoint's host).
+    #[arg(long, global = true, env = "WARDEN_TLS_DOMAIN")]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -194,13 +201,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .map(|t| format!("Bearer {t}").parse::<MetadataValue<_>>())
         .transpose()
         .map_err(|_| Failure::Other("the token contains characters not allowed in a header".into()))?;
-    let endpoint = tonic::transport::Endpoint::from_shared(cli.endpoint.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(cli.endpoint.clone())
         .map_err(|e| Failure::Other(format!("invalid --endpoint {:?}: {e}", cli.endpoint)))?
         .connect_timeout(std::time::Duration::from_secs(5));
+    if cli.endpoint.starts_with("https://") {
+        let ca = cli.ca_cert.as_ref().ok_or_else(|| {
+            Failure::Other("an https:// endpoint needs --ca-cert (the CA that signed the node's certificate)".into())
+        })?;
+        let pem = std::fs::read(ca).map_err(|e| Failure::Other(format!("reading --ca-cert {}: {e}", ca.display())))?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        if let Some(d) = &cli.tls_domain {
+            tls = tls.domain_name(d.clone());
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| Failure::Other(format!("TLS configuration: {e}")))?;
+    }
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| Failure::Status(Status::unavailable(format!("cannot connect to {}: {e}", cli.endpoint))))?;
+        .map_err(|e| {
+            // The transport error's sources say what actually failed (refused, TLS, DNS...).
+            let mut msg = format!("cannot connect to {}: {e}", cli.endpoint);
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            Failure::Status(Status::unavailable(msg))
+        })?;
     let cx = Ctx { channel, token, json: cli.json };
     match cli.cmd {
         Cmd::Members => {

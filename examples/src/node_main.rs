@@ -76,6 +76,12 @@ pub struct NodeArgs {
     /// Read the bearer token from this file (first line).
     #[arg(long, env = "WARDEN_API_TOKEN_FILE", conflicts_with = "api_token")]
     pub api_token_file: Option<std::path::PathBuf>,
+    /// Serve gRPC over TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "WARDEN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "WARDEN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl NodeArgs {
@@ -221,11 +227,18 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         if token.as_deref() == Some("") {
             anyhow::bail!("the API token is empty");
         }
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(warden_runtime::api::Tls {
+                cert_pem: std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?,
+                key_pem: std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?,
+            }),
+            _ => None,
+        };
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding gRPC address {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, auth = token.is_some(), "gRPC API listening");
+        tracing::info!(addr = %listener.local_addr()?, auth = token.is_some(), tls = tls.is_some(), "gRPC API listening");
         let (n, stop) = (node.clone(), admin_stop.clone());
         tokio::spawn(async move {
-            if let Err(e) = warden_runtime::api::serve(listener, n, warden_runtime::api::Auth::new(token), stop).await {
+            if let Err(e) = warden_runtime::api::serve_with(listener, n, warden_runtime::api::Auth::new(token), tls, stop).await {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         });

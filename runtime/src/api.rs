@@ -536,11 +536,29 @@ impl Auth {
     }
 }
 
-/// Serve both services on `listener` until `shutdown`.
+/// TLS for the gRPC port: PEM certificate chain and private key.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+/// Serve both services on `listener` until `shutdown` (plain HTTP/2).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     node: Node,
     auth: Auth,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    serve_with(listener, node, auth, None, shutdown).await
+}
+
+/// Serve both services, with TLS (rustls) when `tls` is given.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    node: Node,
+    auth: Auth,
+    tls: Option<Tls>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let api = Api::new(node);
@@ -553,7 +571,13 @@ pub async fn serve(
         JobsServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES),
         move |r| a2.check(r),
     );
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(
+            tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(tls.cert_pem, tls.key_pem)),
+        )?;
+    }
+    builder
         .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
         .add_service(cluster)
