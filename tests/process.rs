@@ -141,3 +141,18 @@ async fn admin_port_serves_metrics_health_and_readiness() {
     }
     assert!(body.contains(r#"warden_jobs_completed_total{kind="audit"} 20"#), "{body}");
 }
+
+/// Regression: nodes started at the same moment on a fresh database raced on creating
+/// tables ("type ... already exists"); the demo cluster script hit it.
+#[tokio::test]
+async fn nodes_started_together_on_a_fresh_database_all_come_up() {
+    let db = TestDb::new().await;
+    let (a, b, c) = tokio::join!(
+        NodeProc::start(BIN, &db.url, "node-a", FAST),
+        NodeProc::start(BIN, &db.url, "node-b", FAST),
+        NodeProc::start(BIN, &db.url, "node-c", FAST),
+    );
+    for n in [&a, &b, &c] {
+        assert!(n.log_contains("node started"), "{} did not start", n.node_id);
+    }
+}

@@ -30,6 +30,10 @@ impl Default for Faults {
 }
 
 pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    // Nodes start together: CREATE ... IF NOT EXISTS races in PostgreSQL ("type already
+    // exists"), so serialise on an advisory lock held for the transaction.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('warden-examples-billing'))").execute(&mut *tx).await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS billing_ledger (
              account text NOT NULL, purchase bigint NOT NULL, amount_cents bigint NOT NULL,
@@ -41,8 +45,9 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
              account text NOT NULL, purchase bigint NOT NULL, sent_at timestamptz NOT NULL DEFAULT clock_timestamp(),
              PRIMARY KEY (account, purchase));",
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -20,6 +20,10 @@ pub struct AuditArgs {
 }
 
 pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    // Nodes start together: CREATE ... IF NOT EXISTS races in PostgreSQL ("type already
+    // exists"), so serialise on an advisory lock held for the transaction.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('warden-examples-workload'))").execute(&mut *tx).await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS workload_audit (
              job_id bigint NOT NULL, account text NOT NULL, seq bigint NOT NULL, attempt int NOT NULL,
@@ -30,8 +34,9 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
              job_id bigint NOT NULL, account text NOT NULL, seq bigint NOT NULL, attempt int NOT NULL,
              at timestamptz NOT NULL DEFAULT clock_timestamp());",
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
