@@ -352,7 +352,6 @@ async fn run_attempt(
 
         let options = handler.as_ref().map(|h| h.options().clone()).unwrap_or_default();
         let exhausted = job.attempt >= job.max_attempts;
-        let mut rng = fastrand::Rng::new();
         let fail = |outcome: &'static str, error: String, after: Option<Duration>| {
             if exhausted {
                 Finish::Discard { outcome, error: format!("{error} (attempt {} of {}: giving up)", job.attempt, job.max_attempts) }
@@ -361,7 +360,6 @@ async fn run_attempt(
                 Finish::Retry { after, outcome, error }
             }
         };
-        let _ = &mut rng;
         let mut finish = match ended {
             Ended::Returned(Ok(Outcome::Done)) => Finish::Completed,
             Ended::Returned(Ok(Outcome::Retry { after })) => fail("retry", "handler asked to retry".into(), after),
