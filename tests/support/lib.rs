@@ -2,6 +2,8 @@
 //! (run the tests through `deploy/pg.sh run …`, which starts a throwaway server),
 //! polling helpers, and a handle on node processes.
 
+pub mod soak;
+
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::future::Future;
 use std::time::Duration;
@@ -214,6 +216,7 @@ impl Drop for NodeProc {
 /// A private PostgreSQL server (for tests that stop and restart it).
 pub struct PrivatePg {
     pub dir: std::path::PathBuf,
+    /// The port, stable across restarts.
     pub port: u16,
 }
 
