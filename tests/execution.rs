@@ -165,7 +165,7 @@ async fn many_accounts_run_in_order_without_overlap_under_load() {
         }
     }
     node.client().enqueue_many(&jobs).await.unwrap();
-    let total = (accounts * per_account) as i64;
+    let total = accounts * per_account;
     eventually(Duration::from_secs(120), "all audit jobs completed", || async {
         (count_state(&db.pool, "completed").await == total).then_some(())
     })

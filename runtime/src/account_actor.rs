@@ -93,7 +93,8 @@ pub enum AccountMsg {
     AbortRunning,
 }
 
-/// How an attempt task ended.
+/// How an attempt task ended. (Sent boxed, so the variants' size difference is moot.)
+#[allow(clippy::large_enum_variant)]
 pub enum AttemptReport {
     /// The outcome was recorded; `next` is the account's next job, already claimed
     /// under `lease` (needed to undo the claim if the account is draining).
@@ -166,7 +167,7 @@ impl Actor for AccountActor {
                     Err(Error::Fenced { .. }) => myself.stop(Some("fenced".into())),
                     Err(e) => {
                         tracing::warn!(account = %st.account, error = %e, "claim failed; retrying shortly");
-                        let _ = myself.send_after(Duration::from_millis(500), || AccountMsg::Wake);
+                        drop(myself.send_after(Duration::from_millis(500), || AccountMsg::Wake));
                     }
                 }
             }
@@ -190,7 +191,7 @@ impl Actor for AccountActor {
                         None if st.draining => myself.stop(Some("drained".into())),
                         None => {
                             if let Some(d) = wake_in {
-                                let _ = myself.send_after(d, || AccountMsg::Wake);
+                                drop(myself.send_after(d, || AccountMsg::Wake));
                             }
                             arm_idle(&myself, st);
                         }
@@ -210,7 +211,7 @@ impl Actor for AccountActor {
                 if st.running.is_none() {
                     myself.stop(Some("drained".into()));
                 } else {
-                    let _ = myself.send_after(st.shared.config.drain_timeout, || AccountMsg::AbortRunning);
+                    drop(myself.send_after(st.shared.config.drain_timeout, || AccountMsg::AbortRunning));
                 }
             }
             AccountMsg::AbortRunning => {
@@ -241,7 +242,7 @@ impl Actor for AccountActor {
 fn arm_idle(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
     st.idle_generation += 1;
     let generation = st.idle_generation;
-    let _ = myself.send_after(st.shared.config.idle_timeout, move || AccountMsg::IdleCheck(generation));
+    drop(myself.send_after(st.shared.config.idle_timeout, move || AccountMsg::IdleCheck(generation)));
 }
 
 fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobRow, lease: ActiveLease) {

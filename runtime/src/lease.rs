@@ -185,6 +185,9 @@ impl LeaseTable {
     }
 }
 
+/// Told which partitions were just fenced (to stop their actors).
+pub type OnFence = Arc<dyn Fn(&[u32]) + Send + Sync>;
+
 /// Renews held leases every `renew_interval` and self-fences partitions whose
 /// window passes without a successful renewal. `on_fence` is told which partitions
 /// were fenced so the caller can stop their actors.
@@ -192,7 +195,7 @@ pub async fn keep_leases(
     store: Arc<dyn Store>,
     table: Arc<LeaseTable>,
     config: LeaseConfig,
-    on_fence: Arc<dyn Fn(&[u32]) + Send + Sync>,
+    on_fence: OnFence,
     shutdown: CancellationToken,
 ) {
     let mut next_renew = Instant::now() + config.renew_interval;
@@ -249,7 +252,7 @@ pub async fn keep_leases(
     }
 }
 
-fn fence(table: &LeaseTable, partitions: &[u32], on_fence: &Arc<dyn Fn(&[u32]) + Send + Sync>) {
+fn fence(table: &LeaseTable, partitions: &[u32], on_fence: &OnFence) {
     for p in partitions {
         if let Some(l) = table.fence(*p) {
             tracing::info!(partition = l.partition, epoch = l.epoch, "ownership: fenced partition");
