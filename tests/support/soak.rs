@@ -34,6 +34,10 @@ pub struct SoakReport {
     pub audit: warden_examples::workload::AuditReport,
     /// Jobs accepted but neither completed nor discarded nor cancelled at the end.
     pub lost: i64,
+    /// Executor writes the database rejected because the lease epoch had moved on.
+    pub fenced_writes_rejected: u64,
+    /// Attempts a node dropped itself because its lease window closed (self-fencing).
+    pub attempts_self_fenced: u64,
 }
 
 impl SoakReport {
@@ -50,6 +54,8 @@ impl SoakReport {
         s += &format!("| overlapping attempts (attempts table / audit log) | {} / {} |\n", self.history.overlaps, self.audit.overlaps);
         s += &format!("| order violations (attempts table / audit log) | {} / {} |\n", self.history.order_violations, self.audit.order_violations);
         s += &format!("| attempts rescued from older epochs | {} |\n", self.history.rescued_attempts);
+        s += &format!("| fenced writes rejected by the database | {} |\n", self.fenced_writes_rejected);
+        s += &format!("| attempts dropped by self-fencing | {} |\n", self.attempts_self_fenced);
         s += &format!("| external effects duplicated (at-least-once, not a failure) | {} |\n", self.audit.duplicate_effects);
         s += &format!("| recovery after a fault p50 / p99 / max | {} / {} / {} ms |\n", p(0.5), p(0.99), p(1.0));
         for (k, v) in &self.faults {
@@ -159,7 +165,9 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
                 log(&mut report, "sigkill+restart", victim.clone());
                 let m = members.get_mut(&victim).unwrap();
                 m.proc_.as_ref().unwrap().signal(libc::SIGKILL);
-                m.proc_ = None;
+                if let Some(old) = m.proc_.take() {
+                    tally(&mut report, &old);
+                }
                 tokio::time::sleep(Duration::from_millis(rng.u64(200..1500))).await;
                 let p = start_member(&cfg, &victim, &members[&victim], seed_port).await;
                 members.get_mut(&victim).unwrap().proc_ = Some(p);
@@ -179,6 +187,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
                 p.signal(libc::SIGTERM);
                 let st = p.wait_exit(Duration::from_secs(10)).await;
                 assert!(st.is_some_and(|s| s.success()), "{victim} did not exit cleanly on SIGTERM (seed {})", cfg.seed);
+                tally(&mut report, &p);
                 let p = start_member(&cfg, &victim, &members[&victim], seed_port).await;
                 members.get_mut(&victim).unwrap().proc_ = Some(p);
             }
@@ -219,6 +228,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
                 p.signal(libc::SIGTERM);
                 let st = p.wait_exit(Duration::from_secs(10)).await;
                 assert!(st.is_some_and(|s| s.success()), "{victim} did not exit cleanly on scale-in (seed {})", cfg.seed);
+                tally(&mut report, &p);
                 members.remove(&victim);
             }
             _ => continue,
@@ -255,8 +265,20 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
     report.lost += (report.enqueued - total).max(0);
     report.history = warden_runtime::history::check(&pool).await.unwrap();
     report.audit = warden_examples::workload::check(&pool).await.unwrap();
+    for m in members.values() {
+        if let Some(p) = &m.proc_ {
+            tally(&mut report, p);
+        }
+    }
     drop(members);
     report
+}
+
+/// Count, from a node's log, fenced writes it saw rejected and attempts it self-fenced.
+fn tally(report: &mut SoakReport, p: &NodeProc) {
+    let log = p.log.lock().unwrap();
+    report.fenced_writes_rejected += log.iter().filter(|l| l.contains("rejected by the lease fence")).count() as u64;
+    report.attempts_self_fenced += log.iter().filter(|l| l.contains("lease lost: attempt dropped")).count() as u64;
 }
 
 async fn completed(pool: &sqlx::PgPool) -> i64 {
