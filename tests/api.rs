@@ -8,24 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 use warden_runtime::api::{self, pb, Auth};
-use warden_runtime::lease::LeaseConfig;
 use warden_runtime::{Node, NodeConfig, PartitionCount};
 use warden_tests::{eventually, PrivatePg, TestDb};
 
 const CLI: &str = env!("CARGO_BIN_EXE_warden-cli");
 
 fn config(id: &str) -> NodeConfig {
-    NodeConfig {
-        node_id: id.into(),
-        partitions: PartitionCount::new(16).unwrap(),
-        lease: LeaseConfig {
-            ttl: Duration::from_secs(2),
-            renew_interval: Duration::from_millis(400),
-            safety_margin: Duration::from_millis(500),
-        },
-        enforcer_interval: Duration::from_millis(200),
-        ..Default::default()
-    }
+    warden_tests::fast_node_config(id, 16)
 }
 
 async fn node_on(url: &str, id: &str) -> Node {

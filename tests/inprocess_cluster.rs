@@ -6,11 +6,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 use warden_cluster::membership::ChannelTransport;
-use warden_cluster::{GossipConfig, GossipMembership, PartitionCount};
+use warden_cluster::{GossipConfig, GossipMembership};
 use warden_examples::workload::{self, Audit, AuditArgs};
-use warden_runtime::lease::LeaseConfig;
 use warden_runtime::node::ClusterOptions;
-use warden_runtime::{history, NewJob, Node, NodeConfig};
+use warden_runtime::{history, NewJob, Node};
 use warden_tests::{count_state, eventually, owners, TestDb};
 
 const P: u32 = 32;
@@ -24,17 +23,7 @@ async fn start_node(db: &TestDb, t: &ChannelTransport, id: &str, port: u16) -> N
     g.seeds = vec!["127.0.0.1:7001".into()];
     g.gossip_interval = Duration::from_millis(20);
     let membership = GossipMembership::start(g, t).await.unwrap();
-    let config = NodeConfig {
-        node_id: id.into(),
-        partitions: PartitionCount::new(P).unwrap(),
-        lease: LeaseConfig {
-            ttl: Duration::from_secs(2),
-            renew_interval: Duration::from_millis(400),
-            safety_margin: Duration::from_millis(500),
-        },
-        enforcer_interval: Duration::from_millis(200),
-        ..Default::default()
-    };
+    let config = warden_tests::fast_node_config(id, P);
     Node::builder(config)
         .cluster(membership, ClusterOptions { settle_delay: Duration::from_millis(200), ..Default::default() })
         .register(Audit { node: id.into(), pool: db.pool.clone() })

@@ -365,3 +365,18 @@ pub async fn assert_guarantee(pool: &PgPool, total: i64) -> warden_runtime::hist
     assert_eq!((audit.duplicate_jobs, audit.overlaps, audit.order_violations), (0, 0, 0), "{audit:?}");
     h
 }
+
+/// A node configuration for in-process tests: short lease (2 s), fast enforcer.
+pub fn fast_node_config(id: &str, partitions: u32) -> warden_runtime::NodeConfig {
+    warden_runtime::NodeConfig {
+        node_id: id.into(),
+        partitions: warden_runtime::PartitionCount::new(partitions).unwrap(),
+        lease: warden_runtime::lease::LeaseConfig {
+            ttl: Duration::from_secs(2),
+            renew_interval: Duration::from_millis(400),
+            safety_margin: Duration::from_millis(500),
+        },
+        enforcer_interval: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
