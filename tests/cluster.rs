@@ -166,7 +166,19 @@ async fn scale_out_under_load_moves_only_what_the_ring_moves() {
     c.add("n4").await;
     let after = wait_stable(&db.pool, &["n1", "n2", "n3", "n4"], Duration::from_secs(1)).await;
     let moved: Vec<i32> = before.keys().filter(|p| before[p].0 != after[p].0).copied().collect();
-    assert!(moved.iter().all(|p| after[p].0 == "n4"), "partitions only move to the new node");
+    // Ownership is exactly the ring's: moves go to the new node, plus the few the
+    // load cap forces between old ones.
+    let ring = warden_cluster::place(
+        &["n1", "n2", "n3", "n4"].map(String::from),
+        warden_cluster::PartitionCount::new(P as u32).unwrap(),
+        &warden_cluster::RingConfig::default(),
+    )
+    .unwrap();
+    for (p, (owner, _)) in &after {
+        assert_eq!(ring.owner(*p as u32), owner, "partition {p} is where the ring puts it");
+    }
+    let to_new = moved.iter().filter(|p| after[p].0 == "n4").count();
+    assert!(to_new * 10 >= moved.len() * 8, "most moves go to the new node: {to_new} of {}", moved.len());
     let ideal = P / 4;
     assert!(moved.len() <= ideal * 13 / 10 + 1, "moved {} partitions, ideal {ideal}", moved.len());
     wait_all_done(&db.pool, total).await;

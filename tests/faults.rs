@@ -1,9 +1,11 @@
-//! A short fixed-seed run of the fault-injection harness (`support/soak.rs`): random
-//! kills, pauses, graceful restarts, database cuts and restarts, terminated
-//! connections and scaling, then the full-history checker. A violation prints the seed.
+//! The fault-injection harness (`support/soak.rs`) in CI: a short fixed-seed run of
+//! random faults (kills, pauses, graceful restarts, database cuts and restarts,
+//! terminated connections, scaling, gossip partitions between node processes), and
+//! the cluster's fixed scenarios expressed as a script of the same steps. Both end
+//! with the full-history checker; a violation prints the seed.
 
 use std::time::Duration;
-use warden_tests::soak::{run_soak, SoakConfig};
+use warden_tests::soak::{run_soak, Schedule, SoakConfig, Step};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
@@ -11,7 +13,7 @@ async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
     let secs = std::env::var("WARDEN_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let report = run_soak(SoakConfig {
         seed,
-        duration: Duration::from_secs(secs),
+        schedule: Schedule::Random { duration: Duration::from_secs(secs) },
         accounts: 30,
         rate: 100,
         node_bin: env!("CARGO_BIN_EXE_warden-test-node").into(),
@@ -21,5 +23,53 @@ async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
     eprintln!("{table}");
     assert!(report.is_clean(), "guarantee violated — reproduce with WARDEN_SOAK_SEED={seed}\n{table}");
     assert!(report.faults.values().sum::<u32>() >= 5, "too few faults injected:\n{table}");
+    assert!(report.history.completed > 500, "too little work done:\n{table}");
+}
+
+/// The fixed multi-process scenarios of the cluster issue, as one script over one
+/// loaded cluster: three nodes own every partition; a fourth joins and only what the
+/// ring moves is re-leased; SIGTERM drains and exits 0 in bounded time; a SIGKILLed
+/// node's partitions are taken over while it is down; a node paused past its lease
+/// TTL is fenced and rejoins; PostgreSQL restarts; a node cut off from the database
+/// (not from its peers) self-fences; a node cut off from its peers (not from the
+/// database) keeps the guarantee while the rest re-form the ring; each followed by
+/// ownership settling on the running nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_cluster_scenarios_keep_the_serial_guarantee() {
+    let n = |s: &str| s.to_string();
+    let script = vec![
+        Step::ExpectOwned,
+        Step::Quiet { ms: 1000 },
+        Step::ScaleOut { check: true },
+        Step::SigTermRestart { node: n("n2") },
+        Step::ExpectOwned,
+        Step::SigKill { node: n("n3") },
+        Step::ExpectOwned,
+        Step::Restart { node: n("n3") },
+        Step::ExpectOwned,
+        Step::SigStop { node: n("n1"), ms: 3500 },
+        Step::ExpectOwned,
+        Step::PgRestart { down_ms: 1500 },
+        Step::ExpectOwned,
+        Step::DbCut { node: n("n2"), ms: 4000 },
+        Step::ExpectOwned,
+        Step::GossipPartition { side: vec![n("n4")], ms: 5000 },
+        Step::ExpectOwned,
+        Step::GossipPartition { side: vec![n("n1"), n("n2")], ms: 4000 },
+        Step::ExpectOwned,
+        Step::ScaleIn { node: n("n4") },
+        Step::ExpectOwned,
+    ];
+    let report = run_soak(SoakConfig {
+        seed: 1,
+        schedule: Schedule::Script(script),
+        accounts: 30,
+        rate: 100,
+        node_bin: env!("CARGO_BIN_EXE_warden-test-node").into(),
+    })
+    .await;
+    let table = report.table();
+    eprintln!("{table}");
+    assert!(report.is_clean(), "a fixed scenario failed\n{table}");
     assert!(report.history.completed > 500, "too little work done:\n{table}");
 }

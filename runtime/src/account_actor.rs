@@ -119,6 +119,10 @@ pub struct AccountState {
     wake_flag: Arc<AtomicBool>,
     claim_next: Arc<AtomicBool>,
     running: Option<Running>,
+    /// A wake-up arrived while an attempt ran. The attempt's finish statement claims
+    /// the next job, but a job committed after that statement looked (and before the
+    /// actor heard the attempt was done) would otherwise wait for the due-work poll.
+    woken_while_running: bool,
     draining: bool,
     idle_generation: u64,
 }
@@ -145,6 +149,7 @@ impl Actor for AccountActor {
             wake_flag: args.wake_flag,
             claim_next: Arc::new(AtomicBool::new(true)),
             running: None,
+            woken_while_running: false,
             draining: false,
             idle_generation: 0,
         })
@@ -154,7 +159,11 @@ impl Actor for AccountActor {
         match msg {
             AccountMsg::Wake => {
                 st.wake_flag.store(false, Ordering::Release);
-                if st.running.is_some() || st.draining {
+                if st.draining {
+                    return Ok(());
+                }
+                if st.running.is_some() {
+                    st.woken_while_running = true;
                     return Ok(());
                 }
                 let Some(lease) = st.shared.leases.current(st.partition) else {
@@ -173,6 +182,7 @@ impl Actor for AccountActor {
             }
             AccountMsg::Done(report) => {
                 st.running = None;
+                let rewake = std::mem::take(&mut st.woken_while_running);
                 match *report {
                     AttemptReport::Stopped => myself.stop(Some("attempt stopped".into())),
                     AttemptReport::Finished { next, wake_in, lease } => match next {
@@ -190,7 +200,10 @@ impl Actor for AccountActor {
                         },
                         None if st.draining => myself.stop(Some("drained".into())),
                         None => {
-                            if let Some(d) = wake_in {
+                            if rewake {
+                                // Look again: one claim, only when a wake-up raced the finish.
+                                let _ = myself.send_message(AccountMsg::Wake);
+                            } else if let Some(d) = wake_in {
                                 drop(myself.send_after(d, || AccountMsg::Wake));
                             }
                             arm_idle(&myself, st);

@@ -48,6 +48,32 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
+    /// An enforcer without an executor: its account-actor map has no handlers, so it
+    /// only reconciles leases with placement. This is the ownership logic alone, as
+    /// the deterministic simulation (`tests/simulation.rs`) runs it against a model
+    /// store; a node builds its enforcer around its real actors instead. Returns the
+    /// enforcer and the poke its [`run`] loop should be given.
+    pub fn standalone(
+        store: Arc<dyn Store>,
+        leases: Arc<LeaseTable>,
+        placement: Arc<dyn Placement>,
+        lease_config: LeaseConfig,
+    ) -> (Arc<Self>, Arc<Notify>) {
+        let poke = Arc::new(Notify::new());
+        let shared = Arc::new(crate::account_actor::Shared {
+            store: store.clone(),
+            registry: Arc::new(crate::handler::Registry::new()),
+            leases: leases.clone(),
+            config: crate::account_actor::ExecConfig::default(),
+            partitions: store.partitions(),
+            node_id: leases.owner().clone(),
+            poke_enforcer: poke.clone(),
+        });
+        let actors = AccountActors::new(shared);
+        let enforcer = Enforcer { store, leases, actors, placement, lease_config, due_scan_limit: 10_000 };
+        (Arc::new(enforcer), poke)
+    }
+
     /// One full reconciliation: leases, then a due-work scan of every usable partition.
     pub async fn run_once(&self) -> Result<EnforceReport> {
         self.run(Scan::All).await
@@ -110,6 +136,11 @@ impl Enforcer {
             }
             report.acquired = granted.iter().map(|g| g.partition).collect();
             metrics::counter!("warden_lease_acquired_total").increment(granted.len() as u64);
+            // Start the acquired partitions' work before anything else: this is the
+            // tail of a handoff.
+            if scan == Scan::Acquired {
+                report.woken_accounts = self.wake_due(&report.acquired).await?;
+            }
             let missing: Vec<u32> = to_acquire.iter().copied().filter(|p| !report.acquired.contains(p)).collect();
             if !missing.is_empty() {
                 report.retry_in = self.store.lease_wait(self.leases.owner(), &missing).await?;
@@ -141,11 +172,11 @@ impl Enforcer {
         }
 
         // 4. Wake accounts with due work.
-        let usable: Vec<u32> = match scan {
-            Scan::All => self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect(),
-            Scan::Acquired => report.acquired.clone(),
-        };
-        report.woken_accounts = self.wake_due(&usable).await?;
+        // (With `Scan::Acquired` that was done right after acquiring.)
+        if scan == Scan::All {
+            let usable: Vec<u32> = self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
+            report.woken_accounts = self.wake_due(&usable).await?;
+        }
         Ok(report)
     }
 

@@ -183,12 +183,18 @@ impl NodeBuilder {
                 options.settle_delay,
                 shutdown.clone(),
             ));
-            // Join the ring once gossip has had a settle delay to show us the cluster.
-            let (m, delay, stop) = (membership.clone(), options.settle_delay, shutdown.clone());
+            // Join the ring once gossip has had a settle delay to show us the cluster,
+            // and once the executor pool is connected: partitions handed to us must
+            // not wait for connection set-up on their first jobs (it measured as most
+            // of a moved partition's pause on a loaded machine).
+            let (m, delay, stop, warm_pool) = (membership.clone(), options.settle_delay, shutdown.clone(), pool.clone());
             tracker.spawn(async move {
+                let ready = async {
+                    tokio::join!(tokio::time::sleep(delay), warm_up(&warm_pool));
+                };
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(delay) => m.set_state(MemberState::Active).await,
+                    _ = ready => m.set_state(MemberState::Active).await,
                 }
             });
             tracker.spawn(publish_load(
@@ -425,5 +431,30 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Open every executor connection now (bounded by 5 s), so the first jobs after a
+/// join do not pay for connection set-up. Failures are only logged: the pool
+/// connects lazily anyway.
+async fn warm_up(pool: &PgPool) {
+    let n = pool.options().get_max_connections();
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let pool = pool.clone();
+        opening.spawn(async move { pool.acquire().await });
+    }
+    // Hold every connection until all are open, or acquire would reuse the first.
+    let mut open = Vec::new();
+    let collect = async {
+        while let Some(r) = opening.join_next().await {
+            if let Ok(Ok(c)) = r {
+                open.push(c);
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), collect).await {
+        Ok(()) => tracing::debug!(connections = open.len(), "executor pool warmed up"),
+        Err(_) => tracing::warn!(connections = open.len(), "executor pool warm-up timed out; joining anyway"),
     }
 }

@@ -7,7 +7,7 @@
 
 use clap::Parser;
 use std::time::Duration;
-use warden_tests::soak::{run_soak, SoakConfig};
+use warden_tests::soak::{run_soak, Schedule, SoakConfig};
 
 #[derive(Parser)]
 struct Args {
@@ -29,7 +29,7 @@ async fn main() -> std::process::ExitCode {
     eprintln!("warden-soak: seed {seed}, {} minutes", args.minutes);
     let report = run_soak(SoakConfig {
         seed,
-        duration: Duration::from_secs(args.minutes * 60),
+        schedule: Schedule::Random { duration: Duration::from_secs(args.minutes * 60) },
         accounts: args.accounts,
         rate: args.rate,
         node_bin: node_bin.to_string_lossy().into(),

@@ -2,6 +2,7 @@
 //! (run the tests through `deploy/pg.sh run …`, which starts a throwaway server),
 //! polling helpers, and a handle on node processes.
 
+pub mod gossip_net;
 pub mod soak;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
