@@ -11,7 +11,8 @@
 //! - [`membership`] — who is in the cluster: the [`Membership`] seam and its chitchat
 //!   gossip implementation (UDP, or chitchat's in-memory transport in tests).
 //! - [`ring`] — the pure placement function: consistent-hash ring (`hashring`, virtual
-//!   nodes) with bounded loads, from (active members, P) to an owner per partition.
+//!   nodes) with bounded loads, solved as a deferred-acceptance matching, from (active
+//!   members, P) to an owner per partition.
 //! - [`placement`] — what this node should hold: [`SingleNode`], or the ring over the
 //!   active members with a settle delay ([`RingPlacement`], [`Settler`]).
 

@@ -1,6 +1,11 @@
 //! Test support: a fresh database per test on the server named by `DATABASE_URL`
 //! (run the tests through `deploy/pg.sh run …`, which starts a throwaway server),
 //! polling helpers, and a handle on node processes.
+//!
+//! Modules: [`soak`] — the seeded fault-injection harness and its scenario steps;
+//! [`gossip_net`] — UDP relays that let a test cut gossip between node processes.
+//! Here: [`TestDb`], [`NodeProc`], [`PrivatePg`] (a server the test may stop and
+//! restart), [`CutProxy`] (a TCP proxy that can cut a node off from PostgreSQL).
 
 pub mod gossip_net;
 pub mod soak;
