@@ -363,8 +363,18 @@ async fn throughput(args: &Args, n: usize) -> anyhow::Result<f64> {
     let total = (accounts as i64) * per;
     let t0 = Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = 'completed'").fetch_one(&pool).await?;
-        if done == total {
+        // Probe the open-jobs partial index: a count over 20,000 rows every 20 ms would
+        // take PostgreSQL CPU from the nodes being measured.
+        let open: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM warden.jobs WHERE state IN ('scheduled', 'available', 'retryable', 'running'))",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if !open {
+            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = 'completed'").fetch_one(&pool).await?;
+            if done != total {
+                bail!("throughput run: {done} of {total} jobs completed, the rest were not");
+            }
             break;
         }
         if t0.elapsed() > Duration::from_secs(300) {
