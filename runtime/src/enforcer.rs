@@ -255,7 +255,15 @@ async fn lease_loop(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notif
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(sleep_for) => {}
-            _ = poke.notified() => {}
+            _ = poke.notified() => {
+                // Pokes come in bursts during a handoff (one per released lease, from
+                // every releasing node, and one per drained partition): gather them
+                // for a moment so one pass handles many, instead of one pass each.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(POKE_COALESCE) => {}
+                }
+            }
             _ = async {
                 match changes.as_mut() {
                     Some(c) => { if c.changed().await.is_err() { std::future::pending::<()>().await } }
@@ -265,6 +273,9 @@ async fn lease_loop(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notif
         }
     }
 }
+
+/// How long the lease loop gathers pokes before a pass.
+const POKE_COALESCE: Duration = Duration::from_millis(10);
 
 async fn scan_loop(enforcer: Arc<Enforcer>, interval: Duration, rescan: Arc<Notify>, shutdown: CancellationToken) {
     let mut rng = fastrand::Rng::new();
