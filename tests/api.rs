@@ -52,7 +52,11 @@ async fn job_service_end_to_end() {
     let (addr, _stop) = serve(&node, None).await;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
 
-    let a = jobs.enqueue(pb::EnqueueRequest { job: Some(job("acct", "audit", r#"{"seq": 1}"#)) }).await.unwrap().into_inner();
+    let a = jobs
+        .enqueue(pb::EnqueueRequest { job: Some(job("acct", "audit", r#"{"seq": 1}"#)) })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(a.id > 0 && !a.duplicate);
     let batch = jobs
         .enqueue_batch(pb::EnqueueBatchRequest {
@@ -85,7 +89,11 @@ async fn job_service_end_to_end() {
     // The unknown kind was discarded; an operator retries it (and it is discarded again).
     eventually(Duration::from_secs(20), "discarded", || {
         let mut jobs = jobs.clone();
-        async move { (jobs.get_job(pb::GetJobRequest { id: discarded }).await.unwrap().into_inner().job.unwrap().state == "discarded").then_some(()) }
+        async move {
+            (jobs.get_job(pb::GetJobRequest { id: discarded }).await.unwrap().into_inner().job.unwrap().state
+                == "discarded")
+                .then_some(())
+        }
     })
     .await;
     let retried = jobs.retry_job(pb::RetryJobRequest { id: discarded }).await.unwrap().into_inner().job.unwrap();
@@ -93,7 +101,9 @@ async fn job_service_end_to_end() {
 
     // Cancel a scheduled job.
     let later = jobs
-        .enqueue(pb::EnqueueRequest { job: Some(pb::NewJob { delay_ms: 3_600_000, ..job("acct2", "audit", r#"{"seq": 1}"#) }) })
+        .enqueue(pb::EnqueueRequest {
+            job: Some(pb::NewJob { delay_ms: 3_600_000, ..job("acct2", "audit", r#"{"seq": 1}"#) }),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -109,7 +119,12 @@ async fn job_service_end_to_end() {
     let mut token = String::new();
     loop {
         let page = jobs
-            .list_jobs(pb::ListJobsRequest { account: "paged".into(), page_size: 3, page_token: token.clone(), ..Default::default() })
+            .list_jobs(pb::ListJobsRequest {
+                account: "paged".into(),
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -165,7 +180,10 @@ async fn bad_input_and_missing_jobs_get_clear_statuses() {
     let too_many = (0..1001).map(|i| job(&format!("a{i}"), "audit", "")).collect();
     let s = jobs.enqueue_batch(pb::EnqueueBatchRequest { jobs: too_many }).await.unwrap_err();
     assert!(s.code() == Code::InvalidArgument && s.message().contains("limit is 1000"), "{s:?}");
-    let s = jobs.enqueue_batch(pb::EnqueueBatchRequest { jobs: vec![job("ok", "audit", ""), job("", "audit", "")] }).await.unwrap_err();
+    let s = jobs
+        .enqueue_batch(pb::EnqueueBatchRequest { jobs: vec![job("ok", "audit", ""), job("", "audit", "")] })
+        .await
+        .unwrap_err();
     assert!(s.message().starts_with("jobs[1]:"), "{s:?}");
     let s = jobs.list_jobs(pb::ListJobsRequest { page_size: 501, ..Default::default() }).await.unwrap_err();
     assert!(s.code() == Code::InvalidArgument && s.message().contains("limit of 500"), "{s:?}");
@@ -199,16 +217,21 @@ async fn cluster_service_answers_from_the_lease_table() {
     let mut cluster = pb::cluster_client::ClusterClient::new(channel(addr).await);
     let a = cluster.get_assignment(pb::GetAssignmentRequest {}).await.unwrap().into_inner();
     assert_eq!(a.partitions, 16);
-    assert!(a.assignment.iter().all(|p| p.actual_owner == "n1" && p.desired_owner == "n1" && p.handoff == "stable" && p.epoch == 1));
+    assert!(a
+        .assignment
+        .iter()
+        .all(|p| p.actual_owner == "n1" && p.desired_owner == "n1" && p.handoff == "stable" && p.epoch == 1));
     let m = cluster.list_members(pb::ListMembersRequest {}).await.unwrap().into_inner();
     assert_eq!(m.members.len(), 1);
     assert_eq!((m.members[0].node_id.as_str(), m.members[0].partitions_held), ("n1", 16));
     let stats = cluster.node_stats(pb::NodeStatsRequest {}).await.unwrap().into_inner();
     assert!(stats.ready && stats.partitions_held == 16 && stats.node.starts_with("n1/"));
     let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
-    jobs.enqueue(pb::EnqueueRequest { job: Some(pb::NewJob { delay_ms: 60_000, ..job("acct-9", "audit", r#"{"seq":1}"#) }) })
-        .await
-        .unwrap();
+    jobs.enqueue(pb::EnqueueRequest {
+        job: Some(pb::NewJob { delay_ms: 60_000, ..job("acct-9", "audit", r#"{"seq":1}"#) }),
+    })
+    .await
+    .unwrap();
     let l = cluster.locate(pb::LocateRequest { account: "acct-9".into() }).await.unwrap().into_inner();
     assert_eq!(l.partition, warden_runtime::partition_of("acct-9", PartitionCount::new(16).unwrap()));
     assert_eq!((l.actual_owner.as_str(), l.epoch, l.answered_by_owner, l.unfinished_jobs), ("n1", 1, true, 1));
@@ -220,7 +243,10 @@ async fn cluster_service_answers_from_the_lease_table() {
         .unwrap();
     let a = cluster.get_assignment(pb::GetAssignmentRequest {}).await.unwrap().into_inner();
     let p0 = &a.assignment[0];
-    assert_eq!((p0.actual_owner.as_str(), p0.desired_owner.as_str(), p0.handoff.as_str()), ("intruder", "n1", "moving"));
+    assert_eq!(
+        (p0.actual_owner.as_str(), p0.desired_owner.as_str(), p0.handoff.as_str()),
+        ("intruder", "n1", "moving")
+    );
     let m = cluster.list_members(pb::ListMembersRequest {}).await.unwrap().into_inner();
     assert_eq!(m.lease_holders_not_in_gossip, vec!["intruder".to_string()]);
     node.shutdown().await.unwrap();
@@ -268,7 +294,11 @@ async fn cli(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (i32, Str
         .output()
         .await
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[tokio::test]
@@ -276,7 +306,8 @@ async fn cli_tables_json_and_exit_codes() {
     let db = TestDb::new().await;
     let node = node_on(&db.url, "n1").await;
     let (addr, _stop) = serve(&node, None).await;
-    let (code, out, err) = cli(addr, &["jobs", "enqueue", "acct-7", "audit", "--args", r#"{"seq": 1}"#, "--json"], &[]).await;
+    let (code, out, err) =
+        cli(addr, &["jobs", "enqueue", "acct-7", "audit", "--args", r#"{"seq": 1}"#, "--json"], &[]).await;
     assert_eq!(code, 0, "{err}");
     let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_i64().unwrap();
     let (code, out, _) = cli(addr, &["ring"], &[]).await;
@@ -295,7 +326,10 @@ async fn cli_tables_json_and_exit_codes() {
     let (code, out, _) = cli(addr, &["jobs", "list", "--account", "acct-7"], &[]).await;
     assert!(code == 0 && out.contains("completed"), "{out}");
     let (code, out, _) = cli(addr, &["stats", "--json"], &[]).await;
-    assert!(code == 0 && serde_json::from_str::<serde_json::Value>(&out).unwrap()["by_state"]["completed"] == 1, "{out}");
+    assert!(
+        code == 0 && serde_json::from_str::<serde_json::Value>(&out).unwrap()["by_state"]["completed"] == 1,
+        "{out}"
+    );
     // Exit codes.
     let (code, _, err) = cli(addr, &["jobs", "get", "987654"], &[]).await;
     assert_eq!((code, err.trim()), (3, "error: job 987654 not found"));
@@ -406,7 +440,13 @@ async fn ownership_stream_shows_a_node_joining_and_leaving() {
             let m = GossipMembership::start(g, &t).await.unwrap();
             let pool = warden_runtime::store::connect(&url, &Default::default()).await.unwrap();
             Node::builder(config(id))
-                .cluster(m, warden_runtime::node::ClusterOptions { settle_delay: Duration::from_millis(200), ..Default::default() })
+                .cluster(
+                    m,
+                    warden_runtime::node::ClusterOptions {
+                        settle_delay: Duration::from_millis(200),
+                        ..Default::default()
+                    },
+                )
                 .start(pool)
                 .await
                 .unwrap()
@@ -421,7 +461,8 @@ async fn ownership_stream_shows_a_node_joining_and_leaving() {
         async move {
             let a = c.get_assignment(pb::GetAssignmentRequest {}).await.unwrap().into_inner();
             let owners: std::collections::BTreeSet<_> = a.assignment.iter().map(|p| p.actual_owner.clone()).collect();
-            (owners.len() == 2 && !owners.contains("") && a.assignment.iter().all(|p| p.handoff == "stable")).then_some(())
+            (owners.len() == 2 && !owners.contains("") && a.assignment.iter().all(|p| p.handoff == "stable"))
+                .then_some(())
         }
     })
     .await;
@@ -433,7 +474,8 @@ async fn ownership_stream_shows_a_node_joining_and_leaving() {
     next_event(&mut stream, &mut events, |e| e.kind == "moved" && e.to_owner == "n3" && e.epoch > 1).await;
     n3.shutdown().await.unwrap();
     next_event(&mut stream, &mut events, |e| {
-        (e.kind == "member_state" && e.node_id == "n3" && e.state == "leaving") || (e.kind == "member_left" && e.node_id == "n3")
+        (e.kind == "member_state" && e.node_id == "n3" && e.state == "leaving")
+            || (e.kind == "member_left" && e.node_id == "n3")
     })
     .await;
     next_event(&mut stream, &mut events, |e| (e.kind == "moved" || e.kind == "released") && e.from_owner == "n3").await;
@@ -468,7 +510,8 @@ async fn tls_on_the_grpc_port_works_from_the_cli() {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key, ca) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
     // A CA and a leaf certificate it signs (rustls rejects a CA certificate used as the leaf).
-    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        .unwrap();
     let sh = format!(
         "set -e; cd {d}; EC='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
          openssl req -x509 $EC -days 1 -subj /CN=warden-test-ca -keyout ca.key -out ca.pem 2>/dev/null
@@ -488,20 +531,34 @@ async fn tls_on_the_grpc_port_works_from_the_cli() {
     tokio::spawn(async move { server.await.expect("TLS server runs") });
     let run = |args: Vec<String>| async move {
         let out = tokio::process::Command::new(CLI).args(&args).env_remove("WARDEN_API_TOKEN").output().await.unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let https = format!("https://127.0.0.1:{port}");
     let ca = ca.to_str().unwrap().to_string();
     let (code, out, err) = run(vec![
-        "--endpoint".into(), https.clone(), "--ca-cert".into(), ca.clone(), "--tls-domain".into(), "localhost".into(),
-        "--token".into(), "t".into(), "ring".into(),
+        "--endpoint".into(),
+        https.clone(),
+        "--ca-cert".into(),
+        ca.clone(),
+        "--tls-domain".into(),
+        "localhost".into(),
+        "--token".into(),
+        "t".into(),
+        "ring".into(),
     ])
     .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("16 partitions"), "{out}");
-    let (code, _, err) = run(vec!["--endpoint".into(), https.clone(), "--token".into(), "t".into(), "ring".into()]).await;
+    let (code, _, err) =
+        run(vec!["--endpoint".into(), https.clone(), "--token".into(), "t".into(), "ring".into()]).await;
     assert!(code == 1 && err.contains("needs --ca-cert"), "{err}");
-    let (code, _, _) = run(vec!["--endpoint".into(), format!("http://127.0.0.1:{port}"), "--token".into(), "t".into(), "ring".into()]).await;
+    let (code, _, _) =
+        run(vec!["--endpoint".into(), format!("http://127.0.0.1:{port}"), "--token".into(), "t".into(), "ring".into()])
+            .await;
     assert_ne!(code, 0, "plain HTTP/2 to a TLS port fails");
     stop.cancel();
     node.shutdown().await.unwrap();

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 use warden_runtime::Client;
-use warden_tests::{assert_guarantee, audit_jobs, count_state, eventually, free_udp_port, owners, CutProxy, NodeProc, PrivatePg, TestDb};
+use warden_tests::{
+    assert_guarantee, audit_jobs, count_state, eventually, free_udp_port, owners, CutProxy, NodeProc, PrivatePg, TestDb,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
 const P: usize = 64;
@@ -19,14 +21,22 @@ struct Cluster {
 
 fn args(gossip: u16, seed: u16) -> Vec<String> {
     [
-        "--partitions", &P.to_string(),
-        "--lease-ttl-ms", "2000",
-        "--enforcer-interval-ms", "500",
-        "--drain-timeout-ms", "3000",
-        "--settle-delay-ms", "300",
-        "--gossip-interval-ms", "50",
-        "--gossip-listen", &format!("127.0.0.1:{gossip}"),
-        "--seeds", &format!("127.0.0.1:{seed}"),
+        "--partitions",
+        &P.to_string(),
+        "--lease-ttl-ms",
+        "2000",
+        "--enforcer-interval-ms",
+        "500",
+        "--drain-timeout-ms",
+        "3000",
+        "--settle-delay-ms",
+        "300",
+        "--gossip-interval-ms",
+        "50",
+        "--gossip-listen",
+        &format!("127.0.0.1:{gossip}"),
+        "--seeds",
+        &format!("127.0.0.1:{seed}"),
     ]
     .iter()
     .map(|s| s.to_string())

@@ -254,7 +254,11 @@ async fn timeouts_abort_the_attempt_and_record_it() {
     let node = start(&db, config()).await;
     let j = node
         .client()
-        .enqueue(script("t", Script { sleep_ms: 5_000, ..Default::default() }).timeout(Duration::from_millis(200)).max_attempts(2))
+        .enqueue(
+            script("t", Script { sleep_ms: 5_000, ..Default::default() })
+                .timeout(Duration::from_millis(200))
+                .max_attempts(2),
+        )
         .await
         .unwrap();
     let started = std::time::Instant::now();
@@ -277,7 +281,8 @@ async fn cancel_queued_and_running_jobs() {
     let c = node.client();
     // A cooperative handler stops on the token; one that ignores it is aborted after the grace.
     let coop = c.enqueue(script("c1", Script { mode: "wait_cancel".into(), ..Default::default() })).await.unwrap();
-    let stubborn = c.enqueue(script("c2", Script { mode: "ignore_cancel".into(), ..Default::default() })).await.unwrap();
+    let stubborn =
+        c.enqueue(script("c2", Script { mode: "ignore_cancel".into(), ..Default::default() })).await.unwrap();
     let queued = c.enqueue(script("c1", Script { seq: 1, ..Default::default() })).await.unwrap();
     let after = c.enqueue(script("c1", Script { seq: 2, ..Default::default() })).await.unwrap();
     assert_eq!(c.cancel(queued.id).await.unwrap(), CancelResult::Cancelled);
@@ -326,15 +331,14 @@ async fn job_chains_exist_only_if_the_step_completes() {
     let db = TestDb::new().await;
     let node = start(&db, config()).await;
     let c = node.client();
-    let chain = Script { follow_up: Some(Box::new(Script { seq: 2, ..Default::default() })), seq: 1, ..Default::default() };
+    let chain =
+        Script { follow_up: Some(Box::new(Script { seq: 2, ..Default::default() })), seq: 1, ..Default::default() };
     let ok = c.enqueue(script("chain", chain.clone())).await.unwrap();
     let failing = c.enqueue(script("chain2", Script { mode: "discard".into(), ..chain })).await.unwrap();
     wait_finished(&db, ok.id).await;
     wait_finished(&db, failing.id).await;
-    eventually(WAIT, "follow-up completed", || async {
-        (count_state(&db.pool, "completed").await == 2).then_some(())
-    })
-    .await;
+    eventually(WAIT, "follow-up completed", || async { (count_state(&db.pool, "completed").await == 2).then_some(()) })
+        .await;
     let follow_ups: Vec<String> = sqlx::query_scalar("SELECT account FROM warden.jobs WHERE args->>'seq' = '2'")
         .fetch_all(&db.pool)
         .await
@@ -375,20 +379,25 @@ async fn a_wake_up_during_the_finish_of_the_previous_job_is_not_lost() {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut last = 0;
     for seq in 0..300 {
-        last = client.enqueue(script("racy", Script { seq, sleep_ms: rng.u64(0..3), ..Default::default() })).await.unwrap().id;
+        last = client
+            .enqueue(script("racy", Script { seq, sleep_ms: rng.u64(0..3), ..Default::default() }))
+            .await
+            .unwrap()
+            .id;
         tokio::time::sleep(Duration::from_micros(rng.u64(0..4000))).await;
     }
     let t = std::time::Instant::now();
-    let j: warden_runtime::JobRow = eventually(Duration::from_secs(10), "every job ran without waiting for the poll", || async {
-        let j: warden_runtime::JobRow =
-            sqlx::query_as("SELECT * FROM warden.jobs WHERE id = $1").bind(last).fetch_one(&db.pool).await.unwrap();
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state <> 'completed'")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-        (pending == 0).then_some(j)
-    })
-    .await;
+    let j: warden_runtime::JobRow =
+        eventually(Duration::from_secs(10), "every job ran without waiting for the poll", || async {
+            let j: warden_runtime::JobRow =
+                sqlx::query_as("SELECT * FROM warden.jobs WHERE id = $1").bind(last).fetch_one(&db.pool).await.unwrap();
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state <> 'completed'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            (pending == 0).then_some(j)
+        })
+        .await;
     assert_eq!(j.state, "completed");
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_clean(&db).await;
@@ -472,7 +481,7 @@ async fn a_listener_reconnect_rescans_for_work_whose_notification_was_lost() {
     // Polling is effectively off: only wake-ups and the post-reconnect rescan can start work.
     let node = start(&db, NodeConfig { enforcer_interval: Duration::from_secs(3600), ..config() }).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // let the first scan pass
-    // A job whose NOTIFY is lost (inserted behind Warden's back) ...
+                                                          // A job whose NOTIFY is lost (inserted behind Warden's back) ...
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO warden.jobs (account, partition, kind, args, state, run_at, due_at, max_attempts, timeout_ms)
          VALUES ('lost', warden.partition_of('lost', 16), 'script', '{}', 'available', now(), now(), 3, 10000)

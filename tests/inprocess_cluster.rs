@@ -57,7 +57,9 @@ async fn a_gossip_partition_never_yields_two_owners() {
     let mut jobs = Vec::new();
     for seq in 0..30 {
         for a in 0..40 {
-            jobs.push(NewJob::new(format!("acct-{a}"), "audit", AuditArgs { seq, sleep_ms: 5, fail_times: 0 }).unwrap());
+            jobs.push(
+                NewJob::new(format!("acct-{a}"), "audit", AuditArgs { seq, sleep_ms: 5, fail_times: 0 }).unwrap(),
+            );
         }
     }
     let total = jobs.len() as i64;
@@ -92,7 +94,11 @@ async fn a_gossip_partition_never_yields_two_owners() {
     let h = history::check(&db.pool).await.unwrap();
     assert!(h.is_clean(), "{h:?}");
     let audit = workload::check(&db.pool).await.unwrap();
-    assert_eq!((audit.rows, audit.duplicate_jobs, audit.overlaps, audit.order_violations), (total, 0, 0, 0), "{audit:?}");
+    assert_eq!(
+        (audit.rows, audit.duplicate_jobs, audit.overlaps, audit.order_violations),
+        (total, 0, 0, 0),
+        "{audit:?}"
+    );
     for n in [n1, n2, n3] {
         n.shutdown().await.unwrap();
     }

@@ -8,7 +8,8 @@ use warden_tests::{assert_guarantee, audit_jobs, count_state, eventually, NodePr
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
 /// Short lease so tests fail over quickly; everything else default.
-const FAST: &[&str] = &["--partitions", "16", "--lease-ttl-ms", "2000", "--enforcer-interval-ms", "200", "--drain-timeout-ms", "3000"];
+const FAST: &[&str] =
+    &["--partitions", "16", "--lease-ttl-ms", "2000", "--enforcer-interval-ms", "200", "--drain-timeout-ms", "3000"];
 
 #[tokio::test]
 async fn sigkill_mid_run_then_restart_loses_nothing_and_reruns_nothing() {
@@ -99,7 +100,9 @@ async fn database_outage_pauses_execution_and_resumes_without_loss_or_duplicates
 async fn http_get(port: u16, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();

@@ -39,7 +39,11 @@ const STEP: Duration = Duration::from_millis(50);
 const SETTLE: Duration = Duration::from_millis(300);
 
 fn cfg() -> LeaseConfig {
-    LeaseConfig { ttl: Duration::from_secs(2), renew_interval: Duration::from_millis(500), safety_margin: Duration::from_millis(500) }
+    LeaseConfig {
+        ttl: Duration::from_secs(2),
+        renew_interval: Duration::from_millis(500),
+        safety_margin: Duration::from_millis(500),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -67,7 +71,10 @@ impl SimStore {
     /// Send a statement: it reaches the database after half a round trip (or when
     /// the outage ends) and is applied there whatever happens to the caller, like a
     /// statement already on the wire; the answer takes the other half.
-    async fn statement<T: Send + 'static>(&self, apply: impl FnOnce(&mut Vec<DbLease>, Instant) -> T + Send + 'static) -> T {
+    async fn statement<T: Send + 'static>(
+        &self,
+        apply: impl FnOnce(&mut Vec<DbLease>, Instant) -> T + Send + 'static,
+    ) -> T {
         let rtt = {
             let mut rng = self.rng.lock().unwrap();
             // Mostly 1–20 ms; one statement in 50 is slow (up to 1.5 s).
@@ -102,7 +109,12 @@ impl Store for SimStore {
         PartitionCount::new(P).unwrap()
     }
 
-    async fn acquire(&self, owner: &str, partitions: &[u32], ttl: Duration) -> warden_runtime::Result<Vec<GrantedLease>> {
+    async fn acquire(
+        &self,
+        owner: &str,
+        partitions: &[u32],
+        ttl: Duration,
+    ) -> warden_runtime::Result<Vec<GrantedLease>> {
         let (owner, partitions) = (owner.to_string(), partitions.to_vec());
         Ok(self
             .statement(move |db, now| {
@@ -181,7 +193,14 @@ impl Store for SimStore {
         unsupported("claim")
     }
 
-    async fn finish(&self, _tx: Option<JobTx>, _job: &JobRow, _fence: &Fence, _finish: &Finish, _next: bool) -> warden_runtime::Result<Option<JobRow>> {
+    async fn finish(
+        &self,
+        _tx: Option<JobTx>,
+        _job: &JobRow,
+        _fence: &Fence,
+        _finish: &Finish,
+        _next: bool,
+    ) -> warden_runtime::Result<Option<JobRow>> {
         unsupported("finish")
     }
 
@@ -294,8 +313,11 @@ impl SimNode {
         let owner: Arc<str> = Arc::from(format!("{id}/1"));
         let table = Arc::new(LeaseTable::new(owner));
         let down_until = Arc::new(Mutex::new(None));
-        let store: Arc<dyn Store> =
-            Arc::new(SimStore { db: db.clone(), down_until: down_until.clone(), rng: Mutex::new(fastrand::Rng::with_seed(seed)) });
+        let store: Arc<dyn Store> = Arc::new(SimStore {
+            db: db.clone(),
+            down_until: down_until.clone(),
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+        });
         let (view, _) = watch::channel(Vec::new());
         let membership = Arc::new(SimMembership { id: id.into(), view: view.clone() });
         let placement = RingPlacement::new(id);
@@ -312,7 +334,13 @@ impl SimNode {
                 stop.clone(),
             ))),
             tokio::spawn(pause.wrap(keep_leases(store, table.clone(), cfg(), Arc::new(|_: &[u32]| {}), stop.clone()))),
-            tokio::spawn(pause.wrap(enforcer::run(enf, Duration::from_millis(500), poke, Arc::new(tokio::sync::Notify::new()), stop))),
+            tokio::spawn(pause.wrap(enforcer::run(
+                enf,
+                Duration::from_millis(500),
+                poke,
+                Arc::new(tokio::sync::Notify::new()),
+                stop,
+            ))),
         ];
         SimNode { table, view, last_view: Vec::new(), lag, pause, paused_until: None, down_until, tasks }
     }
@@ -357,7 +385,11 @@ fn check(nodes: &BTreeMap<String, SimNode>, db: &Db, now: Instant, seed: u64) {
         assert!(actors.len() <= 1, "seed {seed}: partition {p} actable by {actors:?} at {now:?}");
         if let Some((id, epoch)) = actors.first() {
             let d = &db[p as usize];
-            assert_eq!(d.owner.as_deref(), Some(format!("{id}/1").as_str()), "seed {seed}: {id} acts on {p} without owning it");
+            assert_eq!(
+                d.owner.as_deref(),
+                Some(format!("{id}/1").as_str()),
+                "seed {seed}: {id} acts on {p} without owning it"
+            );
             assert_eq!(d.epoch, *epoch, "seed {seed}: {id} acts on {p} with a stale epoch");
             assert!(d.expires > now, "seed {seed}: {id} acts on {p} after the lease expired");
         }
@@ -441,14 +473,19 @@ async fn simulate(seed: u64) {
     }
     // Liveness after healing: every partition owned by the node the ring wants.
     let now = Instant::now();
-    let ring = place(&history.now().into_iter().collect::<Vec<_>>(), PartitionCount::new(P).unwrap(), &RingConfig::default());
+    let ring =
+        place(&history.now().into_iter().collect::<Vec<_>>(), PartitionCount::new(P).unwrap(), &RingConfig::default());
     if let Some(ring) = ring {
         let db = db.lock().unwrap();
         for p in 0..P {
             let want = ring.owner(p);
             if nodes.get(want).is_some_and(|n| !n.pause.is_paused()) {
                 let d = &db[p as usize];
-                assert_eq!(d.owner.as_deref(), Some(format!("{want}/1").as_str()), "seed {seed}: partition {p} not owned by {want} after healing");
+                assert_eq!(
+                    d.owner.as_deref(),
+                    Some(format!("{want}/1").as_str()),
+                    "seed {seed}: partition {p} not owned by {want} after healing"
+                );
                 assert!(d.expires > now, "seed {seed}: {want}'s lease on {p} lapsed after healing");
             }
         }

@@ -1,7 +1,6 @@
 //! Store-level tests: schema, partition hash twin, enqueue paths and limits,
 //! unique keys, claim order, fencing and rescue — directly against PostgreSQL.
 
-
 use std::time::Duration;
 use warden_runtime::store::{self, Fence, Finish, PgStore, Store};
 use warden_runtime::{Client, Error, NewJob, PartitionCount};
@@ -158,10 +157,8 @@ async fn a_row_update_enqueues_a_job_through_a_trigger() {
     .await
     .unwrap();
     sqlx::query("UPDATE orders SET status = 'paid' WHERE id = 1").execute(&db.pool).await.unwrap();
-    let job: warden_runtime::JobRow = sqlx::query_as("SELECT * FROM warden.jobs WHERE kind = 'ship_order'")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let job: warden_runtime::JobRow =
+        sqlx::query_as("SELECT * FROM warden.jobs WHERE kind = 'ship_order'").fetch_one(&db.pool).await.unwrap();
     assert_eq!(job.account, "acct-42");
     assert_eq!(job.args, serde_json::json!({"order": 1}));
     assert_eq!(job.partition as u32, warden_runtime::partition_of("acct-42", client.partitions()));
@@ -188,16 +185,20 @@ async fn claim_follows_serial_order_and_a_failing_head_blocks() {
     let later = chrono::Utc::now() + chrono::Duration::hours(1);
     // Scheduled for later: must not block the earlier-ordered jobs.
     let sched = client.enqueue(NewJob::new("acct", "k", "sched").unwrap().run_at(later)).await.unwrap();
-    let ids = client
-        .enqueue_many(&(0..3).map(|i| NewJob::new("acct", "k", i).unwrap()).collect::<Vec<_>>())
-        .await
-        .unwrap();
+    let ids =
+        client.enqueue_many(&(0..3).map(|i| NewJob::new("acct", "k", i).unwrap()).collect::<Vec<_>>()).await.unwrap();
     let j0 = s.claim("acct", &f).await.unwrap().unwrap();
     assert_eq!(j0.id, ids[0].id);
     assert!(s.claim("acct", &f).await.unwrap().is_none(), "one running serial job per account");
     // Head fails and retries later: nothing behind it may run.
     let next = s
-        .finish(None, &j0, &f, &Finish::Retry { after: Duration::from_millis(300), outcome: "failed", error: "boom".into() }, true)
+        .finish(
+            None,
+            &j0,
+            &f,
+            &Finish::Retry { after: Duration::from_millis(300), outcome: "failed", error: "boom".into() },
+            true,
+        )
         .await
         .unwrap();
     assert!(next.is_none(), "a retrying head blocks its account");
@@ -223,7 +224,10 @@ async fn a_write_with_a_stale_epoch_is_rejected() {
     let f_old = fence_for(&old, "acct", 4);
     let job = s.claim("acct", &f_old).await.unwrap().unwrap();
     // The lease expires (the old owner paused) and a new owner takes it.
-    sqlx::query("UPDATE warden.leases SET lease_expires_at = now() - interval '1 second'").execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE warden.leases SET lease_expires_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let new = own_all(&s, "new/1").await;
     let f_new = fence_for(&new, "acct", 4);
     assert_eq!(f_new.epoch, f_old.epoch + 1);
@@ -235,14 +239,23 @@ async fn a_write_with_a_stale_epoch_is_rejected() {
         .unwrap();
     let err = s.finish(Some(tx), &job, &f_old, &Finish::Completed, true).await.unwrap_err();
     assert!(matches!(err, Error::Fenced { .. }), "{err}");
-    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('zombie_effect')::text").fetch_one(&db.pool).await.unwrap();
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('zombie_effect')::text").fetch_one(&db.pool).await.unwrap();
     assert!(exists.is_none(), "fenced handler writes must roll back");
     assert!(matches!(s.claim("acct", &f_old).await.unwrap_err(), Error::Fenced { .. }));
     assert!(matches!(s.unclaim(&job, &f_old).await.unwrap_err(), Error::Fenced { .. }));
     // Renewal by the old owner fails; the new owner rescues the abandoned attempt.
-    let renewed = s.renew("old/1", &[warden_runtime::store::GrantedLease { partition: f_old.partition, epoch: f_old.epoch }], TTL).await.unwrap();
+    let renewed = s
+        .renew("old/1", &[warden_runtime::store::GrantedLease { partition: f_old.partition, epoch: f_old.epoch }], TTL)
+        .await
+        .unwrap();
     assert!(renewed.is_empty());
-    assert_eq!(s.rescue("new/1", &[warden_runtime::store::GrantedLease { partition: f_new.partition, epoch: f_new.epoch }]).await.unwrap(), 1);
+    assert_eq!(
+        s.rescue("new/1", &[warden_runtime::store::GrantedLease { partition: f_new.partition, epoch: f_new.epoch }])
+            .await
+            .unwrap(),
+        1
+    );
     let j = client.get(e.id).await.unwrap().unwrap();
     assert_eq!((j.state.as_str(), j.attempt), ("retryable", 1));
     let attempts = client.attempts(e.id).await.unwrap();
@@ -262,7 +275,8 @@ async fn released_leases_keep_their_epoch_and_free_the_partition() {
     let a = own_all(&s, "a/1").await;
     // Held leases cannot be taken by another owner.
     assert!(s.acquire("b/1", &[0, 1, 2, 3], TTL).await.unwrap().is_empty());
-    let held: Vec<_> = a.iter().map(|f| warden_runtime::store::GrantedLease { partition: f.partition, epoch: f.epoch }).collect();
+    let held: Vec<_> =
+        a.iter().map(|f| warden_runtime::store::GrantedLease { partition: f.partition, epoch: f.epoch }).collect();
     assert_eq!(s.release("a/1", &held).await.unwrap(), 4);
     let b = s.acquire("b/1", &[0, 1, 2, 3], TTL).await.unwrap();
     assert_eq!(b.len(), 4);
@@ -288,7 +302,6 @@ async fn cancel_and_retry_from_the_client() {
     let r = client.retry(a.id).await.unwrap();
     assert_eq!(r.state, "available");
     assert!(client.retry(a.id).await.unwrap_err().to_string().contains("only discarded or cancelled"));
-
 }
 
 /// Regression: with `FOR SHARE` fences a busy node starved its own lease renewals

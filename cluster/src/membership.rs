@@ -202,7 +202,13 @@ impl GossipMembership {
                 });
             }
         });
-        Ok(Arc::new(Self { node_id: config.node_id, handle: tokio::sync::Mutex::new(Some(handle)), chitchat, view, stop }))
+        Ok(Arc::new(Self {
+            node_id: config.node_id,
+            handle: tokio::sync::Mutex::new(Some(handle)),
+            chitchat,
+            view,
+            stop,
+        }))
     }
 }
 
@@ -307,7 +313,11 @@ mod tests {
         b.set_state(MemberState::Active).await;
         b.set_load(&[("partitions", "7".into())]).await;
         wait_for(&a, "b active with load", |v| {
-            v.iter().any(|m| m.node_id == "b" && m.state == MemberState::Active && m.load.get("partitions").map(String::as_str) == Some("7"))
+            v.iter().any(|m| {
+                m.node_id == "b"
+                    && m.state == MemberState::Active
+                    && m.load.get("partitions").map(String::as_str) == Some("7")
+            })
         })
         .await;
         a.shutdown().await;

@@ -20,12 +20,7 @@ pub struct PartitionCountError(pub u32);
 
 impl std::fmt::Display for PartitionCountError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "partition count must be between 1 and {}, got {}",
-            PartitionCount::MAX,
-            self.0
-        )
+        write!(f, "partition count must be between 1 and {}, got {}", PartitionCount::MAX, self.0)
     }
 }
 

@@ -23,8 +23,12 @@ use tonic::{Code, Request, Status};
 use warden_runtime::api::pb;
 
 #[derive(Parser, Debug)]
-#[command(name = "warden", version, about = "Observe ring ownership and operate jobs of a Warden cluster",
-          after_help = "Examples:\n  warden ring\n  warden locate tenant-42\n  warden watch\n  warden jobs enqueue tenant-42 charge --args '{\"purchase\":1}'\n  warden jobs list --state discarded --json\n\nExit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid argument, 5 unavailable, 6 unauthenticated")]
+#[command(
+    name = "warden",
+    version,
+    about = "Observe ring ownership and operate jobs of a Warden cluster",
+    after_help = "Examples:\n  warden ring\n  warden locate tenant-42\n  warden watch\n  warden jobs enqueue tenant-42 charge --args '{\"purchase\":1}'\n  warden jobs list --state discarded --json\n\nExit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid argument, 5 unavailable, 6 unauthenticated"
+)]
 struct Cli {
     /// gRPC endpoint of any node.
     #[arg(long, global = true, env = "WARDEN_ENDPOINT", default_value = "http://127.0.0.1:7070")]
@@ -151,7 +155,9 @@ fn time(ms: i64) -> String {
     if ms == 0 {
         return "-".into();
     }
-    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()).unwrap_or_default()
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_default()
 }
 
 fn job_json(j: &pb::Job) -> serde_json::Value {
@@ -209,25 +215,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Failure::Other("an https:// endpoint needs --ca-cert (the CA that signed the node's certificate)".into())
         })?;
         let pem = std::fs::read(ca).map_err(|e| Failure::Other(format!("reading --ca-cert {}: {e}", ca.display())))?;
-        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        let mut tls =
+            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
         if let Some(d) = &cli.tls_domain {
             tls = tls.domain_name(d.clone());
         }
         endpoint = endpoint.tls_config(tls).map_err(|e| Failure::Other(format!("TLS configuration: {e}")))?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| {
-            // The transport error's sources say what actually failed (refused, TLS, DNS...).
-            let mut msg = format!("cannot connect to {}: {e}", cli.endpoint);
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            Failure::Status(Status::unavailable(msg))
-        })?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        // The transport error's sources say what actually failed (refused, TLS, DNS...).
+        let mut msg = format!("cannot connect to {}: {e}", cli.endpoint);
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        Failure::Status(Status::unavailable(msg))
+    })?;
     let cx = Ctx { channel, token, json: cli.json };
     match cli.cmd {
         Cmd::Members => {
@@ -237,11 +241,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "node_id": m.node_id, "generation": m.generation, "gossip_addr": m.gossip_addr, "grpc_addr": m.grpc_addr,
                     "state": m.state, "live": m.live, "partitions_held": m.partitions_held, "partitions_desired": m.partitions_desired,
                     "active_accounts": m.active_accounts, "backlog": m.backlog })).collect();
-                println!("{}", json!({ "members": members, "lease_holders_not_in_gossip": r.lease_holders_not_in_gossip, "answered_by": r.answered_by }));
+                println!(
+                    "{}",
+                    json!({ "members": members, "lease_holders_not_in_gossip": r.lease_holders_not_in_gossip, "answered_by": r.answered_by })
+                );
             } else {
-                let rows: Vec<Vec<String>> = r.members.iter().map(|m| vec![
-                    m.node_id.clone(), m.state.clone(), m.partitions_held.to_string(), m.partitions_desired.to_string(),
-                    m.active_accounts.to_string(), m.backlog.to_string(), m.grpc_addr.clone(), m.generation.to_string()]).collect();
+                let rows: Vec<Vec<String>> = r
+                    .members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.node_id.clone(),
+                            m.state.clone(),
+                            m.partitions_held.to_string(),
+                            m.partitions_desired.to_string(),
+                            m.active_accounts.to_string(),
+                            m.backlog.to_string(),
+                            m.grpc_addr.clone(),
+                            m.generation.to_string(),
+                        ]
+                    })
+                    .collect();
                 table(&["node", "state", "held", "desired", "actors", "backlog", "grpc", "generation"], &rows);
                 if !r.lease_holders_not_in_gossip.is_empty() {
                     println!("\nholding leases but not seen in gossip: {}", r.lease_holders_not_in_gossip.join(", "));
@@ -266,38 +286,76 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     per.entry(p.desired_owner.clone()).or_default().1 += 1;
                 }
                 match p.handoff.as_str() {
-                    "moving" => { moving += 1; per.entry(p.actual_owner.clone()).or_default().2 += 1; }
+                    "moving" => {
+                        moving += 1;
+                        per.entry(p.actual_owner.clone()).or_default().2 += 1;
+                    }
                     "unowned" => unowned += 1,
                     _ => {}
                 }
             }
             let mean = r.partitions as f64 / per.len().max(1) as f64;
-            let rows: Vec<Vec<String>> = per.iter().map(|(n, (held, desired, mv))| {
-                let bar = "#".repeat(((*held as f64 / r.partitions as f64) * 40.0).round() as usize);
-                vec![n.clone(), held.to_string(), desired.to_string(), mv.to_string(), format!("{:.2}", *held as f64 / mean), bar]
-            }).collect();
+            let rows: Vec<Vec<String>> = per
+                .iter()
+                .map(|(n, (held, desired, mv))| {
+                    let bar = "#".repeat(((*held as f64 / r.partitions as f64) * 40.0).round() as usize);
+                    vec![
+                        n.clone(),
+                        held.to_string(),
+                        desired.to_string(),
+                        mv.to_string(),
+                        format!("{:.2}", *held as f64 / mean),
+                        bar,
+                    ]
+                })
+                .collect();
             table(&["node", "held", "desired", "moving", "load/mean", "share"], &rows);
-            println!("\n{} partitions: {} moving, {} unowned (answered by {})", r.partitions, moving, unowned, r.answered_by);
+            println!(
+                "\n{} partitions: {} moving, {} unowned (answered by {})",
+                r.partitions, moving, unowned, r.answered_by
+            );
             if partitions {
                 println!();
-                let rows: Vec<Vec<String>> = r.assignment.iter().map(|p| vec![p.partition.to_string(), p.actual_owner.clone(),
-                    p.desired_owner.clone(), p.epoch.to_string(), time(p.lease_expires_at_unix_ms), p.handoff.clone()]).collect();
+                let rows: Vec<Vec<String>> = r
+                    .assignment
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.partition.to_string(),
+                            p.actual_owner.clone(),
+                            p.desired_owner.clone(),
+                            p.epoch.to_string(),
+                            time(p.lease_expires_at_unix_ms),
+                            p.handoff.clone(),
+                        ]
+                    })
+                    .collect();
                 table(&["partition", "owner", "desired", "epoch", "lease expires", "handoff"], &rows);
             }
         }
         Cmd::Locate { account } => {
             let r = cx.cluster().locate(cx.req(pb::LocateRequest { account })).await?.into_inner();
             if cx.json {
-                println!("{}", json!({ "account": r.account, "partition": r.partition, "desired_owner": r.desired_owner,
+                println!(
+                    "{}",
+                    json!({ "account": r.account, "partition": r.partition, "desired_owner": r.desired_owner,
                     "actual_owner": r.actual_owner, "epoch": r.epoch, "actor_running": r.actor_running,
                     "answered_by_owner": r.answered_by_owner, "unfinished_jobs": r.unfinished_jobs,
-                    "next_due_job": r.next_due_job.as_ref().map(job_json) }));
+                    "next_due_job": r.next_due_job.as_ref().map(job_json) })
+                );
             } else {
                 println!("account        {}", r.account);
                 println!("partition      {}", r.partition);
-                println!("owner (lease)  {} (epoch {})", if r.actual_owner.is_empty() { "-" } else { &r.actual_owner }, r.epoch);
+                println!(
+                    "owner (lease)  {} (epoch {})",
+                    if r.actual_owner.is_empty() { "-" } else { &r.actual_owner },
+                    r.epoch
+                );
                 println!("owner (ring)   {}", if r.desired_owner.is_empty() { "-" } else { &r.desired_owner });
-                println!("actor running  {}", if r.answered_by_owner { r.actor_running.to_string() } else { "unknown (ask the owner)".into() });
+                println!(
+                    "actor running  {}",
+                    if r.answered_by_owner { r.actor_running.to_string() } else { "unknown (ask the owner)".into() }
+                );
                 println!("unfinished     {}", r.unfinished_jobs);
                 if let Some(j) = r.next_due_job {
                     println!("next job       #{} {} ({}, due {})", j.id, j.kind, j.state, time(j.due_at_unix_ms));
@@ -308,17 +366,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut stream = cx.cluster().watch_ownership(cx.req(pb::WatchOwnershipRequest {})).await?.into_inner();
             while let Some(e) = stream.message().await? {
                 if cx.json {
-                    println!("{}", json!({ "at_unix_ms": e.at_unix_ms, "kind": e.kind, "node_id": e.node_id, "state": e.state,
-                        "partition": e.partition, "from_owner": e.from_owner, "to_owner": e.to_owner, "epoch": e.epoch }));
+                    println!(
+                        "{}",
+                        json!({ "at_unix_ms": e.at_unix_ms, "kind": e.kind, "node_id": e.node_id, "state": e.state,
+                        "partition": e.partition, "from_owner": e.from_owner, "to_owner": e.to_owner, "epoch": e.epoch })
+                    );
                 } else {
                     let what = match e.kind.as_str() {
                         "snapshot" => "watching (events follow)".to_string(),
                         "member_joined" => format!("member {} joined ({})", e.node_id, e.state),
                         "member_left" => format!("member {} left", e.node_id),
                         "member_state" => format!("member {} is now {}", e.node_id, e.state),
-                        "acquired" => format!("partition {} acquired by {} (epoch {})", e.partition, e.to_owner, e.epoch),
-                        "released" => format!("partition {} released by {} (epoch {})", e.partition, e.from_owner, e.epoch),
-                        "moved" => format!("partition {} moved {} → {} (epoch {})", e.partition, e.from_owner, e.to_owner, e.epoch),
+                        "acquired" => {
+                            format!("partition {} acquired by {} (epoch {})", e.partition, e.to_owner, e.epoch)
+                        }
+                        "released" => {
+                            format!("partition {} released by {} (epoch {})", e.partition, e.from_owner, e.epoch)
+                        }
+                        "moved" => format!(
+                            "partition {} moved {} → {} (epoch {})",
+                            e.partition, e.from_owner, e.to_owner, e.epoch
+                        ),
                         other => other.to_string(),
                     };
                     println!("{}  {what}", time(e.at_unix_ms));
@@ -330,16 +398,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Stats => {
             let r = cx.jobs().queue_stats(cx.req(pb::QueueStatsRequest {})).await?.into_inner();
             if cx.json {
-                let top: Vec<_> = r.top_partitions.iter().map(|p| json!({ "partition": p.partition, "backlog": p.backlog, "owner": p.owner })).collect();
-                println!("{}", json!({ "by_state": r.by_state, "backlog_by_node": r.backlog_by_node, "top_partitions": top, "oldest_due_age_ms": r.oldest_due_age_ms }));
+                let top: Vec<_> = r
+                    .top_partitions
+                    .iter()
+                    .map(|p| json!({ "partition": p.partition, "backlog": p.backlog, "owner": p.owner }))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({ "by_state": r.by_state, "backlog_by_node": r.backlog_by_node, "top_partitions": top, "oldest_due_age_ms": r.oldest_due_age_ms })
+                );
             } else {
                 let mut states: Vec<_> = r.by_state.iter().collect();
                 states.sort();
-                table(&["state", "jobs"], &states.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>());
+                table(
+                    &["state", "jobs"],
+                    &states.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>(),
+                );
                 println!();
                 let mut nodes: Vec<_> = r.backlog_by_node.iter().collect();
                 nodes.sort();
-                table(&["node", "backlog"], &nodes.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>());
+                table(
+                    &["node", "backlog"],
+                    &nodes.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>(),
+                );
                 println!("\noldest due job waiting: {} ms", r.oldest_due_age_ms);
             }
         }
@@ -352,8 +433,14 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
     match cmd {
         JobsCmd::Enqueue { account, kind, args, delay_ms, unique_key, max_attempts, priority, lane } => {
             let job = pb::NewJob {
-                account, kind, args_json: args, delay_ms: delay_ms.unwrap_or(0), unique_key: unique_key.unwrap_or_default(),
-                max_attempts: max_attempts.unwrap_or(0), priority: priority.unwrap_or(0), lane: lane.unwrap_or_default(),
+                account,
+                kind,
+                args_json: args,
+                delay_ms: delay_ms.unwrap_or(0),
+                unique_key: unique_key.unwrap_or_default(),
+                max_attempts: max_attempts.unwrap_or(0),
+                priority: priority.unwrap_or(0),
+                lane: lane.unwrap_or_default(),
                 ..Default::default()
             };
             let r = cx.jobs().enqueue(cx.req(pb::EnqueueRequest { job: Some(job) })).await?.into_inner();
@@ -373,27 +460,73 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     "started_at_unix_ms": a.started_at_unix_ms, "finished_at_unix_ms": a.finished_at_unix_ms, "outcome": a.outcome, "error": a.error })).collect();
                 println!("{}", json!({ "job": job_json(&j), "attempts": attempts }));
             } else {
-                println!("job {}  {} / {}  state {}  attempt {}/{}", j.id, j.account, j.kind, j.state, j.attempt, j.max_attempts);
-                println!("args {}  lane {}  partition {}  run_at {}  due {}", j.args_json, j.lane, j.partition, time(j.run_at_unix_ms), time(j.due_at_unix_ms));
+                println!(
+                    "job {}  {} / {}  state {}  attempt {}/{}",
+                    j.id, j.account, j.kind, j.state, j.attempt, j.max_attempts
+                );
+                println!(
+                    "args {}  lane {}  partition {}  run_at {}  due {}",
+                    j.args_json,
+                    j.lane,
+                    j.partition,
+                    time(j.run_at_unix_ms),
+                    time(j.due_at_unix_ms)
+                );
                 if !j.last_error.is_empty() {
                     println!("last error: {}", j.last_error);
                 }
                 println!();
-                let rows: Vec<Vec<String>> = r.attempts.iter().map(|a| vec![a.attempt.to_string(), a.outcome.clone(), a.node.clone(),
-                    a.epoch.to_string(), time(a.started_at_unix_ms), format!("{} ms", a.finished_at_unix_ms - a.started_at_unix_ms), a.error.clone()]).collect();
+                let rows: Vec<Vec<String>> = r
+                    .attempts
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.attempt.to_string(),
+                            a.outcome.clone(),
+                            a.node.clone(),
+                            a.epoch.to_string(),
+                            time(a.started_at_unix_ms),
+                            format!("{} ms", a.finished_at_unix_ms - a.started_at_unix_ms),
+                            a.error.clone(),
+                        ]
+                    })
+                    .collect();
                 table(&["attempt", "outcome", "node", "epoch", "started", "took", "error"], &rows);
             }
         }
         JobsCmd::List { account, kind, state, limit, page_token } => {
-            let r = cx.jobs().list_jobs(cx.req(pb::ListJobsRequest {
-                account: account.unwrap_or_default(), kind: kind.unwrap_or_default(), state: state.unwrap_or_default(),
-                page_size: limit, page_token: page_token.unwrap_or_default(),
-            })).await?.into_inner();
+            let r = cx
+                .jobs()
+                .list_jobs(cx.req(pb::ListJobsRequest {
+                    account: account.unwrap_or_default(),
+                    kind: kind.unwrap_or_default(),
+                    state: state.unwrap_or_default(),
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
             if cx.json {
-                println!("{}", json!({ "jobs": r.jobs.iter().map(job_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token }));
+                println!(
+                    "{}",
+                    json!({ "jobs": r.jobs.iter().map(job_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token })
+                );
             } else {
-                let rows: Vec<Vec<String>> = r.jobs.iter().map(|j| vec![j.id.to_string(), j.account.clone(), j.kind.clone(), j.state.clone(),
-                    format!("{}/{}", j.attempt, j.max_attempts), time(j.run_at_unix_ms), j.last_error.chars().take(60).collect()]).collect();
+                let rows: Vec<Vec<String>> = r
+                    .jobs
+                    .iter()
+                    .map(|j| {
+                        vec![
+                            j.id.to_string(),
+                            j.account.clone(),
+                            j.kind.clone(),
+                            j.state.clone(),
+                            format!("{}/{}", j.attempt, j.max_attempts),
+                            time(j.run_at_unix_ms),
+                            j.last_error.chars().take(60).collect(),
+                        ]
+                    })
+                    .collect();
                 table(&["id", "account", "kind", "state", "attempts", "run_at", "last error"], &rows);
                 if !r.next_page_token.is_empty() {
                     println!("\nmore: --page-token {}", r.next_page_token);
@@ -407,7 +540,9 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
             } else {
                 match r.result.as_str() {
                     "cancelled" => println!("job {id} cancelled"),
-                    "cancel_requested" => println!("job {id} is running: asked to stop (aborted after the grace period)"),
+                    "cancel_requested" => {
+                        println!("job {id} is running: asked to stop (aborted after the grace period)")
+                    }
                     _ => println!("job {id} had already finished ({})", r.state),
                 }
             }

@@ -123,7 +123,8 @@ pub fn init_tracing() {
 /// Build and start a node with the demo and workload handlers.
 pub async fn start_node(args: &NodeArgs) -> anyhow::Result<Node> {
     let config = args.config()?;
-    let store_config = warden_runtime::store::StoreConfig { max_connections: args.max_connections, ..Default::default() };
+    let store_config =
+        warden_runtime::store::StoreConfig { max_connections: args.max_connections, ..Default::default() };
     let pool = warden_runtime::store::connect(&args.database_url, &store_config)
         .await
         .context("connecting to the database")?;
@@ -207,7 +208,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let node = start_node(&args).await?;
     let admin_stop = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = args.admin_addr {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding admin address {addr}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding admin address {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, "admin HTTP listening");
         tokio::spawn(serve_admin(listener, node.clone(), Some(metrics), admin_stop.clone()));
     }
@@ -234,11 +236,14 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             }),
             _ => None,
         };
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding gRPC address {addr}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding gRPC address {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, auth = token.is_some(), tls = tls.is_some(), "gRPC API listening");
         let (n, stop) = (node.clone(), admin_stop.clone());
         tokio::spawn(async move {
-            if let Err(e) = warden_runtime::api::serve_with(listener, n, warden_runtime::api::Auth::new(token), tls, stop).await {
+            if let Err(e) =
+                warden_runtime::api::serve_with(listener, n, warden_runtime::api::Auth::new(token), tls, stop).await
+            {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         });

@@ -140,7 +140,11 @@ impl Actor for AccountActor {
     type State = AccountState;
     type Arguments = AccountArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<AccountMsg>, args: AccountArgs) -> Result<AccountState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<AccountMsg>,
+        args: AccountArgs,
+    ) -> Result<AccountState, ActorProcessingErr> {
         Ok(AccountState {
             account: args.account,
             partition: args.partition,
@@ -155,7 +159,12 @@ impl Actor for AccountActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<AccountMsg>, msg: AccountMsg, st: &mut AccountState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<AccountMsg>,
+        msg: AccountMsg,
+        st: &mut AccountState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             AccountMsg::Wake => {
                 st.wake_flag.store(false, Ordering::Release);

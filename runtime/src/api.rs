@@ -112,7 +112,8 @@ fn new_job(j: Option<pb::NewJob>) -> Result<NewJob, Status> {
                 crate::job::MAX_ARGS_BYTES
             )));
         }
-        serde_json::from_str(&j.args_json).map_err(|e| Status::invalid_argument(format!("args_json is not valid JSON: {e}")))?
+        serde_json::from_str(&j.args_json)
+            .map_err(|e| Status::invalid_argument(format!("args_json is not valid JSON: {e}")))?
     };
     let mut job = NewJob::new(j.account, j.kind, args).map_err(status)?;
     if j.run_at_unix_ms != 0 {
@@ -195,7 +196,10 @@ impl Api {
 
 #[tonic::async_trait]
 impl Cluster for Api {
-    async fn list_members(&self, _r: Request<pb::ListMembersRequest>) -> Result<Response<pb::ListMembersResponse>, Status> {
+    async fn list_members(
+        &self,
+        _r: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
         let actual = self.actual().await?;
         let mut held: BTreeMap<String, u32> = BTreeMap::new();
         for (owner, _, _) in actual.values() {
@@ -248,7 +252,10 @@ impl Cluster for Api {
         }))
     }
 
-    async fn get_assignment(&self, _r: Request<pb::GetAssignmentRequest>) -> Result<Response<pb::GetAssignmentResponse>, Status> {
+    async fn get_assignment(
+        &self,
+        _r: Request<pb::GetAssignmentRequest>,
+    ) -> Result<Response<pb::GetAssignmentResponse>, Status> {
         let actual = self.actual().await?;
         let p = self.node.config().partitions.get();
         let assignment = (0..p)
@@ -313,7 +320,10 @@ impl Cluster for Api {
 
     type WatchOwnershipStream = Pin<Box<dyn Stream<Item = Result<pb::OwnershipEvent, Status>> + Send + 'static>>;
 
-    async fn watch_ownership(&self, _r: Request<pb::WatchOwnershipRequest>) -> Result<Response<Self::WatchOwnershipStream>, Status> {
+    async fn watch_ownership(
+        &self,
+        _r: Request<pb::WatchOwnershipRequest>,
+    ) -> Result<Response<Self::WatchOwnershipStream>, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let api = self.clone();
         tokio::spawn(async move { watch(api, tx).await });
@@ -421,7 +431,10 @@ impl Jobs for Api {
         Ok(Response::new(pb::EnqueueResponse { id: e.id, duplicate: e.duplicate }))
     }
 
-    async fn enqueue_batch(&self, r: Request<pb::EnqueueBatchRequest>) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
+    async fn enqueue_batch(
+        &self,
+        r: Request<pb::EnqueueBatchRequest>,
+    ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
         let jobs = r.into_inner().jobs;
         if jobs.is_empty() {
             return Err(Status::invalid_argument("jobs must not be empty"));
@@ -444,7 +457,10 @@ impl Jobs for Api {
         let id = positive_id(r.into_inner().id)?;
         let job = self.node.client().get(id).await.map_err(status)?.ok_or_else(|| status(Error::JobNotFound(id)))?;
         let attempts = self.node.client().attempts(id).await.map_err(status)?;
-        Ok(Response::new(pb::GetJobResponse { job: Some(job_pb(&job)), attempts: attempts.iter().map(attempt_pb).collect() }))
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(job_pb(&job)),
+            attempts: attempts.iter().map(attempt_pb).collect(),
+        }))
     }
 
     async fn list_jobs(&self, r: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
@@ -456,7 +472,13 @@ impl Jobs for Api {
         let before_id = if r.page_token.is_empty() {
             None
         } else {
-            Some(r.page_token.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| Status::invalid_argument("invalid page_token"))?)
+            Some(
+                r.page_token
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| Status::invalid_argument("invalid page_token"))?,
+            )
         };
         let nonempty = |s: String| (!s.is_empty()).then_some(s);
         if !r.state.is_empty() && crate::job::JobState::parse(&r.state).is_none() {
@@ -498,7 +520,10 @@ impl Jobs for Api {
         Ok(Response::new(pb::RetryJobResponse { job: Some(job_pb(&job)) }))
     }
 
-    async fn queue_stats(&self, _r: Request<pb::QueueStatsRequest>) -> Result<Response<pb::QueueStatsResponse>, Status> {
+    async fn queue_stats(
+        &self,
+        _r: Request<pb::QueueStatsRequest>,
+    ) -> Result<Response<pb::QueueStatsResponse>, Status> {
         let by_state = self.node.client().state_counts().await.map_err(status)?.0.into_iter().collect();
         let backlog_by_node = store::backlog_by_node(self.pool()).await.map_err(status)?.into_iter().collect();
         let top = store::top_partition_backlogs(self.pool(), 20).await.map_err(status)?;
@@ -527,10 +552,16 @@ impl Auth {
     #[allow(clippy::result_large_err)]
     fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(token) = &self.0 else { return Ok(req) };
-        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given =
+            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         match given {
             // Constant-time comparison: do not leak the token length-prefix by timing.
-            Some(g) if g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 => Ok(req),
+            Some(g)
+                if g.len() == token.len()
+                    && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 =>
+            {
+                Ok(req)
+            }
             _ => Err(Status::unauthenticated("missing or invalid bearer token")),
         }
     }
@@ -574,7 +605,8 @@ pub async fn serve_with(
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(
-            tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(tls.cert_pem, tls.key_pem)),
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(tls.cert_pem, tls.key_pem)),
         )?;
     }
     builder
@@ -582,6 +614,9 @@ pub async fn serve_with(
         .timeout(REQUEST_TIMEOUT)
         .add_service(cluster)
         .add_service(jobs)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
         .await
 }

@@ -73,9 +73,7 @@ impl Client {
                     .unwrap_or(JobOptions::default().max_attempts)
             },
             move |k| {
-                reg2.as_ref()
-                    .and_then(|r| r.options(k).map(|o| o.timeout))
-                    .unwrap_or(JobOptions::default().timeout)
+                reg2.as_ref().and_then(|r| r.options(k).map(|o| o.timeout)).unwrap_or(JobOptions::default().timeout)
             },
         )
         .await

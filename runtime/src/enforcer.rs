@@ -89,7 +89,8 @@ impl Enforcer {
     /// Wake (or spawn) the actor of every account with due work in usable partitions.
     pub async fn scan_due(&self) -> Result<EnforceReport> {
         let mut report = EnforceReport::default();
-        let usable: Vec<u32> = self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
+        let usable: Vec<u32> =
+            self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
         report.woken_accounts = self.wake_due(&usable).await?;
         Ok(report)
     }
@@ -116,11 +117,8 @@ impl Enforcer {
         };
 
         // 2. Acquire.
-        let to_acquire: Vec<u32> = desired
-            .difference(&held)
-            .copied()
-            .filter(|p| self.actors.count_in_partition(*p) == 0)
-            .collect();
+        let to_acquire: Vec<u32> =
+            desired.difference(&held).copied().filter(|p| self.actors.count_in_partition(*p) == 0).collect();
         if !to_acquire.is_empty() {
             let sent_at = Instant::now();
             let granted = self.store.acquire(self.leases.owner(), &to_acquire, self.lease_config.ttl).await?;
@@ -174,7 +172,8 @@ impl Enforcer {
         // 4. Wake accounts with due work.
         // (With `Scan::Acquired` that was done right after acquiring.)
         if scan == Scan::All {
-            let usable: Vec<u32> = self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
+            let usable: Vec<u32> =
+                self.leases.held().iter().map(|l| l.partition).filter(|p| self.leases.holds(*p)).collect();
             report.woken_accounts = self.wake_due(&usable).await?;
         }
         Ok(report)

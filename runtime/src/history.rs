@@ -32,7 +32,10 @@ pub struct HistoryReport {
 impl HistoryReport {
     /// True when no serial-guarantee invariant is violated.
     pub fn is_clean(&self) -> bool {
-        self.overlaps == 0 && self.order_violations == 0 && self.reruns_after_completion == 0 && self.double_completions == 0
+        self.overlaps == 0
+            && self.order_violations == 0
+            && self.reruns_after_completion == 0
+            && self.double_completions == 0
     }
 }
 

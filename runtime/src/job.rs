@@ -174,8 +174,8 @@ pub struct NewJob {
 impl NewJob {
     /// A job for `account` of `kind` with `args` serialized to JSON.
     pub fn new(account: impl Into<String>, kind: impl Into<String>, args: impl Serialize) -> Result<Self> {
-        let args = serde_json::to_value(args)
-            .map_err(|e| Error::invalid(format!("args do not serialize to JSON: {e}")))?;
+        let args =
+            serde_json::to_value(args).map_err(|e| Error::invalid(format!("args do not serialize to JSON: {e}")))?;
         Ok(Self {
             account: account.into(),
             kind: kind.into(),
@@ -224,18 +224,14 @@ impl NewJob {
         validate_name("kind", &self.kind, MAX_KIND_BYTES)?;
         let args_len = self.args.to_string().len();
         if args_len > MAX_ARGS_BYTES {
-            return Err(Error::invalid(format!(
-                "args are {args_len} bytes of JSON; the limit is {MAX_ARGS_BYTES}"
-            )));
+            return Err(Error::invalid(format!("args are {args_len} bytes of JSON; the limit is {MAX_ARGS_BYTES}")));
         }
         if let Some(k) = &self.unique_key {
             validate_name("unique_key", k, MAX_UNIQUE_KEY_BYTES)?;
         }
         if let Some(n) = self.max_attempts {
             if !(1..=MAX_MAX_ATTEMPTS).contains(&n) {
-                return Err(Error::invalid(format!(
-                    "max_attempts must be between 1 and {MAX_MAX_ATTEMPTS}, got {n}"
-                )));
+                return Err(Error::invalid(format!("max_attempts must be between 1 and {MAX_MAX_ATTEMPTS}, got {n}")));
             }
         }
         if let Some(t) = self.timeout {
@@ -261,16 +257,10 @@ pub fn validate_name(field: &str, value: &str, max: usize) -> Result<()> {
         return Err(Error::invalid(format!("{field} must not be empty")));
     }
     if value.len() > max {
-        return Err(Error::invalid(format!(
-            "{field} is {} bytes; the limit is {max}",
-            value.len()
-        )));
+        return Err(Error::invalid(format!("{field} is {} bytes; the limit is {max}", value.len())));
     }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
-        return Err(Error::invalid(format!(
-            "{field} contains a control character ({:?})",
-            c
-        )));
+        return Err(Error::invalid(format!("{field} contains a control character ({:?})", c)));
     }
     Ok(())
 }

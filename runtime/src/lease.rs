@@ -151,8 +151,7 @@ impl LeaseTable {
 
     pub fn held(&self) -> Vec<GrantedLease> {
         let held = self.held.lock().unwrap();
-        let mut v: Vec<_> =
-            held.iter().map(|(p, h)| GrantedLease { partition: *p, epoch: h.epoch }).collect();
+        let mut v: Vec<_> = held.iter().map(|(p, h)| GrantedLease { partition: *p, epoch: h.epoch }).collect();
         v.sort_by_key(|l| l.partition);
         v
     }
@@ -219,11 +218,7 @@ pub async fn keep_leases(
             match result {
                 Ok(Ok(renewed)) => {
                     table.renewed(&renewed, sent_at + config.valid_for());
-                    let lost: Vec<u32> = held
-                        .iter()
-                        .map(|l| l.partition)
-                        .filter(|p| !renewed.contains(p))
-                        .collect();
+                    let lost: Vec<u32> = held.iter().map(|l| l.partition).filter(|p| !renewed.contains(p)).collect();
                     if !lost.is_empty() {
                         tracing::warn!(count = lost.len(), partitions = ?lost, "lease renewal refused; fencing");
                         fence(&table, &lost, &on_fence);

@@ -42,5 +42,5 @@ pub use error::{Error, Result};
 pub use handler::{Backoff, FencingToken, Handler, HandlerError, HandlerResult, JobContext, JobOptions, Outcome};
 pub use job::{CancelResult, Enqueued, JobRow, JobState, Lane, NewJob};
 pub use node::{shutdown_signal, Node, NodeBuilder, NodeConfig};
-pub use warden_cluster::{partition_of, PartitionCount};
 pub use sqlx;
+pub use warden_cluster::{partition_of, PartitionCount};

@@ -88,7 +88,11 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { settle_delay: Duration::from_millis(500), ring: RingConfig::default(), load_interval: Duration::from_secs(1) }
+        Self {
+            settle_delay: Duration::from_millis(500),
+            ring: RingConfig::default(),
+            load_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -139,10 +143,8 @@ impl NodeBuilder {
         }
         store::migrate(&pool).await?;
         let partitions = store::init_partitions(&pool, config.partitions).await?;
-        let generation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros())
-            .unwrap_or(0);
+        let generation =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
         let owner: Arc<str> = format!("{}/{}", config.node_id, generation).into();
         let store: Arc<dyn Store> =
             Arc::new(PgStore::new(pool.clone(), partitions).with_finish_idle_timeout(config.lease.ttl));
@@ -187,7 +189,8 @@ impl NodeBuilder {
             // and once the executor pool is connected: partitions handed to us must
             // not wait for connection set-up on their first jobs (it measured as most
             // of a moved partition's pause on a loaded machine).
-            let (m, delay, stop, warm_pool) = (membership.clone(), options.settle_delay, shutdown.clone(), pool.clone());
+            let (m, delay, stop, warm_pool) =
+                (membership.clone(), options.settle_delay, shutdown.clone(), pool.clone());
             tracker.spawn(async move {
                 let ready = async {
                     tokio::join!(tokio::time::sleep(delay), warm_up(&warm_pool));
@@ -407,9 +410,7 @@ async fn publish_load(
     stop: CancellationToken,
 ) {
     loop {
-        membership
-            .set_load(&[("partitions", leases.len().to_string()), ("actors", actors.len().to_string())])
-            .await;
+        membership.set_load(&[("partitions", leases.len().to_string()), ("actors", actors.len().to_string())]).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

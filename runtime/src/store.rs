@@ -22,8 +22,8 @@ use crate::error::{Error, Result};
 use crate::job::{CancelResult, Enqueued, JobRow, NewJob, Schedule};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row};
 use std::str::FromStr;
 use std::time::Duration;
@@ -98,12 +98,23 @@ pub struct Fence {
 pub enum Finish {
     Completed,
     /// Failed (handler error, panic, timeout or explicit retry): retry after `after`.
-    Retry { after: Duration, outcome: &'static str, error: String },
+    Retry {
+        after: Duration,
+        outcome: &'static str,
+        error: String,
+    },
     /// Try again after `after` without using up an attempt.
-    Snooze { after: Duration },
+    Snooze {
+        after: Duration,
+    },
     /// Give up: `outcome` is `discarded`, `failed` (exhausted) or `timeout` (exhausted).
-    Discard { outcome: &'static str, error: String },
-    Cancelled { error: String },
+    Discard {
+        outcome: &'static str,
+        error: String,
+    },
+    Cancelled {
+        error: String,
+    },
 }
 
 impl Finish {
@@ -246,9 +257,8 @@ pub async fn init_partitions(pool: &PgPool, partitions: PartitionCount) -> Resul
         .bind(partitions.get().to_string())
         .execute(&mut *tx)
         .await?;
-    let stored: String = sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'")
-        .fetch_one(&mut *tx)
-        .await?;
+    let stored: String =
+        sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'").fetch_one(&mut *tx).await?;
     let stored: u32 = stored
         .parse()
         .map_err(|_| Error::Config(format!("warden.meta partitions value {stored:?} is not a number")))?;
@@ -268,10 +278,7 @@ pub async fn init_partitions(pool: &PgPool, partitions: PartitionCount) -> Resul
 /// Read P from the database (for clients that do not run a node).
 pub async fn load_partitions(pool: &PgPool) -> Result<PartitionCount> {
     let stored: Option<String> =
-        match sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'")
-            .fetch_optional(pool)
-            .await
-        {
+        match sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'").fetch_optional(pool).await {
             Ok(v) => v,
             // 42P01: undefined_table (no migrations yet); 3F000: invalid_schema_name.
             Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P01" | "3F000")) => None,
@@ -282,13 +289,17 @@ pub async fn load_partitions(pool: &PgPool) -> Result<PartitionCount> {
     PartitionCount::new(p).map_err(|e| Error::Config(e.to_string()))
 }
 
-
 /// Fence check, usable as a CTE body. $P partition, $E epoch, $O owner.
 macro_rules! fence_sql {
     ($p:literal, $e:literal, $o:literal) => {
         concat!(
-            "SELECT 1 FROM warden.leases WHERE partition = ", $p, " AND owner_node = ", $o,
-            " AND epoch = ", $e, " AND lease_expires_at > statement_timestamp() FOR KEY SHARE"
+            "SELECT 1 FROM warden.leases WHERE partition = ",
+            $p,
+            " AND owner_node = ",
+            $o,
+            " AND epoch = ",
+            $e,
+            " AND lease_expires_at > statement_timestamp() FOR KEY SHARE"
         )
     };
 }
@@ -301,13 +312,19 @@ macro_rules! head_sql {
         concat!(
             "SELECT id FROM (",
             "  (SELECT id, state, due_at FROM warden.jobs",
-            "    WHERE account = ", $a, " AND lane = 'serial' AND id <> ", $x,
+            "    WHERE account = ",
+            $a,
+            " AND lane = 'serial' AND id <> ",
+            $x,
             "      AND state IN ('scheduled', 'available', 'retryable', 'running')",
             "    ORDER BY run_at, id LIMIT 1)",
             ") h WHERE h.state <> 'running' AND h.due_at <= statement_timestamp()",
             " UNION ALL ",
             "(SELECT id FROM warden.jobs",
-            "  WHERE account = ", $a, " AND lane = 'unordered' AND id <> ", $x,
+            "  WHERE account = ",
+            $a,
+            " AND lane = 'unordered' AND id <> ",
+            $x,
             "    AND state IN ('scheduled', 'available', 'retryable') AND due_at <= statement_timestamp()",
             "  ORDER BY due_at, id LIMIT 1)",
             " LIMIT 1"
@@ -319,8 +336,11 @@ macro_rules! head_sql {
 macro_rules! claim_update_sql {
     ($e:literal, $o:literal, $cond:literal) => {
         concat!(
-            "UPDATE warden.jobs j SET state = 'running', attempt = j.attempt + 1, epoch = ", $e,
-            ", node = ", $o, ", attempted_at = statement_timestamp()",
+            "UPDATE warden.jobs j SET state = 'running', attempt = j.attempt + 1, epoch = ",
+            $e,
+            ", node = ",
+            $o,
+            ", attempted_at = statement_timestamp()",
             " FROM head WHERE j.id = head.id AND j.state IN ('scheduled', 'available', 'retryable') AND ",
             $cond,
             " RETURNING j.*"
@@ -329,9 +349,15 @@ macro_rules! claim_update_sql {
 }
 
 const CLAIM_SQL: &str = concat!(
-    "WITH fence AS (", fence_sql!("$2", "$3", "$4"), "),",
-    " head AS (", head_sql!("$1", "0"), "),",
-    " next AS (", claim_update_sql!("$3", "$4", "EXISTS (SELECT 1 FROM fence)"), ")",
+    "WITH fence AS (",
+    fence_sql!("$2", "$3", "$4"),
+    "),",
+    " head AS (",
+    head_sql!("$1", "0"),
+    "),",
+    " next AS (",
+    claim_update_sql!("$3", "$4", "EXISTS (SELECT 1 FROM fence)"),
+    ")",
     " SELECT (SELECT count(*) FROM fence) AS fence_held, next.* FROM (SELECT 1) one LEFT JOIN next ON true"
 );
 
@@ -384,7 +410,9 @@ const RESCUE_SQL: &str = concat!(
 );
 
 const UNCLAIM_SQL: &str = concat!(
-    "WITH fence AS (", fence_sql!("$2", "$3", "$4"), ")",
+    "WITH fence AS (",
+    fence_sql!("$2", "$3", "$4"),
+    ")",
     " UPDATE warden.jobs SET state = 'available', attempt = attempt - 1, attempted_at = NULL",
     " WHERE id = $1 AND state = 'running' AND epoch = $3 AND EXISTS (SELECT 1 FROM fence)"
 );
@@ -605,12 +633,12 @@ impl Store for PgStore {
 
     async fn unclaim(&self, job: &JobRow, fence: &Fence) -> Result<()> {
         let r = sqlx::query(UNCLAIM_SQL)
-        .bind(job.id)
-        .bind(fence.partition as i32)
-        .bind(fence.epoch)
-        .bind(&*fence.owner)
-        .execute(&self.pool)
-        .await?;
+            .bind(job.id)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .execute(&self.pool)
+            .await?;
         if r.rows_affected() == 0 {
             return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
         }
@@ -648,11 +676,7 @@ pub async fn insert_jobs(
         return Ok(Vec::new());
     }
     if jobs.len() > crate::job::MAX_BATCH {
-        return Err(Error::invalid(format!(
-            "batch of {} jobs; the limit is {}",
-            jobs.len(),
-            crate::job::MAX_BATCH
-        )));
+        return Err(Error::invalid(format!("batch of {} jobs; the limit is {}", jobs.len(), crate::job::MAX_BATCH)));
     }
     let n = jobs.len();
     let mut account = Vec::with_capacity(n);
@@ -733,9 +757,9 @@ pub async fn insert_jobs(
     // Rows come back in id order, which is insertion order (ORDER BY ord). Inputs whose
     // unique key already had an unfinished job were skipped; map them to that job.
     let mut out = Vec::with_capacity(n);
-    let mut inserted = rows.iter().map(|r| -> Result<(i64, String, Option<String>)> {
-        Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
-    });
+    let mut inserted = rows
+        .iter()
+        .map(|r| -> Result<(i64, String, Option<String>)> { Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)) });
     let mut pending_inserted = inserted.next().transpose()?;
     let mut seen_keys: std::collections::HashMap<(String, String), i64> = Default::default();
     for j in jobs {
@@ -851,10 +875,7 @@ pub async fn retry_job(pool: &PgPool, job_id: i64) -> Result<JobRow> {
 }
 
 pub async fn get_job(pool: &PgPool, job_id: i64) -> Result<Option<JobRow>> {
-    Ok(sqlx::query_as::<_, JobRow>("SELECT * FROM warden.jobs WHERE id = $1")
-        .bind(job_id)
-        .fetch_optional(pool)
-        .await?)
+    Ok(sqlx::query_as::<_, JobRow>("SELECT * FROM warden.jobs WHERE id = $1").bind(job_id).fetch_optional(pool).await?)
 }
 
 pub async fn attempts_of(pool: &PgPool, job_id: i64) -> Result<Vec<crate::job::AttemptRow>> {
@@ -866,9 +887,7 @@ pub async fn attempts_of(pool: &PgPool, job_id: i64) -> Result<Vec<crate::job::A
 
 pub async fn state_counts(pool: &PgPool) -> Result<StateCounts> {
     let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM warden.jobs GROUP BY state ORDER BY state")
-            .fetch_all(pool)
-            .await?;
+        sqlx::query_as("SELECT state, count(*) FROM warden.jobs GROUP BY state ORDER BY state").fetch_all(pool).await?;
     Ok(StateCounts(rows))
 }
 

@@ -23,9 +23,8 @@ pub struct TestDb {
 }
 
 pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL").expect(
-        "DATABASE_URL is not set: run the tests with `deploy/pg.sh run cargo nextest run --workspace`",
-    )
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL is not set: run the tests with `deploy/pg.sh run cargo nextest run --workspace`")
 }
 
 fn with_db(url: &str, db: &str) -> String {
@@ -101,11 +100,7 @@ where
 
 /// Count jobs in a state.
 pub async fn count_state(pool: &PgPool, state: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = $1")
-        .bind(state)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = $1").bind(state).fetch_one(pool).await.unwrap()
 }
 
 /// Count jobs not yet finished.
@@ -133,7 +128,10 @@ impl NodeProc {
         let mut child = Command::new(bin)
             .args(["--database-url", database_url, "--node-id", node_id])
             .args(extra)
-            .env("RUST_LOG", std::env::var("NODE_LOG").unwrap_or_else(|_| "warn,warden_runtime=info,warden_cluster=info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("NODE_LOG").unwrap_or_else(|_| "warn,warden_runtime=info,warden_cluster=info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -156,9 +154,9 @@ impl NodeProc {
         std::thread::spawn(move || {
             use std::io::Write;
             // NODE_LOG_DIR=/some/dir keeps every node's log in a file for post-mortems.
-            let mut file = std::env::var("NODE_LOG_DIR").ok().and_then(|d| {
-                std::fs::File::create(std::path::Path::new(&d).join(format!("{id}-{pid}.log"))).ok()
-            });
+            let mut file = std::env::var("NODE_LOG_DIR")
+                .ok()
+                .and_then(|d| std::fs::File::create(std::path::Path::new(&d).join(format!("{id}-{pid}.log"))).ok());
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var("NODE_ECHO").is_ok() {
                     eprintln!("[{id}] {line}");
@@ -310,16 +308,23 @@ impl CutProxy {
                     let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let pipe = |mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, cut: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+                    let pipe = |mut r: tokio::net::tcp::OwnedReadHalf,
+                                mut w: tokio::net::tcp::OwnedWriteHalf,
+                                cut: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = vec![0u8; 16 * 1024];
                         loop {
-                            let n = match r.read(&mut buf).await { Ok(0) | Err(_) => return, Ok(n) => n };
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
                             // While cut, hold the bytes back until healed (a partition, not a reset).
                             while cut.load(Ordering::Acquire) {
                                 tokio::time::sleep(Duration::from_millis(10)).await;
                             }
-                            if w.write_all(&buf[..n]).await.is_err() { return; }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
                         }
                     };
                     tokio::select! {

@@ -60,13 +60,25 @@ impl SoakReport {
         s += &format!("| jobs enqueued | {} |\n", self.enqueued);
         s += &format!("| completed / discarded | {} / {} |\n", self.history.completed, self.history.discarded);
         s += &format!("| lost (accepted, never finished) | {} |\n", self.lost);
-        s += &format!("| completed jobs that ran again | {} |\n", self.history.reruns_after_completion + self.history.double_completions + self.audit.duplicate_jobs);
-        s += &format!("| overlapping attempts (attempts table / audit log) | {} / {} |\n", self.history.overlaps, self.audit.overlaps);
-        s += &format!("| order violations (attempts table / audit log) | {} / {} |\n", self.history.order_violations, self.audit.order_violations);
+        s += &format!(
+            "| completed jobs that ran again | {} |\n",
+            self.history.reruns_after_completion + self.history.double_completions + self.audit.duplicate_jobs
+        );
+        s += &format!(
+            "| overlapping attempts (attempts table / audit log) | {} / {} |\n",
+            self.history.overlaps, self.audit.overlaps
+        );
+        s += &format!(
+            "| order violations (attempts table / audit log) | {} / {} |\n",
+            self.history.order_violations, self.audit.order_violations
+        );
         s += &format!("| attempts rescued from older epochs | {} |\n", self.history.rescued_attempts);
         s += &format!("| fenced writes rejected by the database | {} |\n", self.fenced_writes_rejected);
         s += &format!("| attempts dropped by self-fencing | {} |\n", self.attempts_self_fenced);
-        s += &format!("| external effects duplicated (at-least-once, not a failure) | {} |\n", self.audit.duplicate_effects);
+        s += &format!(
+            "| external effects duplicated (at-least-once, not a failure) | {} |\n",
+            self.audit.duplicate_effects
+        );
         s += &format!("| recovery after a fault p50 / p99 / max | {} / {} / {} ms |\n", p(0.5), p(0.99), p(1.0));
         s += &format!("| scenario checks failed | {} |\n", self.check_failures.len());
         for (k, v) in &self.faults {
@@ -192,8 +204,18 @@ struct Member {
 }
 
 const NODE_ARGS: &[&str] = &[
-    "--partitions", "64", "--lease-ttl-ms", "2000", "--enforcer-interval-ms", "500",
-    "--drain-timeout-ms", "2000", "--settle-delay-ms", "300", "--gossip-interval-ms", "50",
+    "--partitions",
+    "64",
+    "--lease-ttl-ms",
+    "2000",
+    "--enforcer-interval-ms",
+    "500",
+    "--drain-timeout-ms",
+    "2000",
+    "--settle-delay-ms",
+    "300",
+    "--gossip-interval-ms",
+    "50",
 ];
 const PARTITIONS: usize = 64;
 
@@ -439,7 +461,12 @@ impl Harness {
     /// (moves go to the new node, plus the few the load cap forces between old
     /// ones), and every partition whose owner did not change must keep its lease
     /// epoch: it was never released, so it never paused.
-    fn check_scale_out(&mut self, new: &str, before: &BTreeMap<i32, (String, i64)>, after: &BTreeMap<i32, (String, i64)>) {
+    fn check_scale_out(
+        &mut self,
+        new: &str,
+        before: &BTreeMap<i32, (String, i64)>,
+        after: &BTreeMap<i32, (String, i64)>,
+    ) {
         let members: Vec<String> = self.running();
         let ring = warden_cluster::ring::place(
             &members,
@@ -450,14 +477,19 @@ impl Harness {
         let mut to_new = 0;
         for (p, (owner, epoch)) in after {
             if ring.owner(*p as u32) != owner {
-                self.fail(format!("scale-out: partition {p} is held by {owner}, the ring says {}", ring.owner(*p as u32)));
+                self.fail(format!(
+                    "scale-out: partition {p} is held by {owner}, the ring says {}",
+                    ring.owner(*p as u32)
+                ));
             }
             let Some((old_owner, old_epoch)) = before.get(p) else { continue };
             if owner == new {
                 to_new += 1;
             }
             if owner == old_owner && epoch != old_epoch {
-                self.fail(format!("scale-out: unmoved partition {p} was re-leased (epoch {old_epoch} → {epoch}): it paused"));
+                self.fail(format!(
+                    "scale-out: unmoved partition {p} was re-leased (epoch {old_epoch} → {epoch}): it paused"
+                ));
             }
         }
         let moved = after.iter().filter(|(p, (o, _))| before.get(p).is_some_and(|(b, _)| b != o)).count();

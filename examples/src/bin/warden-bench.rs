@@ -129,29 +129,18 @@ struct BenchDb {
 impl BenchDb {
     async fn create(admin_url: &str, phase: &str) -> anyhow::Result<Self> {
         let name = format!("bench_{phase}_{:08x}", fastrand::u32(..));
-        let mut admin = sqlx::PgConnection::connect(admin_url)
-            .await
-            .context("connecting to DATABASE_URL")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await?;
+        let mut admin = sqlx::PgConnection::connect(admin_url).await.context("connecting to DATABASE_URL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
         admin.close().await?;
-        Ok(Self {
-            admin_url: admin_url.to_string(),
-            url: with_database(admin_url, &name),
-            name,
-        })
+        Ok(Self { admin_url: admin_url.to_string(), url: with_database(admin_url, &name), name })
     }
 
     async fn drop_now(self) -> anyhow::Result<()> {
         let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
         // FORCE: a node's lazily closed connections must not keep the database alive.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&mut admin)
-        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
         Ok(())
     }
@@ -204,14 +193,7 @@ fn redact(url: &str) -> String {
 
 /// A small pool for setup and polling, separate from whatever is being measured.
 async fn harness_pool(url: &str) -> anyhow::Result<sqlx::PgPool> {
-    Ok(store::connect(
-        url,
-        &StoreConfig {
-            max_connections: 4,
-            ..Default::default()
-        },
-    )
-    .await?)
+    Ok(store::connect(url, &StoreConfig { max_connections: 4, ..Default::default() }).await?)
 }
 
 /// Schema, partitions, and the drain workload enqueued account by account.
@@ -236,11 +218,7 @@ fn account_name(i: usize) -> String {
 }
 
 async fn completed(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = 'completed'")
-            .fetch_one(pool)
-            .await?,
-    )
+    Ok(sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = 'completed'").fetch_one(pool).await?)
 }
 
 // ---------------------------------------------------------------------------
@@ -269,10 +247,7 @@ fn proc_stat(pid: &str) -> Option<(u32, u64, u64)> {
 
 /// The local postmaster behind `pool`, if the server runs on this machine.
 async fn find_postmaster(pool: &sqlx::PgPool) -> Option<u32> {
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(pool)
-        .await
-        .ok()?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(pool).await.ok()?;
     let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok();
     if comm(backend as u32)?.trim() != "postgres" {
         return None;
@@ -396,11 +371,7 @@ fn table_header() -> String {
 async fn verify(pool: &sqlx::PgPool, total: i64, what: &str) -> anyhow::Result<HistoryReport> {
     let h = warden_runtime::history::check(pool).await?;
     if h.completed != total || h.attempts != total {
-        bail!(
-            "{what}: {} of {total} jobs completed with {} attempts",
-            h.completed,
-            h.attempts
-        );
+        bail!("{what}: {} of {total} jobs completed with {} attempts", h.completed, h.attempts);
     }
     Ok(h)
 }
@@ -411,10 +382,7 @@ async fn verify(pool: &sqlx::PgPool, total: i64, what: &str) -> anyhow::Result<H
 fn representative(results: &[DrainResult]) -> Option<&DrainResult> {
     let mut groups: Vec<Vec<&DrainResult>> = Vec::new();
     for r in results {
-        match groups
-            .iter_mut()
-            .find(|g| g[0].phase == r.phase && g[0].config == r.config)
-        {
+        match groups.iter_mut().find(|g| g[0].phase == r.phase && g[0].config == r.config) {
             Some(g) => g.push(r),
             None => groups.push(vec![r]),
         }
@@ -547,14 +515,7 @@ async fn baseline_a(args: &Args, variant: QueueVariant, workers: usize) -> anyho
         let cpu1 = cpu_sample(postmaster);
         let h = verify(&pool, total, phase).await?;
         pool.close().await;
-        Ok(DrainResult::new(
-            phase,
-            format!("{workers} workers"),
-            total,
-            secs,
-            (cpu0, cpu1),
-            &h,
-        ))
+        Ok(DrainResult::new(phase, format!("{workers} workers"), total, secs, (cpu0, cpu1), &h))
     })
     .await
 }
@@ -571,9 +532,7 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
         let owner: Arc<str> = "bench-b/1".into();
         // Hold every lease for longer than the run: no keeper is needed.
         let all: Vec<u32> = (0..parts.get()).collect();
-        let granted = PgStore::new(pool.clone(), parts)
-            .acquire(&owner, &all, Duration::from_secs(600))
-            .await?;
+        let granted = PgStore::new(pool.clone(), parts).acquire(&owner, &all, Duration::from_secs(600)).await?;
         if granted.len() != all.len() {
             bail!("{PHASE}: acquired {} of {} partitions", granted.len(), all.len());
         }
@@ -583,14 +542,7 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
         // A pool of one is a dedicated connection that `PgStore` can drive.
         let mut stores = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let one = store::connect(
-                &url,
-                &StoreConfig {
-                    max_connections: 1,
-                    ..Default::default()
-                },
-            )
-            .await?;
+            let one = store::connect(&url, &StoreConfig { max_connections: 1, ..Default::default() }).await?;
             one.acquire().await?; // open it now, not inside the timed section
             stores.push(PgStore::new(one, parts));
         }
@@ -601,19 +553,12 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
             .into_iter()
             .enumerate()
             .map(|(w, s)| {
-                let accounts: Vec<String> = (0..args.accounts)
-                    .filter(|a| a % workers == w)
-                    .map(account_name)
-                    .collect();
+                let accounts: Vec<String> = (0..args.accounts).filter(|a| a % workers == w).map(account_name).collect();
                 let (owner, epochs) = (owner.clone(), epochs.clone());
                 tokio::spawn(async move {
                     let fence = |account: &str| {
                         let partition = partition_of(account, parts);
-                        Fence {
-                            partition,
-                            epoch: epochs[&partition],
-                            owner: owner.clone(),
-                        }
+                        Fence { partition, epoch: epochs[&partition], owner: owner.clone() }
                     };
                     let mut current = Vec::with_capacity(accounts.len());
                     for a in &accounts {
@@ -624,10 +569,8 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
                     while !current.is_empty() {
                         let mut next_round = Vec::with_capacity(current.len());
                         for job in current {
-                            next_round.extend(
-                                s.finish(None, &job, &fence(&job.account), &Finish::Completed, true)
-                                    .await?,
-                            );
+                            next_round
+                                .extend(s.finish(None, &job, &fence(&job.account), &Finish::Completed, true).await?);
                         }
                         current = next_round;
                     }
@@ -642,14 +585,7 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
         let cpu1 = cpu_sample(postmaster);
         let h = verify(&pool, total, PHASE).await?;
         pool.close().await;
-        Ok(DrainResult::new(
-            PHASE,
-            format!("{workers} workers"),
-            total,
-            secs,
-            (cpu0, cpu1),
-            &h,
-        ))
+        Ok(DrainResult::new(PHASE, format!("{workers} workers"), total, secs, (cpu0, cpu1), &h))
     })
     .await
 }
@@ -659,21 +595,11 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
 // ---------------------------------------------------------------------------
 
 fn node_config() -> NodeConfig {
-    NodeConfig {
-        node_id: "bench".into(),
-        ..Default::default()
-    }
+    NodeConfig { node_id: "bench".into(), ..Default::default() }
 }
 
 async fn start_node(url: &str, connections: u32) -> anyhow::Result<Node> {
-    let pool = store::connect(
-        url,
-        &StoreConfig {
-            max_connections: connections,
-            ..Default::default()
-        },
-    )
-    .await?;
+    let pool = store::connect(url, &StoreConfig { max_connections: connections, ..Default::default() }).await?;
     Ok(Node::builder(node_config()).register(Noop)?.start(pool).await?)
 }
 
@@ -712,29 +638,15 @@ async fn warden_drain(args: &Args, connections: u32) -> anyhow::Result<DrainResu
         let t0 = Instant::now();
         let node = start_node(&url, connections).await?;
         let started = t0.elapsed();
-        wait_completed(
-            &pool,
-            total,
-            Duration::from_millis(args.poll_ms.max(1)),
-            Duration::from_secs(300),
-        )
-        .await?;
+        wait_completed(&pool, total, Duration::from_millis(args.poll_ms.max(1)), Duration::from_secs(300)).await?;
         let secs = t0.elapsed().as_secs_f64();
         let cpu1 = cpu_sample(postmaster);
         node.shutdown().await?;
         let h = verify(&pool, total, PHASE).await?;
-        let db_end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(finished_at) FROM warden.attempts")
-            .fetch_one(&pool)
-            .await?;
+        let db_end: chrono::DateTime<chrono::Utc> =
+            sqlx::query_scalar("SELECT max(finished_at) FROM warden.attempts").fetch_one(&pool).await?;
         pool.close().await;
-        let mut r = DrainResult::new(
-            PHASE,
-            format!("{connections} executor conns"),
-            total,
-            secs,
-            (cpu0, cpu1),
-            &h,
-        );
+        let mut r = DrainResult::new(PHASE, format!("{connections} executor conns"), total, secs, (cpu0, cpu1), &h);
         r.node_start_ms = Some(started.as_secs_f64() * 1e3);
         r.db_clock_seconds = Some((db_end - db_t0).as_seconds_f64());
         r.connections = connections;
@@ -762,17 +674,9 @@ async fn latency(args: &Args, connections: u32) -> anyhow::Result<LatencyResult>
     in_fresh_db(&args.database_url, "latency", |url| async move {
         let node = start_node(&url, connections).await?;
         // The producer has its own pool, as an application would.
-        let client = Client::connect(
-            store::connect(
-                &url,
-                &StoreConfig {
-                    max_connections: 8,
-                    ..Default::default()
-                },
-            )
-            .await?,
-        )
-        .await?;
+        let client =
+            Client::connect(store::connect(&url, &StoreConfig { max_connections: 8, ..Default::default() }).await?)
+                .await?;
         let pool = harness_pool(&url).await?;
         let n = (args.rate * args.latency_seconds) as usize;
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate.max(1) as f64));
@@ -785,8 +689,7 @@ async fn latency(args: &Args, connections: u32) -> anyhow::Result<LatencyResult>
             // Each enqueue is its own call and transaction, and does not wait for the
             // previous one: a slow commit must not slow the producer down.
             sent.push(tokio::spawn(async move {
-                c.enqueue(NewJob::new(account, Noop::KIND, serde_json::json!({ "i": i }))?)
-                    .await
+                c.enqueue(NewJob::new(account, Noop::KIND, serde_json::json!({ "i": i }))?).await
             }));
         }
         for s in sent {
@@ -853,10 +756,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = match args.threads {
         Some(0) => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
+        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
         None => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
     };
     runtime.block_on(run(args))
@@ -887,10 +787,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(n) => format!("{n} worker threads"),
         None => format!("{cores} worker threads"),
     };
-    println!(
-        "machine:  {cores} cores, load average {} at start; tokio runtime: {runtime}",
-        loadavg()
-    );
+    println!("machine:  {cores} cores, load average {} at start; tokio runtime: {runtime}", loadavg());
     println!();
     println!("{}", table_header());
 
@@ -903,9 +800,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if runs(Phase::A) {
             for &v in variants {
                 for &w in &args.workers {
-                    let r = baseline_a(&args, v, w)
-                        .await
-                        .with_context(|| format!("baseline (a) {v:?}, {w} workers"))?;
+                    let r =
+                        baseline_a(&args, v, w).await.with_context(|| format!("baseline (a) {v:?}, {w} workers"))?;
                     println!("{}", r.line());
                     runs_a.push(r);
                 }
@@ -913,28 +809,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         if runs(Phase::B) {
             for &w in &args.workers {
-                let r = baseline_b(&args, w)
-                    .await
-                    .with_context(|| format!("baseline (b), {w} workers"))?;
+                let r = baseline_b(&args, w).await.with_context(|| format!("baseline (b), {w} workers"))?;
                 println!("{}", r.line());
                 runs_b.push(r);
             }
         }
         if runs(Phase::Warden) {
             for &c in &args.node_connections {
-                let r = warden_drain(&args, c)
-                    .await
-                    .with_context(|| format!("Warden drain, {c} connections"))?;
+                let r = warden_drain(&args, c).await.with_context(|| format!("Warden drain, {c} connections"))?;
                 println!("{}", r.line());
                 runs_w.push(r);
             }
         }
     }
-    let (a, b, w) = (
-        representative(&runs_a),
-        representative(&runs_b),
-        representative(&runs_w),
-    );
+    let (a, b, w) = (representative(&runs_a), representative(&runs_b), representative(&runs_w));
     // The latency phase uses the pool size that drained fastest.
     let latency_connections = w.map(|w| w.connections).unwrap_or(args.node_connections[0]);
     let lat = if runs(Phase::Latency) && args.latency_seconds > 0 {
@@ -1000,11 +888,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Correctness is not a figure: any violation fails the run.
-    let dirty = runs_a
-        .iter()
-        .chain(&runs_b)
-        .chain(&runs_w)
-        .any(|r| r.overlaps + r.order_violations + r.reruns > 0)
+    let dirty = runs_a.iter().chain(&runs_b).chain(&runs_w).any(|r| r.overlaps + r.order_violations + r.reruns > 0)
         || lat.as_ref().is_some_and(|l| l.overlaps + l.order_violations > 0);
     if dirty {
         bail!("the serial guarantee was violated in at least one phase (see the ovlp/order columns)");

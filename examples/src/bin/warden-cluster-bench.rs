@@ -189,7 +189,8 @@ async fn failover_run(args: &Args, run: usize) -> anyhow::Result<f64> {
     .await?;
     let mut nodes = nodes;
     let victim = nodes.pop().unwrap();
-    let killed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
+    let killed_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
     unsafe { libc_kill(victim.child.id() as i32) };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -263,16 +264,22 @@ async fn scale_out(args: &Args, rate: u32, run: usize) -> anyhow::Result<ScaleOu
     let producer = tokio::spawn(steady_load(client.clone(), args.accounts, rate, stop.clone()));
     // Past the start-up burst (every account's first actor) before measuring.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let join_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
+    let join_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
     nodes.push(start_node(&url, "n4", free_udp(), seed)?);
     let after = wait_stable(&pool, 4).await?;
-    let settled_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
+    let settled_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
     producer.await??;
     // Let every enqueued job finish before reading the history.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM warden.jobs WHERE state <> 'completed'").fetch_one(&pool).await? > 0 {
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM warden.jobs WHERE state <> 'completed'")
+        .fetch_one(&pool)
+        .await?
+        > 0
+    {
         if Instant::now() > deadline {
             bail!("scale-out: jobs still unfinished 60 s after the load stopped");
         }
@@ -330,7 +337,12 @@ async fn scale_out(args: &Args, rate: u32, run: usize) -> anyhow::Result<ScaleOu
 
 /// Enqueue `rate` jobs/s round-robin over `accounts` (5 ms each, per-account
 /// sequence numbers) until `stop`.
-async fn steady_load(client: Client, accounts: usize, rate: u32, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+async fn steady_load(
+    client: Client,
+    accounts: usize,
+    rate: u32,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let mut seqs = vec![0i64; accounts];
     let mut next = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -341,7 +353,11 @@ async fn steady_load(client: Client, accounts: usize, rate: u32, stop: tokio_uti
         for _ in 0..per_tick {
             let a = next % accounts;
             next += 1;
-            batch.push(NewJob::new(format!("acct-{a}"), "audit", AuditArgs { seq: seqs[a], sleep_ms: 5, fail_times: 0 })?);
+            batch.push(NewJob::new(
+                format!("acct-{a}"),
+                "audit",
+                AuditArgs { seq: seqs[a], sleep_ms: 5, fail_times: 0 },
+            )?);
             seqs[a] += 1;
         }
         client.enqueue_many(&batch).await?;
@@ -371,7 +387,9 @@ async fn throughput(args: &Args, n: usize) -> anyhow::Result<f64> {
         .fetch_one(&pool)
         .await?;
         if !open {
-            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = 'completed'").fetch_one(&pool).await?;
+            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = 'completed'")
+                .fetch_one(&pool)
+                .await?;
             if done != total {
                 bail!("throughput run: {done} of {total} jobs completed, the rest were not");
             }
@@ -442,11 +460,13 @@ async fn main() -> anyhow::Result<()> {
     println!("| figure | value | target |");
     println!("|---|---|---|");
     if !failovers.is_empty() {
-        let (p50, p99, max) = (pct(&mut failovers.clone(), 0.5), pct(&mut failovers.clone(), 0.99), pct(&mut failovers, 1.0));
+        let (p50, p99, max) =
+            (pct(&mut failovers.clone(), 0.5), pct(&mut failovers.clone(), 0.99), pct(&mut failovers, 1.0));
         println!("| crash failover (SIGKILL 1 of 3), p50 / p99 / max over {} runs | {p50:.2}s / {p99:.2}s / {max:.2}s | p99 ≤ 5s |", args.runs);
     }
     for (rate, runs) in &scale_outs {
-        let pooled = |f: fn(&ScaleOut) -> &Vec<f64>| -> Vec<f64> { runs.iter().flat_map(|s| f(s).iter().copied()).collect() };
+        let pooled =
+            |f: fn(&ScaleOut) -> &Vec<f64>| -> Vec<f64> { runs.iter().flat_map(|s| f(s).iter().copied()).collect() };
         let fmt = |mut v: Vec<f64>| {
             format!("{:.0} / {:.0} / {:.0} ms", pct(&mut v.clone(), 0.5), pct(&mut v.clone(), 0.99), pct(&mut v, 1.0))
         };
@@ -456,15 +476,30 @@ async fn main() -> anyhow::Result<()> {
             fmt(mp.clone()), mp.len(), runs.len()
         );
         println!("| same, unmoved partitions | {} | no pause |", fmt(pooled(|s| &s.unmoved_gap_ms)));
-        println!("| same, every partition in the 2 s before the join (baseline) | {} | |", fmt(pooled(|s| &s.baseline_ms)));
+        println!(
+            "| same, every partition in the 2 s before the join (baseline) | {} | |",
+            fmt(pooled(|s| &s.baseline_ms))
+        );
         // Node ids are the same in every run, so placement is too: print it once.
         if let Some(so) = runs.first() {
-            println!("| partitions moved on join vs ideal P/(N+1) | {} vs {:.0} ({:.2}×) | ≤ 1.3× |", so.moved, so.ideal, so.moved as f64 / so.ideal);
-            println!("| max/mean partitions per node, 3 → 4 nodes | {:.3} → {:.3} | ≤ 1.05 |", so.balance_before, so.balance_after);
+            println!(
+                "| partitions moved on join vs ideal P/(N+1) | {} vs {:.0} ({:.2}×) | ≤ 1.3× |",
+                so.moved,
+                so.ideal,
+                so.moved as f64 / so.ideal
+            );
+            println!(
+                "| max/mean partitions per node, 3 → 4 nodes | {:.3} → {:.3} | ≤ 1.05 |",
+                so.balance_before, so.balance_after
+            );
         }
     }
     for (n, t) in &tput {
-        println!("| drain throughput, {n} node(s), {} jobs over 200 accounts | {t:.0} jobs/s ({:.2}× 1 node) | |", args.throughput_jobs, t / tput[0].1);
+        println!(
+            "| drain throughput, {n} node(s), {} jobs over 200 accounts | {t:.0} jobs/s ({:.2}× 1 node) | |",
+            args.throughput_jobs,
+            t / tput[0].1
+        );
     }
     Ok(())
 }

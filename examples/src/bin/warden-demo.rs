@@ -47,7 +47,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     // Only this run's jobs count (the database may hold earlier runs).
     let first_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM warden.jobs").fetch_one(&pool).await?;
-    let run_accounts: Vec<String> = (0..args.accounts).map(|a| format!("tenant-{a:04}-{}", std::process::id())).collect();
+    let run_accounts: Vec<String> =
+        (0..args.accounts).map(|a| format!("tenant-{a:04}-{}", std::process::id())).collect();
 
     println!(
         "warden demo: node {} holds {} partitions; enqueueing {} purchases for {} accounts",
@@ -130,8 +131,13 @@ async fn main() -> anyhow::Result<()> {
     for (kind, c, d, r) in &per_kind {
         println!("{kind:<10} {c:>10} {d:>10} {r:>22}");
     }
-    println!("attempts recorded (all runs in this database): {} ({} retried, {} rescued)", h.attempts, h.retried_attempts, h.rescued_attempts);
-    println!("ledger rows {ledger}, invoices {invoices} (accounts with invoice-number gaps: {gaps}), notifications {notes}");
+    println!(
+        "attempts recorded (all runs in this database): {} ({} retried, {} rescued)",
+        h.attempts, h.retried_attempts, h.rescued_attempts
+    );
+    println!(
+        "ledger rows {ledger}, invoices {invoices} (accounts with invoice-number gaps: {gaps}), notifications {notes}"
+    );
     println!("per-account overlapping attempts: {}", h.overlaps);
     println!("per-account order violations:     {}", h.order_violations);
     println!("completed jobs that ran again:    {}", h.reruns_after_completion + h.double_completions);
