@@ -5,15 +5,14 @@
 //! with the full-history checker; a violation prints the seed.
 
 use std::time::Duration;
-use warden_tests::soak::{run_soak, Schedule, SoakConfig, Step};
+use warden_tests::soak::{run_soak, Schedule, SoakConfig, SoakReport, Step};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
-    let seed = std::env::var("WARDEN_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261124);
-    let secs = std::env::var("WARDEN_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+/// Run the harness on CI's small cluster workload; returns the report and its table
+/// (already printed).
+async fn run(seed: u64, schedule: Schedule) -> (SoakReport, String) {
     let report = run_soak(SoakConfig {
         seed,
-        schedule: Schedule::Random { duration: Duration::from_secs(secs) },
+        schedule,
         accounts: 30,
         rate: 100,
         node_bin: env!("CARGO_BIN_EXE_warden-test-node").into(),
@@ -21,6 +20,14 @@ async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
     .await;
     let table = report.table();
     eprintln!("{table}");
+    (report, table)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
+    let seed = std::env::var("WARDEN_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261124);
+    let secs = std::env::var("WARDEN_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let (report, table) = run(seed, Schedule::Random { duration: Duration::from_secs(secs) }).await;
     assert!(report.is_clean(), "guarantee violated — reproduce with WARDEN_SOAK_SEED={seed}\n{table}");
     assert!(report.faults.values().sum::<u32>() >= 5, "too few faults injected:\n{table}");
     assert!(report.history.completed > 500, "too little work done:\n{table}");
@@ -60,16 +67,7 @@ async fn fixed_cluster_scenarios_keep_the_serial_guarantee() {
         Step::ScaleIn { node: n("n4") },
         Step::ExpectOwned,
     ];
-    let report = run_soak(SoakConfig {
-        seed: 1,
-        schedule: Schedule::Script(script),
-        accounts: 30,
-        rate: 100,
-        node_bin: env!("CARGO_BIN_EXE_warden-test-node").into(),
-    })
-    .await;
-    let table = report.table();
-    eprintln!("{table}");
+    let (report, table) = run(1, Schedule::Script(script)).await;
     assert!(report.is_clean(), "a fixed scenario failed\n{table}");
     assert!(report.history.completed > 500, "too little work done:\n{table}");
 }

@@ -70,7 +70,8 @@ impl Enforcer {
             poke_enforcer: poke.clone(),
         });
         let actors = AccountActors::new(shared);
-        let enforcer = Enforcer { store, leases, actors, placement, lease_config, due_scan_limit: 10_000 };
+        let due_scan_limit = crate::node::NodeConfig::default().due_scan_limit;
+        let enforcer = Enforcer { store, leases, actors, placement, lease_config, due_scan_limit };
         (Arc::new(enforcer), poke)
     }
 

@@ -257,7 +257,8 @@ impl Harness {
 
     async fn start_process(&self, id: &str) -> NodeProc {
         let m = &self.members[id];
-        let seed = if self.members.contains_key("n1") { self.seed_relay() } else { m.relay };
+        // n1 (never scaled in) is the seed; it is inserted before it first starts.
+        let seed = self.seed_relay();
         let url = format!("postgres://postgres@127.0.0.1:{}/postgres", m.proxy.port);
         let mut args: Vec<String> = NODE_ARGS.iter().map(|s| s.to_string()).collect();
         args.extend([

@@ -351,6 +351,43 @@ impl DrainResult {
     }
 }
 
+/// Wall clock and CPU from the start of a timed section.
+struct Timed {
+    t0: Instant,
+    cpu0: CpuSample,
+    postmaster: Option<u32>,
+}
+
+impl Timed {
+    fn start(postmaster: Option<u32>) -> Self {
+        let cpu0 = cpu_sample(postmaster);
+        Timed { t0: Instant::now(), cpu0, postmaster }
+    }
+
+    /// Seconds since the start, and the CPU samples at start and now.
+    fn stop(&self) -> (f64, (CpuSample, CpuSample)) {
+        (self.t0.elapsed().as_secs_f64(), (self.cpu0, cpu_sample(self.postmaster)))
+    }
+}
+
+/// The end of a baseline drain: wait for its workers, stop the clock, check the history.
+async fn join_workers(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    timed: Timed,
+    pool: sqlx::PgPool,
+    phase: &str,
+    workers: usize,
+    total: i64,
+) -> anyhow::Result<DrainResult> {
+    for t in tasks {
+        t.await??;
+    }
+    let (secs, cpu) = timed.stop();
+    let h = verify(&pool, total, phase).await?;
+    pool.close().await;
+    Ok(DrainResult::new(phase, format!("{workers} workers"), total, secs, cpu, &h))
+}
+
 fn table_header() -> String {
     format!(
         "{:<36} {:<20} {:>6} {:>8} {:>9} {:>9} {:>10} {:>5} {:>5}\n{}",
@@ -484,10 +521,8 @@ async fn baseline_a(args: &Args, variant: QueueVariant, workers: usize) -> anyho
         for _ in 0..workers {
             conns.push(sqlx::PgConnection::connect(&url).await?);
         }
-        let postmaster = find_postmaster(&pool).await;
         let done = Arc::new(AtomicU64::new(0));
-        let cpu0 = cpu_sample(postmaster);
-        let t0 = Instant::now();
+        let timed = Timed::start(find_postmaster(&pool).await);
         let tasks: Vec<_> = conns
             .into_iter()
             .map(|mut conn| {
@@ -508,14 +543,7 @@ async fn baseline_a(args: &Args, variant: QueueVariant, workers: usize) -> anyho
                 })
             })
             .collect();
-        for t in tasks {
-            t.await??;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu1 = cpu_sample(postmaster);
-        let h = verify(&pool, total, phase).await?;
-        pool.close().await;
-        Ok(DrainResult::new(phase, format!("{workers} workers"), total, secs, (cpu0, cpu1), &h))
+        join_workers(tasks, timed, pool, phase, workers, total).await
     })
     .await
 }
@@ -546,9 +574,7 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
             one.acquire().await?; // open it now, not inside the timed section
             stores.push(PgStore::new(one, parts));
         }
-        let postmaster = find_postmaster(&pool).await;
-        let cpu0 = cpu_sample(postmaster);
-        let t0 = Instant::now();
+        let timed = Timed::start(find_postmaster(&pool).await);
         let tasks: Vec<_> = stores
             .into_iter()
             .enumerate()
@@ -578,14 +604,7 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
                 })
             })
             .collect();
-        for t in tasks {
-            t.await??;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu1 = cpu_sample(postmaster);
-        let h = verify(&pool, total, PHASE).await?;
-        pool.close().await;
-        Ok(DrainResult::new(PHASE, format!("{workers} workers"), total, secs, (cpu0, cpu1), &h))
+        join_workers(tasks, timed, pool, PHASE, workers, total).await
     })
     .await
 }
@@ -634,19 +653,17 @@ async fn warden_drain(args: &Args, connections: u32) -> anyhow::Result<DrainResu
         let postmaster = find_postmaster(&pool).await;
         let db_t0: chrono::DateTime<chrono::Utc> =
             sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
-        let cpu0 = cpu_sample(postmaster);
-        let t0 = Instant::now();
+        let timed = Timed::start(postmaster);
         let node = start_node(&url, connections).await?;
-        let started = t0.elapsed();
+        let started = timed.t0.elapsed();
         wait_completed(&pool, total, Duration::from_millis(args.poll_ms.max(1)), Duration::from_secs(300)).await?;
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu1 = cpu_sample(postmaster);
+        let (secs, cpu) = timed.stop();
         node.shutdown().await?;
         let h = verify(&pool, total, PHASE).await?;
         let db_end: chrono::DateTime<chrono::Utc> =
             sqlx::query_scalar("SELECT max(finished_at) FROM warden.attempts").fetch_one(&pool).await?;
         pool.close().await;
-        let mut r = DrainResult::new(PHASE, format!("{connections} executor conns"), total, secs, (cpu0, cpu1), &h);
+        let mut r = DrainResult::new(PHASE, format!("{connections} executor conns"), total, secs, cpu, &h);
         r.node_start_ms = Some(started.as_secs_f64() * 1e3);
         r.db_clock_seconds = Some((db_end - db_t0).as_seconds_f64());
         r.connections = connections;
