@@ -66,8 +66,32 @@
 //! reshuffle local (the spill of a full member goes to the next member clockwise and
 //! only displaces spill-over, never a first choice).
 //!
-//! So the 1.3× target holds up to N ≈ 20 (1.22 at 20 → 21) but not at 29 → 30
-//! (≈ 1.6×) with a strict max/mean ≤ 1.05; none of the variants tried gets there.
+//! So at P = 1024 the 1.3× target holds up to N ≈ 20 (1.22 at 20 → 21; the mean
+//! over N = 2..30 is 1.21) but not at 29 → 30 (≈ 1.6×) with a strict
+//! max/mean ≤ 1.05; none of the variants tried gets there.
+//!
+//! **It is the granularity, not the ring.** The same two schemes with more
+//! partitions (`print_granularity_figures`, 40 joins per cell, this module / plain):
+//!
+//! | P \ N → N+1 | 10          | 20          | 25          | 29          | 30          |
+//! |-------------|-------------|-------------|-------------|-------------|-------------|
+//! | 1024        | 1.10 / 1.12 | 1.22 / 1.28 | 1.35 / 1.39 | 1.63 / 1.80 | 1.44 / 1.53 |
+//! | 4096        | 1.09 / 1.10 | 1.16 / 1.19 | 1.18 / 1.21 | 1.19 / 1.22 | 1.19 / 1.25 |
+//! | 16384       | 1.08 / 1.10 | 1.14 / 1.18 | 1.17 / 1.20 | 1.16 / 1.20 | 1.17 / 1.21 |
+//!
+//! The reference figures in the issue that asked for this ring ("a plain
+//! bounded-load ring simulates at about 1.1× for N = 10 and 1.27× for N = 30") are
+//! the P = 4096 row: there this module is under 1.3× at every N up to 30 and below
+//! the plain ring everywhere (tested in
+//! `with_four_partitions_per_slot_of_slack_moves_stay_under_1_3_up_to_30_nodes`).
+//! At P = 1024 a member of a 30-node cluster holds 34 partitions, so one
+//! partition is 3% of its load and the 5% cap is less than one partition of
+//! slack. A joiner takes a Poisson-distributed 0, 1, 2, … partitions from each
+//! member, where a cap that tight needs almost exactly one from each; about a third
+//! of the full members lose none to it and must pass one on, and those hand-ons
+//! chain through other full members. For clusters expected to grow past ~25 nodes,
+//! P = 4096 is the lever (P is chosen when the schema is created); what 4× more
+//! leases cost the lease loop has not been measured yet.
 //! Tried and not better: hashed partition positions; 32–1024 points per member
 //! (128–512 are equivalent; 128 is the cheapest); a min-cost transport instead of a
 //! stable matching; a two-level cap (per point, then per member); per-member
@@ -619,6 +643,78 @@ mod tests {
         assert!(failures.is_empty(), "moved/ideal above bound for N={failures:?} (seed {seed})\n{table}");
     }
 
+    /// The baseline the issue compares against: Mirrokni et al.'s bounded loads as
+    /// usually implemented, partitions placed in id order, each on the first member
+    /// of its clockwise walk that is below the same cap.
+    fn plain_bounded_loads(members: &[String], p: u32) -> Vec<String> {
+        let mut members = members.to_vec();
+        members.sort();
+        let cfg = RingConfig::default();
+        let cap = load_cap(p, members.len(), cfg.load_epsilon);
+        let ring = Ring::new(&members, cfg.vnodes_per_member);
+        let mut load = vec![0u32; members.len()];
+        (0..p)
+            .map(|q| {
+                let (start, mut steps) = (ring.first_at_or_after(partition_position(q, p)), 0);
+                loop {
+                    let (m, _) = ring.next_member(q, p, start, &mut steps);
+                    if load[m as usize] < cap {
+                        load[m as usize] += 1;
+                        return members[m as usize].clone();
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// One random join N → N+1 with P partitions, placed by this module and by the
+    /// plain baseline: (moved / ideal) for each.
+    fn join_vs_plain(n: usize, p: u32, rng: &mut fastrand::Rng) -> (f64, f64) {
+        let before = ids(n, rng);
+        let mut after = before.clone();
+        after.push(joiner(rng, &before));
+        let ideal = p as f64 / (n + 1) as f64;
+        let cfg = RingConfig::default();
+        let (a, b) = (place(&before, pc(p), &cfg).expect("members"), place(&after, pc(p), &cfg).expect("members"));
+        let ours = moved(&a, &b).len() as f64 / ideal;
+        let (pa, pb) = (plain_bounded_loads(&before, p), plain_bounded_loads(&after, p));
+        let plain = pa.iter().zip(&pb).filter(|(x, y)| x != y).count() as f64 / ideal;
+        (ours, plain)
+    }
+
+    /// Where the issue's reference figures come from. A plain bounded-load ring
+    /// moves ≈ 1.1× the ideal at N = 10 and ≈ 1.27× at N = 30 when P = 4096 (it is
+    /// ≈ 1.6× at N = 30 with P = 1024: see the module docs). At that granularity
+    /// this module stays under 1.3× for every N up to 30, and below the baseline.
+    #[test]
+    fn with_four_partitions_per_slot_of_slack_moves_stay_under_1_3_up_to_30_nodes() {
+        let (mut rng, seed) = rng();
+        let p = 4096;
+        // Per-join ratios vary by ≈ 0.06 here; 12 paired joins put the means
+        // (≈ 1.20 ours, ≈ 1.27 plain at N = 30) several standard errors apart.
+        let trials = 12;
+        let mut table = format!("P={p}: N→N+1  ours  plain (mean of {trials} joins)\n");
+        let mut failures = Vec::new();
+        let (mut ours_total, mut plain_total) = (0.0, 0.0);
+        for n in [10, 25, 30] {
+            let (mut ours, mut plain) = (0.0, 0.0);
+            for _ in 0..trials {
+                let (o, b) = join_vs_plain(n, p, &mut rng);
+                ours += o / trials as f64;
+                plain += b / trials as f64;
+            }
+            table += &format!("{n:>2}→{:<3} {ours:.3} {plain:.3}\n", n + 1);
+            if ours > 1.3 {
+                failures.push(n);
+            }
+            (ours_total, plain_total) = (ours_total + ours, plain_total + plain);
+        }
+        println!("{table}");
+        assert!(failures.is_empty(), "N={failures:?}: moved/ideal above 1.3 (seed {seed})\n{table}");
+        // Per N the gap can be small (≈ 0.01 at N = 10); summed it is ≈ 0.1.
+        assert!(ours_total < plain_total, "not below the plain ring (seed {seed})\n{table}");
+    }
+
     #[test]
     fn on_leave_only_the_leavers_and_cap_forced_partitions_move() {
         let (mut rng, seed) = rng();
@@ -738,6 +834,28 @@ mod tests {
                 spill / trials as f64,
                 leave / trials as f64
             );
+        }
+    }
+
+    /// `cargo test --release -p warden-cluster print_granularity_figures -- --ignored --nocapture`
+    #[test]
+    #[ignore = "prints the P-granularity table quoted in the module docs"]
+    fn print_granularity_figures() {
+        let mut rng = fastrand::Rng::with_seed(42);
+        let trials = 40;
+        println!("moved/ideal on a join N→N+1, this module / plain bounded loads, mean of {trials} random member sets");
+        for p in [1024, 4096, 16384] {
+            let mut line = format!("P={p:<6}");
+            for n in [5, 10, 20, 25, 29, 30] {
+                let (mut ours, mut plain) = (0.0, 0.0);
+                for _ in 0..trials {
+                    let (o, b) = join_vs_plain(n, p, &mut rng);
+                    ours += o / trials as f64;
+                    plain += b / trials as f64;
+                }
+                line += &format!("  {n}→{}: {ours:.2} / {plain:.2}", n + 1);
+            }
+            println!("{line}");
         }
     }
 }
