@@ -460,6 +460,96 @@ async fn shutdown_waits_for_running_attempts_within_the_drain_timeout() {
     node2.shutdown().await.unwrap();
 }
 
+/// All partitions but one (switchable): a ring that takes a partition away and
+/// gives it back, as when a joining node leaves again within the drain.
+#[derive(Default)]
+struct AllBut(std::sync::Mutex<Option<u32>>);
+
+impl warden_cluster::placement::Placement for AllBut {
+    fn desired(&self, p: PartitionCount) -> Option<warden_cluster::placement::Assignment> {
+        let mut a = warden_cluster::placement::Assignment::all(p);
+        if let Some(off) = *self.0.lock().unwrap() {
+            a.partitions.remove(&off);
+        }
+        Some(a)
+    }
+}
+
+/// Regression: a partition whose handoff began was never released if the ring gave
+/// it back before its drain finished. It stayed held and renewed but unusable (no
+/// other node could take it, this one ran nothing in it), and the attempt the drain
+/// timeout aborted stayed `running` at the same epoch, blocking its account.
+#[tokio::test]
+async fn a_handoff_undone_during_the_drain_does_not_stall_the_partition() {
+    let db = TestDb::new().await;
+    let placement = std::sync::Arc::new(AllBut::default());
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS script_log (job_id bigint, account text, seq bigint, attempt int)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let node = Node::builder(config())
+        .register(Scripted)
+        .unwrap()
+        .placement(placement.clone())
+        .start(db.node_pool().await)
+        .await
+        .unwrap();
+    // Outlives the 2 s drain timeout, so the drain aborts it.
+    let a = node.client().enqueue(script("flip", Script { sleep_ms: 3_000, ..Default::default() })).await.unwrap();
+    let b = node.client().enqueue(script("flip", Script { seq: 1, ..Default::default() })).await.unwrap();
+    eventually(WAIT, "first job running", || async {
+        (node.client().get(a.id).await.unwrap().unwrap().state == "running").then_some(())
+    })
+    .await;
+    let p = node.client().get(a.id).await.unwrap().unwrap().partition as u32;
+    *placement.0.lock().unwrap() = Some(p);
+    let report = node.run_enforcer_once().await.unwrap();
+    assert_eq!(report.draining, vec![p], "the handoff began");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    *placement.0.lock().unwrap() = None;
+
+    assert_eq!(wait_finished(&db, b.id).await.state, "completed", "the account's next job ran");
+    let a_row = wait_finished(&db, a.id).await;
+    assert_eq!((a_row.state.as_str(), a_row.attempt), ("completed", 2), "the aborted attempt was rescued and rerun");
+    assert!(node.held_partitions().iter().any(|l| l.partition == p), "the partition is held again");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+/// Regression: an attempt's finish claims the account's next job in the same
+/// statement. If the partition began draining after that claim but before the actor
+/// heard of the drain, the actor stopped and left the claimed job `running`; the
+/// next owner's rescue then counted an attempt that never ran, which discards a job
+/// allowed one attempt. `begin_drain` without the actors' drain message holds that
+/// window open.
+#[tokio::test]
+async fn a_job_claimed_as_its_partition_starts_draining_is_given_back_unrun() {
+    let db = TestDb::new().await;
+    let node = start(&db, config()).await;
+    let a = node.client().enqueue(script("race", Script { sleep_ms: 500, ..Default::default() })).await.unwrap();
+    let b =
+        node.client().enqueue(script("race", Script { seq: 1, ..Default::default() }).max_attempts(1)).await.unwrap();
+    eventually(WAIT, "first job running", || async {
+        (node.client().get(a.id).await.unwrap().unwrap().state == "running").then_some(())
+    })
+    .await;
+    let p = node.client().get(a.id).await.unwrap().unwrap().partition as u32;
+    node.lease_table().begin_drain(p);
+
+    assert_eq!(wait_finished(&db, a.id).await.state, "completed");
+    let b_row = wait_finished(&db, b.id).await;
+    assert_eq!((b_row.state.as_str(), b_row.attempt), ("completed", 1), "{b_row:?}");
+    let rescued: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM warden.attempts WHERE job_id = $1 AND outcome = 'rescued'")
+            .bind(b.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rescued, 0, "the claim was given back, not left for a rescue");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn node_refuses_bad_configuration() {
     let db = TestDb::new().await;

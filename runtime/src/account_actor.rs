@@ -205,7 +205,18 @@ impl Actor for AccountActor {
                         }
                         Some(job) => match st.shared.leases.current(st.partition) {
                             Some(lease) => start_attempt(&myself, st, job, lease),
-                            None => myself.stop(Some("partition not held".into())),
+                            None => {
+                                // The partition began draining (or its lease lapsed) after
+                                // the finish claimed this job but before this actor heard
+                                // of it. The job never started: undo the claim, or the next
+                                // owner's rescue would count an attempt that never ran (and
+                                // discard a job with one attempt). If the lease has lapsed
+                                // the fence refuses, and the rescue is the right outcome.
+                                if let Err(e) = st.shared.store.unclaim(&job, &lease.fence).await {
+                                    tracing::warn!(job_id = job.id, error = %e, "unclaim failed; rescue will reset it");
+                                }
+                                myself.stop(Some("partition not held".into()))
+                            }
                         },
                         None if st.draining => myself.stop(Some("drained".into())),
                         None => {

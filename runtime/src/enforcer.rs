@@ -8,8 +8,9 @@
 //! 1. desired = placement(P); held = lease table.
 //! 2. acquire desired − held (skipping partitions whose old actors are still
 //!    stopping), rescue attempts an older epoch left running, then start using them;
-//! 3. held − desired: drain their actors; once none is left, release the lease
-//!    (NOTIFY) so the next owner acquires at once;
+//! 3. held − desired, and partitions already draining: drain their actors; once
+//!    none is left, release the lease (NOTIFY) so the next owner acquires at once
+//!    (a drained partition the ring wants back is re-acquired under a new epoch);
 //! 4. wake (or spawn) the actor of every account with due work in usable partitions.
 
 use crate::account_actor::AccountActors;
@@ -146,8 +147,14 @@ impl Enforcer {
             }
         }
 
-        // 3. Hand off what we should no longer own.
-        let unwanted: Vec<u32> = held.difference(&desired).copied().collect();
+        // 3. Hand off what we should no longer own, and finish every handoff already
+        // begun even if the ring wants the partition back meanwhile (a join undone
+        // within the drain): a drained partition is released and re-acquired, never
+        // reused, because an attempt the drain timed out stays `running` at this
+        // epoch and only a new epoch's rescue resets it. Reusing it would leave that
+        // account blocked for good; leaving it draining would stall the partition.
+        let unwanted: Vec<u32> =
+            held.iter().copied().filter(|p| !desired.contains(p) || self.leases.is_draining(*p)).collect();
         let mut releasable = Vec::new();
         for p in unwanted {
             if !self.leases.is_draining(p) {

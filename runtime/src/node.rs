@@ -343,7 +343,10 @@ impl Node {
         self.inner.leases.held()
     }
 
-    pub(crate) fn lease_table(&self) -> &Arc<LeaseTable> {
+    /// The node's lease table. Exposed for fault-injection tests, which use it to
+    /// open race windows on purpose; applications have no use for it.
+    #[doc(hidden)]
+    pub fn lease_table(&self) -> &Arc<LeaseTable> {
         &self.inner.leases
     }
 
