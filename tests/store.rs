@@ -137,6 +137,74 @@ async fn transactional_enqueue_rolls_back_with_the_caller() {
     assert_eq!(client.get(e.id).await.unwrap().unwrap().state, "available");
 }
 
+/// How a test enqueue is made.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// The client, one job.
+    Client,
+    /// `warden.enqueue` in SQL.
+    Sql,
+    /// The client, a batch over more accounts than `ENQUEUE_LOCK_BATCH`, `account`'s first.
+    Batch,
+}
+
+async fn enqueue_in_tx(via: Via, client: &Client, tx: &mut sqlx::PgConnection, account: &str) -> i64 {
+    match via {
+        Via::Client => client.enqueue_in(tx, NewJob::new(account, "step", ()).unwrap()).await.unwrap().id,
+        Via::Sql => sqlx::query_scalar("SELECT warden.enqueue($1, 'step')").bind(account).fetch_one(tx).await.unwrap(),
+        Via::Batch => {
+            let mut jobs = vec![NewJob::new(account, "step", ()).unwrap()];
+            jobs.extend(
+                (0..store::ENQUEUE_LOCK_BATCH + 10).map(|i| NewJob::new(format!("{account}-{i}"), "step", ()).unwrap()),
+            );
+            client.enqueue_many_in(tx, &jobs).await.unwrap()[0].id
+        }
+    }
+}
+
+/// Regression: serial order is (run_at, id), fixed at insert, but a job is visible
+/// only once its transaction commits. Two transactions enqueueing for one account
+/// could commit in the other order, so the job sorted first could appear after the
+/// one sorted second had already run. An enqueue now waits for the account's other
+/// uncommitted enqueues and sorts after them, whichever way each was made (one job,
+/// SQL, a batch that locks whole groups); other accounts are not held up by a
+/// single-account enqueue.
+#[tokio::test]
+async fn concurrent_enqueues_of_one_account_sort_in_commit_order() {
+    let (db, _s, client) = setup(16).await;
+    let cases = [(Via::Client, Via::Sql), (Via::Sql, Via::Client), (Via::Batch, Via::Sql), (Via::Client, Via::Batch)];
+    for (n, (first_via, second_via)) in cases.into_iter().enumerate() {
+        let account = format!("order-{n}");
+        let mut tx1 = db.pool.begin().await.unwrap();
+        let first = enqueue_in_tx(first_via, &client, &mut tx1, &account).await;
+        let (pool, c2, acc) = (db.pool.clone(), client.clone(), account.clone());
+        let second = tokio::spawn(async move {
+            let mut tx2 = pool.begin().await.unwrap();
+            let id = enqueue_in_tx(second_via, &c2, &mut tx2, &acc).await;
+            tx2.commit().await.unwrap();
+            id
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let case = format!("{first_via:?} then {second_via:?}");
+        assert!(!second.is_finished(), "{case}: the second enqueue waits for the first one's commit");
+        if !matches!(first_via, Via::Batch) {
+            let other = client.enqueue(NewJob::new(format!("unrelated-{n}"), "step", ()).unwrap());
+            let other = tokio::time::timeout(Duration::from_secs(5), other).await;
+            assert!(other.is_ok(), "{case}: another account's enqueue is not held up");
+        }
+        tx1.commit().await.unwrap();
+        let second = second.await.unwrap();
+        let keys: Vec<(chrono::DateTime<chrono::Utc>, i64)> =
+            sqlx::query_as("SELECT run_at, id FROM warden.jobs WHERE account = $1 ORDER BY run_at, id")
+                .bind(&account)
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(keys.iter().map(|k| k.1).collect::<Vec<_>>(), vec![first, second], "{case}: {keys:?}");
+        assert!(keys[0].0 < keys[1].0, "{case}: the later commit reads its run_at later: {keys:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_row_update_enqueues_a_job_through_a_trigger() {
     let (db, _s, client) = setup(16).await;

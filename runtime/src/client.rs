@@ -56,10 +56,23 @@ impl Client {
     }
 
     /// Enqueue inside the caller's transaction (or on any connection).
+    ///
+    /// Order: the enqueue holds a lock on the job's account until the transaction
+    /// ends, so another transaction's enqueue for the same account waits for this one
+    /// to commit or roll back and then sorts after it (serial order follows commit
+    /// order). Keep transactions that enqueue short. A transaction that enqueues for
+    /// several accounts in *separate* statements can deadlock with one doing the same
+    /// in the opposite order; PostgreSQL then aborts one of them (SQLSTATE 40P01), to
+    /// be retried. One [`Client::enqueue_many_in`] call takes its locks in a fixed
+    /// order and cannot deadlock with another call.
     pub async fn enqueue_in(&self, conn: &mut sqlx::PgConnection, job: NewJob) -> Result<Enqueued> {
         Ok(self.enqueue_many_in(conn, std::slice::from_ref(&job)).await?.remove(0))
     }
 
+    /// [`Client::enqueue_in`] for up to [`crate::job::MAX_BATCH`] jobs in one statement.
+    /// Above [`store::ENQUEUE_LOCK_BATCH`] distinct accounts the statement locks the
+    /// accounts' hash groups (1/256 of all accounts each) instead of each account, so
+    /// until it commits, enqueues for other accounts in those groups wait too.
     pub async fn enqueue_many_in(&self, conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
         let reg = self.registry.clone();
         let reg2 = self.registry.clone();

@@ -663,6 +663,26 @@ impl Store for PgStore {
 // executor so callers can run them inside their own transaction.
 // ---------------------------------------------------------------------------
 
+/// The per-account enqueue lock (transaction-scoped advisory locks). Two levels, so
+/// that one statement never takes more than 256 locks (PostgreSQL's lock table is
+/// shared and small: 64 × `max_connections` entries by default) and yet enqueues of
+/// different accounts rarely wait for each other:
+/// - an account `a` is `(ENQUEUE_LOCK_CLASS, hashtext(a))`, in group
+///   `(ENQUEUE_LOCK_CLASS + 1, hashtext(a) >> 24)`, one of 256;
+/// - a statement with at most [`ENQUEUE_LOCK_BATCH`] accounts takes each account's
+///   group *shared*, then the account *exclusive* (`warden.enqueue`, migration 0002,
+///   does this for its one account);
+/// - a larger batch takes each of its groups *exclusive*, which covers every account
+///   in them.
+///
+/// Two enqueues of one account therefore always conflict on something and run one
+/// after the other. The class is "WARD"; two-key advisory locks never collide with
+/// one-key (`bigint`) ones such as the migration lock.
+pub const ENQUEUE_LOCK_CLASS: i32 = 0x5741_5244;
+
+/// Distinct accounts above which a statement locks whole groups (see [`ENQUEUE_LOCK_CLASS`]).
+pub const ENQUEUE_LOCK_BATCH: usize = 64;
+
 /// Insert validated jobs in one statement; unique-key duplicates return the existing id.
 /// Wakes each (partition, account) with a NOTIFY delivered at commit.
 pub async fn insert_jobs(
@@ -716,19 +736,40 @@ pub async fn insert_jobs(
         timeout_ms.push(ms(j.timeout.unwrap_or_else(|| default_timeout(&j.kind))).min(i32::MAX as i64) as i32);
         unique_key.push(j.unique_key.clone());
     }
+    // Serial order is (run_at, id), fixed at insert, but a job becomes visible at
+    // commit. Two transactions enqueueing for one account could commit in the other
+    // order, and the later-sorting job could run before the earlier one existed. So
+    // an enqueue holds a lock on its accounts until its transaction ends, and reads
+    // the order key only once it holds them: a second enqueuer of an account waits
+    // for the first to commit, then sorts after it. See [`ENQUEUE_LOCK_CLASS`] for
+    // the two-level lock. Locks are taken in one global order (group, level, key),
+    // so two statements cannot deadlock each other. Volatile CTEs are materialised
+    // in dependency order, so `now` is read after every lock is taken.
     let rows = sqlx::query(
-        "WITH src AS (
+        "WITH acc AS (SELECT DISTINCT hashtext(a) AS f FROM unnest($1::text[]) AS u(a)),
+         wide AS (SELECT count(*) > $13 AS batch FROM acc),
+         keys AS (
+            SELECT DISTINCT f >> 24 AS g, 0 AS level, f >> 24 AS k, w.batch FROM acc, wide w
+            UNION ALL
+            SELECT f >> 24, 1, f, false FROM acc, wide w WHERE NOT w.batch),
+         locks AS (
+            SELECT count(CASE WHEN level = 1 THEN pg_advisory_xact_lock($12::int, k)
+                              WHEN batch THEN pg_advisory_xact_lock($12::int + 1, k)
+                              ELSE pg_advisory_xact_lock_shared($12::int + 1, k) END) AS n
+            FROM (SELECT * FROM keys ORDER BY g, level, k) ordered),
+         now AS (SELECT clock_timestamp() AS ts FROM locks),
+         src AS (
             SELECT ord, account, partition, kind, args, lane, priority, max_attempts, timeout_ms, unique_key,
-                   COALESCE(run_at, statement_timestamp() + COALESCE(delay_ms, 0) * interval '1 millisecond') AS run_at
+                   COALESCE(run_at, now.ts + COALESCE(delay_ms, 0) * interval '1 millisecond') AS run_at, now.ts
             FROM unnest($1::text[], $2::int[], $3::text[], $4::jsonb[], $5::text[], $6::smallint[],
                         $7::bigint[], $8::timestamptz[], $9::int[], $10::int[], $11::text[])
                  WITH ORDINALITY AS s(account, partition, kind, args, lane, priority, delay_ms, run_at,
-                                      max_attempts, timeout_ms, unique_key, ord)),
+                                      max_attempts, timeout_ms, unique_key, ord), now),
          ins AS (
             INSERT INTO warden.jobs (account, partition, kind, args, lane, state, priority, run_at, due_at,
                                      max_attempts, timeout_ms, unique_key)
             SELECT account, partition, kind, args, lane,
-                   CASE WHEN run_at > statement_timestamp() THEN 'scheduled' ELSE 'available' END,
+                   CASE WHEN run_at > ts THEN 'scheduled' ELSE 'available' END,
                    priority, run_at, run_at, max_attempts, timeout_ms, unique_key
             FROM src ORDER BY ord
             ON CONFLICT (account, unique_key)
@@ -751,6 +792,8 @@ pub async fn insert_jobs(
     .bind(&max_attempts)
     .bind(&timeout_ms)
     .bind(&unique_key)
+    .bind(ENQUEUE_LOCK_CLASS)
+    .bind(ENQUEUE_LOCK_BATCH as i64)
     .fetch_all(&mut *conn)
     .await?;
 
