@@ -556,6 +556,35 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
         enqueued
     });
 
+    // Racing producers: transactions that enqueue for a few shared accounts and stay
+    // open a little, so two of them often insert in one order and commit in the
+    // other. The history check then verifies that serial order follows commit order
+    // (their seq is 0: the audit's order check has nothing to compare for them).
+    let race_pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&h.pg.url()).await.unwrap();
+    let racers: Vec<_> = (0..2u64)
+        .map(|r| {
+            let (pool, c, stop, seed) = (race_pool.clone(), client.clone(), stop.clone(), cfg.seed);
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(seed ^ (0xace + r));
+                let mut committed = 0i64;
+                while !stop.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(rng.u64(10..60))).await;
+                    let Ok(mut tx) = pool.begin().await else { continue };
+                    let args = warden_examples::workload::AuditArgs { seq: 0, sleep_ms: rng.u64(0..10), fail_times: 0 };
+                    let job = warden_runtime::NewJob::new(format!("race-{}", rng.usize(..4)), "audit", args).unwrap();
+                    if c.enqueue_in(&mut tx, job).await.is_err() {
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_millis(rng.u64(0..30))).await;
+                    if tx.commit().await.is_ok() {
+                        committed += 1;
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+
     // Faults.
     let mut script = match &cfg.schedule {
         Schedule::Script(steps) => Some(steps.clone().into_iter()),
@@ -597,6 +626,9 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
     stop.cancel();
     let mut report = std::mem::take(&mut h.report);
     report.enqueued = producer.await.unwrap();
+    for r in racers {
+        report.enqueued += r.await.unwrap();
+    }
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&h.pg.url()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -616,6 +648,25 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
     // Accepted jobs missing from the table would be lost too.
     report.lost += (report.enqueued - total).max(0);
     report.history = warden_runtime::history::check(&pool).await.unwrap();
+    if report.history.order_violations > 0 {
+        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+            "SELECT jb.account, ja.id, jb.id,
+                    format('a: run_at %s created %s finished %s | b: run_at %s created %s attempt %s started %s outcome %s',
+                           ja.run_at, ja.created_at, ja.finished_at, jb.run_at, jb.created_at, b.attempt, b.started_at, b.outcome)
+             FROM warden.attempts b
+             JOIN warden.jobs jb ON jb.id = b.job_id AND jb.lane = 'serial'
+             JOIN warden.jobs ja ON ja.account = jb.account AND ja.lane = 'serial' AND ja.id <> jb.id
+                  AND (ja.run_at, ja.id) < (jb.run_at, jb.id)
+             WHERE ja.created_at < b.started_at AND (ja.finished_at IS NULL OR ja.finished_at > b.started_at)
+             LIMIT 10",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        for r in rows {
+            eprintln!("order violation: account {} job {} before job {}: {}", r.0, r.1, r.2, r.3);
+        }
+    }
     report.audit = warden_examples::workload::check(&pool).await.unwrap();
     for m in h.members.values() {
         if let Some(p) = &m.proc_ {
