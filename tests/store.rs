@@ -330,11 +330,20 @@ async fn a_write_with_a_stale_epoch_is_rejected() {
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].outcome, "rescued");
     assert_eq!(attempts[0].epoch, f_old.epoch);
-    // The new owner runs it to completion.
+    // The new owner runs it to completion. A rescue never touches the current
+    // epoch's running attempt, a completed job, or anything when the caller does not
+    // hold the lease.
+    let lease_new = [warden_runtime::store::GrantedLease { partition: f_new.partition, epoch: f_new.epoch }];
     let j2 = s.claim("acct", &f_new).await.unwrap().unwrap();
     assert_eq!(j2.attempt, 2);
+    assert_eq!(s.rescue("new/1", &lease_new).await.unwrap(), 0, "the current epoch's attempt is left running");
+    assert_eq!(s.rescue("old/1", &lease_new).await.unwrap(), 0, "only the lease holder rescues");
+    let running = client.get(e.id).await.unwrap().unwrap();
+    assert_eq!((running.state.as_str(), running.attempt), ("running", 2));
     s.finish(None, &j2, &f_new, &Finish::Completed, true).await.unwrap();
+    assert_eq!(s.rescue("new/1", &lease_new).await.unwrap(), 0);
     assert_eq!(client.get(e.id).await.unwrap().unwrap().state, "completed");
+    assert_eq!(client.attempts(e.id).await.unwrap().len(), 2, "one rescued, one completed: nothing added");
 }
 
 #[tokio::test]
