@@ -487,6 +487,12 @@ async fn simulate(seed: u64) {
                     "seed {seed}: partition {p} not owned by {want} after healing"
                 );
                 assert!(d.expires > now, "seed {seed}: {want}'s lease on {p} lapsed after healing");
+                // Owned is not enough: a lease held but stuck draining blocks the
+                // partition as surely as a lost one.
+                assert!(
+                    nodes[want].table.current(p).is_some(),
+                    "seed {seed}: {want} owns {p} after healing but cannot run it"
+                );
             }
         }
     }
