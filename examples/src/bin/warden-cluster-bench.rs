@@ -11,7 +11,7 @@
 //! - drain throughput of 1, 2 and 3 nodes on the same database.
 //!
 //! Each scenario uses a fresh database. Usage:
-//!   deploy/pg.sh run cargo run --release -p warden-examples --bin warden-cluster-bench -- [--runs 5]
+//!   deploy/pg.sh run cargo run --release -p warden-examples --bin warden-cluster-bench -- [--runs 5] [--partitions 4096]
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -46,6 +46,16 @@ struct Args {
     /// Run only these scenarios (comma-separated: failover, scale-out, throughput).
     #[arg(long, value_delimiter = ',', default_value = "failover,scale-out,throughput")]
     only: Vec<String>,
+    /// Partition count P of the benchmark's clusters (passed to every node).
+    #[arg(long, env = "WARDEN_PARTITIONS", default_value_t = 1024)]
+    partitions: u32,
+}
+
+/// P, set once from `--partitions` at start.
+static PARTITIONS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+fn partitions() -> u32 {
+    *PARTITIONS.get().unwrap_or(&1024)
 }
 
 struct NodeProc {
@@ -75,7 +85,7 @@ fn free_udp() -> u16 {
 
 fn start_node(url: &str, id: &str, gossip: u16, seed: u16) -> anyhow::Result<NodeProc> {
     let mut child = Command::new(node_bin()?)
-        .args(["--database-url", url, "--node-id", id])
+        .args(["--database-url", url, "--node-id", id, "--partitions", &partitions().to_string()])
         .args(["--gossip-listen", &format!("127.0.0.1:{gossip}"), "--seeds", &format!("127.0.0.1:{seed}")])
         .env("RUST_LOG", std::env::var("BENCH_NODE_LOG").unwrap_or_else(|_| "error".into()))
         .stdout(Stdio::piped())
@@ -123,7 +133,7 @@ async fn wait_stable(pool: &sqlx::PgPool, n: usize) -> anyhow::Result<BTreeMap<i
     loop {
         let o = owners(pool).await?;
         let distinct: std::collections::BTreeSet<&String> = o.values().collect();
-        let complete = o.len() == 1024 && distinct.len() == n;
+        let complete = o.len() == partitions() as usize && distinct.len() == n;
         if o != last || !complete {
             last = o;
             since = Instant::now();
@@ -291,7 +301,7 @@ async fn scale_out(args: &Args, rate: u32, run: usize) -> anyhow::Result<ScaleOu
         for v in o.values() {
             *per.entry(v).or_default() += 1;
         }
-        *per.values().max().unwrap() as f64 / (1024.0 / per.len() as f64)
+        *per.values().max().unwrap() as f64 / (partitions() as f64 / per.len() as f64)
     };
     // A job's wait beyond its in-flight predecessor: handler start (audit row,
     // database clock) minus the later of its enqueue and the previous job's handler
@@ -326,7 +336,7 @@ async fn scale_out(args: &Args, rate: u32, run: usize) -> anyhow::Result<ScaleOu
     drop(nodes);
     Ok(ScaleOut {
         moved: moved_parts.len(),
-        ideal: 1024.0 / 4.0,
+        ideal: partitions() as f64 / 4.0,
         balance_before: balance(&before),
         balance_after: balance(&after),
         moved_pause_ms,
@@ -410,7 +420,14 @@ async fn throughput(args: &Args, n: usize) -> anyhow::Result<f64> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     node_bin()?;
-    println!("warden cluster benchmark — default node settings (lease TTL 4s, gossip 100ms, settle 500ms), P=1024");
+    if warden_runtime::PartitionCount::new(args.partitions).is_err() {
+        bail!("--partitions must be 1..={}, got {}", warden_runtime::PartitionCount::MAX, args.partitions);
+    }
+    let _ = PARTITIONS.set(args.partitions);
+    println!(
+        "warden cluster benchmark — default node settings (lease TTL 4s, gossip 100ms, settle 500ms), P={}",
+        args.partitions
+    );
     println!("command: {}", std::env::args().collect::<Vec<_>>().join(" "));
 
     let wants = |s: &str| args.only.iter().any(|o| o == s);
