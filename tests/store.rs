@@ -187,11 +187,16 @@ async fn concurrent_enqueues_of_one_account_sort_in_commit_order() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let case = format!("{first_via:?} then {second_via:?}");
         assert!(!second.is_finished(), "{case}: the second enqueue waits for the first one's commit");
-        if !matches!(first_via, Via::Batch) {
+        // A batch locks whole groups (and a waiting one keeps those it has), so only
+        // single-account enqueues are sure not to hold up another account.
+        if !matches!(first_via, Via::Batch) && !matches!(second_via, Via::Batch) {
             let other = client.enqueue(NewJob::new(format!("unrelated-{n}"), "step", ()).unwrap());
             let other = tokio::time::timeout(Duration::from_secs(5), other).await;
             assert!(other.is_ok(), "{case}: another account's enqueue is not held up");
         }
+        // The first transaction enqueues again while the second waits: the second must
+        // still sort last, i.e. read its order key after the lock, not at its start.
+        let first_again = enqueue_in_tx(first_via, &client, &mut tx1, &account).await;
         tx1.commit().await.unwrap();
         let second = second.await.unwrap();
         let keys: Vec<(chrono::DateTime<chrono::Utc>, i64)> =
@@ -200,8 +205,40 @@ async fn concurrent_enqueues_of_one_account_sort_in_commit_order() {
                 .fetch_all(&db.pool)
                 .await
                 .unwrap();
-        assert_eq!(keys.iter().map(|k| k.1).collect::<Vec<_>>(), vec![first, second], "{case}: {keys:?}");
-        assert!(keys[0].0 < keys[1].0, "{case}: the later commit reads its run_at later: {keys:?}");
+        assert_eq!(keys.iter().map(|k| k.1).collect::<Vec<_>>(), vec![first, first_again, second], "{case}: {keys:?}");
+        assert!(keys[1].0 < keys[2].0, "{case}: the later commit reads its run_at later: {keys:?}");
+    }
+}
+
+/// Enqueue locks last until commit, and PostgreSQL's lock table is shared and small
+/// (64 × max_connections entries by default): a transaction that enqueues for many
+/// accounts one at a time (a loop, a row trigger over a bulk update) must not hold a
+/// lock per account. Past 64 it switches to group locks, which still make another
+/// transaction's enqueue for any of those accounts wait.
+#[tokio::test]
+async fn a_transaction_enqueueing_for_many_accounts_holds_a_bounded_number_of_locks() {
+    let (db, _s, client) = setup(16).await;
+    for via in [Via::Client, Via::Sql] {
+        let mut tx = db.pool.begin().await.unwrap();
+        for i in 0..600 {
+            enqueue_in_tx(via, &client, &mut tx, &format!("many-{via:?}-{i}")).await;
+        }
+        let held: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        assert!(held <= 64 + 256 + 256, "{via:?}: {held} advisory locks held for 600 accounts");
+        let (pool, c2, last) = (db.pool.clone(), client.clone(), format!("many-{via:?}-599"));
+        let other = tokio::spawn(async move {
+            let mut tx2 = pool.begin().await.unwrap();
+            enqueue_in_tx(Via::Client, &c2, &mut tx2, &last).await;
+            tx2.commit().await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!other.is_finished(), "{via:?}: an account locked through its group still makes others wait");
+        tx.commit().await.unwrap();
+        other.await.unwrap();
     }
 }
 

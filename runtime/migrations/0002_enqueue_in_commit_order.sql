@@ -24,6 +24,7 @@ DECLARE
     v_now        timestamptz;
     v_run_at     timestamptz;
     v_id         bigint;
+    v_locked     integer;
 BEGIN
     IF p_account IS NULL OR length(p_account) = 0 OR octet_length(p_account) > 256
        OR p_account ~ '[[:cntrl:]]' THEN
@@ -57,8 +58,17 @@ BEGIN
 
     -- Wait for any other uncommitted enqueue of this account, then read the order
     -- key: jobs of one account sort in the order their transactions commit.
-    PERFORM pg_advisory_xact_lock_shared(1463898693, hashtext(p_account) >> 24);
-    PERFORM pg_advisory_xact_lock(1463898692, hashtext(p_account));
+    -- Past 64 accounts locked one by one in this transaction (a trigger over a bulk
+    -- update, a long loop), lock whole groups instead: the locks last until commit
+    -- and PostgreSQL's lock table is shared and small.
+    v_locked := COALESCE(NULLIF(current_setting('warden.enqueue_accounts', true), '')::integer, 0);
+    IF v_locked >= 64 THEN
+        PERFORM pg_advisory_xact_lock(1463898693, hashtext(p_account) >> 24);
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(1463898693, hashtext(p_account) >> 24);
+        PERFORM pg_advisory_xact_lock(1463898692, hashtext(p_account));
+        PERFORM set_config('warden.enqueue_accounts', (v_locked + 1)::text, true);
+    END IF;
     v_now := clock_timestamp();
     v_run_at := COALESCE(p_run_at, v_now);
 

@@ -60,11 +60,18 @@ impl Client {
     /// Order: the enqueue holds a lock on the job's account until the transaction
     /// ends, so another transaction's enqueue for the same account waits for this one
     /// to commit or roll back and then sorts after it (serial order follows commit
-    /// order). Keep transactions that enqueue short. A transaction that enqueues for
-    /// several accounts in *separate* statements can deadlock with one doing the same
-    /// in the opposite order; PostgreSQL then aborts one of them (SQLSTATE 40P01), to
-    /// be retried. One [`Client::enqueue_many_in`] call takes its locks in a fixed
-    /// order and cannot deadlock with another call.
+    /// order). Keep transactions that enqueue short.
+    ///
+    /// Deadlocks: one [`Client::enqueue_many_in`] call (or `warden.enqueue` call) takes
+    /// its locks in a fixed order and cannot deadlock with another *call*. Transactions
+    /// that enqueue in several statements can, like any transactions taking row locks
+    /// in different orders: two that enqueue for several accounts in opposite orders;
+    /// two row triggers calling `warden.enqueue` over bulk updates of the same
+    /// accounts; two that each enqueued one job and then a large batch over a shared
+    /// hash group (the batch must upgrade a shared group lock). PostgreSQL detects it
+    /// and aborts one transaction with SQLSTATE 40P01, which the caller should retry
+    /// (in a handler, the attempt fails and is retried like any error). See
+    /// [`store::ENQUEUE_LOCK_CLASS`] for the locks and their bounds.
     pub async fn enqueue_in(&self, conn: &mut sqlx::PgConnection, job: NewJob) -> Result<Enqueued> {
         Ok(self.enqueue_many_in(conn, std::slice::from_ref(&job)).await?.remove(0))
     }

@@ -678,6 +678,12 @@ impl Store for PgStore {
 /// Two enqueues of one account therefore always conflict on something and run one
 /// after the other. The class is "WARD"; two-key advisory locks never collide with
 /// one-key (`bigint`) ones such as the migration lock.
+///
+/// Locks last until the transaction ends, so the bound is per *transaction* too: the
+/// transaction-local setting `warden.enqueue_accounts` counts the accounts locked
+/// one by one, and once that would pass [`ENQUEUE_LOCK_BATCH`] every further enqueue
+/// in the transaction (a long loop, a row trigger over a bulk update) takes group
+/// locks. A transaction thus holds at most 64 account locks and 256 + 256 group locks.
 pub const ENQUEUE_LOCK_CLASS: i32 = 0x5741_5244;
 
 /// Distinct accounts above which a statement locks whole groups (see [`ENQUEUE_LOCK_CLASS`]).
@@ -747,7 +753,9 @@ pub async fn insert_jobs(
     // in dependency order, so `now` is read after every lock is taken.
     let rows = sqlx::query(
         "WITH acc AS (SELECT DISTINCT hashtext(a) AS f FROM unnest($1::text[]) AS u(a)),
-         wide AS (SELECT count(*) > $13 AS batch FROM acc),
+         prior AS (SELECT COALESCE(NULLIF(current_setting('warden.enqueue_accounts', true), '')::int, 0) AS n),
+         wide AS (SELECT count(*) + min(prior.n) > $13 AS batch, count(*) + min(prior.n) AS total FROM acc, prior),
+         counted AS (SELECT set_config('warden.enqueue_accounts', total::text, true) AS c FROM wide WHERE NOT batch),
          keys AS (
             SELECT DISTINCT f >> 24 AS g, 0 AS level, f >> 24 AS k, w.batch FROM acc, wide w
             UNION ALL
@@ -757,7 +765,7 @@ pub async fn insert_jobs(
                               WHEN batch THEN pg_advisory_xact_lock($12::int + 1, k)
                               ELSE pg_advisory_xact_lock_shared($12::int + 1, k) END) AS n
             FROM (SELECT * FROM keys ORDER BY g, level, k) ordered),
-         now AS (SELECT clock_timestamp() AS ts FROM locks),
+         now AS (SELECT clock_timestamp() AS ts FROM locks LEFT JOIN counted ON true),
          src AS (
             SELECT ord, account, partition, kind, args, lane, priority, max_attempts, timeout_ms, unique_key,
                    COALESCE(run_at, now.ts + COALESCE(delay_ms, 0) * interval '1 millisecond') AS run_at, now.ts
