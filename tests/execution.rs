@@ -110,7 +110,8 @@ impl Handler for Scripted {
     }
 }
 
-async fn start(db: &TestDb, config: NodeConfig) -> Node {
+/// A node builder with the test handlers registered and their tables created.
+async fn builder(db: &TestDb, config: NodeConfig) -> warden_runtime::NodeBuilder {
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS script_log (job_id bigint, account text, seq bigint, attempt int,
                                                 at timestamptz DEFAULT clock_timestamp())",
@@ -124,9 +125,18 @@ async fn start(db: &TestDb, config: NodeConfig) -> Node {
         .unwrap()
         .register(warden_examples::workload::Audit { node: "test-node".into(), pool: db.pool.clone() })
         .unwrap()
-        .start(db.node_pool().await)
-        .await
-        .unwrap()
+}
+
+async fn start(db: &TestDb, config: NodeConfig) -> Node {
+    builder(db, config).await.start(db.node_pool().await).await.unwrap()
+}
+
+/// Wait until job `id` is running; its row.
+async fn wait_running(client: &warden_runtime::Client, id: i64) -> warden_runtime::JobRow {
+    eventually(WAIT, &format!("job {id} running"), || async {
+        client.get(id).await.unwrap().filter(|j| j.state == "running")
+    })
+    .await
 }
 
 fn script(account: &str, s: Script) -> NewJob {
@@ -287,10 +297,7 @@ async fn cancel_queued_and_running_jobs() {
     let after = c.enqueue(script("c1", Script { seq: 2, ..Default::default() })).await.unwrap();
     assert_eq!(c.cancel(queued.id).await.unwrap(), CancelResult::Cancelled);
     for id in [coop.id, stubborn.id] {
-        eventually(WAIT, "job running", || async {
-            (c.get(id).await.unwrap().unwrap().state == "running").then_some(())
-        })
-        .await;
+        wait_running(c, id).await;
     }
     let t = std::time::Instant::now();
     assert_eq!(c.cancel(coop.id).await.unwrap(), CancelResult::CancelRequested);
@@ -442,10 +449,7 @@ async fn shutdown_waits_for_running_attempts_within_the_drain_timeout() {
     let node = start(&db, config()).await;
     let j = node.client().enqueue(script("drain", Script { sleep_ms: 500, ..Default::default() })).await.unwrap();
     let k = node.client().enqueue(script("drain", Script { seq: 1, ..Default::default() })).await.unwrap();
-    eventually(WAIT, "job running", || async {
-        (node.client().get(j.id).await.unwrap().unwrap().state == "running").then_some(())
-    })
-    .await;
+    wait_running(node.client(), j.id).await;
     node.shutdown().await.unwrap();
     let row = node.client().get(j.id).await.unwrap().unwrap();
     assert_eq!(row.state, "completed", "the in-flight attempt finished during the drain");
@@ -483,25 +487,11 @@ impl warden_cluster::placement::Placement for AllBut {
 async fn a_handoff_undone_during_the_drain_does_not_stall_the_partition() {
     let db = TestDb::new().await;
     let placement = std::sync::Arc::new(AllBut::default());
-    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS script_log (job_id bigint, account text, seq bigint, attempt int)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let node = Node::builder(config())
-        .register(Scripted)
-        .unwrap()
-        .placement(placement.clone())
-        .start(db.node_pool().await)
-        .await
-        .unwrap();
+    let node = builder(&db, config()).await.placement(placement.clone()).start(db.node_pool().await).await.unwrap();
     // Outlives the 2 s drain timeout, so the drain aborts it.
     let a = node.client().enqueue(script("flip", Script { sleep_ms: 3_000, ..Default::default() })).await.unwrap();
     let b = node.client().enqueue(script("flip", Script { seq: 1, ..Default::default() })).await.unwrap();
-    eventually(WAIT, "first job running", || async {
-        (node.client().get(a.id).await.unwrap().unwrap().state == "running").then_some(())
-    })
-    .await;
-    let p = node.client().get(a.id).await.unwrap().unwrap().partition as u32;
+    let p = wait_running(node.client(), a.id).await.partition as u32;
     *placement.0.lock().unwrap() = Some(p);
     let report = node.run_enforcer_once().await.unwrap();
     assert_eq!(report.draining, vec![p], "the handoff began");
@@ -529,11 +519,7 @@ async fn a_job_claimed_as_its_partition_starts_draining_is_given_back_unrun() {
     let a = node.client().enqueue(script("race", Script { sleep_ms: 500, ..Default::default() })).await.unwrap();
     let b =
         node.client().enqueue(script("race", Script { seq: 1, ..Default::default() }).max_attempts(1)).await.unwrap();
-    eventually(WAIT, "first job running", || async {
-        (node.client().get(a.id).await.unwrap().unwrap().state == "running").then_some(())
-    })
-    .await;
-    let p = node.client().get(a.id).await.unwrap().unwrap().partition as u32;
+    let p = wait_running(node.client(), a.id).await.partition as u32;
     node.lease_table().begin_drain(p);
 
     assert_eq!(wait_finished(&db, a.id).await.state, "completed");

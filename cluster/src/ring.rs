@@ -683,6 +683,17 @@ mod tests {
         (ours, plain)
     }
 
+    /// [`join_vs_plain`] averaged over `trials` random joins: (ours, plain).
+    fn mean_join_vs_plain(n: usize, p: u32, trials: usize, rng: &mut fastrand::Rng) -> (f64, f64) {
+        let (mut ours, mut plain) = (0.0, 0.0);
+        for _ in 0..trials {
+            let (o, b) = join_vs_plain(n, p, rng);
+            ours += o / trials as f64;
+            plain += b / trials as f64;
+        }
+        (ours, plain)
+    }
+
     /// Where the reference figures come from. A plain bounded-load ring
     /// moves ≈ 1.1× the ideal at N = 10 and ≈ 1.27× at N = 30 when P = 4096 (it is
     /// ≈ 1.6× at N = 30 with P = 1024: see the module docs). At that granularity
@@ -698,12 +709,7 @@ mod tests {
         let mut failures = Vec::new();
         let (mut ours_total, mut plain_total) = (0.0, 0.0);
         for n in [10, 25, 30] {
-            let (mut ours, mut plain) = (0.0, 0.0);
-            for _ in 0..trials {
-                let (o, b) = join_vs_plain(n, p, &mut rng);
-                ours += o / trials as f64;
-                plain += b / trials as f64;
-            }
+            let (ours, plain) = mean_join_vs_plain(n, p, trials, &mut rng);
             table += &format!("{n:>2}→{:<3} {ours:.3} {plain:.3}\n", n + 1);
             if ours > 1.3 {
                 failures.push(n);
@@ -848,12 +854,7 @@ mod tests {
         for p in [1024, 4096, 16384] {
             let mut line = format!("P={p:<6}");
             for n in [5, 10, 20, 25, 29, 30] {
-                let (mut ours, mut plain) = (0.0, 0.0);
-                for _ in 0..trials {
-                    let (o, b) = join_vs_plain(n, p, &mut rng);
-                    ours += o / trials as f64;
-                    plain += b / trials as f64;
-                }
+                let (ours, plain) = mean_join_vs_plain(n, p, trials, &mut rng);
                 line += &format!("  {n}→{}: {ours:.2} / {plain:.2}", n + 1);
             }
             println!("{line}");
