@@ -194,6 +194,17 @@ impl Store for SimStore {
         Ok(self.statement(|_, _| Vec::new()).await)
     }
 
+    async fn running_here(
+        &self,
+        _owner: &str,
+        _partitions: &[u32],
+        _limit: i64,
+    ) -> warden_runtime::Result<Vec<(i64, String, u32)>> {
+        // No jobs in the model: nothing can run, so nothing is orphaned (and no
+        // statement is spent, keeping the seeds' schedules as they were).
+        Ok(Vec::new())
+    }
+
     async fn claim(&self, _account: &str, _fence: &Fence) -> warden_runtime::Result<Option<JobRow>> {
         unsupported("claim")
     }
@@ -205,7 +216,7 @@ impl Store for SimStore {
         _fence: &Fence,
         _finish: &Finish,
         _next: bool,
-    ) -> warden_runtime::Result<Option<JobRow>> {
+    ) -> warden_runtime::Result<warden_runtime::store::Finished> {
         unsupported("finish")
     }
 

@@ -23,10 +23,11 @@ use crate::error::Error;
 use crate::handler::{CallError, FencingToken, JobContext, Outcome, Registry};
 use crate::job::JobRow;
 use crate::lease::{ActiveLease, LeaseTable};
-use crate::store::{Finish, Store};
+use crate::store::{Finish, Finished, Store};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,7 +80,8 @@ pub(crate) struct Shared {
 pub enum AccountMsg {
     /// There may be due work: claim it if idle.
     Wake,
-    /// Cancel this job if it is the one running.
+    /// Someone may have asked to cancel this job: if it is the one running, re-read
+    /// its `cancel_requested` (a NOTIFY is a hint; the row decides).
     Cancel(i64),
     /// Finish the running attempt (within drain_timeout), claim nothing more, stop.
     Drain,
@@ -89,7 +91,7 @@ pub enum AccountMsg {
     Done(Box<AttemptReport>),
     /// Passivate if still idle since `generation`.
     IdleCheck(u64),
-    /// Drain timeout passed: abort the running attempt.
+    /// Drain timeout passed: abort the running handler and record the interruption.
     AbortRunning,
 }
 
@@ -97,15 +99,27 @@ pub enum AccountMsg {
 #[allow(clippy::large_enum_variant)]
 pub enum AttemptReport {
     /// The outcome was recorded; `next` is the account's next job, already claimed
-    /// under `lease` (needed to undo the claim if the account is draining).
-    Finished { next: Option<JobRow>, wake_in: Option<Duration>, lease: ActiveLease },
-    /// The attempt was dropped without recording (fenced or aborted); stop the actor.
+    /// under `lease` (needed to undo the claim if the account is draining). With
+    /// `reclaim`, the finish found its job already finished (an earlier try
+    /// committed; its reply was lost): claim again, which adopts whatever that try
+    /// claimed.
+    Finished { next: Option<JobRow>, wake_in: Option<Duration>, lease: ActiveLease, reclaim: bool },
+    /// The attempt was dropped without recording (fenced, lease window closed); stop
+    /// the actor.
     Stopped,
 }
 
+/// The controls of one running attempt, held by its actor.
 struct Running {
     job_id: i64,
-    cancel: CancellationToken,
+    /// Re-read `cancel_requested` now.
+    check_cancel: Arc<tokio::sync::Notify>,
+    /// The partition is being handed off.
+    interrupt: CancellationToken,
+    /// The handler's `ctx.cancellation()`: fires on a confirmed cancel, a drain or a
+    /// lost lease.
+    stop: CancellationToken,
+    /// Drain timeout passed: drop the handler and record the interruption.
     abort: CancellationToken,
 }
 
@@ -125,6 +139,10 @@ pub struct AccountState {
     woken_while_running: bool,
     draining: bool,
     idle_generation: u64,
+    /// Has this actor claimed anything yet? One that was woken and found nothing on
+    /// its first claim stops at once instead of idling: wake-ups are hints (any role
+    /// may NOTIFY), and a flood of made-up accounts must not fill the actor map.
+    claimed_any: bool,
 }
 
 pub struct AccountArgs {
@@ -156,6 +174,7 @@ impl Actor for AccountActor {
             woken_while_running: false,
             draining: false,
             idle_generation: 0,
+            claimed_any: false,
         })
     }
 
@@ -175,32 +194,18 @@ impl Actor for AccountActor {
                     st.woken_while_running = true;
                     return Ok(());
                 }
-                let Some(lease) = st.shared.leases.current(st.partition) else {
-                    myself.stop(Some("partition not held".into()));
-                    return Ok(());
-                };
-                match st.shared.store.claim(&st.account, &lease.fence).await {
-                    Ok(Some(job)) => start_attempt(&myself, st, job, lease),
-                    Ok(None) => arm_idle(&myself, st),
-                    Err(Error::Fenced { .. }) => myself.stop(Some("fenced".into())),
-                    Err(e) => {
-                        tracing::warn!(account = %st.account, error = %e, "claim failed; retrying shortly");
-                        drop(myself.send_after(Duration::from_millis(500), || AccountMsg::Wake));
-                    }
-                }
+                claim(&myself, st).await;
             }
             AccountMsg::Done(report) => {
                 st.running = None;
                 let rewake = std::mem::take(&mut st.woken_while_running);
                 match *report {
                     AttemptReport::Stopped => myself.stop(Some("attempt stopped".into())),
-                    AttemptReport::Finished { next, wake_in, lease } => match next {
+                    AttemptReport::Finished { next, wake_in, lease, reclaim } => match next {
                         Some(job) if st.draining => {
                             // The partition is draining, so `leases.current()` no longer
                             // answers; undo the claim under the lease it was made with.
-                            if let Err(e) = st.shared.store.unclaim(&job, &lease.fence).await {
-                                tracing::warn!(job_id = job.id, error = %e, "unclaim on drain failed; rescue will reset it");
-                            }
+                            unclaim(st, &job, &lease).await;
                             myself.stop(Some("drained".into()));
                         }
                         Some(job) => match st.shared.leases.current(st.partition) {
@@ -212,16 +217,15 @@ impl Actor for AccountActor {
                                 // owner's rescue would count an attempt that never ran (and
                                 // discard a job with one attempt). If the lease has lapsed
                                 // the fence refuses, and the rescue is the right outcome.
-                                if let Err(e) = st.shared.store.unclaim(&job, &lease.fence).await {
-                                    tracing::warn!(job_id = job.id, error = %e, "unclaim failed; rescue will reset it");
-                                }
+                                unclaim(st, &job, &lease).await;
                                 myself.stop(Some("partition not held".into()))
                             }
                         },
                         None if st.draining => myself.stop(Some("drained".into())),
                         None => {
-                            if rewake {
-                                // Look again: one claim, only when a wake-up raced the finish.
+                            if rewake || reclaim {
+                                // Look again: one claim, only when a wake-up raced the
+                                // finish, or the finish's own earlier try committed.
                                 let _ = myself.send_message(AccountMsg::Wake);
                             } else if let Some(d) = wake_in {
                                 drop(myself.send_after(d, || AccountMsg::Wake));
@@ -234,29 +238,33 @@ impl Actor for AccountActor {
             AccountMsg::Cancel(job_id) => {
                 if let Some(r) = &st.running {
                     if r.job_id == job_id {
-                        r.cancel.cancel();
+                        r.check_cancel.notify_one();
                     }
                 }
             }
             AccountMsg::Drain => {
                 st.draining = true;
                 st.claim_next.store(false, Ordering::Release);
-                if st.running.is_none() {
-                    myself.stop(Some("drained".into()));
-                } else {
-                    drop(myself.send_after(st.shared.config.drain_timeout, || AccountMsg::AbortRunning));
+                match &st.running {
+                    None => myself.stop(Some("drained".into())),
+                    Some(r) => {
+                        // The handler hears it at once (`ctx.cancellation()`), and has
+                        // drain_timeout to finish or stop; see `Finish::Interrupted`.
+                        r.interrupt.cancel();
+                        r.stop.cancel();
+                        drop(myself.send_after(st.shared.config.drain_timeout, || AccountMsg::AbortRunning));
+                    }
                 }
             }
             AccountMsg::AbortRunning => {
                 if let Some(r) = &st.running {
-                    tracing::warn!(account = %st.account, job_id = r.job_id, "drain timeout: aborting running attempt; it will be rescued");
+                    tracing::warn!(account = %st.account, job_id = r.job_id, "drain timeout: aborting the running handler; the job runs again on the next owner");
                     r.abort.cancel();
                 }
             }
             AccountMsg::Fenced => {
-                if let Some(r) = &st.running {
-                    r.abort.cancel();
-                }
+                // The lease's token is cancelled and its validity closed: the attempt
+                // task stops on its own, without polling the handler again.
                 myself.stop(Some("fenced".into()));
             }
             AccountMsg::IdleCheck(generation) => {
@@ -272,6 +280,55 @@ impl Actor for AccountActor {
     }
 }
 
+/// Claim (or adopt) the account's next job and start it; idle if there is none.
+async fn claim(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
+    let Some(lease) = st.shared.leases.current(st.partition) else {
+        myself.stop(Some("partition not held".into()));
+        return;
+    };
+    match st.shared.store.claim(&st.account, &lease.fence).await {
+        Ok(Some(job)) => {
+            st.claimed_any = true;
+            start_attempt(myself, st, job, lease)
+        }
+        Ok(None) if !st.claimed_any => {
+            // Woken for nothing: stop now (see `claimed_any`) unless another wake-up
+            // is already pending.
+            if st.actors.remove_if_idle(&st.account, myself.get_id(), &st.wake_flag) {
+                myself.stop(Some("nothing to do".into()));
+            }
+        }
+        Ok(None) => arm_idle(myself, st),
+        Err(Error::Fenced { .. }) => myself.stop(Some("fenced".into())),
+        Err(e) => {
+            // Ambiguous: the claim may have committed. The retry adopts what it claimed.
+            tracing::warn!(account = %st.account, error = %e, "claim failed; retrying shortly");
+            drop(myself.send_after(Duration::from_millis(500), || AccountMsg::Wake));
+        }
+    }
+}
+
+/// Undo a claim that will not run, retrying transient failures while the lease it was
+/// made under is still valid. If it cannot be undone, the job stays claimed at this
+/// epoch: the account's next claim adopts it (or the next owner's rescue resets it).
+async fn unclaim(st: &AccountState, job: &JobRow, lease: &ActiveLease) {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..5 {
+        match st.shared.store.unclaim(job, &lease.fence).await {
+            Ok(()) | Err(Error::Fenced { .. }) => return,
+            Err(e) if e.is_permanent() || !lease.validity.is_valid() => {
+                tracing::warn!(job_id = job.id, error = %e, "unclaim failed; the job is adopted or rescued later");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = job.id, error = %e, "unclaim failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}
+
 fn arm_idle(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
     st.idle_generation += 1;
     let generation = st.idle_generation;
@@ -280,17 +337,77 @@ fn arm_idle(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
 
 fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobRow, lease: ActiveLease) {
     st.idle_generation += 1;
-    let cancel = CancellationToken::new();
-    let abort = CancellationToken::new();
-    st.running = Some(Running { job_id: job.id, cancel: cancel.clone(), abort: abort.clone() });
-    let shared = st.shared.clone();
-    let claim_next = st.claim_next.clone();
-    let me = myself.clone();
+    let ctl = AttemptControl {
+        check_cancel: Arc::new(tokio::sync::Notify::new()),
+        interrupt: CancellationToken::new(),
+        stop: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        claim_next: st.claim_next.clone(),
+    };
+    st.running = Some(Running {
+        job_id: job.id,
+        check_cancel: ctl.check_cancel.clone(),
+        interrupt: ctl.interrupt.clone(),
+        stop: ctl.stop.clone(),
+        abort: ctl.abort.clone(),
+    });
+    st.actors.in_flight.lock().unwrap().insert(job.id);
+    let (shared, actors, me, job_id) = (st.shared.clone(), st.actors.clone(), myself.clone(), job.id);
     tokio::spawn(async move {
-        let report = run_attempt(shared, job, lease, cancel, abort, claim_next).await;
+        // Supervised: a panic anywhere in the attempt (not only in the handler, which
+        // is caught on its own) still ends it, records it, and tells the actor, so
+        // the actor never stays busy and a drain always completes.
+        let report =
+            match AssertUnwindSafe(run_attempt(shared.clone(), job.clone(), lease.clone(), ctl)).catch_unwind().await {
+                Ok(report) => report,
+                Err(panic) => {
+                    let msg = panic_message(&panic);
+                    tracing::error!(job_id, panic = %msg, "attempt task panicked; recording the attempt as failed");
+                    metrics::counter!("warden_attempt_panics_total").increment(1);
+                    record_crash(&shared, &job, &lease, &msg).await
+                }
+            };
+        actors.in_flight.lock().unwrap().remove(&job_id);
         // The actor may already be gone (fenced); then nobody needs the report.
         let _ = me.send_message(AccountMsg::Done(Box::new(report)));
     });
+}
+
+/// After a panic outside the handler: record the attempt as failed (retried with the
+/// kind's backoff), or find it already recorded.
+async fn record_crash(shared: &Shared, job: &JobRow, lease: &ActiveLease, msg: &str) -> AttemptReport {
+    let options = shared.registry.options(&job.kind).cloned().unwrap_or_default();
+    let finish = if job.attempt >= job.max_attempts {
+        Finish::Discard { outcome: "failed", error: format!("attempt task panicked: {msg} (giving up)") }
+    } else {
+        Finish::Retry {
+            after: options.backoff.delay(job.attempt, &mut fastrand::Rng::new()),
+            outcome: "failed",
+            error: format!("attempt task panicked: {msg}"),
+        }
+    };
+    let mut delay = Duration::from_millis(50);
+    while lease.validity.is_valid() && !lease.token.is_cancelled() {
+        match shared.store.finish(None, job, &lease.fence, &finish, false).await {
+            Ok(_) => return AttemptReport::Finished { next: None, wake_in: None, lease: lease.clone(), reclaim: true },
+            Err(Error::Fenced { .. }) => break,
+            Err(e) => {
+                tracing::warn!(job_id = job.id, error = %e, "could not record the crashed attempt; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    AttemptReport::Stopped
+}
+
+/// What an attempt task is given besides the job and its lease.
+struct AttemptControl {
+    check_cancel: Arc<tokio::sync::Notify>,
+    interrupt: CancellationToken,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    claim_next: Arc<AtomicBool>,
 }
 
 enum EndedKind {
@@ -303,19 +420,20 @@ enum Ended {
     Panicked(String),
     TimedOut,
     CancelledHard,
+    /// Dropped at the drain timeout.
+    Interrupted,
 }
 
 /// Run one attempt: the handler (with timeout, cancellation and fencing), then the
 /// fenced finish-and-claim-next statement. Never returns before the outcome is
-/// recorded, unless the lease is lost or the attempt is aborted.
-async fn run_attempt(
-    shared: Arc<Shared>,
-    job: JobRow,
-    lease: ActiveLease,
-    cancel: CancellationToken,
-    abort: CancellationToken,
-    claim_next: Arc<AtomicBool>,
-) -> AttemptReport {
+/// recorded, unless the lease is lost.
+///
+/// The handler is polled only inside its lease's validity window: every poll first
+/// reads the window (`LeaseValidity`), so a process resumed after a pause longer than
+/// the window never runs handler code again, even before the lease keeper gets to run
+/// and fence. A handler that returned inside the window still has its finish sent;
+/// the database fence decides whether it counts.
+async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: AttemptControl) -> AttemptReport {
     let span = tracing::info_span!(
         "attempt",
         job_id = job.id,
@@ -333,15 +451,26 @@ async fn run_attempt(
         }
         let handler = shared.registry.get(&job.kind).cloned();
         let started = tokio::time::Instant::now();
+        let cancel = CancellationToken::new(); // a confirmed cancel request
         let mut ctx = JobContext {
             job: job.clone(),
             fence: FencingToken { partition: lease.fence.partition, epoch: lease.fence.epoch },
-            cancel: cancel.clone(),
+            cancel: ctl.stop.clone(),
+            validity: lease.validity.clone(),
             store: shared.store.clone(),
             registry: shared.registry.clone(),
             partitions: shared.partitions,
             tx: None,
         };
+        let lost = |why: &'static str| {
+            ctl.stop.cancel();
+            metrics::counter!("warden_attempts_total", "kind" => kind_label.clone(), "outcome" => "fenced").increment(1);
+            tracing::warn!(why, "lease lost: attempt dropped");
+            AttemptReport::Stopped
+        };
+        if !lease.validity.is_valid() {
+            return lost("lease window closed before the handler started");
+        }
         let ended = match &handler {
             None => Ended::Returned(Err(CallError::BadArgs(format!(
                 "no handler for kind {:?} is registered on node {}",
@@ -349,31 +478,34 @@ async fn run_attempt(
             )))),
             Some(h) => {
                 let call = AssertUnwindSafe(h.call(&mut ctx, job.args.clone())).catch_unwind();
+                let mut call = std::pin::pin!(call);
+                let validity = lease.validity.clone();
+                // Every poll of the handler first checks the lease window.
+                let guarded = std::future::poll_fn(|cx| {
+                    if !validity.is_valid() {
+                        return std::task::Poll::Ready(None);
+                    }
+                    call.as_mut().poll(cx).map(Some)
+                });
                 let timeout = tokio::time::sleep(Duration::from_millis(job.timeout_ms.max(1) as u64));
                 let grace = shared.config.cancel_grace;
                 let cancel_hard = async {
                     cancel.cancelled().await;
                     tokio::time::sleep(grace).await;
                 };
-                let poll_cancel = poll_cancel(&shared, job.id, &cancel);
+                let poll_cancel = poll_cancel(&shared, job.id, &cancel, &ctl.stop, &ctl.check_cancel);
                 tokio::select! {
-                    r = call => match r {
-                        Ok(r) => Ended::Returned(r),
-                        Err(panic) => Ended::Panicked(panic_message(&panic)),
+                    biased;
+                    _ = lease.token.cancelled() => return lost("lease fenced"),
+                    r = guarded => match r {
+                        None => return lost("lease window closed while the handler ran"),
+                        Some(Ok(r)) => Ended::Returned(r),
+                        Some(Err(panic)) => Ended::Panicked(panic_message(&panic)),
                     },
+                    _ = ctl.abort.cancelled() => Ended::Interrupted,
                     _ = timeout => Ended::TimedOut,
                     _ = cancel_hard => Ended::CancelledHard,
                     _ = poll_cancel => unreachable!("poll_cancel never completes"),
-                    _ = lease.token.cancelled() => {
-                        metrics::counter!("warden_attempts_total", "kind" => kind_label, "outcome" => "fenced").increment(1);
-                        tracing::warn!("lease lost: attempt dropped");
-                        return AttemptReport::Stopped;
-                    }
-                    _ = abort.cancelled() => {
-                        metrics::counter!("warden_attempts_total", "kind" => kind_label, "outcome" => "aborted").increment(1);
-                        tracing::warn!("attempt aborted; left for rescue");
-                        return AttemptReport::Stopped;
-                    }
                 }
             }
         };
@@ -386,8 +518,13 @@ async fn run_attempt(
 
         let options = handler.as_ref().map(|h| h.options().clone()).unwrap_or_default();
         let exhausted = job.attempt >= job.max_attempts;
+        let interrupted = ctl.interrupt.is_cancelled();
         let fail = |outcome: &'static str, error: String, after: Option<Duration>| {
-            if exhausted {
+            if interrupted {
+                // It failed after being told its partition is moving: most likely it
+                // stopped because of that. The attempt does not count.
+                Finish::Interrupted { error: format!("interrupted by a partition handoff ({outcome}: {error})") }
+            } else if exhausted {
                 Finish::Discard { outcome, error: format!("{error} (attempt {} of {}: giving up)", job.attempt, job.max_attempts) }
             } else {
                 let after = after.unwrap_or_else(|| options.backoff.delay(job.attempt, &mut fastrand::Rng::new()));
@@ -405,6 +542,12 @@ async fn run_attempt(
             Ended::TimedOut => fail("timeout", format!("timed out after {}ms", job.timeout_ms), None),
             Ended::CancelledHard => Finish::Cancelled {
                 error: format!("cancelled while running; handler did not stop within {:?} and was aborted", shared.config.cancel_grace),
+            },
+            Ended::Interrupted => Finish::Interrupted {
+                error: format!(
+                    "interrupted by a partition handoff: still running after the drain timeout ({:?}); aborted",
+                    shared.config.drain_timeout
+                ),
             },
         };
         if cancel.is_cancelled() && !matches!(finish, Finish::Completed | Finish::Cancelled { .. }) {
@@ -430,14 +573,16 @@ async fn run_attempt(
         drop(ctx);
 
         let mut delay = Duration::from_millis(50);
+        let mut fell_back = false;
         loop {
             let with_tx = tx.is_some();
             let result = tokio::select! {
-                r = shared.store.finish(tx.take(), &job, &lease.fence, &finish, claim_next.load(Ordering::Acquire)) => r,
+                biased;
                 _ = lease.token.cancelled() => return AttemptReport::Stopped,
+                r = shared.store.finish(tx.take(), &job, &lease.fence, &finish, ctl.claim_next.load(Ordering::Acquire)) => r,
             };
             match result {
-                Ok(next) => {
+                Ok(Finished::Recorded(next)) => {
                     let outcome = attempt_outcome(&finish);
                     metrics::counter!("warden_attempts_total", "kind" => kind_label.clone(), "outcome" => outcome).increment(1);
                     match &finish {
@@ -446,19 +591,49 @@ async fn run_attempt(
                         Finish::Discard { .. } => metrics::counter!("warden_discards_total", "kind" => kind_label).increment(1),
                         Finish::Cancelled { .. } => metrics::counter!("warden_cancels_total", "kind" => kind_label).increment(1),
                         Finish::Snooze { .. } => metrics::counter!("warden_snoozes_total", "kind" => kind_label).increment(1),
+                        Finish::Interrupted { .. } => metrics::counter!("warden_interrupted_total", "kind" => kind_label).increment(1),
                     }
                     if !matches!(finish, Finish::Completed | Finish::Snooze { .. }) {
                         tracing::info!(outcome, "attempt finished");
                         metrics::counter!("warden_errors_total", "kind" => job.kind.clone()).increment(1);
                     }
-                    return AttemptReport::Finished { next, wake_in, lease };
+                    return AttemptReport::Finished { next, wake_in, lease, reclaim: false };
+                }
+                Ok(Finished::NotRunning) => {
+                    // Not a fence failure: the lease holds, but the job no longer runs at
+                    // this epoch — an earlier try of this finish committed and its reply
+                    // was lost. Claim again: that adopts whatever the earlier try claimed.
+                    tracing::info!("finish found its job already finished (an earlier try committed); claiming again");
+                    metrics::counter!("warden_finish_in_doubt_total").increment(1);
+                    return AttemptReport::Finished { next: None, wake_in: None, lease, reclaim: true };
                 }
                 Err(Error::Fenced { .. }) => {
                     tracing::warn!("finish rejected by the lease fence: this node no longer owns the partition");
                     metrics::counter!("warden_fenced_writes_total").increment(1);
                     return AttemptReport::Stopped;
                 }
+                Err(e) if e.is_permanent() => {
+                    // The same statement would fail the same way: record a plain failure
+                    // instead (text and delays are already made storable; this is the
+                    // last line), and if even that cannot be stored, give up on the job.
+                    tracing::error!(error = %e, "the attempt's outcome cannot be recorded; recording a failure instead");
+                    metrics::counter!("warden_finish_permanent_errors_total").increment(1);
+                    let error = format!("the attempt's outcome could not be recorded: {e}");
+                    finish = if fell_back || exhausted {
+                        Finish::Discard { outcome: "failed", error }
+                    } else {
+                        Finish::Retry { after: options.backoff.delay(job.attempt, &mut fastrand::Rng::new()), outcome: "failed", error }
+                    };
+                    if fell_back && matches!(finish, Finish::Discard { .. }) && delay > Duration::from_millis(400) {
+                        tracing::error!("no outcome can be recorded for this attempt; leaving it to be adopted");
+                        return AttemptReport::Stopped;
+                    }
+                    fell_back = true;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
                 Err(e) => {
+                    // Ambiguous (the reply may have been lost after COMMIT): retry; a
+                    // retry that finds the job already finished is `NotRunning` above.
                     tracing::warn!(error = %e, "could not record the attempt; retrying while the lease holds");
                     if with_tx {
                         // The handler's transaction is gone (or its commit is in doubt):
@@ -470,9 +645,9 @@ async fn run_attempt(
                         };
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        biased;
                         _ = lease.token.cancelled() => return AttemptReport::Stopped,
-                        _ = abort.cancelled() => return AttemptReport::Stopped,
+                        _ = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
@@ -484,18 +659,28 @@ async fn run_attempt(
 }
 
 /// Poll the database for a cancel request while an attempt runs (the NOTIFY is only
-/// the fast path). Fires `cancel` and then waits forever.
-async fn poll_cancel(shared: &Shared, job_id: i64, cancel: &CancellationToken) {
+/// the fast path, and only a hint: `check` makes it re-read now, it never cancels by
+/// itself). Fires `cancel` and `stop` once the row says so, then waits forever.
+async fn poll_cancel(
+    shared: &Shared,
+    job_id: i64,
+    cancel: &CancellationToken,
+    stop: &CancellationToken,
+    check: &tokio::sync::Notify,
+) {
     let every = shared.config.cancel_poll_interval;
     loop {
-        tokio::time::sleep(every).await;
-        if cancel.is_cancelled() {
-            break;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = check.notified() => {}
         }
         if let Ok(true) = shared.store.cancel_requested(job_id).await {
             cancel.cancel();
+            stop.cancel();
             break;
         }
+        // However many notifications arrive, at most one read per 50 ms.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     std::future::pending::<()>().await
 }
@@ -506,6 +691,7 @@ fn attempt_outcome(f: &Finish) -> &'static str {
         Finish::Retry { outcome, .. } | Finish::Discard { outcome, .. } => outcome,
         Finish::Snooze { .. } => "snoozed",
         Finish::Cancelled { .. } => "cancelled",
+        Finish::Interrupted { .. } => "interrupted",
     }
 }
 
@@ -530,11 +716,18 @@ pub struct AccountActors {
     map: Mutex<HashMap<Arc<str>, Entry>>,
     shared: Arc<Shared>,
     spawned: AtomicU64,
+    /// Jobs with an attempt task running here (see `Store::running_here`).
+    in_flight: Mutex<HashSet<i64>>,
 }
 
 impl AccountActors {
     pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
-        Arc::new(Self { map: Mutex::new(HashMap::new()), shared, spawned: AtomicU64::new(0) })
+        Arc::new(Self {
+            map: Mutex::new(HashMap::new()),
+            shared,
+            spawned: AtomicU64::new(0),
+            in_flight: Mutex::new(HashSet::new()),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -543,6 +736,11 @@ impl AccountActors {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The cluster's partition count.
+    pub fn partitions(&self) -> PartitionCount {
+        self.shared.partitions
     }
 
     /// Total actors spawned since start.
@@ -619,6 +817,11 @@ impl AccountActors {
             }
         });
         true
+    }
+
+    /// Is an attempt of this job running here?
+    pub fn is_in_flight(&self, job_id: i64) -> bool {
+        self.in_flight.lock().unwrap().contains(&job_id)
     }
 
     /// Is there a live actor for this account here?

@@ -5,7 +5,7 @@
 //! (PostgreSQL delivers NOTIFY only on commit).
 
 use crate::error::Result;
-use crate::handler::{JobOptions, Registry};
+use crate::handler::Registry;
 use crate::job::{AttemptRow, CancelResult, Enqueued, JobRow, NewJob};
 use crate::store::{self, StateCounts};
 use sqlx::postgres::PgPool;
@@ -87,14 +87,10 @@ impl Client {
             conn,
             self.partitions,
             jobs,
-            move |k| {
-                reg.as_ref()
-                    .and_then(|r| r.options(k).map(|o| o.max_attempts))
-                    .unwrap_or(JobOptions::default().max_attempts)
-            },
-            move |k| {
-                reg2.as_ref().and_then(|r| r.options(k).map(|o| o.timeout)).unwrap_or(JobOptions::default().timeout)
-            },
+            // Kinds this client's registry does not know resolve in the database,
+            // from the options nodes publish (`warden.kinds`), then 25 / 60 s.
+            move |k| reg.as_ref().and_then(|r| r.options(k).map(|o| o.max_attempts)),
+            move |k| reg2.as_ref().and_then(|r| r.options(k).map(|o| o.timeout)),
         )
         .await
     }

@@ -105,6 +105,20 @@ impl Enforcer {
                 woken += 1;
             }
         }
+        // Orphans: jobs running under this node's lease with no attempt running here
+        // (an ambiguous claim or finish committed without its reply). Waking the
+        // account makes its actor claim, which adopts the job. A job whose attempt
+        // just started or ended may show up here too; the extra claim is harmless.
+        let running = self.store.running_here(self.leases.owner(), partitions, self.due_scan_limit).await?;
+        for (job_id, account, partition) in running {
+            if !self.actors.is_in_flight(job_id) && self.leases.holds(partition) {
+                tracing::info!(job_id, account = %account, "job running under this lease with no attempt here; waking its account to adopt it");
+                metrics::counter!("warden_orphans_adopted_total").increment(1);
+                if self.actors.wake(&account, partition).await {
+                    woken += 1;
+                }
+            }
+        }
         Ok(woken)
     }
 

@@ -40,11 +40,37 @@ pub enum Error {
 
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// A stored value Rust cannot represent (it entered before migration 0003's
+    /// constraints, or by hand).
+    #[error("undecodable value: {0}")]
+    Undecodable(String),
 }
 
 impl Error {
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidInput(msg.into())
+    }
+
+    /// Would the same statement fail the same way if sent again? Data exceptions
+    /// (SQLSTATE class 22: a NUL byte, an interval out of range), integrity violations
+    /// (23), syntax or access errors (42), unsupported features (0A), and values that
+    /// do not decode. Connection loss, timeouts, serialization failures and deadlocks
+    /// are not permanent: retrying them is right.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::InvalidInput(_) | Error::Config(_) | Error::Undecodable(_) => true,
+            Error::Database(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref().map(|c| &c[..2.min(c.len())]), Some("22" | "23" | "42" | "0A"))
+            }
+            Error::Database(
+                sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::ColumnNotFound(_)
+                | sqlx::Error::TypeNotFound { .. },
+            ) => true,
+            _ => false,
+        }
     }
 }
 

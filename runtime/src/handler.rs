@@ -193,6 +193,7 @@ pub struct JobContext {
     pub(crate) job: JobRow,
     pub(crate) fence: FencingToken,
     pub(crate) cancel: CancellationToken,
+    pub(crate) validity: crate::lease::LeaseValidity,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) partitions: PartitionCount,
@@ -219,10 +220,25 @@ impl JobContext {
     pub fn fence(&self) -> FencingToken {
         self.fence
     }
-    /// Fires when the job is cancelled or the node must stop (drain, lost lease).
-    /// Handlers that check it stop cleanly; the others are aborted after a grace.
+    /// Fires when this attempt should stop: the job was cancelled (confirmed in the
+    /// database, not just notified), its partition is being handed off (drain: the
+    /// handler has `drain_timeout` to return; an attempt that stops because of it does
+    /// not use up one of the job's attempts), or the lease was lost. Handlers that
+    /// check it stop cleanly; the others are aborted after `cancel_grace` or
+    /// `drain_timeout`, and after a lost lease are never polled again.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancel
+    }
+    /// How much longer this node may act for the job's partition: the lease's
+    /// validity window on the node's monotonic clock, zero once it has closed. Check
+    /// it right before an external side effect that must not overlap the next owner's
+    /// run (for example, skip or defer a call when less time is left than the call
+    /// takes), and pass [`JobContext::fence`] along so the downstream system can reject
+    /// a stale writer. The window ends `lease_safety_margin` before the lease can
+    /// expire in the database, so no other node can hold the partition while this is
+    /// non-zero; see DESIGN §4 for what the remaining window does not cover.
+    pub fn lease_remaining(&self) -> Duration {
+        self.validity.remaining()
     }
     /// The attempt's database transaction, opened on first use. Its writes commit
     /// in the same transaction as the job's completion — and only if the lease fence
@@ -243,8 +259,8 @@ impl JobContext {
             conn,
             partitions,
             std::slice::from_ref(&job),
-            |k| registry.options(k).map(|o| o.max_attempts).unwrap_or(JobOptions::default().max_attempts),
-            |k| registry.options(k).map(|o| o.timeout).unwrap_or(JobOptions::default().timeout),
+            |k| registry.options(k).map(|o| o.max_attempts),
+            |k| registry.options(k).map(|o| o.timeout),
         )
         .await?;
         Ok(out.remove(0))

@@ -22,6 +22,15 @@ pub const MAX_MAX_ATTEMPTS: i32 = 1000;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Maximum jobs in one batch enqueue.
 pub const MAX_BATCH: usize = 10_000;
+/// Latest a job may be scheduled (`delay`, or `run_at` from now), and the longest
+/// retry or snooze delay a handler's outcome is clamped to. The SQL function and the
+/// `jobs_times_decodable` constraint (migration 0003) hold the same line: every
+/// stored time stays inside what chrono can decode.
+pub const MAX_DELAY: Duration = Duration::from_secs(3650 * 24 * 3600);
+/// Earliest `run_at` accepted (the Unix epoch).
+pub const MIN_RUN_AT_UNIX_S: i64 = 0;
+/// Longest error text stored per attempt; longer text is cut at a character boundary.
+pub const MAX_ERROR_BYTES: usize = 4096;
 
 /// Lifecycle state of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -242,13 +251,42 @@ impl NewJob {
                 )));
             }
         }
-        if let Schedule::After(d) = self.schedule {
-            if d > Duration::from_secs(10 * 365 * 24 * 3600) {
-                return Err(Error::invalid("delay must be at most 10 years"));
+        match self.schedule {
+            Schedule::Now => {}
+            Schedule::After(d) => {
+                if d > MAX_DELAY {
+                    return Err(Error::invalid(format!("delay must be at most {} days", MAX_DELAY.as_secs() / 86400)));
+                }
+            }
+            Schedule::At(t) => {
+                let latest = Utc::now() + chrono::Duration::from_std(MAX_DELAY).expect("fits");
+                if t.timestamp() < MIN_RUN_AT_UNIX_S || t > latest {
+                    return Err(Error::invalid(format!(
+                        "run_at must be between 1970-01-01 and {} days from now, got {t}",
+                        MAX_DELAY.as_secs() / 86400
+                    )));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Make free text (a handler's error, a discard reason, a panic message) storable:
+/// PostgreSQL text cannot hold NUL, and one attempt's error is bounded. A finish
+/// whose text PostgreSQL rejects would be rejected on every retry, stalling the
+/// account for good.
+pub fn storable_text(s: &str) -> String {
+    let mut out: String = s.replace('\0', "\u{fffd}");
+    if out.len() > MAX_ERROR_BYTES {
+        let mut cut = MAX_ERROR_BYTES - 3;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    out
 }
 
 /// Validate an identifier-like string: non-empty, at most `max` bytes, no control characters.
@@ -323,6 +361,29 @@ mod tests {
         assert!(job().max_attempts(1001).validate().is_err());
         assert!(job().timeout(Duration::ZERO).validate().is_err());
         assert!(job().unique_key("").validate().is_err());
+    }
+
+    #[test]
+    fn rejects_times_rust_cannot_store_or_decode() {
+        let far = Utc::now() + chrono::Duration::days(3651);
+        assert!(job().run_at(far).validate().unwrap_err().to_string().contains("run_at must be between"));
+        let before_epoch = DateTime::<Utc>::from_timestamp(-1, 0).unwrap();
+        assert!(job().run_at(before_epoch).validate().is_err());
+        assert!(job().run_at(DateTime::<Utc>::MAX_UTC).validate().is_err());
+        assert!(job().run_at(DateTime::<Utc>::MIN_UTC).validate().is_err());
+        job().run_at(Utc::now() + chrono::Duration::days(3649)).validate().unwrap();
+        assert!(job().delay(MAX_DELAY + Duration::from_secs(1)).validate().is_err());
+        assert!(job().delay(Duration::MAX).validate().is_err());
+        job().delay(MAX_DELAY).validate().unwrap();
+    }
+
+    #[test]
+    fn storable_text_drops_nul_and_bounds_length() {
+        assert_eq!(storable_text("a\0b"), "a\u{fffd}b");
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let s = storable_text(&long);
+        assert!(s.len() <= MAX_ERROR_BYTES && s.ends_with("..."), "{}", s.len());
+        assert_eq!(storable_text("fine"), "fine");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use crate::store::{Fence, GrantedLease, Store};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -69,6 +70,8 @@ impl LeaseConfig {
 struct Held {
     epoch: i64,
     valid_until: Instant,
+    /// `valid_until` as read without the table's lock, by every poll of a handler.
+    validity: LeaseValidity,
     token: CancellationToken,
     /// Handing off: keep renewing, start nothing new.
     draining: bool,
@@ -79,18 +82,65 @@ struct Held {
 pub struct LeaseTable {
     owner: Arc<str>,
     held: Mutex<HashMap<u32, Held>>,
+    /// Origin of every [`LeaseValidity`] deadline.
+    base: Instant,
 }
 
-/// A usable lease: the fence to write under and the token that fires when it is lost.
+/// A usable lease: the fence to write under, the token that fires when the keeper
+/// fences it, and its validity window, readable at any instant.
 #[derive(Debug, Clone)]
 pub struct ActiveLease {
     pub fence: Fence,
     pub token: CancellationToken,
+    pub validity: LeaseValidity,
+}
+
+/// The monotonic end of one held lease's validity window, shared with the table (a
+/// renewal moves it, fencing closes it) and cheap to read: one atomic load and a clock
+/// read. The token above fires only when the keeper gets to run; after a process pause
+/// the executor can be polled before the keeper, so the executor asks this instead,
+/// before every poll of a handler.
+#[derive(Debug, Clone)]
+pub struct LeaseValidity {
+    base: Instant,
+    /// Nanoseconds after `base`; 0 once fenced.
+    until_ns: Arc<AtomicU64>,
+}
+
+impl LeaseValidity {
+    fn new(base: Instant, until: Instant) -> Self {
+        let v = Self { base, until_ns: Arc::new(AtomicU64::new(0)) };
+        v.set(until);
+        v
+    }
+
+    fn set(&self, until: Instant) {
+        let ns = until.saturating_duration_since(self.base).as_nanos().min(u64::MAX as u128) as u64;
+        self.until_ns.store(ns, Ordering::Release);
+    }
+
+    fn close(&self) {
+        self.until_ns.store(0, Ordering::Release);
+    }
+
+    fn until(&self) -> Instant {
+        self.base + Duration::from_nanos(self.until_ns.load(Ordering::Acquire))
+    }
+
+    /// How long this node may still act on the lease (zero once it may not).
+    pub fn remaining(&self) -> Duration {
+        self.until().saturating_duration_since(Instant::now())
+    }
+
+    /// May this node act on the lease now?
+    pub fn is_valid(&self) -> bool {
+        Instant::now() < self.until()
+    }
 }
 
 impl LeaseTable {
     pub fn new(owner: Arc<str>) -> Self {
-        Self { owner, held: Mutex::new(HashMap::new()) }
+        Self { owner, held: Mutex::new(HashMap::new()), base: Instant::now() }
     }
 
     pub fn owner(&self) -> &Arc<str> {
@@ -107,6 +157,7 @@ impl LeaseTable {
         Some(ActiveLease {
             fence: Fence { partition, epoch: h.epoch, owner: self.owner.clone() },
             token: h.token.clone(),
+            validity: h.validity.clone(),
         })
     }
 
@@ -118,10 +169,12 @@ impl LeaseTable {
     pub fn granted(&self, leases: &[GrantedLease], valid_until: Instant) {
         let mut held = self.held.lock().unwrap();
         for l in leases {
+            let validity = LeaseValidity::new(self.base, valid_until);
             if let Some(old) = held.insert(
                 l.partition,
-                Held { epoch: l.epoch, valid_until, token: CancellationToken::new(), draining: false },
+                Held { epoch: l.epoch, valid_until, validity, token: CancellationToken::new(), draining: false },
             ) {
+                old.validity.close();
                 old.token.cancel();
             }
         }
@@ -133,6 +186,7 @@ impl LeaseTable {
         for p in partitions {
             if let Some(h) = held.get_mut(p) {
                 h.valid_until = h.valid_until.max(valid_until);
+                h.validity.set(h.valid_until);
             }
         }
     }
@@ -167,6 +221,7 @@ impl LeaseTable {
     /// Stop acting on `partition`: forget it and abort everything running under it.
     pub fn fence(&self, partition: u32) -> Option<GrantedLease> {
         let h = self.held.lock().unwrap().remove(&partition)?;
+        h.validity.close();
         h.token.cancel();
         Some(GrantedLease { partition, epoch: h.epoch })
     }
@@ -177,6 +232,17 @@ impl LeaseTable {
         let mut v: Vec<u32> = held.iter().filter(|(_, h)| now >= h.valid_until).map(|(p, _)| *p).collect();
         v.sort_unstable();
         v
+    }
+
+    #[cfg(test)]
+    fn held_lease_for_test(&self, partition: u32) -> ActiveLease {
+        let held = self.held.lock().unwrap();
+        let h = &held[&partition];
+        ActiveLease {
+            fence: Fence { partition, epoch: h.epoch, owner: self.owner.clone() },
+            token: h.token.clone(),
+            validity: h.validity.clone(),
+        }
     }
 
     pub fn earliest_deadline(&self) -> Option<Instant> {
@@ -273,6 +339,7 @@ mod tests {
         assert_eq!(t.expired(Instant::now()), vec![3]);
         t.fence(3);
         assert!(a.token.is_cancelled(), "fencing cancels running work");
+        assert!(!a.validity.is_valid());
         assert!(t.is_empty());
     }
 
@@ -284,6 +351,22 @@ mod tests {
         t.renewed(&[1, 2], now + Duration::from_secs(5));
         assert_eq!(t.held(), vec![GrantedLease { partition: 1, epoch: 1 }]);
         assert_eq!(t.earliest_deadline(), Some(now + Duration::from_secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn validity_follows_renewals_and_closes_on_fence_without_the_keeper() {
+        let t = LeaseTable::new("n1/1".into());
+        let now = Instant::now();
+        t.granted(&[GrantedLease { partition: 1, epoch: 1 }], now + Duration::from_secs(2));
+        let v = t.current(1).unwrap().validity;
+        assert_eq!(v.remaining(), Duration::from_secs(2));
+        t.renewed(&[1], now + Duration::from_secs(3));
+        assert_eq!(v.remaining(), Duration::from_secs(3), "a renewal extends the window the executor reads");
+        // A pause: time passes the window while nobody runs. The validity says so on
+        // its own, before the keeper fences or cancels anything.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(!v.is_valid() && v.remaining().is_zero());
+        assert!(!t.current(1).unwrap_or_else(|| t.held_lease_for_test(1)).token.is_cancelled());
     }
 
     #[test]

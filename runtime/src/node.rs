@@ -158,6 +158,7 @@ impl NodeBuilder {
             .connect_lazy_with((*pool.connect_options()).clone());
         let control: Arc<dyn Store> = Arc::new(PgStore::new(control_pool.clone(), partitions));
         let registry = Arc::new(self.registry);
+        store::publish_kinds(&pool, &registry, &owner).await?;
         let leases = Arc::new(LeaseTable::new(owner.clone()));
         let poke = Arc::new(Notify::new());
         let rescan = Arc::new(Notify::new());

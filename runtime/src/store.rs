@@ -115,24 +115,64 @@ pub enum Finish {
     Cancelled {
         error: String,
     },
+    /// Stopped because the partition is being handed off (drain): run again at once
+    /// on the next owner, without using up an attempt.
+    Interrupted {
+        error: String,
+    },
+}
+
+/// The columns a [`Finish`] writes. Delays are clamped to [`crate::job::MAX_DELAY`]
+/// and text made storable, so that a finish can always succeed: one PostgreSQL
+/// rejects (an interval out of range, a NUL byte) would be rejected on every retry.
+struct FinishColumns {
+    state: &'static str,
+    due_ms: Option<i64>,
+    outcome: &'static str,
+    error: Option<String>,
+    /// Give the attempt back (snooze, interruption).
+    refund: bool,
 }
 
 impl Finish {
-    fn columns(&self) -> (&'static str, Option<i64>, &'static str, Option<&str>, bool) {
-        // (new state, due in ms, attempt outcome, error, snooze)
+    fn columns(&self) -> FinishColumns {
+        let delay = |d: &Duration| Some(ms((*d).min(crate::job::MAX_DELAY)));
+        let text = |e: &str| Some(crate::job::storable_text(e));
+        let c = |state, due_ms, outcome, error, refund| FinishColumns { state, due_ms, outcome, error, refund };
         match self {
-            Finish::Completed => ("completed", None, "completed", None, false),
-            Finish::Retry { after, outcome, error } => {
-                ("retryable", Some(after.as_millis() as i64), outcome, Some(error), false)
-            }
-            Finish::Snooze { after } => ("retryable", Some(after.as_millis() as i64), "snoozed", None, true),
-            Finish::Discard { outcome, error } => ("discarded", None, outcome, Some(error), false),
-            Finish::Cancelled { error } => ("cancelled", None, "cancelled", Some(error), false),
+            Finish::Completed => c("completed", None, "completed", None, false),
+            Finish::Retry { after, outcome, error } => c("retryable", delay(after), outcome, text(error), false),
+            Finish::Snooze { after } => c("retryable", delay(after), "snoozed", None, true),
+            Finish::Discard { outcome, error } => c("discarded", None, outcome, text(error), false),
+            Finish::Cancelled { error } => c("cancelled", None, "cancelled", text(error), false),
+            Finish::Interrupted { error } => c("retryable", Some(0), "interrupted", text(error), true),
         }
     }
 
     pub fn is_terminal(&self) -> bool {
         matches!(self, Finish::Completed | Finish::Discard { .. } | Finish::Cancelled { .. })
+    }
+}
+
+/// What a finish statement found.
+#[derive(Debug)]
+pub enum Finished {
+    /// The outcome was recorded; the account's next job, if one was claimed.
+    Recorded(Option<JobRow>),
+    /// The fence holds but the job is no longer running at this epoch: an earlier
+    /// try of this finish committed and its reply was lost (or an operator finished
+    /// it). Not a fence failure: the account's actor claims again, which adopts any
+    /// job that earlier try claimed.
+    NotRunning,
+}
+
+impl Finished {
+    /// The job claimed next, if any.
+    pub fn into_next(self) -> Option<JobRow> {
+        match self {
+            Finished::Recorded(next) => next,
+            Finished::NotRunning => None,
+        }
     }
 }
 
@@ -180,10 +220,19 @@ pub trait Store: Send + Sync + 'static {
     /// How long until the earliest of these partitions' leases, held by someone else,
     /// expires (by the database clock); `None` if none is held by another owner.
     async fn lease_wait(&self, owner: &str, partitions: &[u32]) -> Result<Option<Duration>>;
-    /// Accounts with due work in these partitions, at most `limit`.
+    /// Accounts whose next runnable job is due in these partitions (the serial head,
+    /// or any due unordered job), oldest first, at most `limit`. An account whose
+    /// serial head is backing off is not listed even if later jobs are due: it has
+    /// nothing to run, and listing it would fill the scan and starve others.
     async fn due_accounts(&self, partitions: &[u32], limit: i64) -> Result<Vec<(String, u32)>>;
+    /// Jobs `running` under `owner` in these partitions: (job id, account, partition).
+    /// The enforcer compares them with the attempts running here; one with no local
+    /// attempt is an orphan of an ambiguous result, and its account is woken to adopt it.
+    async fn running_here(&self, owner: &str, partitions: &[u32], limit: i64) -> Result<Vec<(i64, String, u32)>>;
 
-    /// Claim the account's next runnable job (serial head if due, else a due unordered job).
+    /// Claim the account's next runnable job (serial head if due, else a due unordered
+    /// job), or adopt the account's job already running at this fence's epoch and
+    /// owner (see `CLAIM_SQL`). Only jobs of the fence's partition are considered.
     async fn claim(&self, account: &str, fence: &Fence) -> Result<Option<JobRow>>;
     /// Finish `job` (fenced), record its attempt, and if `claim_next` claim the account's
     /// next job, all in one statement. With `tx`, the statement runs inside the handler's
@@ -195,7 +244,7 @@ pub trait Store: Send + Sync + 'static {
         fence: &Fence,
         finish: &Finish,
         claim_next: bool,
-    ) -> Result<Option<JobRow>>;
+    ) -> Result<Finished>;
     /// Undo a claim that will not run (the account is draining).
     async fn unclaim(&self, job: &JobRow, fence: &Fence) -> Result<()>;
     /// Has someone asked to cancel this (running) job?
@@ -305,15 +354,23 @@ macro_rules! fence_sql {
 }
 
 /// The account's next runnable job id: the serial head if it is due and not running,
-/// else the earliest due unordered job. `$A` account, `$X` a job id to ignore (the one
-/// being finished in the same statement, which the statement's snapshot still sees).
+/// else the earliest due unordered job. `$A` account, `$P` the partition the fence
+/// names, `$X` a job id to ignore (the one being finished in the same statement, which
+/// the statement's snapshot still sees).
+///
+/// `partition = $P`: the account comes from a NOTIFY payload or a caller, which are
+/// hints, never instructions. A job is only ever claimed under its own partition's
+/// fence; a wake-up naming an account of another partition finds nothing (a spoofed
+/// `warden_wake` once ran a job of an unheld partition under another one's fence).
 macro_rules! head_sql {
-    ($a:literal, $x:literal) => {
+    ($a:literal, $p:literal, $x:literal) => {
         concat!(
             "SELECT id FROM (",
             "  (SELECT id, state, due_at FROM warden.jobs",
             "    WHERE account = ",
             $a,
+            " AND partition = ",
+            $p,
             " AND lane = 'serial' AND id <> ",
             $x,
             "      AND state IN ('scheduled', 'available', 'retryable', 'running')",
@@ -323,6 +380,8 @@ macro_rules! head_sql {
             "(SELECT id FROM warden.jobs",
             "  WHERE account = ",
             $a,
+            " AND partition = ",
+            $p,
             " AND lane = 'unordered' AND id <> ",
             $x,
             "    AND state IN ('scheduled', 'available', 'retryable') AND due_at <= statement_timestamp()",
@@ -332,65 +391,93 @@ macro_rules! head_sql {
     };
 }
 
-/// Claim the job chosen by `head` for ($E epoch, $O owner).
+/// Claim the job chosen by `head` for ($P partition, $E epoch, $O owner).
 macro_rules! claim_update_sql {
-    ($e:literal, $o:literal, $cond:literal) => {
+    ($p:literal, $e:literal, $o:literal, $cond:literal) => {
         concat!(
             "UPDATE warden.jobs j SET state = 'running', attempt = j.attempt + 1, epoch = ",
             $e,
             ", node = ",
             $o,
             ", attempted_at = statement_timestamp()",
-            " FROM head WHERE j.id = head.id AND j.state IN ('scheduled', 'available', 'retryable') AND ",
+            " FROM head WHERE j.id = head.id AND j.partition = ",
+            $p,
+            " AND j.state IN ('scheduled', 'available', 'retryable') AND ",
             $cond,
             " RETURNING j.*"
         )
     };
 }
 
+// $1 account, $2 partition, $3 epoch, $4 owner.
+//
+// `mine` adopts a job of this account already running at this (epoch, owner): the
+// actor claims only while it runs nothing, so such a job has no local attempt. It is
+// what an ambiguous result leaves behind — a claim or a finish-and-claim-next that
+// committed but whose reply was lost, an in-doubt COMMIT, an unclaim that failed —
+// and rescue never touches it while this epoch holds the lease. Claiming adopts it
+// (runs it) instead of claiming past it, so "running at my epoch with no local
+// attempt" cannot outlive the account's next claim; the enforcer's scan wakes such
+// accounts (`Store::running_here`).
 const CLAIM_SQL: &str = concat!(
     "WITH fence AS (",
     fence_sql!("$2", "$3", "$4"),
     "),",
+    " mine AS (SELECT j.* FROM warden.jobs j WHERE j.account = $1 AND j.partition = $2 AND j.state = 'running'",
+    "   AND j.epoch = $3 AND j.node = $4 AND EXISTS (SELECT 1 FROM fence) ORDER BY j.id LIMIT 1),",
     " head AS (",
-    head_sql!("$1", "0"),
+    head_sql!("$1", "$2", "0"),
     "),",
     " next AS (",
-    claim_update_sql!("$3", "$4", "EXISTS (SELECT 1 FROM fence)"),
+    claim_update_sql!("$2", "$3", "$4", "EXISTS (SELECT 1 FROM fence) AND NOT EXISTS (SELECT 1 FROM mine)"),
     ")",
-    " SELECT (SELECT count(*) FROM fence) AS fence_held, next.* FROM (SELECT 1) one LEFT JOIN next ON true"
+    " SELECT (SELECT count(*) FROM fence) AS fence_held, x.* FROM (SELECT 1) one",
+    " LEFT JOIN (SELECT * FROM mine UNION ALL SELECT * FROM next) x ON true"
 );
 
 // $1 job id, $2 partition, $3 epoch, $4 owner, $5 new state, $6 due in ms (NULL: keep),
-// $7 outcome, $8 error, $9 snooze, $10 account, $11 claim next, $12 idle timeout.
+// $7 outcome, $8 error, $9 refund the attempt, $10 account, $11 claim next, $12 idle timeout.
 //
 // `guard` bounds how long the fence lock can outlive this statement: inside a handler
 // transaction, the lock is held until COMMIT, and a process paused between the two
 // would block every takeover of the partition. With the local
 // idle_in_transaction_session_timeout, PostgreSQL ends such a session (rolling the
 // attempt back, to be rescued) after a lease TTL.
+//
+// A cancel requested while the attempt ran wins over a retry or snooze (the handler
+// failed or asked again, but its operator wants it stopped): the job ends cancelled.
+// `fence_held` tells a lost race with the fence (stop: a zombie) from a job that is
+// no longer running at this epoch although the fence holds (an earlier try of this
+// statement committed; see [`Finished::NotRunning`]).
 const FINISH_SQL: &str = concat!(
     "WITH guard AS (SELECT set_config('idle_in_transaction_session_timeout', $12, true)),",
     " fence AS (", fence_sql!("$2", "$3", "$4"), "),",
     " done AS (",
-    "  UPDATE warden.jobs SET state = $5,",
+    "  UPDATE warden.jobs SET",
+    "    state = CASE WHEN cancel_requested AND $5 = 'retryable' THEN 'cancelled' ELSE $5 END,",
     "    due_at = COALESCE(statement_timestamp() + $6::bigint * interval '1 millisecond', due_at),",
-    "    finished_at = CASE WHEN $5 IN ('completed', 'discarded', 'cancelled') THEN statement_timestamp() END,",
-    "    last_error = COALESCE($8, last_error),",
+    "    finished_at = CASE WHEN $5 IN ('completed', 'discarded', 'cancelled') OR (cancel_requested AND $5 = 'retryable')",
+    "                       THEN statement_timestamp() END,",
+    "    last_error = CASE WHEN cancel_requested AND $5 = 'retryable'",
+    "                      THEN 'cancelled while running; last attempt: ' || COALESCE($8, $7)",
+    "                      ELSE COALESCE($8, last_error) END,",
     "    max_attempts = max_attempts + CASE WHEN $9 THEN 1 ELSE 0 END",
-    "  WHERE id = $1 AND state = 'running' AND epoch = $3 AND EXISTS (SELECT 1 FROM fence)",
-    "    AND EXISTS (SELECT 1 FROM guard)",
-    "  RETURNING id, account, partition, attempt, attempted_at),",
+    "  WHERE id = $1 AND partition = $2 AND state = 'running' AND epoch = $3 AND node = $4",
+    "    AND EXISTS (SELECT 1 FROM fence) AND EXISTS (SELECT 1 FROM guard)",
+    "  RETURNING id, account, partition, attempt, attempted_at, state),",
     " att AS (",
     "  INSERT INTO warden.attempts (job_id, account, partition, attempt, node, epoch, started_at, finished_at, outcome, error)",
     "  SELECT id, account, partition, attempt, $4, $3, attempted_at, statement_timestamp(), $7, $8 FROM done),",
-    " head AS (", head_sql!("$10", "$1"), "),",
-    " next AS (", claim_update_sql!("$3", "$4", "$11 AND EXISTS (SELECT 1 FROM done)"), ")",
-    " SELECT (SELECT count(*) FROM done) AS finished, next.* FROM (SELECT 1) one LEFT JOIN next ON true"
+    " head AS (", head_sql!("$10", "$2", "$1"), "),",
+    " next AS (", claim_update_sql!("$2", "$3", "$4", "$11 AND EXISTS (SELECT 1 FROM done)"), ")",
+    " SELECT (SELECT count(*) FROM done) AS finished, (SELECT count(*) FROM fence) AS fence_held,",
+    "        (SELECT state FROM done) AS finished_state, next.*",
+    " FROM (SELECT 1) one LEFT JOIN next ON true"
 );
 
 // Rescue in every partition just acquired, in one statement: $1 partitions, $2 epochs
-// (pairwise), $3 owner. Fenced per partition like every executor write.
+// (pairwise), $3 owner. Fenced per partition like every executor write, and epochs
+// are compared within one partition only.
 const RESCUE_SQL: &str = concat!(
     "WITH held AS (",
     "  SELECT l.partition, l.epoch FROM warden.leases l",
@@ -414,8 +501,40 @@ const UNCLAIM_SQL: &str = concat!(
     fence_sql!("$2", "$3", "$4"),
     ")",
     " UPDATE warden.jobs SET state = 'available', attempt = attempt - 1, attempted_at = NULL",
-    " WHERE id = $1 AND state = 'running' AND epoch = $3 AND EXISTS (SELECT 1 FROM fence)"
+    " WHERE id = $1 AND partition = $2 AND state = 'running' AND epoch = $3 AND node = $4 AND EXISTS (SELECT 1 FROM fence)"
 );
+
+// A claimed row that cannot be decoded (see `decode_job`): discard it, fenced, with
+// the reason, so it neither stalls its account nor is claimed again. $1 job id,
+// $2 partition, $3 epoch, $4 owner, $5 error.
+const DISCARD_UNDECODABLE_SQL: &str = concat!(
+    "WITH fence AS (",
+    fence_sql!("$2", "$3", "$4"),
+    "), done AS (",
+    " UPDATE warden.jobs SET state = 'discarded', finished_at = statement_timestamp(), last_error = $5",
+    " WHERE id = $1 AND partition = $2 AND state = 'running' AND epoch = $3 AND node = $4 AND EXISTS (SELECT 1 FROM fence)",
+    " RETURNING id, account, partition, attempt, attempted_at)",
+    " INSERT INTO warden.attempts (job_id, account, partition, attempt, node, epoch, started_at, finished_at, outcome, error)",
+    " SELECT id, account, partition, attempt, $4, $3, COALESCE(attempted_at, statement_timestamp()), statement_timestamp(),",
+    "        'discarded', $5 FROM done"
+);
+
+/// Decode a job row without letting a value Rust cannot represent panic the caller
+/// (sqlx's chrono decoding panics on out-of-range timestamps). Migration 0003 keeps
+/// such values out of `warden.jobs`; this is the second line.
+fn decode_job(row: &sqlx::postgres::PgRow) -> Result<JobRow> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| <JobRow as sqlx::FromRow<_>>::from_row(row))) {
+        Ok(r) => Ok(r?),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            Err(Error::Undecodable(msg))
+        }
+    }
+}
 
 /// PostgreSQL implementation of [`Store`].
 #[derive(Debug, Clone)]
@@ -441,6 +560,57 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// The job a claim (or a finish's claim-next) returned, if any. A row that cannot
+    /// be decoded is discarded, fenced, with the reason recorded, instead of panicking
+    /// the actor or attempt that claimed it.
+    async fn claimed_row(&self, row: &sqlx::postgres::PgRow, fence: &Fence) -> Result<Option<JobRow>> {
+        let Some(id) = row.try_get::<Option<i64>, _>("id")? else { return Ok(None) };
+        match decode_job(row) {
+            Ok(job) => Ok(Some(job)),
+            Err(e) => {
+                tracing::error!(job_id = id, error = %e, "claimed a job row that cannot be decoded; discarding it");
+                metrics::counter!("warden_undecodable_jobs_total").increment(1);
+                sqlx::query(DISCARD_UNDECODABLE_SQL)
+                    .bind(id)
+                    .bind(fence.partition as i32)
+                    .bind(fence.epoch)
+                    .bind(&*fence.owner)
+                    .bind(crate::job::storable_text(&format!("the job row cannot be decoded: {e}")))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Publish the per-kind options of a node's handlers (`warden.kinds`), so that
+/// enqueues that do not hold the handlers — the SQL function, a plain [`crate::Client`],
+/// gRPC — store the kind's max attempts and timeout. The last node to start wins: in a
+/// rolling deploy that changes a kind's options, jobs enqueued meanwhile get either.
+pub async fn publish_kinds(pool: &PgPool, registry: &crate::handler::Registry, node: &str) -> Result<()> {
+    let kinds: Vec<String> = registry.kinds().into_iter().map(String::from).collect();
+    if kinds.is_empty() {
+        return Ok(());
+    }
+    let opts: Vec<&crate::handler::JobOptions> = kinds.iter().filter_map(|k| registry.options(k)).collect();
+    let max_attempts: Vec<i32> = opts.iter().map(|o| o.max_attempts).collect();
+    let timeout_ms: Vec<i32> = opts.iter().map(|o| ms(o.timeout).min(i32::MAX as i64) as i32).collect();
+    sqlx::query(
+        "INSERT INTO warden.kinds (kind, max_attempts, timeout_ms, updated_by)
+         SELECT k, m, t, $4 FROM unnest($1::text[], $2::int[], $3::int[]) AS u(k, m, t)
+         ON CONFLICT (kind) DO UPDATE SET max_attempts = EXCLUDED.max_attempts, timeout_ms = EXCLUDED.timeout_ms,
+             updated_by = EXCLUDED.updated_by, updated_at = statement_timestamp()
+         WHERE (warden.kinds.max_attempts, warden.kinds.timeout_ms) IS DISTINCT FROM (EXCLUDED.max_attempts, EXCLUDED.timeout_ms)",
+    )
+    .bind(&kinds)
+    .bind(&max_attempts)
+    .bind(&timeout_ms)
+    .bind(node)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 fn ms(d: Duration) -> i64 {
@@ -556,16 +726,42 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        // A due serial job counts only if it is its account's head: no unfinished
+        // serial job of the account sorts before it (index probe on jobs_account_open).
         let rows: Vec<(String, i32)> = sqlx::query_as(
-            "SELECT DISTINCT account, partition FROM warden.jobs
-             WHERE partition = ANY($1) AND state IN ('scheduled', 'available', 'retryable') AND due_at <= now()
-             LIMIT $2",
+            "SELECT account, partition FROM (
+                SELECT DISTINCT ON (account) account, partition, due_at FROM warden.jobs j
+                WHERE partition = ANY($1) AND state IN ('scheduled', 'available', 'retryable') AND due_at <= now()
+                  AND (lane = 'unordered' OR NOT EXISTS (
+                        SELECT 1 FROM warden.jobs e
+                        WHERE e.account = j.account AND e.lane = 'serial'
+                          AND e.state IN ('scheduled', 'available', 'retryable', 'running')
+                          AND (e.run_at, e.id) < (j.run_at, j.id)))
+                ORDER BY account, due_at) d
+             ORDER BY due_at LIMIT $2",
         )
         .bind(&parts)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|(a, p)| (a, p as u32)).collect())
+    }
+
+    async fn running_here(&self, owner: &str, partitions: &[u32], limit: i64) -> Result<Vec<(i64, String, u32)>> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let rows: Vec<(i64, String, i32)> = sqlx::query_as(
+            "SELECT id, account, partition FROM warden.jobs
+             WHERE partition = ANY($1) AND state = 'running' AND node = $2 LIMIT $3",
+        )
+        .bind(&parts)
+        .bind(owner)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, a, p)| (id, a, p as u32)).collect())
     }
 
     async fn claim(&self, account: &str, fence: &Fence) -> Result<Option<JobRow>> {
@@ -579,10 +775,7 @@ impl Store for PgStore {
         if row.try_get::<i64, _>("fence_held")? == 0 {
             return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
         }
-        match row.try_get::<Option<i64>, _>("id")? {
-            None => Ok(None),
-            Some(_) => Ok(Some(<JobRow as sqlx::FromRow<_>>::from_row(&row)?)),
-        }
+        self.claimed_row(&row, fence).await
     }
 
     async fn finish(
@@ -592,18 +785,18 @@ impl Store for PgStore {
         fence: &Fence,
         finish: &Finish,
         claim_next: bool,
-    ) -> Result<Option<JobRow>> {
-        let (state, due_ms, outcome, error, snooze) = finish.columns();
+    ) -> Result<Finished> {
+        let c = finish.columns();
         let query = sqlx::query(FINISH_SQL)
             .bind(job.id)
             .bind(fence.partition as i32)
             .bind(fence.epoch)
             .bind(&*fence.owner)
-            .bind(state)
-            .bind(due_ms)
-            .bind(outcome)
-            .bind(error)
-            .bind(snooze)
+            .bind(c.state)
+            .bind(c.due_ms)
+            .bind(c.outcome)
+            .bind(c.error.as_deref())
+            .bind(c.refund)
             .bind(&job.account)
             .bind(claim_next && finish.is_terminal())
             .bind(self.finish_idle_timeout_ms.to_string());
@@ -614,21 +807,20 @@ impl Store for PgStore {
                 let finished: i64 = row.try_get("finished")?;
                 if finished == 0 {
                     tx.rollback().await?;
-                    return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+                } else {
+                    tx.commit().await?;
                 }
-                tx.commit().await?;
                 row
             }
         };
         let finished: i64 = row.try_get("finished")?;
         if finished == 0 {
-            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+            if row.try_get::<i64, _>("fence_held")? == 0 {
+                return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+            }
+            return Ok(Finished::NotRunning);
         }
-        let next_id: Option<i64> = row.try_get("id")?;
-        match next_id {
-            None => Ok(None),
-            Some(_) => Ok(Some(<JobRow as sqlx::FromRow<_>>::from_row(&row)?)),
-        }
+        Ok(Finished::Recorded(self.claimed_row(&row, fence).await?))
     }
 
     async fn unclaim(&self, job: &JobRow, fence: &Fence) -> Result<()> {
@@ -715,10 +907,11 @@ macro_rules! enqueue_after_locks_sql {
          ins AS (
             INSERT INTO warden.jobs (account, partition, kind, args, lane, state, priority, run_at, due_at,
                                      max_attempts, timeout_ms, unique_key)
-            SELECT account, partition, kind, args, lane,
+            SELECT account, partition, src.kind, args, lane,
                    CASE WHEN run_at > ts THEN 'scheduled' ELSE 'available' END,
-                   priority, run_at, run_at, max_attempts, timeout_ms, unique_key
-            FROM src ORDER BY ord
+                   priority, run_at, run_at, COALESCE(src.max_attempts, k.max_attempts, 25),
+                   COALESCE(src.timeout_ms, k.timeout_ms, 60000), unique_key
+            FROM src LEFT JOIN warden.kinds k ON k.kind = src.kind ORDER BY ord
             ON CONFLICT (account, unique_key)
                 WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
                 DO NOTHING
@@ -772,121 +965,156 @@ const ENQUEUE_MANY_ACCOUNTS_SQL: &str = concat!(
 
 /// Insert validated jobs in one statement; unique-key duplicates return the existing id.
 /// Wakes each (partition, account) with a NOTIFY delivered at commit.
+/// `default_max_attempts` / `default_timeout` give a kind's options where the caller
+/// knows them; `None` leaves them to the database (`warden.kinds`, then 25 / 60 s).
 pub async fn insert_jobs(
     conn: &mut sqlx::PgConnection,
     partitions: PartitionCount,
     jobs: &[NewJob],
-    default_max_attempts: impl Fn(&str) -> i32,
-    default_timeout: impl Fn(&str) -> Duration,
+    default_max_attempts: impl Fn(&str) -> Option<i32> + Send + Sync,
+    default_timeout: impl Fn(&str) -> Option<Duration> + Send + Sync,
 ) -> Result<Vec<Enqueued>> {
-    if jobs.is_empty() {
-        return Ok(Vec::new());
-    }
-    if jobs.len() > crate::job::MAX_BATCH {
-        return Err(Error::invalid(format!("batch of {} jobs; the limit is {}", jobs.len(), crate::job::MAX_BATCH)));
-    }
-    let n = jobs.len();
-    let mut account = Vec::with_capacity(n);
-    let mut partition = Vec::with_capacity(n);
-    let mut kind = Vec::with_capacity(n);
-    let mut args = Vec::with_capacity(n);
-    let mut lane = Vec::with_capacity(n);
-    let mut priority = Vec::with_capacity(n);
-    let mut delay_ms: Vec<Option<i64>> = Vec::with_capacity(n);
-    let mut run_at: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
-    let mut max_attempts = Vec::with_capacity(n);
-    let mut timeout_ms = Vec::with_capacity(n);
-    let mut unique_key: Vec<Option<String>> = Vec::with_capacity(n);
-    for j in jobs {
-        j.validate()?;
-        account.push(j.account.clone());
-        partition.push(partition_of(&j.account, partitions) as i32);
-        kind.push(j.kind.clone());
-        args.push(j.args.clone());
-        lane.push(j.lane.as_str().to_string());
-        priority.push(j.priority);
-        match j.schedule {
-            Schedule::Now => {
-                delay_ms.push(None);
-                run_at.push(None)
-            }
-            Schedule::After(d) => {
-                delay_ms.push(Some(ms(d)));
-                run_at.push(None)
-            }
-            Schedule::At(t) => {
-                delay_ms.push(None);
-                run_at.push(Some(t))
-            }
-        }
-        max_attempts.push(j.max_attempts.unwrap_or_else(|| default_max_attempts(&j.kind)));
-        timeout_ms.push(ms(j.timeout.unwrap_or_else(|| default_timeout(&j.kind))).min(i32::MAX as i64) as i32);
-        unique_key.push(j.unique_key.clone());
-    }
-    // One account (a single enqueue, a job's follow-up) takes a shorter statement:
-    // the general one's lock planning costs ~17% of a single enqueue's throughput.
-    let one_account = jobs.iter().all(|j| j.account == jobs[0].account);
-    let rows = sqlx::query(if one_account { ENQUEUE_ONE_ACCOUNT_SQL } else { ENQUEUE_MANY_ACCOUNTS_SQL })
-        .bind(&account)
-        .bind(&partition)
-        .bind(&kind)
-        .bind(&args)
-        .bind(&lane)
-        .bind(&priority)
-        .bind(&delay_ms)
-        .bind(&run_at)
-        .bind(&max_attempts)
-        .bind(&timeout_ms)
-        .bind(&unique_key)
-        .bind(ENQUEUE_LOCK_CLASS)
-        .bind(ENQUEUE_LOCK_BATCH as i64)
-        .fetch_all(&mut *conn)
-        .await?;
+    let defaults = move |k: &str| (default_max_attempts(k), default_timeout(k));
+    insert_resolved(conn, partitions, jobs, &defaults).await
+}
 
-    // Rows come back in id order, which is insertion order (ORDER BY ord). Inputs whose
-    // unique key already had an unfinished job were skipped; map them to that job.
-    let mut out = Vec::with_capacity(n);
-    let mut inserted = rows
-        .iter()
-        .map(|r| -> Result<(i64, String, Option<String>)> { Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)) });
-    let mut pending_inserted = inserted.next().transpose()?;
-    let mut seen_keys: std::collections::HashMap<(String, String), i64> = Default::default();
-    for j in jobs {
-        let key = j.unique_key.as_ref().map(|k| (j.account.clone(), k.clone()));
-        if let Some(k) = &key {
-            if let Some(id) = seen_keys.get(k) {
-                out.push(Enqueued { id: *id, duplicate: true });
-                continue;
-            }
+type Defaults<'a> = &'a (dyn Fn(&str) -> (Option<i32>, Option<Duration>) + Send + Sync);
+
+fn insert_resolved<'a>(
+    conn: &'a mut sqlx::PgConnection,
+    partitions: PartitionCount,
+    jobs: &'a [NewJob],
+    defaults: Defaults<'a>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Enqueued>>> + Send + 'a>> {
+    Box::pin(async move {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
-        match &pending_inserted {
-            Some((id, acc, uk)) if *acc == j.account && *uk == j.unique_key => {
-                out.push(Enqueued { id: *id, duplicate: false });
-                if let Some(k) = key {
-                    seen_keys.insert(k, *id);
+        if jobs.len() > crate::job::MAX_BATCH {
+            return Err(Error::invalid(format!(
+                "batch of {} jobs; the limit is {}",
+                jobs.len(),
+                crate::job::MAX_BATCH
+            )));
+        }
+        let n = jobs.len();
+        let mut account = Vec::with_capacity(n);
+        let mut partition = Vec::with_capacity(n);
+        let mut kind = Vec::with_capacity(n);
+        let mut args = Vec::with_capacity(n);
+        let mut lane = Vec::with_capacity(n);
+        let mut priority = Vec::with_capacity(n);
+        let mut delay_ms: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut run_at: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut max_attempts: Vec<Option<i32>> = Vec::with_capacity(n);
+        let mut timeout_ms: Vec<Option<i32>> = Vec::with_capacity(n);
+        let mut unique_key: Vec<Option<String>> = Vec::with_capacity(n);
+        for j in jobs {
+            j.validate()?;
+            account.push(j.account.clone());
+            partition.push(partition_of(&j.account, partitions) as i32);
+            kind.push(j.kind.clone());
+            args.push(j.args.clone());
+            lane.push(j.lane.as_str().to_string());
+            priority.push(j.priority);
+            match j.schedule {
+                Schedule::Now => {
+                    delay_ms.push(None);
+                    run_at.push(None)
                 }
-                pending_inserted = inserted.next().transpose()?;
+                Schedule::After(d) => {
+                    delay_ms.push(Some(ms(d)));
+                    run_at.push(None)
+                }
+                Schedule::At(t) => {
+                    delay_ms.push(None);
+                    run_at.push(Some(t))
+                }
             }
-            _ => {
-                let Some((acc, uk)) = key else {
-                    return Err(Error::Database(sqlx::Error::Protocol(
-                        "enqueue returned fewer rows than jobs without unique keys".into(),
-                    )));
-                };
-                let id: i64 = sqlx::query_scalar(
-                    "SELECT id FROM warden.jobs WHERE account = $1 AND unique_key = $2
+            // Unknown here: NULL, resolved in the statement from `warden.kinds`.
+            let (default_attempts, default_timeout) = defaults(&j.kind);
+            max_attempts.push(j.max_attempts.or(default_attempts));
+            timeout_ms.push(j.timeout.or(default_timeout).map(|t| ms(t).min(i32::MAX as i64) as i32));
+            unique_key.push(j.unique_key.clone());
+        }
+        // One account (a single enqueue, a job's follow-up) takes a shorter statement:
+        // the general one's lock planning costs ~17% of a single enqueue's throughput.
+        let one_account = jobs.iter().all(|j| j.account == jobs[0].account);
+        let rows = sqlx::query(if one_account { ENQUEUE_ONE_ACCOUNT_SQL } else { ENQUEUE_MANY_ACCOUNTS_SQL })
+            .bind(&account)
+            .bind(&partition)
+            .bind(&kind)
+            .bind(&args)
+            .bind(&lane)
+            .bind(&priority)
+            .bind(&delay_ms)
+            .bind(&run_at)
+            .bind(&max_attempts)
+            .bind(&timeout_ms)
+            .bind(&unique_key)
+            .bind(ENQUEUE_LOCK_CLASS)
+            .bind(ENQUEUE_LOCK_BATCH as i64)
+            .fetch_all(&mut *conn)
+            .await?;
+
+        // Rows come back in id order, which is insertion order (ORDER BY ord). Inputs whose
+        // unique key already had an unfinished job were skipped; map them to that job.
+        let mut out = Vec::with_capacity(n);
+        let mut inserted = rows
+            .iter()
+            .map(|r| -> Result<(i64, String, Option<String>)> { Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)) });
+        let mut pending_inserted = inserted.next().transpose()?;
+        let mut seen_keys: std::collections::HashMap<(String, String), i64> = Default::default();
+        for j in jobs {
+            let key = j.unique_key.as_ref().map(|k| (j.account.clone(), k.clone()));
+            if let Some(k) = &key {
+                if let Some(id) = seen_keys.get(k) {
+                    out.push(Enqueued { id: *id, duplicate: true });
+                    continue;
+                }
+            }
+            match &pending_inserted {
+                Some((id, acc, uk)) if *acc == j.account && *uk == j.unique_key => {
+                    out.push(Enqueued { id: *id, duplicate: false });
+                    if let Some(k) = key {
+                        seen_keys.insert(k, *id);
+                    }
+                    pending_inserted = inserted.next().transpose()?;
+                }
+                _ => {
+                    let Some((acc, uk)) = key else {
+                        return Err(Error::Database(sqlx::Error::Protocol(
+                            "enqueue returned fewer rows than jobs without unique keys".into(),
+                        )));
+                    };
+                    let found: Option<i64> = sqlx::query_scalar(
+                        "SELECT id FROM warden.jobs WHERE account = $1 AND unique_key = $2
                        AND state IN ('scheduled', 'available', 'retryable', 'running')",
-                )
-                .bind(&acc)
-                .bind(&uk)
-                .fetch_one(&mut *conn)
-                .await?;
-                seen_keys.insert((acc, uk), id);
-                out.push(Enqueued { id, duplicate: true });
+                    )
+                    .bind(&acc)
+                    .bind(&uk)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    let id = match found {
+                        Some(id) => id,
+                        None => {
+                            // The job that held the key finished between the insert and
+                            // this read (it was RowNotFound): the key is free, insert again.
+                            let e = insert_resolved(&mut *conn, partitions, std::slice::from_ref(j), defaults)
+                                .await?
+                                .remove(0);
+                            out.push(e);
+                            seen_keys.insert((acc, uk), e.id);
+                            continue;
+                        }
+                    };
+                    seen_keys.insert((acc, uk), id);
+                    out.push(Enqueued { id, duplicate: true });
+                }
             }
         }
-    }
-    Ok(out)
+        Ok(out)
+    })
 }
 
 /// Cancel a job: queued → cancelled now; running → flag it and notify its owner.
