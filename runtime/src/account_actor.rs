@@ -364,7 +364,12 @@ fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobR
                     let msg = panic_message(&panic);
                     tracing::error!(job_id, panic = %msg, "attempt task panicked; recording the attempt as failed");
                     metrics::counter!("warden_attempt_panics_total").increment(1);
-                    record_crash(&shared, &job, &lease, &msg).await
+                    // Recording it may panic too (the same fault): then the job stays
+                    // claimed at this epoch, and the orphan scan has its account adopt it.
+                    AssertUnwindSafe(record_crash(&shared, &job, &lease, &msg))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or(AttemptReport::Stopped)
                 }
             };
         actors.in_flight.lock().unwrap().remove(&job_id);

@@ -102,11 +102,15 @@ pub struct NodeBuilder {
     registry: Registry,
     placement: Arc<dyn Placement>,
     cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
+    store_layer: Option<StoreLayer>,
 }
+
+/// Wraps the executor's store (fault injection in tests).
+pub type StoreLayer = Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>;
 
 impl NodeBuilder {
     pub fn new(config: NodeConfig) -> Self {
-        Self { config, registry: Registry::new(), placement: Arc::new(SingleNode), cluster: None }
+        Self { config, registry: Registry::new(), placement: Arc::new(SingleNode), cluster: None, store_layer: None }
     }
 
     /// Run as a cluster member: partitions are placed on the ring of active members
@@ -120,6 +124,15 @@ impl NodeBuilder {
     pub fn register<H: Handler>(mut self, handler: H) -> Result<Self> {
         self.registry.register(handler)?;
         Ok(self)
+    }
+
+    /// Wrap the store the account actors use (claims, finishes, unclaims, cancel
+    /// reads): the seam fault-injection tests use to lose replies, fail statements or
+    /// panic at chosen points. Applications have no use for it.
+    #[doc(hidden)]
+    pub fn store_layer(mut self, layer: StoreLayer) -> Self {
+        self.store_layer = Some(layer);
+        self
     }
 
     /// Replace the placement (default: this node owns every partition).
@@ -146,8 +159,11 @@ impl NodeBuilder {
         let generation =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
         let owner: Arc<str> = format!("{}/{}", config.node_id, generation).into();
-        let store: Arc<dyn Store> =
+        let mut store: Arc<dyn Store> =
             Arc::new(PgStore::new(pool.clone(), partitions).with_finish_idle_timeout(config.lease.ttl));
+        if let Some(layer) = &self.store_layer {
+            store = layer(store);
+        }
         // The control plane (lease renewal, enforcer, listener) has its own small pool:
         // a renewal must never wait behind handlers that hold every executor connection,
         // or a busy node would self-fence.

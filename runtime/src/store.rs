@@ -524,7 +524,8 @@ const DISCARD_UNDECODABLE_SQL: &str = concat!(
 /// such values out of `warden.jobs`; this is the second line.
 fn decode_job(row: &sqlx::postgres::PgRow) -> Result<JobRow> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| <JobRow as sqlx::FromRow<_>>::from_row(row))) {
-        Ok(r) => Ok(r?),
+        Ok(Ok(job)) => Ok(job),
+        Ok(Err(e)) => Err(Error::Undecodable(e.to_string())),
         Err(p) => {
             let msg = p
                 .downcast_ref::<&str>()
