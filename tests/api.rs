@@ -169,6 +169,14 @@ async fn bad_input_and_missing_jobs_get_clear_statuses() {
         (pb::NewJob { lane: "sideways".into(), ..job("a", "audit", "") }, "lane must be serial or unordered"),
         (pb::NewJob { max_attempts: -1, ..job("a", "audit", "") }, "max_attempts"),
         (pb::NewJob { priority: 1 << 20, ..job("a", "audit", "") }, "priority"),
+        // Times the database would store but Rust could not decode (issue 10 §2), and
+        // the other limits every entry shares with the SQL function.
+        (pb::NewJob { run_at_unix_ms: i64::MAX, ..job("a", "audit", "") }, "run_at"),
+        (pb::NewJob { run_at_unix_ms: -1, ..job("a", "audit", "") }, "run_at must be between"),
+        (pb::NewJob { run_at_unix_ms: 4_102_444_800_000 * 10, ..job("a", "audit", "") }, "run_at"),
+        (pb::NewJob { delay_ms: u64::MAX, ..job("a", "audit", "") }, "delay must be at most"),
+        (pb::NewJob { timeout_ms: 86_400_001, ..job("a", "audit", "") }, "timeout"),
+        (pb::NewJob { unique_key: "a\nb".into(), ..job("a", "audit", "") }, "unique_key contains a control"),
     ];
     for (j, expected) in cases {
         let s = jobs.enqueue(pb::EnqueueRequest { job: Some(j) }).await.unwrap_err();

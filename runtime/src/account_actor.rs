@@ -10,14 +10,25 @@
 //! ```
 //!
 //! Life of an actor: spawned by the enforcer or a wake-up → `Wake` → claim the
-//! account's next runnable job → run it in an attempt task → the task finishes the
-//! job and claims the next one in the same statement → `Done` → next attempt, or idle.
-//! Idle for `idle_timeout` → passivate (stop). Its partition fenced → stop at once,
-//! dropping any running handler. `Drain` → no new attempts; the running one gets
-//! `drain_timeout`, then it is dropped and left for rescue by the next owner.
+//! account's next runnable job (or adopt one already claimed at this epoch) → run it
+//! in an attempt task → the task finishes the job and claims the next one in the same
+//! statement → `Done` → next attempt, or idle. Idle for `idle_timeout` → passivate
+//! (stop); woken but nothing to claim on its first look → stop at once. Its partition
+//! fenced → stop at once; the attempt task stops without polling the handler again.
+//! `Drain` → no new attempts; the running handler's `ctx.cancellation()` fires and it
+//! gets `drain_timeout`, then it is dropped; either way the attempt is recorded as
+//! `interrupted` (not counted) so the next owner runs the job again at once.
 //!
-//! Invariant: an actor holds at most one claimed job at a time, and it pulls jobs one
-//! by one from the database, so nothing holds a backlog in memory.
+//! Invariants:
+//! - An actor holds at most one claimed job at a time, and pulls jobs one by one from
+//!   the database, so nothing holds a backlog in memory.
+//! - A handler is polled only inside its lease's validity window (checked on every
+//!   poll, not only when the lease keeper gets to run).
+//! - An attempt task always reports `Done`, even if it panics outside the handler
+//!   (it is supervised), so an actor never stays busy and a drain always ends.
+//! - "Running at this node's epoch with no attempt here" does not last: an ambiguous
+//!   claim or finish is resolved by reading the row (`Finished::NotRunning`), a claim
+//!   adopts such a job, and the enforcer's scan wakes the accounts that have one.
 
 use crate::error::Error;
 use crate::handler::{CallError, FencingToken, JobContext, Outcome, Registry};

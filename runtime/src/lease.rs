@@ -8,6 +8,13 @@
 //! else can acquire the lease — through database outages, network partitions and
 //! process pauses alike. When a deadline passes, [`LeaseTable::fence`] removes the
 //! lease and cancels its token, which aborts every attempt running under it.
+//!
+//! The keeper is a task: after a process pause it may run *after* the executor. So the
+//! window itself is shared with the executor as a [`LeaseValidity`] (an atomic
+//! deadline), and every poll of a handler reads it first; a handler is never polled
+//! once its window has closed, fenced or not. What remains (one poll in flight across
+//! a pause, effects already sent, clock rate) is stated in the README, "What exactly is
+//! guaranteed".
 
 use crate::store::{Fence, GrantedLease, Store};
 use std::collections::HashMap;

@@ -12,6 +12,10 @@
 //! | `warden_active_actors` | gauge | |
 //! | `warden_lease_renewals_total` | counter | result |
 //! | `warden_self_fence_total`, `warden_fenced_writes_total`, `warden_rescued_attempts_total` | counter | |
+//! | `warden_interrupted_total` | counter: attempts stopped by a handoff (not counted) | kind |
+//! | `warden_finish_in_doubt_total`, `warden_orphans_adopted_total` | counter: ambiguous results resolved | |
+//! | `warden_attempt_panics_total`, `warden_finish_permanent_errors_total`, `warden_undecodable_jobs_total` | counter | |
+//! | `warden_notifications_ignored_total`, `warden_wakeups_dropped_total` | counter: hostile or excess NOTIFYs | |
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -29,4 +33,21 @@ pub fn describe() {
     describe_counter!("warden_self_fence_total", "Partitions this node stopped because renewal missed its deadline");
     describe_counter!("warden_fenced_writes_total", "Executor writes rejected by the lease fence");
     describe_counter!("warden_rescued_attempts_total", "Attempts rescued from an older epoch");
+    describe_counter!("warden_interrupted_total", "Attempts stopped by a partition handoff (not counted)");
+    describe_counter!("warden_finish_in_doubt_total", "Finishes whose earlier try had committed (reply lost)");
+    describe_counter!(
+        "warden_orphans_adopted_total",
+        "Jobs claimed under this node's lease with no attempt here, woken for adoption"
+    );
+    describe_counter!("warden_attempt_panics_total", "Attempt tasks that panicked outside the handler");
+    describe_counter!(
+        "warden_finish_permanent_errors_total",
+        "Finishes PostgreSQL rejected for good (recorded as failures instead)"
+    );
+    describe_counter!("warden_undecodable_jobs_total", "Claimed job rows that could not be decoded (discarded)");
+    describe_counter!("warden_notifications_ignored_total", "NOTIFY payloads that were malformed or inconsistent");
+    describe_counter!(
+        "warden_wakeups_dropped_total",
+        "Wake-ups dropped because the queue was full (a scan replaces them)"
+    );
 }
