@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use warden_runtime::account_actor::ExecConfig;
 use warden_runtime::job::JobRow;
-use warden_runtime::lease::LeaseConfig;
 use warden_runtime::store::{self, Fence, Finish, Finished, GrantedLease, JobTx, PgStore, Store};
 use warden_runtime::{
     async_trait, history, Client, Error, Handler, HandlerResult, JobContext, JobOptions, NewJob, Node, NodeConfig,
@@ -23,24 +22,15 @@ const WAIT: Duration = Duration::from_secs(30);
 const P: u32 = 16;
 
 fn config() -> NodeConfig {
-    NodeConfig {
-        node_id: "hard-node".into(),
-        partitions: PartitionCount::new(P).unwrap(),
-        lease: LeaseConfig {
-            ttl: Duration::from_secs(2),
-            renew_interval: Duration::from_millis(400),
-            safety_margin: Duration::from_millis(500),
-        },
-        exec: ExecConfig {
-            idle_timeout: Duration::from_secs(1),
-            cancel_grace: Duration::from_millis(300),
-            cancel_poll_interval: Duration::from_millis(200),
-            drain_timeout: Duration::from_secs(2),
-            max_actors: 1000,
-        },
-        enforcer_interval: Duration::from_millis(200),
-        due_scan_limit: 10_000,
-    }
+    let mut c = warden_tests::fast_node_config("hard-node", P);
+    c.exec = ExecConfig {
+        idle_timeout: Duration::from_secs(1),
+        cancel_grace: Duration::from_millis(300),
+        cancel_poll_interval: Duration::from_millis(200),
+        drain_timeout: Duration::from_secs(2),
+        max_actors: 1000,
+    };
+    c
 }
 
 fn part(account: &str) -> u32 {
@@ -203,6 +193,12 @@ struct Plan {
     panic_before_finish: AtomicU32,
     /// Finishes that commit, then panic (as a decode of the claimed next row would).
     panic_after_finish: AtomicU32,
+    /// Every finish of account `perm` fails with a permanent error (one that would
+    /// fail the same way on every retry), after panicking `perm_panics` times.
+    perm_finish: std::sync::atomic::AtomicBool,
+    perm_panics: AtomicU32,
+    /// Finishes of account `perm` tried.
+    perm_calls: AtomicU32,
 }
 
 fn take(n: &AtomicU32) -> bool {
@@ -264,6 +260,16 @@ impl Store for Faulty {
     ) -> warden_runtime::Result<Finished> {
         if take(&self.plan.panic_before_finish) {
             panic!("injected panic before the finish");
+        }
+        if job.account == "perm" {
+            self.plan.perm_calls.fetch_add(1, Ordering::AcqRel);
+            if take(&self.plan.perm_panics) {
+                panic!("injected panic before the finish of perm");
+            }
+            if self.plan.perm_finish.load(Ordering::Acquire) {
+                drop(tx);
+                return Err(Error::InvalidInput("injected permanent error (as SQLSTATE 23514 would be)".into()));
+            }
         }
         let r = self.inner.finish(tx, job, fence, finish, claim_next).await;
         if matches!(r, Ok(Finished::Recorded(Some(_)))) {
@@ -395,8 +401,11 @@ async fn a_retried_finish_that_already_committed_is_not_a_fence_failure_and_its_
     let retry = s.finish(None, &first, &f, &Finish::Completed, true).await.unwrap();
     assert!(matches!(retry, Finished::NotRunning), "an ambiguous result is not a fence failure: {retry:?}");
     let adopted = s.claim("acct", &f).await.unwrap().expect("the orphaned claim is adopted");
-    assert_eq!((adopted.id, adopted.state.as_str(), adopted.attempt), (ids[1], "running", 1));
-    assert_eq!(s.claim("acct", &f).await.unwrap().map(|j| j.id), Some(ids[1]), "adopting is idempotent");
+    // Adopting counts an attempt, as a rescue does (the lost one may have run).
+    assert_eq!((adopted.id, adopted.state.as_str(), adopted.attempt), (ids[1], "running", 2));
+    let again = s.claim("acct", &f).await.unwrap().unwrap();
+    assert_eq!((again.id, again.attempt), (ids[1], 3), "adopting again adopts the same job");
+    let adopted = again;
     let next = s.finish(None, &adopted, &f, &Finish::Completed, true).await.unwrap().into_next().unwrap();
     assert_eq!(next.id, ids[2]);
     // Under a newer epoch, the old one's orphan is not "mine": it is rescued instead.
@@ -825,4 +834,149 @@ async fn per_kind_options_apply_to_jobs_enqueued_without_the_handler() {
         let j = job(&db, id).await;
         assert_eq!((j.max_attempts, j.timeout_ms), want, "job {id}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Found in review of the fixes above.
+
+async fn handler_runs(db: &TestDb, id: i64) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM step_ticks WHERE job_id = $1 AND what = 'start'")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// A finish that fails for good ended in "leave it to be adopted"; adoption did not
+/// count an attempt, so the handler ran again and again (29 runs in 6 s with
+/// max_attempts 3), each with its external effects. Now adoption counts, the job is
+/// given up after its attempts, and the handler runs at most max_attempts times.
+#[tokio::test]
+async fn a_job_whose_outcome_can_never_be_recorded_runs_at_most_max_attempts_times() {
+    let db = TestDb::new().await;
+    let plan = Arc::new(Plan::default());
+    plan.perm_finish.store(true, Ordering::Release);
+    let node = start_faulty(&db, plan.clone()).await;
+    let id = node.client().enqueue(step("perm", Step::default()).max_attempts(3)).await.unwrap().id;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let runs = handler_runs(&db, id).await;
+    assert!((1..=3).contains(&runs), "max_attempts is 3, the handler ran {runs} times");
+    let calls = plan.perm_calls.load(Ordering::Acquire);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(plan.perm_calls.load(Ordering::Acquire) - calls <= 6, "recording in a hot loop");
+    // Once outcomes can be recorded again, the job ends within its attempts.
+    plan.perm_finish.store(false, Ordering::Release);
+    let end = eventually(WAIT, "finished", || async {
+        let j = job(&db, id).await;
+        j.state().filter(|s| s.is_terminal()).map(|_| j)
+    })
+    .await;
+    assert!(end.attempt <= 3 && handler_runs(&db, id).await <= 3, "{end:?}");
+    node.shutdown().await.unwrap();
+}
+
+/// After a panic in the attempt task, recording the crash retried every error —
+/// permanent ones too — for as long as the lease held, ignoring a drain: the actor
+/// stayed busy and a handoff of its partition never completed.
+#[tokio::test]
+async fn recording_a_crashed_attempt_is_bounded() {
+    let db = TestDb::new().await;
+    let plan = Arc::new(Plan::default());
+    plan.perm_panics.store(1, Ordering::Release);
+    plan.perm_finish.store(true, Ordering::Release);
+    let node = start_faulty(&db, plan.clone()).await;
+    let other = node.client().enqueue(step("other", Step::default())).await.unwrap().id;
+    node.client().enqueue(step("perm", Step::default()).max_attempts(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c0 = plan.perm_calls.load(Ordering::Acquire);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let c1 = plan.perm_calls.load(Ordering::Acquire);
+    assert!(c1 - c0 <= 8, "recording keeps retrying a permanent error: {} calls in 4 s", c1 - c0);
+    assert_eq!(job(&db, other).await.state, "completed");
+    tokio::time::timeout(Duration::from_secs(10), node.shutdown()).await.expect("drain hung").unwrap();
+}
+
+/// The due-work scan probed every due row for being its account's head: 13–20× slower
+/// than before on a 200k-job backlog, past the enforcer's 10 s pass timeout near 1M
+/// jobs. The probe must run once per account: checked on the plan (loops of every
+/// node ≤ accounts), not on a clock.
+#[tokio::test]
+async fn the_due_scan_probes_once_per_account_not_once_per_due_job() {
+    let (db, s, _client, _f) = store_setup().await;
+    sqlx::query(
+        "INSERT INTO warden.jobs (account, partition, kind, args, state, run_at, due_at, max_attempts, timeout_ms)
+         SELECT 'a' || a, warden.partition_of('a' || a, 16), 'k', '{}', 'available',
+                now() - interval '1 hour' + s * interval '1 ms', now() - interval '1 hour' + s * interval '1 ms', 25, 60000
+         FROM generate_series(1, 500) a, generate_series(1, 100) s",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE warden.jobs").execute(&db.pool).await.unwrap();
+    let all: Vec<i32> = (0..P as i32).collect();
+    let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", store::DUE_ACCOUNTS_SQL);
+    let plan: serde_json::Value =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(explain)).bind(&all).bind(10_000i64).fetch_one(&db.pool).await.unwrap();
+    fn max_loops(v: &serde_json::Value) -> i64 {
+        let here = v.get("Actual Loops").and_then(|l| l.as_i64()).unwrap_or(0);
+        let kids = v.get("Plans").and_then(|p| p.as_array()).map(|a| a.iter().map(max_loops).max().unwrap_or(0));
+        here.max(kids.unwrap_or(0)).max(v.get("Plan").map(max_loops).unwrap_or(0))
+    }
+    let loops = max_loops(&plan[0]);
+    assert!(loops <= 500, "a plan node ran {loops} times for 500 accounts / 50,000 due jobs:\n{plan:#}");
+    let started = std::time::Instant::now();
+    assert_eq!(s.due_accounts(&(0..P).collect::<Vec<_>>(), 10_000).await.unwrap().len(), 500);
+    eprintln!("due scan of 50,000 due jobs over 500 accounts: {:?} (loops {loops})", started.elapsed());
+}
+
+/// Upgrading a database that ran migrations 0001–0002 with rows the new limits forbid
+/// — times Rust cannot decode, timeouts over 24 h, one of them `running` under an old
+/// node — leaves nothing stalled: before the fix, a NOT VALID constraint rejected every
+/// later update of the long-timeout rows, so their claim failed forever and the one
+/// rescue statement of a cold start failed for every partition acquired with it.
+#[tokio::test]
+async fn an_upgrade_with_rows_the_new_limits_forbid_stalls_nothing() {
+    let db = TestDb::new().await;
+    let mut old = store::migrator();
+    old.migrations = std::borrow::Cow::Owned(old.migrations.iter().filter(|m| m.version <= 2).cloned().collect());
+    old.run(&db.pool).await.unwrap();
+    store::init_partitions(&db.pool, PartitionCount::new(P).unwrap()).await.unwrap();
+    let legacy = |account: &str, state: &str, run_at: &str, timeout_ms: i32| {
+        let running = state == "running";
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO warden.jobs (account, partition, kind, args, state, run_at, due_at, max_attempts, timeout_ms,
+                                      attempt, epoch, node, attempted_at)
+             VALUES ($1, warden.partition_of($1, 16), 'step', '{}', $2, $3::timestamptz, $3::timestamptz, 3, $4,
+                     $5, $6, $7, now()) RETURNING id",
+        )
+        .bind(account.to_string())
+        .bind(state.to_string())
+        .bind(run_at.to_string())
+        .bind(timeout_ms)
+        .bind(if running { 1 } else { 0 })
+        .bind(running.then_some(0i64))
+        .bind(running.then_some("old-node/1"))
+        .fetch_one(&db.pool)
+    };
+    let long_running = legacy("legacy-run", "running", "2026-01-01", 100_000_000).await.unwrap();
+    let long_queued = legacy("legacy-q", "available", "2026-01-01", 100_000_000).await.unwrap();
+    let infinite = legacy("legacy-inf", "available", "infinity", 1000).await.unwrap();
+    store::migrate(&db.pool).await.unwrap();
+    let node = builder(&db, config()).await.start(db.node_pool().await).await.unwrap();
+    let mut fresh = Vec::new();
+    for a in ["legacy-q", "legacy-inf", "other-1", "other-2", "other-3"] {
+        fresh.push(node.client().enqueue(step(a, Step::default())).await.unwrap().id);
+    }
+    for id in fresh.iter().chain([long_running, long_queued].iter()) {
+        eventually(WAIT, &format!("job {id} completed"), || async {
+            (job(&db, *id).await.state == "completed").then_some(())
+        })
+        .await;
+    }
+    let inf = job(&db, infinite).await;
+    assert_eq!(inf.state, "discarded", "{inf:?}");
+    assert!(inf.last_error.unwrap_or_default().contains("migration 0003"));
+    assert_eq!(job(&db, long_queued).await.timeout_ms, 86_400_000, "clamped to the 24 h limit");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
 }

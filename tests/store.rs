@@ -313,7 +313,7 @@ async fn claim_follows_serial_order_and_a_failing_head_blocks() {
     assert!(s.claim("acct", &f).await.unwrap().is_none());
     tokio::time::sleep(Duration::from_millis(350)).await;
     let j0b = s.claim("acct", &f).await.unwrap().unwrap();
-    assert_eq!((j0b.id, j0b.attempt), (ids[0].id, 2));
+    assert_eq!((j0b.id, j0b.attempt), (ids[0].id, 3));
     // Completing claims the next in the same statement.
     let j1 = s.finish(None, &j0b, &f, &Finish::Completed, true).await.unwrap().into_next().unwrap();
     assert_eq!(j1.id, ids[1].id);

@@ -21,9 +21,12 @@ ALTER TABLE warden.jobs ADD CONSTRAINT jobs_times_decodable CHECK (
     run_at >= '1970-01-01 00:00:00+00' AND run_at < '10000-01-01 00:00:00+00'
     AND due_at >= '1970-01-01 00:00:00+00' AND due_at < '10000-01-01 00:00:00+00');
 
--- Timeouts beyond 24 h were accepted by the SQL function (up to 2^31 ms). Existing
--- rows are left as they are (NOT VALID); new and updated rows are checked.
-ALTER TABLE warden.jobs ADD CONSTRAINT jobs_timeout_limit CHECK (timeout_ms BETWEEN 1 AND 86400000) NOT VALID;
+-- Timeouts beyond 24 h were accepted by the SQL function (up to 2^31 ms). Such rows
+-- are clamped to 24 h first: a NOT VALID constraint would still reject every later
+-- UPDATE of them (a claim, a rescue, a cancel), stalling their account — or, through
+-- the one rescue statement of a batch of acquired partitions, every partition in it.
+UPDATE warden.jobs SET timeout_ms = 86400000 WHERE timeout_ms > 86400000;
+ALTER TABLE warden.jobs ADD CONSTRAINT jobs_timeout_limit CHECK (timeout_ms BETWEEN 1 AND 86400000);
 
 -- 2. An attempt stopped because its partition was handed off (drain): recorded, but
 -- it does not use up one of the job's attempts.

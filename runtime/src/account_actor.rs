@@ -118,6 +118,9 @@ pub enum AttemptReport {
     /// The attempt was dropped without recording (fenced, lease window closed); stop
     /// the actor.
     Stopped,
+    /// No outcome could be recorded (every statement failed for good): stop the
+    /// actor; the job stays claimed here and is adopted later, after a growing delay.
+    Unrecordable,
 }
 
 /// The controls of one running attempt, held by its actor.
@@ -154,6 +157,8 @@ pub struct AccountState {
     /// its first claim stops at once instead of idling: wake-ups are hints (any role
     /// may NOTIFY), and a flood of made-up accounts must not fill the actor map.
     claimed_any: bool,
+    /// Claims that failed in a row (backoff).
+    claim_failures: u32,
 }
 
 pub struct AccountArgs {
@@ -186,6 +191,7 @@ impl Actor for AccountActor {
             draining: false,
             idle_generation: 0,
             claimed_any: false,
+            claim_failures: 0,
         })
     }
 
@@ -212,6 +218,7 @@ impl Actor for AccountActor {
                 let rewake = std::mem::take(&mut st.woken_while_running);
                 match *report {
                     AttemptReport::Stopped => myself.stop(Some("attempt stopped".into())),
+                    AttemptReport::Unrecordable => myself.stop(Some("outcome unrecordable".into())),
                     AttemptReport::Finished { next, wake_in, lease, reclaim } => match next {
                         Some(job) if st.draining => {
                             // The partition is draining, so `leases.current()` no longer
@@ -232,7 +239,18 @@ impl Actor for AccountActor {
                                 myself.stop(Some("partition not held".into()))
                             }
                         },
-                        None if st.draining => myself.stop(Some("drained".into())),
+                        None if st.draining => {
+                            if reclaim {
+                                // An earlier try of the finish committed and may have
+                                // claimed the next job: give it back unrun (claiming adopts
+                                // it), or the next owner's rescue would count an attempt
+                                // that never ran.
+                                if let Ok(Some(job)) = st.shared.store.claim(&st.account, &lease.fence).await {
+                                    unclaim(st, &job, &lease).await;
+                                }
+                            }
+                            myself.stop(Some("drained".into()))
+                        }
                         None => {
                             if rewake || reclaim {
                                 // Look again: one claim, only when a wake-up raced the
@@ -297,9 +315,15 @@ async fn claim(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
         myself.stop(Some("partition not held".into()));
         return;
     };
-    match st.shared.store.claim(&st.account, &lease.fence).await {
+    // An actor's first claim may be for nothing (a wake-up is only a hint): bound how
+    // many run at once, so a NOTIFY flood cannot take the executor pool from real work.
+    let first_claim = if st.claimed_any { None } else { st.actors.first_claims.clone().acquire_owned().await.ok() };
+    let claimed = st.shared.store.claim(&st.account, &lease.fence).await;
+    drop(first_claim);
+    match claimed {
         Ok(Some(job)) => {
             st.claimed_any = true;
+            st.claim_failures = 0;
             start_attempt(myself, st, job, lease)
         }
         Ok(None) if !st.claimed_any => {
@@ -313,8 +337,17 @@ async fn claim(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
         Err(Error::Fenced { .. }) => myself.stop(Some("fenced".into())),
         Err(e) => {
             // Ambiguous: the claim may have committed. The retry adopts what it claimed.
-            tracing::warn!(account = %st.account, error = %e, "claim failed; retrying shortly");
-            drop(myself.send_after(Duration::from_millis(500), || AccountMsg::Wake));
+            // One that fails for good (a row no statement can update) is retried with a
+            // growing delay, so it costs little while an operator looks at the log.
+            st.claim_failures += 1;
+            let delay = if e.is_permanent() {
+                tracing::error!(account = %st.account, error = %e, "claim fails permanently; backing off");
+                Duration::from_millis(500).saturating_mul(1 << st.claim_failures.min(6))
+            } else {
+                tracing::warn!(account = %st.account, error = %e, "claim failed; retrying shortly");
+                Duration::from_millis(500)
+            };
+            drop(myself.send_after(delay, || AccountMsg::Wake));
         }
     }
 }
@@ -364,6 +397,7 @@ fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobR
     });
     st.actors.in_flight.lock().unwrap().insert(job.id);
     let (shared, actors, me, job_id) = (st.shared.clone(), st.actors.clone(), myself.clone(), job.id);
+    let abort = ctl.abort.clone();
     tokio::spawn(async move {
         // Supervised: a panic anywhere in the attempt (not only in the handler, which
         // is caught on its own) still ends it, records it, and tells the actor, so
@@ -377,13 +411,16 @@ fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobR
                     metrics::counter!("warden_attempt_panics_total").increment(1);
                     // Recording it may panic too (the same fault): then the job stays
                     // claimed at this epoch, and the orphan scan has its account adopt it.
-                    AssertUnwindSafe(record_crash(&shared, &job, &lease, &msg))
+                    AssertUnwindSafe(record_crash(&shared, &job, &lease, &abort, &msg))
                         .catch_unwind()
                         .await
                         .unwrap_or(AttemptReport::Stopped)
                 }
             };
         actors.in_flight.lock().unwrap().remove(&job_id);
+        if matches!(report, AttemptReport::Unrecordable) {
+            actors.hold_back(job_id);
+        }
         // The actor may already be gone (fenced); then nobody needs the report.
         let _ = me.send_message(AccountMsg::Done(Box::new(report)));
     });
@@ -391,9 +428,15 @@ fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobR
 
 /// After a panic outside the handler: record the attempt as failed (retried with the
 /// kind's backoff), or find it already recorded.
-async fn record_crash(shared: &Shared, job: &JobRow, lease: &ActiveLease, msg: &str) -> AttemptReport {
+async fn record_crash(
+    shared: &Shared,
+    job: &JobRow,
+    lease: &ActiveLease,
+    abort: &CancellationToken,
+    msg: &str,
+) -> AttemptReport {
     let options = shared.registry.options(&job.kind).cloned().unwrap_or_default();
-    let finish = if job.attempt >= job.max_attempts {
+    let mut finish = if job.attempt >= job.max_attempts {
         Finish::Discard { outcome: "failed", error: format!("attempt task panicked: {msg} (giving up)") }
     } else {
         Finish::Retry {
@@ -402,20 +445,41 @@ async fn record_crash(shared: &Shared, job: &JobRow, lease: &ActiveLease, msg: &
             error: format!("attempt task panicked: {msg}"),
         }
     };
+    // Bounded, and never past a drain's abort: an actor must not stay busy here.
     let mut delay = Duration::from_millis(50);
-    while lease.validity.is_valid() && !lease.token.is_cancelled() {
+    for _ in 0..RECORD_TRIES {
+        if !lease.validity.is_valid() || lease.token.is_cancelled() || abort.is_cancelled() {
+            break;
+        }
         match shared.store.finish(None, job, &lease.fence, &finish, false).await {
             Ok(_) => return AttemptReport::Finished { next: None, wake_in: None, lease: lease.clone(), reclaim: true },
             Err(Error::Fenced { .. }) => break,
-            Err(e) => {
-                tracing::warn!(job_id = job.id, error = %e, "could not record the crashed attempt; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
+            Err(e) if e.is_permanent() => {
+                tracing::error!(job_id = job.id, error = %e, "the crashed attempt cannot be recorded; discarding the job");
+                finish = Finish::Discard { outcome: "failed", error: UNRECORDABLE.into() };
             }
+            Err(e) => tracing::warn!(job_id = job.id, error = %e, "could not record the crashed attempt; retrying"),
         }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
-    AttemptReport::Stopped
+    // Left claimed at this epoch: adopted (and counted) by the account's next claim.
+    if finish_is_unrecordable(&finish) {
+        AttemptReport::Unrecordable
+    } else {
+        AttemptReport::Stopped
+    }
 }
+
+fn finish_is_unrecordable(f: &Finish) -> bool {
+    matches!(f, Finish::Discard { error, .. } if error == UNRECORDABLE)
+}
+
+/// Tries to record an attempt whose outcome keeps failing for good.
+const RECORD_TRIES: u32 = 5;
+
+/// The last outcome tried when none can be recorded: constant, storable text.
+const UNRECORDABLE: &str = "the attempt's outcome could not be recorded; giving up on the job";
 
 /// What an attempt task is given besides the job and its lease.
 struct AttemptControl {
@@ -438,6 +502,9 @@ enum Ended {
     CancelledHard,
     /// Dropped at the drain timeout.
     Interrupted,
+    /// Not run: its attempts were used up before it started (adopted after attempts
+    /// whose outcomes were lost).
+    Exhausted,
 }
 
 /// Run one attempt: the handler (with timeout, cancellation and fencing), then the
@@ -488,6 +555,8 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
             return lost("lease window closed before the handler started");
         }
         let ended = match &handler {
+            // Adopted past its last attempt (each adoption counts one): give up on it.
+            _ if job.attempt > job.max_attempts => Ended::Exhausted,
             None => Ended::Returned(Err(CallError::BadArgs(format!(
                 "no handler for kind {:?} is registered on node {}",
                 job.kind, shared.node_id
@@ -534,7 +603,12 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
 
         let options = handler.as_ref().map(|h| h.options().clone()).unwrap_or_default();
         let exhausted = job.attempt >= job.max_attempts;
-        let interrupted = ctl.interrupt.is_cancelled();
+        // Told its partition is moving, and it returned within drain_timeout: most
+        // likely it stopped because of that, so the attempt does not count. One that
+        // had to be aborted at the drain timeout counts (below), so a job whose handler
+        // keeps provoking handoffs (blocking the runtime until the node is replaced)
+        // still runs out of attempts.
+        let interrupted = ctl.interrupt.is_cancelled() && matches!(ended, Ended::Returned(_));
         let fail = |outcome: &'static str, error: String, after: Option<Duration>| {
             if interrupted {
                 // It failed after being told its partition is moving: most likely it
@@ -559,10 +633,19 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
             Ended::CancelledHard => Finish::Cancelled {
                 error: format!("cancelled while running; handler did not stop within {:?} and was aborted", shared.config.cancel_grace),
             },
-            Ended::Interrupted => Finish::Interrupted {
-                error: format!(
-                    "interrupted by a partition handoff: still running after the drain timeout ({:?}); aborted",
+            Ended::Interrupted => fail(
+                "failed",
+                format!(
+                    "still running at the drain timeout ({:?}) of a partition handoff; aborted",
                     shared.config.drain_timeout
+                ),
+                Some(Duration::ZERO),
+            ),
+            Ended::Exhausted => Finish::Discard {
+                outcome: "discarded",
+                error: format!(
+                    "attempt {} of {}: attempts used up by attempts whose outcome was lost; giving up",
+                    job.attempt, job.max_attempts
                 ),
             },
         };
@@ -589,7 +672,7 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
         drop(ctx);
 
         let mut delay = Duration::from_millis(50);
-        let mut fell_back = false;
+        let mut permanent = 0;
         loop {
             let with_tx = tx.is_some();
             let result = tokio::select! {
@@ -631,20 +714,30 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
                 Err(e) if e.is_permanent() => {
                     // The same statement would fail the same way: record a plain failure
                     // instead (text and delays are already made storable; this is the
-                    // last line), and if even that cannot be stored, give up on the job.
+                    // last line), then give up on the job with constant text. If not even
+                    // that can be stored, the job stays claimed here; the next claim
+                    // adopts it and counts an attempt, so this ends after max_attempts.
                     tracing::error!(error = %e, "the attempt's outcome cannot be recorded; recording a failure instead");
                     metrics::counter!("warden_finish_permanent_errors_total").increment(1);
-                    let error = format!("the attempt's outcome could not be recorded: {e}");
-                    finish = if fell_back || exhausted {
-                        Finish::Discard { outcome: "failed", error }
-                    } else {
-                        Finish::Retry { after: options.backoff.delay(job.attempt, &mut fastrand::Rng::new()), outcome: "failed", error }
-                    };
-                    if fell_back && matches!(finish, Finish::Discard { .. }) && delay > Duration::from_millis(400) {
+                    permanent += 1;
+                    if permanent > RECORD_TRIES {
                         tracing::error!("no outcome can be recorded for this attempt; leaving it to be adopted");
-                        return AttemptReport::Stopped;
+                        return AttemptReport::Unrecordable;
                     }
-                    fell_back = true;
+                    finish = if permanent == 1 && !exhausted {
+                        Finish::Retry {
+                            after: options.backoff.delay(job.attempt, &mut fastrand::Rng::new()),
+                            outcome: "failed",
+                            error: format!("the attempt's outcome could not be recorded: {e}"),
+                        }
+                    } else {
+                        Finish::Discard { outcome: "failed", error: UNRECORDABLE.into() }
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = lease.token.cancelled() => return AttemptReport::Stopped,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => {
@@ -734,7 +827,15 @@ pub struct AccountActors {
     spawned: AtomicU64,
     /// Jobs with an attempt task running here (see `Store::running_here`).
     in_flight: Mutex<HashSet<i64>>,
+    /// Jobs whose outcome could not be recorded: (not before, failures so far).
+    held_back: Mutex<HashMap<i64, (tokio::time::Instant, u32)>>,
+    /// Permits for actors' first claims ([`FIRST_CLAIMS`] at once).
+    first_claims: Arc<tokio::sync::Semaphore>,
 }
+
+/// First claims of new actors running at once: a flood of wake-ups for made-up
+/// accounts may use this many executor connections, not the whole pool.
+pub const FIRST_CLAIMS: usize = 4;
 
 impl AccountActors {
     pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
@@ -743,6 +844,8 @@ impl AccountActors {
             shared,
             spawned: AtomicU64::new(0),
             in_flight: Mutex::new(HashSet::new()),
+            first_claims: Arc::new(tokio::sync::Semaphore::new(FIRST_CLAIMS)),
+            held_back: Mutex::new(HashMap::new()),
         })
     }
 
@@ -838,6 +941,25 @@ impl AccountActors {
     /// Is an attempt of this job running here?
     pub fn is_in_flight(&self, job_id: i64) -> bool {
         self.in_flight.lock().unwrap().contains(&job_id)
+    }
+
+    /// Keep the orphan scan away from a job whose outcome could not be recorded, for
+    /// 1 s, 2 s, 4 s, … up to 5 min on repeated failures: it is retried (and its
+    /// attempts counted on adoption) without becoming a hot loop.
+    fn hold_back(&self, job_id: i64) {
+        let now = tokio::time::Instant::now();
+        let mut held = self.held_back.lock().unwrap();
+        if held.len() >= 10_000 {
+            held.retain(|_, (until, _)| *until > now);
+        }
+        let strikes = held.get(&job_id).map_or(0, |(_, n)| *n) + 1;
+        let delay = Duration::from_secs(1 << strikes.min(9)).min(Duration::from_secs(300));
+        held.insert(job_id, (now + delay, strikes));
+    }
+
+    /// Is this job held back from adoption for now (see `hold_back`)?
+    pub fn is_held_back(&self, job_id: i64) -> bool {
+        self.held_back.lock().unwrap().get(&job_id).is_some_and(|(until, _)| *until > tokio::time::Instant::now())
     }
 
     /// Is there a live actor for this account here?

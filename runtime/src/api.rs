@@ -39,6 +39,7 @@ pub fn status(e: Error) -> Status {
         Error::InvalidInput(m) => Status::invalid_argument(m),
         Error::JobNotFound(id) => Status::not_found(format!("job {id} not found")),
         Error::NotInitialised => Status::failed_precondition("cluster schema not initialised"),
+        Error::Conflict(m) => Status::aborted(m),
         Error::Timeout(_) => Status::unavailable("database unavailable, try again"),
         Error::Database(ref db) if is_unavailable(db) => {
             tracing::warn!(error = %e, "API request failed: database unavailable");

@@ -98,25 +98,33 @@ impl Enforcer {
     }
 
     async fn wake_due(&self, partitions: &[u32]) -> Result<usize> {
-        let due = self.store.due_accounts(partitions, self.due_scan_limit).await?;
+        // Orphans first, and whatever the due scan does: jobs running under this
+        // node's lease with no attempt running here (an ambiguous claim or finish
+        // committed without its reply). Waking the account makes its actor claim,
+        // which adopts the job. A job whose attempt just started or ended may show up
+        // here too; the extra claim is harmless.
         let mut woken = 0;
+        match self.store.running_here(self.leases.owner(), partitions, self.due_scan_limit).await {
+            Ok(running) => {
+                for (job_id, account, partition) in running {
+                    if !self.actors.is_in_flight(job_id)
+                        && !self.actors.is_held_back(job_id)
+                        && self.leases.holds(partition)
+                    {
+                        tracing::info!(job_id, account = %account, "job running under this lease with no attempt here; waking its account to adopt it");
+                        metrics::counter!("warden_orphans_adopted_total").increment(1);
+                        if self.actors.wake(&account, partition).await {
+                            woken += 1;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "orphan scan failed; will retry"),
+        }
+        let due = self.store.due_accounts(partitions, self.due_scan_limit).await?;
         for (account, partition) in &due {
             if self.actors.wake(account, *partition).await {
                 woken += 1;
-            }
-        }
-        // Orphans: jobs running under this node's lease with no attempt running here
-        // (an ambiguous claim or finish committed without its reply). Waking the
-        // account makes its actor claim, which adopts the job. A job whose attempt
-        // just started or ended may show up here too; the extra claim is harmless.
-        let running = self.store.running_here(self.leases.owner(), partitions, self.due_scan_limit).await?;
-        for (job_id, account, partition) in running {
-            if !self.actors.is_in_flight(job_id) && self.leases.holds(partition) {
-                tracing::info!(job_id, account = %account, "job running under this lease with no attempt here; waking its account to adopt it");
-                metrics::counter!("warden_orphans_adopted_total").increment(1);
-                if self.actors.wake(&account, partition).await {
-                    woken += 1;
-                }
             }
         }
         Ok(woken)
@@ -138,7 +146,17 @@ impl Enforcer {
         if !to_acquire.is_empty() {
             let sent_at = Instant::now();
             let granted = self.store.acquire(self.leases.owner(), &to_acquire, self.lease_config.ttl).await?;
-            let rescued = self.store.rescue(self.leases.owner(), &granted).await?;
+            let rescued = match self.store.rescue(self.leases.owner(), &granted).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Not usable before their rescue: give them back rather than hold
+                    // partitions nobody runs (the next pass acquires and rescues again).
+                    if let Err(r) = self.store.release(self.leases.owner(), &granted).await {
+                        tracing::warn!(error = %r, "could not release partitions whose rescue failed; they expire");
+                    }
+                    return Err(e);
+                }
+            };
             if rescued > 0 {
                 tracing::warn!(partitions = granted.len(), rescued, "rescued attempts left running by an older epoch");
                 metrics::counter!("warden_rescued_attempts_total").increment(rescued);

@@ -41,6 +41,10 @@ pub enum Error {
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// A concurrent change made the request impossible as sent; retrying it is safe.
+    #[error("conflict: {0}")]
+    Conflict(String),
+
     /// A stored value Rust cannot represent (it entered before migration 0003's
     /// constraints, or by hand).
     #[error("undecodable value: {0}")]

@@ -152,7 +152,7 @@ impl Registry {
         if !(1..=crate::job::MAX_MAX_ATTEMPTS).contains(&options.max_attempts) {
             return Err(Error::Config(format!("kind {}: max_attempts must be 1..=1000", H::KIND)));
         }
-        if options.timeout.is_zero() || options.timeout > crate::job::MAX_TIMEOUT {
+        if options.timeout < Duration::from_millis(1) || options.timeout > crate::job::MAX_TIMEOUT {
             return Err(Error::Config(format!("kind {}: timeout must be 1ms..=24h", H::KIND)));
         }
         if !(0.0..=1.0).contains(&options.backoff.jitter) {
