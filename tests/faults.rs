@@ -1,8 +1,11 @@
 //! The fault-injection harness (`support/soak.rs`) in CI: a short fixed-seed run of
 //! random faults (kills, pauses, graceful restarts, database cuts and restarts,
-//! terminated connections, scaling, gossip partitions between node processes), and
-//! the cluster's fixed scenarios expressed as a script of the same steps. Both end
-//! with the full-history checker; a violation prints the seed.
+//! lost and delayed database replies, terminated connections, scaling, gossip
+//! partitions between node processes, spoofed NOTIFYs from an unprivileged role,
+//! hostile and extreme enqueue values), and the cluster's fixed scenarios expressed
+//! as a script of the same steps. Both end with the full-history checker (attempts,
+//! the handler's audit log and its outside-observer record of handler runs) and are
+//! watched by the continuous liveness check; a violation prints the seed.
 
 use std::time::Duration;
 use warden_tests::soak::{run_soak, Schedule, SoakConfig, SoakReport, Step};
@@ -39,7 +42,12 @@ async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
 /// node's partitions are taken over while it is down; a node paused past its lease
 /// TTL is fenced and rejoins; PostgreSQL restarts; a node cut off from the database
 /// (not from its peers) self-fences; a node cut off from its peers (not from the
-/// database) keeps the guarantee while the rest re-form the ring; each followed by
+/// database) keeps the guarantee while the rest re-form the ring; a node whose
+/// replies are lost (statements, commits included, ran; the connection is reset) or
+/// late; a flood of spoofed NOTIFYs (wrong partitions, garbage, cancels of running
+/// jobs) from a role with no grants; hostile values through the SQL function and the
+/// Rust client (all rejected) and extreme valid ones (all accepted and finished);
+/// a pause past the lease TTL while handlers of up to 200 ms run; each followed by
 /// ownership settling on the running nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_cluster_scenarios_keep_the_serial_guarantee() {
@@ -47,6 +55,8 @@ async fn fixed_cluster_scenarios_keep_the_serial_guarantee() {
     let script = vec![
         Step::ExpectOwned,
         Step::Quiet { ms: 1000 },
+        // Early, so that whatever it leaves behind is watched through every later step.
+        Step::HostileEnqueue,
         Step::ScaleOut { check: true },
         Step::SigTermRestart { node: n("n2") },
         Step::ExpectOwned,
@@ -63,6 +73,13 @@ async fn fixed_cluster_scenarios_keep_the_serial_guarantee() {
         Step::GossipPartition { side: vec![n("n4")], ms: 5000 },
         Step::ExpectOwned,
         Step::GossipPartition { side: vec![n("n1"), n("n2")], ms: 4000 },
+        Step::ExpectOwned,
+        Step::ReplyLoss { node: n("n3"), ms: 3000, per_mille: 80 },
+        Step::ExpectOwned,
+        Step::ReplyDelay { node: n("n2"), ms: 3000, delay_ms: 800 },
+        Step::ExpectOwned,
+        Step::NotifyFlood { ms: 3000 },
+        Step::SigStop { node: n("n4"), ms: 3000 },
         Step::ExpectOwned,
         Step::ScaleIn { node: n("n4") },
         Step::ExpectOwned,

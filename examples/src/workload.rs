@@ -3,6 +3,14 @@
 //! `workload_audit` inside the job transaction (so a row exists iff the attempt
 //! completed, exactly once), and appends to `workload_effects` outside it (an
 //! external, at-least-once side effect).
+//!
+//! Every handler run is also recorded as an outside observer sees it, in
+//! `workload_runs`, through the handler's own pool (not the job transaction, so the
+//! row survives a fenced, aborted or failed attempt): a row at the very start of
+//! `run`, and its end time just before `run` returns (any return). A run whose
+//! future was dropped mid-way (self-fencing, abort, timeout) has no end: its last
+//! observable action was its start. [`check`] counts overlapping runs of one
+//! account — execution overlap, not only overlap of committed rows.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -17,6 +25,7 @@ pub struct AuditArgs {
     /// Fail the first `fail_times` attempts.
     #[serde(default)]
     pub fail_times: i32,
+    // Unknown fields (padding, say) are ignored: no `deny_unknown_fields`.
 }
 
 pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
@@ -32,7 +41,16 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
          CREATE INDEX IF NOT EXISTS workload_audit_account ON workload_audit (account, started_at);
          CREATE TABLE IF NOT EXISTS workload_effects (
              job_id bigint NOT NULL, account text NOT NULL, seq bigint NOT NULL, attempt int NOT NULL,
-             at timestamptz NOT NULL DEFAULT clock_timestamp());",
+             at timestamptz NOT NULL DEFAULT clock_timestamp());
+         -- One row per handler run, written outside the job transaction. started_at /
+         -- ended_at: the database clock when the statement ran (what an outside
+         -- observer sees); started_local / ended_local: the handler process's clock
+         -- when it sent it (all processes of a test share one machine and clock).
+         CREATE TABLE IF NOT EXISTS workload_runs (
+             id bigserial PRIMARY KEY, job_id bigint NOT NULL, account text NOT NULL, attempt int NOT NULL,
+             node text NOT NULL, started_at timestamptz NOT NULL, ended_at timestamptz,
+             started_local timestamptz NOT NULL, ended_local timestamptz);
+         CREATE INDEX IF NOT EXISTS workload_runs_account ON workload_runs (account, started_at);",
     )
     .execute(&mut *tx)
     .await?;
@@ -60,6 +78,43 @@ impl Handler for Audit {
     }
 
     async fn run(&self, ctx: &mut JobContext, a: AuditArgs) -> HandlerResult {
+        // The outside observer's record: a start row before anything else, its end
+        // just before returning — whatever `work` returns. A dropped future (the
+        // runtime stopped the attempt) leaves the row without an end.
+        let run_id: i64 = sqlx::query_scalar(
+            "INSERT INTO workload_runs (job_id, account, attempt, node, started_at, started_local)
+             VALUES ($1, $2, $3, $4, clock_timestamp(), $5) RETURNING id",
+        )
+        .bind(ctx.job_id())
+        .bind(ctx.account())
+        .bind(ctx.attempt())
+        .bind(&self.node)
+        .bind(chrono::Utc::now())
+        .fetch_one(&self.pool)
+        .await?;
+        let result = self.work(ctx, a).await;
+        let ended_local = chrono::Utc::now();
+        // Twice at most: a first try whose reply was lost may have run (COALESCE keeps its time).
+        for _ in 0..2 {
+            let r = sqlx::query(
+                "UPDATE workload_runs SET ended_at = COALESCE(ended_at, clock_timestamp()),
+                                          ended_local = COALESCE(ended_local, $2)
+                 WHERE id = $1",
+            )
+            .bind(run_id)
+            .bind(ended_local)
+            .execute(&self.pool)
+            .await;
+            if r.is_ok() {
+                break;
+            }
+        }
+        result
+    }
+}
+
+impl Audit {
+    async fn work(&self, ctx: &mut JobContext, a: AuditArgs) -> HandlerResult {
         let started: chrono::DateTime<chrono::Utc> =
             sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(ctx.tx().await?).await?;
         // External effect: outside the job transaction, so it survives a fenced or failed attempt.
@@ -71,7 +126,14 @@ impl Handler for Audit {
             .execute(&self.pool)
             .await?;
         if a.sleep_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(a.sleep_ms)).await;
+            // A well-behaved handler: it stops early when asked to (a cancel request,
+            // or its partition being handed off). So a cancel the runtime wrongly
+            // believes (a spoofed NOTIFY) shows as a cancelled job.
+            let stop = ctx.cancellation().clone();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(a.sleep_ms)) => {}
+                _ = stop.cancelled() => return Err("stopped early: asked to stop (cancel or handoff)".into()),
+            }
         }
         if ctx.attempt() <= a.fail_times {
             return Err(format!("injected failure {} of {}", ctx.attempt(), a.fail_times).into());
@@ -106,6 +168,20 @@ pub struct AuditReport {
     pub order_violations: i64,
     /// External effects beyond one per job (at-least-once; reported, not a failure).
     pub duplicate_effects: i64,
+    /// Handler runs recorded by the outside observer (`workload_runs`).
+    pub runs: i64,
+    /// Runs recorded without an end (the runtime dropped the handler mid-way).
+    pub runs_without_end: i64,
+    /// Pairs of handler runs of one account (serial lane) whose intervals overlap, by
+    /// the database clock (what an outside observer sees): a run is
+    /// [started_at, COALESCE(ended_at, started_at)]. The check.
+    pub run_overlaps: i64,
+    /// The same pairs by the handler processes' own clock (when each stamp was taken,
+    /// not when its statement ran). A diagnostic: a pair only the database clock sees
+    /// is a statement that ran late — sent by a process resumed from a pause after
+    /// its lease had moved on (a zombie: the runtime should not have let it run), or
+    /// held back by a network cut and delivered at the heal.
+    pub run_overlaps_local_clock: i64,
 }
 
 pub async fn check(pool: &sqlx::PgPool) -> anyhow::Result<AuditReport> {
@@ -135,5 +211,53 @@ pub async fn check(pool: &sqlx::PgPool) -> anyhow::Result<AuditReport> {
     )
     .fetch_one(pool)
     .await?;
-    Ok(AuditReport { rows, duplicate_jobs, overlaps, order_violations, duplicate_effects })
+    let (runs, runs_without_end): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE ended_at IS NULL) FROM workload_runs")
+            .fetch_one(pool)
+            .await?;
+    let run_overlaps: i64 = sqlx::query_scalar(run_overlap_sql(false, "count(*)", "")).fetch_one(pool).await?;
+    let run_overlaps_local_clock: i64 =
+        sqlx::query_scalar(run_overlap_sql(true, "count(*)", "")).fetch_one(pool).await?;
+    Ok(AuditReport {
+        rows,
+        duplicate_jobs,
+        overlaps,
+        order_violations,
+        duplicate_effects,
+        runs,
+        runs_without_end,
+        run_overlaps,
+        run_overlaps_local_clock,
+    })
+}
+
+/// Pairs (a, b) of runs of one serial account where b starts inside a: counted once,
+/// from the run that started first (`b` starts at or after `a`, before `a` ends).
+fn run_overlap_sql(local: bool, select: &str, tail: &str) -> sqlx::AssertSqlSafe<String> {
+    let (s, e) = if local { ("started_local", "ended_local") } else { ("started_at", "ended_at") };
+    sqlx::AssertSqlSafe(format!(
+        "SELECT {select} FROM workload_runs a
+         JOIN warden.jobs ja ON ja.id = a.job_id AND ja.lane = 'serial'
+         JOIN workload_runs b ON b.account = a.account AND b.id <> a.id
+              AND b.{s} >= a.{s} AND b.{s} <= COALESCE(a.{e}, a.{s})
+              AND (b.{s}, b.id) > (a.{s}, a.id)
+         JOIN warden.jobs jb ON jb.id = b.job_id AND jb.lane = 'serial'
+         WHERE b.{s} < COALESCE(a.{e}, a.{s}) OR b.{s} = a.{s} {tail}"
+    ))
+}
+
+/// Up to `limit` overlapping run pairs (database clock), described for a report.
+pub async fn run_overlap_examples(pool: &sqlx::PgPool, limit: i64) -> anyhow::Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(run_overlap_sql(
+        false,
+        "format('account %s: job %s attempt %s on %s ran %s .. %s (local %s .. %s); job %s attempt %s on %s ran %s .. %s (local %s .. %s)',
+                a.account, a.job_id, a.attempt, a.node, a.started_at, COALESCE(a.ended_at::text, 'no end'),
+                a.started_local, COALESCE(a.ended_local::text, 'no end'),
+                b.job_id, b.attempt, b.node, b.started_at, COALESCE(b.ended_at::text, 'no end'),
+                b.started_local, COALESCE(b.ended_local::text, 'no end'))",
+        &format!("ORDER BY a.started_at LIMIT {limit}"),
+    ))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
 }

@@ -5,7 +5,8 @@
 //! Modules: [`soak`] — the seeded fault-injection harness and its scenario steps;
 //! [`gossip_net`] — UDP relays that let a test cut gossip between node processes.
 //! Here: [`TestDb`], [`NodeProc`], [`PrivatePg`] (a server the test may stop and
-//! restart), [`CutProxy`] (a TCP proxy that can cut a node off from PostgreSQL).
+//! restart), [`CutProxy`] (a TCP proxy that can cut a node off from PostgreSQL, and
+//! lose or delay its replies).
 
 pub mod gossip_net;
 pub mod soak;
@@ -282,69 +283,169 @@ pub async fn owners(pool: &PgPool) -> std::collections::BTreeMap<i32, String> {
 }
 
 /// A TCP proxy in front of PostgreSQL that a test can cut (black-hole: bytes stop
-/// flowing both ways, connections stay open — like a network partition) and heal.
+/// flowing both ways, connections stay open — like a network partition) and heal,
+/// and whose replies (server → client) it can lose or delay:
+///
+/// - [`CutProxy::reply_loss`]: each server → client chunk is, with the given
+///   probability, discarded and its whole proxied connection closed at once (the
+///   client gets a reset). The statement it answered — maybe a `COMMIT` — already
+///   reached PostgreSQL and ran; only its reply is lost.
+/// - [`CutProxy::reply_delay`]: server → client chunks are held back for a delay
+///   before they are forwarded (in order); statements still run on time.
 pub struct CutProxy {
     pub port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    state: std::sync::Arc<ProxyState>,
     stop: tokio_util::sync::CancellationToken,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    /// Probability, per mille, that a server → client chunk is lost (and its connection reset).
+    loss_per_mille: std::sync::atomic::AtomicU32,
+    /// Delay for server → client chunks, in ms.
+    delay_ms: std::sync::atomic::AtomicU64,
+    /// Connections reset by reply loss so far.
+    resets: std::sync::atomic::AtomicU64,
 }
 
 impl CutProxy {
     pub async fn start(target: std::net::SocketAddr) -> CutProxy {
-        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let state = std::sync::Arc::new(ProxyState::default());
         let stop = tokio_util::sync::CancellationToken::new();
-        let (cut2, stop2) = (cut.clone(), stop.clone());
+        let (state2, stop2) = (state.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
                 let (client, _) = tokio::select! {
                     _ = stop2.cancelled() => return,
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                 };
-                let (cut3, stop3) = (cut2.clone(), stop2.clone());
+                let (state3, stop3) = (state2.clone(), stop2.clone());
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let pipe = |mut r: tokio::net::tcp::OwnedReadHalf,
-                                mut w: tokio::net::tcp::OwnedWriteHalf,
-                                cut: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let n = match r.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            // While cut, hold the bytes back until healed (a partition, not a reset).
-                            while cut.load(Ordering::Acquire) {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                            if w.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    };
                     tokio::select! {
                         _ = stop3.cancelled() => {}
-                        _ = pipe(cr, sw, cut3.clone()) => {}
-                        _ = pipe(sr, cw, cut3.clone()) => {}
+                        _ = client_to_server(cr, sw, state3.clone()) => {}
+                        _ = server_to_client(sr, cw, state3.clone()) => {}
                     }
                 });
             }
         });
-        CutProxy { port, cut, stop }
+        CutProxy { port, state, stop }
     }
 
     pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        self.state.cut.store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub fn heal(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::Release);
+        self.state.cut.store(false, std::sync::atomic::Ordering::Release);
     }
+
+    /// Lose each reply chunk with probability `per_mille`/1000 (and reset its
+    /// connection); 0 turns it off.
+    pub fn reply_loss(&self, per_mille: u32) {
+        self.state.loss_per_mille.store(per_mille.min(1000), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Hold every reply chunk back for `ms` before forwarding it; 0 turns it off.
+    pub fn reply_delay(&self, ms: u64) {
+        self.state.delay_ms.store(ms, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Connections reset by reply loss so far.
+    pub fn resets(&self) -> u64 {
+        self.state.resets.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Client → server: bytes flow unless cut (then they are held back until healed).
+async fn client_to_server(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    state: std::sync::Arc<ProxyState>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // While cut, hold the bytes back until healed (a partition, not a reset).
+        while state.cut.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Server → client: the reader stamps each chunk with the time it may be forwarded
+/// (now + the reply delay) or, on a reply loss, drops it and resets the connection;
+/// the writer forwards chunks in order once due and not cut. Returning ends the
+/// whole proxied connection (the caller drops both sockets).
+async fn server_to_client(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    state: std::sync::Arc<ProxyState>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let lost = tokio_util::sync::CancellationToken::new();
+    let lost2 = lost.clone();
+    let st = state.clone();
+    let reader = async move {
+        let mut rng = fastrand::Rng::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let loss = st.loss_per_mille.load(Ordering::Acquire);
+            if loss > 0 && rng.u32(0..1000) < loss {
+                st.resets.fetch_add(1, Ordering::AcqRel);
+                lost2.cancel();
+                return;
+            }
+            let at = tokio::time::Instant::now() + Duration::from_millis(st.delay_ms.load(Ordering::Acquire));
+            if tx.send((at, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        let mut w = w;
+        loop {
+            let item = tokio::select! {
+                _ = lost.cancelled() => break,
+                i = rx.recv() => i,
+            };
+            // The reader ended (server closed): everything queued was forwarded.
+            let Some((at, bytes)) = item else { return };
+            tokio::select! {
+                _ = lost.cancelled() => break,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            while state.cut.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if w.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        // Reply lost: reset the client's connection (RST, not an orderly close).
+        let _ = AsRef::<tokio::net::TcpStream>::as_ref(&w).set_zero_linger();
+    };
+    tokio::join!(reader, writer);
 }
 
 impl Drop for CutProxy {
