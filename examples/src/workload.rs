@@ -192,9 +192,11 @@ pub async fn check(pool: &sqlx::PgPool) -> anyhow::Result<AuditReport> {
     .fetch_one(pool)
     .await?;
     let overlaps: i64 = sqlx::query_scalar(
+        // Each intersecting pair once, from the one that started first (a range scan
+        // on workload_audit_account, not a quadratic self-join per account).
         "SELECT count(*) FROM workload_audit a JOIN workload_audit b
-           ON a.account = b.account AND (a.started_at, a.job_id) < (b.started_at, b.job_id)
-         WHERE a.started_at < b.ended_at AND b.started_at < a.ended_at",
+           ON a.account = b.account AND b.started_at >= a.started_at AND b.started_at < a.ended_at
+              AND (a.started_at, a.job_id) < (b.started_at, b.job_id)",
     )
     .fetch_one(pool)
     .await?;

@@ -159,9 +159,13 @@ pub struct AccountState {
     claimed_any: bool,
     /// Claims that failed in a row (backoff).
     claim_failures: u32,
+    /// Held until the first claim of an actor spawned for a NOTIFY hint (see
+    /// [`AccountActors::wake_hinted`]); dropped with the state in any case.
+    hint_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub struct AccountArgs {
+    hint_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     account: Arc<str>,
     partition: u32,
     shared: Arc<Shared>,
@@ -192,6 +196,7 @@ impl Actor for AccountActor {
             idle_generation: 0,
             claimed_any: false,
             claim_failures: 0,
+            hint_permit: args.hint_permit,
         })
     }
 
@@ -315,11 +320,9 @@ async fn claim(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
         myself.stop(Some("partition not held".into()));
         return;
     };
-    // An actor's first claim may be for nothing (a wake-up is only a hint): bound how
-    // many run at once, so a NOTIFY flood cannot take the executor pool from real work.
-    let first_claim = if st.claimed_any { None } else { st.actors.first_claims.clone().acquire_owned().await.ok() };
     let claimed = st.shared.store.claim(&st.account, &lease.fence).await;
-    drop(first_claim);
+    // A wake-up hint's first claim is done: let the listener spawn the next one.
+    st.hint_permit = None;
     match claimed {
         Ok(Some(job)) => {
             st.claimed_any = true;
@@ -829,13 +832,15 @@ pub struct AccountActors {
     in_flight: Mutex<HashSet<i64>>,
     /// Jobs whose outcome could not be recorded: (not before, failures so far).
     held_back: Mutex<HashMap<i64, (tokio::time::Instant, u32)>>,
-    /// Permits for actors' first claims ([`FIRST_CLAIMS`] at once).
-    first_claims: Arc<tokio::sync::Semaphore>,
+    /// Permits for the first claims of actors spawned for NOTIFY hints.
+    hint_claims: Arc<tokio::sync::Semaphore>,
 }
 
-/// First claims of new actors running at once: a flood of wake-ups for made-up
-/// accounts may use this many executor connections, not the whole pool.
-pub const FIRST_CLAIMS: usize = 4;
+/// First claims of actors spawned for NOTIFY hints running at once: a flood of
+/// wake-ups for made-up accounts may use this many executor connections, not the whole
+/// pool. Actors the enforcer's scan spawns (for work the database confirmed) never
+/// wait for these, so real work is not queued behind a flood.
+pub const HINT_CLAIMS: usize = 4;
 
 impl AccountActors {
     pub(crate) fn new(shared: Arc<Shared>) -> Arc<Self> {
@@ -844,7 +849,7 @@ impl AccountActors {
             shared,
             spawned: AtomicU64::new(0),
             in_flight: Mutex::new(HashSet::new()),
-            first_claims: Arc::new(tokio::sync::Semaphore::new(FIRST_CLAIMS)),
+            hint_claims: Arc::new(tokio::sync::Semaphore::new(HINT_CLAIMS)),
             held_back: Mutex::new(HashMap::new()),
         })
     }
@@ -874,6 +879,27 @@ impl AccountActors {
     /// Wake the account's actor (coalesced), spawning it if there is none.
     /// Returns false if the actor limit is reached (the enforcer will retry).
     pub async fn wake(self: &Arc<Self>, account: &str, partition: u32) -> bool {
+        self.wake_with(account, partition, None).await
+    }
+
+    /// [`AccountActors::wake`] for a NOTIFY hint: waking an existing actor is
+    /// immediate, but spawning one waits until fewer than [`HINT_CLAIMS`] hint-spawned
+    /// actors are making their first claim. The caller (the listener's waker task)
+    /// waits, its bounded queue fills, and past it a due scan stands in.
+    pub async fn wake_hinted(self: &Arc<Self>, account: &str, partition: u32) -> bool {
+        if self.contains(account) {
+            return self.wake_with(account, partition, None).await;
+        }
+        let Ok(permit) = self.hint_claims.clone().acquire_owned().await else { return false };
+        self.wake_with(account, partition, Some(permit)).await
+    }
+
+    async fn wake_with(
+        self: &Arc<Self>,
+        account: &str,
+        partition: u32,
+        hint_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> bool {
         {
             let map = self.map.lock().unwrap();
             if let Some(e) = map.get(account) {
@@ -890,6 +916,7 @@ impl AccountActors {
         let account: Arc<str> = account.into();
         let wake_flag = Arc::new(AtomicBool::new(true));
         let args = AccountArgs {
+            hint_permit,
             account: account.clone(),
             partition,
             shared: self.shared.clone(),

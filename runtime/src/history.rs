@@ -60,21 +60,27 @@ pub async fn check(pool: &PgPool) -> Result<HistoryReport> {
     .fetch_one(pool)
     .await?;
     let overlaps: i64 = sqlx::query_scalar(
+        // Each intersecting pair once, from the one that started first: a range scan
+        // on attempts_account per attempt, not a self-join of the account's history
+        // (that was quadratic: minutes after a 30-minute soak).
         "SELECT count(*) FROM warden.attempts a
          JOIN warden.jobs ja ON ja.id = a.job_id AND ja.lane = 'serial'
-         JOIN warden.attempts b ON b.account = a.account AND b.id > a.id
-         JOIN warden.jobs jb ON jb.id = b.job_id AND jb.lane = 'serial'
-         WHERE a.started_at < b.finished_at AND b.started_at < a.finished_at",
+         JOIN warden.attempts b ON b.account = a.account
+              AND b.started_at >= a.started_at AND b.started_at < a.finished_at
+              AND (b.started_at, b.id) > (a.started_at, a.id)
+         JOIN warden.jobs jb ON jb.id = b.job_id AND jb.lane = 'serial'",
     )
     .fetch_one(pool)
     .await?;
     let order_violations: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM warden.attempts b
-         JOIN warden.jobs jb ON jb.id = b.job_id AND jb.lane = 'serial'
-         JOIN warden.jobs ja ON ja.account = jb.account AND ja.lane = 'serial' AND ja.id <> jb.id
-              AND (ja.run_at, ja.id) < (jb.run_at, jb.id)
-         WHERE ja.created_at < b.started_at
-           AND (ja.finished_at IS NULL OR ja.finished_at > b.started_at)",
+        // Driven from the earlier job's unfinished window (created → finished), a
+        // range scan on attempts_account: a self-join over (run_at, id) took over ten
+        // minutes on a 240k-job soak; this takes seconds.
+        "SELECT count(*) FROM warden.jobs ja
+         JOIN warden.attempts b ON b.account = ja.account
+              AND b.started_at > ja.created_at AND b.started_at < COALESCE(ja.finished_at, 'infinity')
+         JOIN warden.jobs jb ON jb.id = b.job_id AND jb.lane = 'serial' AND (ja.run_at, ja.id) < (jb.run_at, jb.id)
+         WHERE ja.lane = 'serial'",
     )
     .fetch_one(pool)
     .await?;

@@ -197,7 +197,7 @@ async fn wake_actors(
     loop {
         while let Some((partition, account)) = queue.pop() {
             if leases.holds(partition) {
-                actors.wake(&account, partition).await;
+                actors.wake_hinted(&account, partition).await;
             }
         }
         tokio::select! {

@@ -595,8 +595,9 @@ async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> 
                     while !current.is_empty() {
                         let mut next_round = Vec::with_capacity(current.len());
                         for job in current {
-                            next_round
-                                .extend(s.finish(None, &job, &fence(&job.account), &Finish::Completed, true).await?.into_next());
+                            next_round.extend(
+                                s.finish(None, &job, &fence(&job.account), &Finish::Completed, true).await?.into_next(),
+                            );
                         }
                         current = next_round;
                     }
