@@ -450,6 +450,7 @@ async fn record_crash(
     };
     // Bounded, and never past a drain's abort: an actor must not stay busy here.
     let mut delay = Duration::from_millis(50);
+    let mut permanent = false;
     for _ in 0..RECORD_TRIES {
         if !lease.validity.is_valid() || lease.token.is_cancelled() || abort.is_cancelled() {
             break;
@@ -460,6 +461,7 @@ async fn record_crash(
             Err(e) if e.is_permanent() => {
                 tracing::error!(job_id = job.id, error = %e, "the crashed attempt cannot be recorded; discarding the job");
                 finish = Finish::Discard { outcome: "failed", error: UNRECORDABLE.into() };
+                permanent = true;
             }
             Err(e) => tracing::warn!(job_id = job.id, error = %e, "could not record the crashed attempt; retrying"),
         }
@@ -467,15 +469,11 @@ async fn record_crash(
         delay = (delay * 2).min(Duration::from_secs(1));
     }
     // Left claimed at this epoch: adopted (and counted) by the account's next claim.
-    if finish_is_unrecordable(&finish) {
+    if permanent {
         AttemptReport::Unrecordable
     } else {
         AttemptReport::Stopped
     }
-}
-
-fn finish_is_unrecordable(f: &Finish) -> bool {
-    matches!(f, Finish::Discard { error, .. } if error == UNRECORDABLE)
 }
 
 /// Tries to record an attempt whose outcome keeps failing for good.

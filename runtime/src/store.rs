@@ -299,7 +299,7 @@ pub fn migrator() -> sqlx::migrate::Migrator {
 /// Apply the embedded migrations. sqlx takes an advisory lock, so several nodes
 /// starting at once apply them exactly once.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
-    sqlx::migrate!("./migrations").run(pool).await?;
+    migrator().run(pool).await?;
     Ok(())
 }
 
