@@ -288,8 +288,8 @@ impl Store for Faulty {
     async fn cancel_requested(&self, id: i64) -> warden_runtime::Result<bool> {
         self.inner.cancel_requested(id).await
     }
-    async fn begin(&self) -> warden_runtime::Result<JobTx> {
-        self.inner.begin().await
+    async fn begin(&self, idle: std::time::Duration) -> warden_runtime::Result<JobTx> {
+        self.inner.begin(idle).await
     }
 }
 

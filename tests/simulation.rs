@@ -228,7 +228,7 @@ impl Store for SimStore {
         unsupported("cancel_requested")
     }
 
-    async fn begin(&self) -> warden_runtime::Result<JobTx> {
+    async fn begin(&self, _idle: std::time::Duration) -> warden_runtime::Result<JobTx> {
         unsupported("begin")
     }
 }
@@ -264,6 +264,9 @@ fn members(ids: &[String]) -> Vec<Member> {
             grpc_addr: None,
             state: MemberState::Active,
             load: Default::default(),
+            db_ok: true,
+            ring: None,
+            schema: None,
         })
         .collect()
 }
@@ -347,9 +350,17 @@ impl SimNode {
                 PartitionCount::new(P).unwrap(),
                 RingConfig::default(),
                 SETTLE,
+                None,
                 stop.clone(),
             ))),
-            tokio::spawn(pause.wrap(keep_leases(store, table.clone(), cfg(), Arc::new(|_: &[u32]| {}), stop.clone()))),
+            tokio::spawn(pause.wrap(keep_leases(
+                store,
+                table.clone(),
+                cfg(),
+                Arc::new(|_: &[u32]| {}),
+                None,
+                stop.clone(),
+            ))),
             tokio::spawn(pause.wrap(enforcer::run(
                 enf,
                 Duration::from_millis(500),

@@ -340,7 +340,7 @@ async fn a_write_with_a_stale_epoch_is_rejected() {
     let f_new = fence_for(&new, "acct", 4);
     assert_eq!(f_new.epoch, f_old.epoch + 1);
     // The zombie's completion is refused and its handler writes roll back.
-    let mut tx = s.begin().await.unwrap();
+    let mut tx = s.begin(Duration::from_secs(60)).await.unwrap();
     sqlx::raw_sql("CREATE TABLE zombie_effect (x int); INSERT INTO zombie_effect VALUES (1)")
         .execute(tx.conn())
         .await

@@ -5,8 +5,12 @@
 //! transport: UDP in production, chitchat's in-memory `ChannelTransport` (which can
 //! cut links) in tests.
 //!
-//! Each node publishes: `grpc_addr`, `state` (`joining | active | leaving`), and
-//! load figures (`load.*`). Its generation (start time in µs) is part of its
+//! Each node publishes: `grpc_addr`, `state` (`joining | active | leaving`), `db`
+//! (`ok | lost`: whether it can reach the database — a node whose leases self-fenced
+//! says so at once, and is dropped from the ring without waiting for the settle
+//! delay), `ring` (its ring algorithm and configuration, see
+//! [`crate::ring::RingConfig::fingerprint`]), `schema` (its binary's schema version),
+//! and load figures (`load.*`). Its generation (start time in µs) is part of its
 //! chitchat id, so a node restarted with the same id is a new generation; the view
 //! keeps only the newest live generation per node id.
 //!
@@ -63,6 +67,13 @@ pub struct Member {
     pub state: MemberState,
     /// Published load figures (`partitions`, `actors`, ...), as strings.
     pub load: BTreeMap<String, String>,
+    /// `false` once the member announced it cannot reach the database (`db=lost`).
+    /// Members that publish nothing (older binaries) count as reaching it.
+    pub db_ok: bool,
+    /// The member's ring fingerprint, if it publishes one.
+    pub ring: Option<String>,
+    /// The member's binary schema version, if it publishes one.
+    pub schema: Option<i64>,
 }
 
 /// The membership seam.
@@ -76,6 +87,10 @@ pub trait Membership: Send + Sync + 'static {
     async fn set_state(&self, state: MemberState);
     /// Publish load figures under `load.<key>`.
     async fn set_load(&self, figures: &[(&str, String)]);
+    /// Announce whether this node can reach the database (see the module docs).
+    async fn set_db_ok(&self, _ok: bool) {}
+    /// Announce this node's ring fingerprint and binary schema version.
+    async fn set_versions(&self, _ring: &str, _schema: i64) {}
     /// Stop gossiping (peers then detect this node as dead). Idempotent.
     async fn shutdown(&self);
 }
@@ -97,6 +112,10 @@ pub struct GossipConfig {
     /// Phi-accrual threshold above which a silent peer is considered dead.
     pub phi_threshold: f64,
     pub grpc_addr: Option<String>,
+    /// Published as `ring` (see [`crate::ring::RingConfig::fingerprint`]).
+    pub ring: Option<String>,
+    /// Published as `schema`.
+    pub schema: Option<i64>,
 }
 
 impl GossipConfig {
@@ -114,6 +133,8 @@ impl GossipConfig {
             gossip_interval: Duration::from_millis(100),
             phi_threshold: 8.0,
             grpc_addr: None,
+            ring: None,
+            schema: None,
         }
     }
 
@@ -147,6 +168,9 @@ pub struct GossipMembership {
 
 const KEY_STATE: &str = "state";
 const KEY_GRPC: &str = "grpc_addr";
+const KEY_DB: &str = "db";
+const KEY_RING: &str = "ring";
+const KEY_SCHEMA: &str = "schema";
 const LOAD_PREFIX: &str = "load.";
 
 impl GossipMembership {
@@ -176,6 +200,13 @@ impl GossipMembership {
         let mut initial = vec![(KEY_STATE.to_string(), MemberState::Joining.as_str().to_string())];
         if let Some(g) = &config.grpc_addr {
             initial.push((KEY_GRPC.to_string(), g.clone()));
+        }
+        initial.push((KEY_DB.to_string(), "ok".to_string()));
+        if let Some(r) = &config.ring {
+            initial.push((KEY_RING.to_string(), r.clone()));
+        }
+        if let Some(v) = config.schema {
+            initial.push((KEY_SCHEMA.to_string(), v.to_string()));
         }
         let handle = spawn_chitchat(chitchat_config, initial, transport)
             .await
@@ -228,6 +259,9 @@ fn to_members(nodes: &BTreeMap<ChitchatId, NodeState>) -> Vec<Member> {
                 .key_values()
                 .filter_map(|(k, v)| k.strip_prefix(LOAD_PREFIX).map(|k| (k.to_string(), v.to_string())))
                 .collect(),
+            db_ok: state.get(KEY_DB) != Some("lost"),
+            ring: state.get(KEY_RING).map(str::to_string),
+            schema: state.get(KEY_SCHEMA).and_then(|v| v.parse().ok()),
         };
         match by_id.get(&m.node_id) {
             Some(existing) if existing.generation >= m.generation => {}
@@ -260,6 +294,20 @@ impl Membership for GossipMembership {
             if me.get(&format!("{LOAD_PREFIX}{k}")) != Some(v.as_str()) {
                 me.set(format!("{LOAD_PREFIX}{k}"), v);
             }
+        }
+    }
+
+    async fn set_versions(&self, ring: &str, schema: i64) {
+        let mut c = self.chitchat.lock().await;
+        c.self_node_state().set(KEY_RING, ring);
+        c.self_node_state().set(KEY_SCHEMA, schema.to_string());
+    }
+
+    async fn set_db_ok(&self, ok: bool) {
+        let mut c = self.chitchat.lock().await;
+        let v = if ok { "ok" } else { "lost" };
+        if c.self_node_state().get(KEY_DB) != Some(v) {
+            c.self_node_state().set(KEY_DB, v);
         }
     }
 

@@ -4,10 +4,15 @@
 //!
 //! - [`SingleNode`]: one node wants every partition.
 //! - [`RingPlacement`]: the consistent-hash ring with bounded loads (see
-//!   [`crate::ring`]) over the *active* live members, recomputed only after the
-//!   active set has been stable for `settle_delay`, so a flapping member does not
-//!   churn ownership. The settle logic is the pure [`Settler`]; the thin loop
-//!   [`run_ring`] feeds it membership views.
+//!   [`crate::ring`]) over the *eligible* members ([`eligible_ids`]: live, `active`,
+//!   not announcing `db=lost`, and — when the runtime supplies proof — seen in the
+//!   database recently), recomputed only after the set has been stable for
+//!   `settle_delay`, so a flapping member does not churn ownership. A member that
+//!   announced it is leaving or lost the database, or whose proof lapsed, is dropped
+//!   at once ([`Settler::observe_removal`]): it holds nothing any more, and waiting
+//!   would only stall its partitions. The ring's config is the one every member
+//!   agrees on ([`RingConfig::effective`]). The settle logic is the pure
+//!   [`Settler`]; the thin loop [`run_ring`] feeds it membership views.
 
 use crate::membership::{Member, MemberState, Membership};
 use crate::partition::PartitionCount;
@@ -87,6 +92,24 @@ impl Settler {
         None
     }
 
+    /// Observe a set that only *removes* members known to hold nothing (announced
+    /// `leaving` or `db=lost`, or unproven): apply it at once, without the settle delay.
+    /// Anything else is an ordinary [`Settler::observe`].
+    pub fn observe_removal(&mut self, mut active: Vec<String>, now: Instant) -> Option<Vec<String>> {
+        active.sort();
+        active.dedup();
+        let only_removes = match &self.applied {
+            Some(applied) => active.iter().all(|m| applied.contains(m)) && active.len() < applied.len(),
+            None => false,
+        };
+        if only_removes {
+            self.applied = Some(active.clone());
+            self.pending = None;
+            return Some(active);
+        }
+        self.observe(active, now)
+    }
+
     /// When to observe again to apply the pending set.
     pub fn deadline(&self) -> Option<Instant> {
         self.pending.as_ref().map(|(_, since)| *since + self.delay)
@@ -102,19 +125,60 @@ pub fn active_ids(view: &[Member]) -> Vec<String> {
     view.iter().filter(|m| m.state == MemberState::Active).map(|m| m.node_id.clone()).collect()
 }
 
+/// Node ids seen in the database recently (`None`: no proof available — every live
+/// member counts, as before the runtime supplied it).
+pub type Proven = Option<BTreeSet<String>>;
+
+/// Members that may own partitions: live, `active`, not announcing `db=lost`, and
+/// proven to reach the database when proof is available. Sorted.
+pub fn eligible_ids(view: &[Member], proven: &Proven) -> Vec<String> {
+    let mut ids: Vec<String> = view
+        .iter()
+        .filter(|m| m.state == MemberState::Active && m.db_ok)
+        .filter(|m| proven.as_ref().is_none_or(|p| p.contains(&m.node_id)))
+        .map(|m| m.node_id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Was every member missing from `next` (relative to `applied`) dropped for a reason
+/// that means it holds nothing: it announced `leaving` or `db=lost`, or is live but
+/// unproven? (A member that merely vanished from gossip may be a gossip blip: that
+/// waits for the settle delay.)
+pub fn removal_is_known(applied: &[String], next: &[String], view: &[Member], proven: &Proven) -> bool {
+    applied.iter().filter(|id| !next.contains(id)).all(|id| {
+        view.iter().any(|m| {
+            m.node_id == *id
+                && (m.state == MemberState::Leaving
+                    || !m.db_ok
+                    || proven.as_ref().is_some_and(|p| !p.contains(&m.node_id)))
+        })
+    })
+}
+
 /// The ring placement for one node.
 pub struct RingPlacement {
     node_id: String,
-    /// `None` until the first ring is computed; then `Some(None)` when no member is active.
+    /// `None` until the first ring is computed; then `Some(None)` when no member is
+    /// active, or when this node cannot compute the ring the cluster agrees on (it
+    /// then owns nothing: see [`RingConfig::effective`]).
     ring: RwLock<Option<Option<Arc<RingAssignment>>>>,
     changes_tx: watch::Sender<u64>,
     changes_rx: watch::Receiver<u64>,
+    standby: std::sync::atomic::AtomicBool,
 }
 
 impl RingPlacement {
     pub fn new(node_id: impl Into<String>) -> Arc<Self> {
         let (changes_tx, changes_rx) = watch::channel(0);
-        Arc::new(Self { node_id: node_id.into(), ring: RwLock::new(None), changes_tx, changes_rx })
+        Arc::new(Self {
+            node_id: node_id.into(),
+            ring: RwLock::new(None),
+            changes_tx,
+            changes_rx,
+            standby: Default::default(),
+        })
     }
 
     /// The whole current ring (for observation APIs).
@@ -126,7 +190,14 @@ impl RingPlacement {
         &self.node_id
     }
 
-    fn set(&self, ring: Option<RingAssignment>) {
+    /// True while this node cannot compute the ring the cluster agrees on and so
+    /// owns nothing (see [`RingConfig::effective`]).
+    pub fn standby(&self) -> bool {
+        self.standby.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&self, ring: Option<RingAssignment>, standby: bool) {
+        self.standby.store(standby, std::sync::atomic::Ordering::Relaxed);
         *self.ring.write().unwrap() = Some(ring.map(Arc::new));
         self.changes_tx.send_modify(|v| *v += 1);
     }
@@ -144,30 +215,75 @@ impl Placement for RingPlacement {
     }
 }
 
-/// Feed membership views to the settler and publish ring changes to `placement`.
-/// Runs until `shutdown`.
+/// Feed membership views (and, when given, the set of members proven to reach the
+/// database) to the settler and publish ring changes to `placement`. Runs until
+/// `shutdown`.
 pub async fn run_ring(
     membership: Arc<dyn Membership>,
     placement: Arc<RingPlacement>,
     partitions: PartitionCount,
     config: RingConfig,
     settle_delay: Duration,
+    proof: Option<watch::Receiver<Proven>>,
     shutdown: CancellationToken,
 ) {
     let mut view = membership.view();
+    let mut proof = proof;
     let mut settler = Settler::new(settle_delay);
+    let mut applied_config: Option<RingConfig> = None;
     loop {
-        let active = active_ids(&view.borrow_and_update());
-        if let Some(set) = settler.observe(active, Instant::now()) {
-            let ring = place(&set, partitions, &config);
+        let members = view.borrow_and_update().clone();
+        let proven: Proven = proof.as_mut().and_then(|p| p.borrow_and_update().clone());
+        let eligible = eligible_ids(&members, &proven);
+        let known_removal =
+            settler.applied().is_some_and(|applied| removal_is_known(applied, &eligible, &members, &proven));
+        let others = members
+            .iter()
+            .filter(|m| m.node_id != placement.node_id && eligible.contains(&m.node_id))
+            .map(|m| m.ring.as_deref());
+        let effective = RingConfig::effective(&config, others);
+        let config_changed = applied_config.is_some() && effective != applied_config;
+        let applied = if known_removal {
+            settler.observe_removal(eligible, Instant::now())
+        } else {
+            settler.observe(eligible, Instant::now())
+        };
+        let set = match applied {
+            Some(set) => Some(set),
+            None if config_changed => settler.applied().map(<[String]>::to_vec),
+            None => None,
+        };
+        if let Some(set) = set {
+            applied_config = effective.clone();
+            let ring = match &effective {
+                Some(c) => {
+                    if *c != config {
+                        tracing::warn!(own = %config.fingerprint(), effective = %c.fingerprint(),
+                            "ownership: members publish different ring configs; computing the one they agree on");
+                    }
+                    place(&set, partitions, c)
+                }
+                None => {
+                    tracing::error!(own = %config.fingerprint(),
+                        "ownership: the cluster's oldest ring algorithm is unknown to this binary; owning nothing");
+                    None
+                }
+            };
+            let standby = effective.is_none();
             let mine = ring.as_ref().map(|r| r.partitions_of(&placement.node_id).len()).unwrap_or(0);
-            tracing::info!(members = ?set, partitions_here = mine, "ownership: ring changed");
-            placement.set(ring);
+            tracing::info!(members = ?set, partitions_here = mine, standby, "ownership: ring changed");
+            placement.set(ring, standby);
         }
         let deadline = settler.deadline();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = view.changed() => if changed.is_err() { return },
+            changed = async {
+                match proof.as_mut() {
+                    Some(p) => p.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if changed.is_err() { proof = None },
             _ = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -221,6 +337,9 @@ mod tests {
             grpc_addr: None,
             state: st,
             load: Default::default(),
+            db_ok: true,
+            ring: None,
+            schema: None,
         };
         let view = vec![m("a", MemberState::Active), m("b", MemberState::Joining), m("c", MemberState::Leaving)];
         assert_eq!(active_ids(&view), ids(&["a"]));

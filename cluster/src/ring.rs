@@ -132,6 +132,71 @@ impl Default for RingConfig {
     }
 }
 
+/// The ring algorithm this binary implements. A binary that changes [`place`] bumps
+/// it and must still implement every older version it may run beside (see
+/// [`RingConfig::effective`]).
+pub const RING_ALGORITHM: u32 = 1;
+
+impl RingConfig {
+    /// What a member publishes in gossip (`ring`): algorithm version and config, e.g.
+    /// `ring1;vnodes=128;eps=0.05`.
+    pub fn fingerprint(&self) -> String {
+        format!("ring{RING_ALGORITHM};vnodes={};eps={}", self.vnodes_per_member, self.load_epsilon)
+    }
+
+    /// Parse a fingerprint of an algorithm this binary implements.
+    pub fn from_fingerprint(s: &str) -> Option<(u32, RingConfig)> {
+        let mut parts = s.split(';');
+        let algo: u32 = parts.next()?.strip_prefix("ring")?.parse().ok()?;
+        if algo != RING_ALGORITHM {
+            return None;
+        }
+        let (mut vnodes, mut eps) = (None, None);
+        for p in parts {
+            match p.split_once('=')? {
+                ("vnodes", v) => vnodes = v.parse().ok(),
+                ("eps", v) => eps = v.parse::<f64>().ok().filter(|e| e.is_finite()),
+                _ => return None,
+            }
+        }
+        Some((algo, RingConfig { vnodes_per_member: vnodes?, load_epsilon: eps? }))
+    }
+
+    /// The one ring every member computes when their published fingerprints differ
+    /// (a rolling deploy that changes the ring, or a misconfigured node): the
+    /// **oldest algorithm version** published, then the **most published config**
+    /// of it, ties to the smallest fingerprint. Every member sees the same
+    /// fingerprints, so every member picks the same ring — as long as it implements
+    /// that algorithm. `None` when it does not (this binary is older than the
+    /// oldest member's algorithm, or a fingerprint of the oldest version does not
+    /// parse): the caller must then own nothing rather than compute a different ring.
+    /// `published`: the *other* members' fingerprints; `own` is counted once. Members
+    /// that publish none (binaries before this field) count as the default config.
+    pub fn effective<'a>(own: &RingConfig, published: impl IntoIterator<Item = Option<&'a str>>) -> Option<RingConfig> {
+        let own_fp = own.fingerprint();
+        let legacy = RingConfig::default().fingerprint();
+        let mut counts: BTreeMap<(u32, String), usize> = BTreeMap::new();
+        *counts.entry((RING_ALGORITHM, own_fp.clone())).or_default() += 1;
+        for fp in published {
+            let fp = fp.unwrap_or(&legacy);
+            let algo = fp
+                .strip_prefix("ring")
+                .and_then(|r| r.split(';').next())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(u32::MAX);
+            *counts.entry((algo, fp.to_string())).or_default() += 1;
+        }
+        let oldest = counts.keys().map(|(a, _)| *a).min()?;
+        let (_, fp) = counts
+            .iter()
+            .filter(|((a, _), _)| *a == oldest)
+            .max_by(|((_, fa), na), ((_, fb), nb)| na.cmp(nb).then_with(|| fb.cmp(fa)))?
+            .0
+            .clone();
+        RingConfig::from_fingerprint(&fp).map(|(_, c)| c)
+    }
+}
+
 /// The owner of every partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RingAssignment {

@@ -32,9 +32,9 @@
 
 use crate::error::Error;
 use crate::handler::{CallError, FencingToken, JobContext, Outcome, Registry};
-use crate::job::JobRow;
+use crate::job::{JobRow, NewJob};
 use crate::lease::{ActiveLease, LeaseTable};
-use crate::store::{Finish, Finished, Store};
+use crate::store::{Finish, Finished, JobTx, Store};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::{HashMap, HashSet};
@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub node_id: Arc<str>,
     /// Pokes the enforcer (a draining partition just lost its last actor).
     pub poke_enforcer: Arc<tokio::sync::Notify>,
+    /// The lease TTL (bounds handler transactions on the server; see `JobContext::tx`).
+    pub lease_ttl: Duration,
 }
 
 /// Messages to an account actor.
@@ -542,9 +544,9 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
             cancel: ctl.stop.clone(),
             validity: lease.validity.clone(),
             store: shared.store.clone(),
-            registry: shared.registry.clone(),
-            partitions: shared.partitions,
             tx: None,
+            staged: Vec::new(),
+            tx_idle_timeout: Duration::from_millis(job.timeout_ms.max(1) as u64) + lease_ttl(&shared),
         };
         let lost = |why: &'static str| {
             ctl.stop.cancel();
@@ -663,6 +665,18 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
         // closes the connection instead.
         let returned = matches!(ended_kind, EndedKind::Returned);
         let mut tx = ctx.tx.take();
+        let staged = std::mem::take(&mut ctx.staged);
+        if matches!(finish, Finish::Completed) && !staged.is_empty() {
+            // Insert the staged follow-ups now, in the transaction FINISH commits: the
+            // enqueue locks they take live for this commit only.
+            match insert_staged(&shared, &mut tx, &staged).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, count = staged.len(), "inserting the attempt's follow-up jobs failed");
+                    finish = fail("failed", format!("enqueueing {} follow-up job(s) failed: {e}", staged.len()), None);
+                }
+            }
+        }
         if !matches!(finish, Finish::Completed) {
             if let Some(t) = tx.take() {
                 if returned {
@@ -1027,4 +1041,33 @@ impl AccountActors {
         }
         true
     }
+}
+
+/// The lease TTL: the server-side idle bound of handler transactions adds it to the
+/// job's timeout.
+fn lease_ttl(shared: &Shared) -> Duration {
+    shared.lease_ttl
+}
+
+/// Insert an attempt's staged follow-up jobs in its handler transaction (opened here
+/// if the handler did not use one). On error the transaction is gone: dropping a
+/// `JobTx` in an aborted state closes its connection.
+async fn insert_staged(shared: &Shared, tx: &mut Option<JobTx>, staged: &[NewJob]) -> crate::Result<()> {
+    if tx.is_none() {
+        *tx = Some(shared.store.begin(lease_ttl(shared)).await?);
+    }
+    let conn = tx.as_mut().expect("opened above").conn();
+    let registry = shared.registry.clone();
+    let r = crate::store::insert_jobs(
+        conn,
+        shared.partitions,
+        staged,
+        |k| registry.options(k).map(|o| o.max_attempts),
+        |k| registry.options(k).map(|o| o.timeout),
+    )
+    .await;
+    if r.is_err() {
+        *tx = None;
+    }
+    r.map(|_| ())
 }

@@ -69,6 +69,7 @@ impl Enforcer {
             partitions: store.partitions(),
             node_id: leases.owner().clone(),
             poke_enforcer: poke.clone(),
+            lease_ttl: lease_config.ttl,
         });
         let actors = AccountActors::new(shared);
         let due_scan_limit = crate::node::NodeConfig::default().due_scan_limit;

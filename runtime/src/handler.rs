@@ -15,7 +15,7 @@
 //! ```
 
 use crate::error::{Error, Result};
-use crate::job::{Enqueued, JobRow, Lane, NewJob};
+use crate::job::{JobRow, Lane, NewJob};
 use crate::store::{JobTx, Store};
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use warden_cluster::PartitionCount;
 
 /// What a handler asks for after an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,10 +194,16 @@ pub struct JobContext {
     pub(crate) cancel: CancellationToken,
     pub(crate) validity: crate::lease::LeaseValidity,
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) partitions: PartitionCount,
     pub(crate) tx: Option<JobTx>,
+    /// Follow-up jobs, inserted when the attempt completes (see [`JobContext::enqueue`]).
+    pub(crate) staged: Vec<NewJob>,
+    /// Server-side bound on the handler transaction's idle time: the job's timeout
+    /// plus the lease TTL (a transaction older than that belongs to a dead attempt).
+    pub(crate) tx_idle_timeout: Duration,
 }
+
+/// Most follow-up jobs one attempt may stage with [`JobContext::enqueue`].
+pub const MAX_STAGED_JOBS: usize = 10_000;
 
 impl JobContext {
     pub fn account(&self) -> &str {
@@ -243,27 +248,32 @@ impl JobContext {
     /// The attempt's database transaction, opened on first use. Its writes commit
     /// in the same transaction as the job's completion — and only if the lease fence
     /// still holds then; on any other outcome they are rolled back.
+    ///
+    /// PostgreSQL ends the transaction (rolling it back) if it stays idle longer than
+    /// the job's timeout plus the lease TTL — by then the attempt is dead anyway — so a
+    /// node cut off from the database cannot hold its row locks for the hours TCP
+    /// keepalive would take.
     pub async fn tx(&mut self) -> Result<&mut sqlx::PgConnection> {
         if self.tx.is_none() {
-            self.tx = Some(self.store.begin().await?);
+            self.tx = Some(self.store.begin(self.tx_idle_timeout).await?);
         }
         Ok(self.tx.as_mut().expect("opened above").conn())
     }
-    /// Enqueue a follow-up job inside this attempt's transaction (a job chain):
-    /// it exists if and only if this attempt completes.
-    pub async fn enqueue(&mut self, job: NewJob) -> Result<Enqueued> {
-        let registry = self.registry.clone();
-        let partitions = self.partitions;
-        let conn = self.tx().await?;
-        let mut out = crate::store::insert_jobs(
-            conn,
-            partitions,
-            std::slice::from_ref(&job),
-            |k| registry.options(k).map(|o| o.max_attempts),
-            |k| registry.options(k).map(|o| o.timeout),
-        )
-        .await?;
-        Ok(out.remove(0))
+    /// Enqueue a follow-up job (a job chain): it exists if and only if this attempt
+    /// completes. The job is *staged* here and inserted when the handler returns
+    /// [`Outcome::Done`], in the transaction that records the completion (together
+    /// with [`JobContext::tx`]'s writes). So the enqueue's ordering locks on the
+    /// target account are held for the milliseconds of that commit, not for the
+    /// handler's whole run — holding them that long made every other enqueue of the
+    /// account (gRPC, triggers, the application's transactions) wait for the handler.
+    /// A delay counts from the insert. If the insert fails, the attempt fails and is
+    /// retried. At most [`MAX_STAGED_JOBS`] per attempt.
+    pub async fn enqueue(&mut self, job: NewJob) -> Result<()> {
+        if self.staged.len() >= MAX_STAGED_JOBS {
+            return Err(crate::Error::invalid(format!("an attempt may enqueue at most {MAX_STAGED_JOBS} jobs")));
+        }
+        self.staged.push(job);
+        Ok(())
     }
 }
 

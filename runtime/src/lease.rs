@@ -16,11 +16,12 @@
 //! a pause, effects already sent, clock rate) is stated in the README, "What exactly is
 //! guaranteed".
 
-use crate::store::{Fence, GrantedLease, Store};
+use crate::store::{Fence, GrantedLease, MemberInfo, Store};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -260,6 +261,18 @@ impl LeaseTable {
 /// Told which partitions were just fenced (to stop their actors).
 pub type OnFence = Arc<dyn Fn(&[u32]) + Send + Sync>;
 
+/// Where the keeper reports whether this node reaches the database: on every renewal
+/// tick — leases held or not — it heartbeats ([`Store::heartbeat`]) and publishes
+/// the members proven within a lease TTL, and whether this node itself reached the
+/// database within its validity window (`false` as soon as a lease self-fences for
+/// want of a renewal). The node announces the latter in gossip (`db`), and placement
+/// counts only proven members that do not announce `db=lost`.
+pub struct MemberProof {
+    pub info: MemberInfo,
+    pub proven: watch::Sender<warden_cluster::placement::Proven>,
+    pub db_ok: watch::Sender<bool>,
+}
+
 /// Renews held leases every `renew_interval` and self-fences partitions whose
 /// window passes without a successful renewal. `on_fence` is told which partitions
 /// were fenced so the caller can stop their actors.
@@ -268,9 +281,19 @@ pub async fn keep_leases(
     table: Arc<LeaseTable>,
     config: LeaseConfig,
     on_fence: OnFence,
+    proof: Option<MemberProof>,
     shutdown: CancellationToken,
 ) {
     let mut next_renew = Instant::now() + config.renew_interval;
+    // Reached the database at (monotonic) time; starts "now" (the node just migrated).
+    let mut db_seen = Instant::now();
+    if let Some(p) = &proof {
+        // Heartbeat at once, so a joiner is proven before it turns active.
+        if let Ok(Ok(Some(ids))) = tokio::time::timeout(config.valid_for(), store.heartbeat(&p.info, config.ttl)).await
+        {
+            p.proven.send_replace(Some(ids.into_iter().collect()));
+        }
+    }
     loop {
         let wake_at = match table.earliest_deadline() {
             Some(d) => d.min(next_renew),
@@ -288,6 +311,24 @@ pub async fn keep_leases(
                 _ = shutdown.cancelled() => return,
                 r = tokio::time::timeout_at(deadline, store.renew(&table.owner, &held, config.ttl)) => r,
             };
+            if let Some(p) = &proof {
+                let hb_deadline = (sent_at + config.valid_for()).min(deadline.max(Instant::now()));
+                let hb = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = tokio::time::timeout_at(hb_deadline, store.heartbeat(&p.info, config.ttl)) => r,
+                };
+                match hb {
+                    Ok(Ok(ids)) => {
+                        db_seen = sent_at;
+                        p.proven.send_if_modified(|old| {
+                            let new = ids.map(|ids| ids.into_iter().collect());
+                            (*old != new).then(|| *old = new).is_some()
+                        });
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "member heartbeat failed"),
+                    Err(_) => tracing::debug!("member heartbeat did not answer in time"),
+                }
+            }
             match result {
                 Ok(Ok(renewed)) => {
                     table.renewed(&renewed, sent_at + config.valid_for());
@@ -316,6 +357,17 @@ pub async fn keep_leases(
             tracing::warn!(count = expired.len(), "lease validity window passed without renewal; self-fencing");
             metrics::counter!("warden_self_fence_total").increment(expired.len() as u64);
             fence(&table, &expired, &on_fence);
+        }
+        if let Some(p) = &proof {
+            // Self-fenced leases or a silent heartbeat past the window: say so at once.
+            let ok = expired.is_empty() && Instant::now() < db_seen + config.valid_for();
+            if p.db_ok.send_if_modified(|old| (*old != ok).then(|| *old = ok).is_some()) {
+                if ok {
+                    tracing::info!("database reachable again; announcing db=ok");
+                } else {
+                    tracing::warn!("database unreachable past the lease window; announcing db=lost");
+                }
+            }
         }
     }
 }

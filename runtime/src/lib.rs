@@ -8,7 +8,10 @@
 //!
 //! - [`job`] — job rows, states, lanes, the enqueue request and its input limits.
 //! - [`store`] — all SQL: the [`store::Store`] seam and its PostgreSQL implementation,
-//!   migrations, the fenced finish-and-claim-next hot path, client statements.
+//!   the fenced finish-and-claim-next hot path, member heartbeats, client statements.
+//! - [`schema`] — the migration runner with Warden's own history
+//!   (`warden.schema_history`), adoption of a legacy sqlx history, and the
+//!   compatibility check of the upgrade contract (`UPGRADING.md`).
 //! - [`handler`] — the [`Handler`] trait, per-kind [`JobOptions`], [`JobContext`].
 //! - [`client`] — enqueue (also inside the caller's transaction), get, cancel, retry.
 //! - [`lease`] — the node's lease table and the keeper that renews and self-fences.
@@ -32,6 +35,7 @@ pub mod history;
 pub mod job;
 pub mod lease;
 pub mod node;
+pub mod schema;
 pub mod store;
 pub mod telemetry;
 pub mod wakeup;

@@ -22,7 +22,7 @@ use crate::store::{self, PgStore, Store};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warden_cluster::ring::RingConfig;
@@ -167,8 +167,10 @@ impl NodeBuilder {
         // The control plane (lease renewal, enforcer, listener) has its own small pool:
         // a renewal must never wait behind handlers that hold every executor connection,
         // or a busy node would self-fence.
+        // The listener keeps one of these connections for itself; renewals, heartbeats
+        // and the enforcer share the rest (3 in all timed out after cuts and restarts).
         let control_pool = PgPoolOptions::new()
-            .max_connections(3)
+            .max_connections(5)
             .acquire_timeout(config.lease.valid_for())
             .test_before_acquire(false)
             .connect_lazy_with((*pool.connect_options()).clone());
@@ -186,13 +188,23 @@ impl NodeBuilder {
             partitions,
             node_id: config.node_id.as_str().into(),
             poke_enforcer: poke.clone(),
+            lease_ttl: config.lease.ttl,
         });
         let actors = AccountActors::new(shared);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut placement = self.placement;
         let mut ring = None;
+        let (proven_tx, proven_rx) = watch::channel(None);
+        let (db_ok_tx, mut db_ok_rx) = watch::channel(true);
+        let member = store::MemberInfo {
+            node_id: config.node_id.clone(),
+            started_at: chrono::Utc::now(),
+            schema: crate::schema::binary_version(),
+            ring: self.cluster.as_ref().map(|(_, o)| o.ring.fingerprint()).unwrap_or_else(|| "single".into()),
+        };
         if let Some((membership, options)) = &self.cluster {
+            membership.set_versions(&options.ring.fingerprint(), crate::schema::binary_version()).await;
             let rp = RingPlacement::new(config.node_id.clone());
             tracker.spawn(warden_cluster::placement::run_ring(
                 membership.clone(),
@@ -200,8 +212,21 @@ impl NodeBuilder {
                 partitions,
                 options.ring.clone(),
                 options.settle_delay,
+                Some(proven_rx),
                 shutdown.clone(),
             ));
+            // Announce in gossip whether we reach the database (see lease::MemberProof).
+            let (m, stop) = (membership.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        changed = db_ok_rx.changed() => if changed.is_err() { return },
+                    }
+                    let ok = *db_ok_rx.borrow_and_update();
+                    m.set_db_ok(ok).await;
+                }
+            });
             // Join the ring once gossip has had a settle delay to show us the cluster,
             // and once the executor pool is connected: partitions handed to us must
             // not wait for connection set-up on their first jobs (it measured as most
@@ -243,6 +268,7 @@ impl NodeBuilder {
             leases.clone(),
             config.lease,
             Arc::new(move |parts: &[u32]| fence_actors.fence_partitions(parts)),
+            Some(lease::MemberProof { info: member, proven: proven_tx, db_ok: db_ok_tx }),
             shutdown.clone(),
         ));
         tracker.spawn(crate::wakeup::listen(
@@ -381,6 +407,19 @@ impl Node {
         !self.inner.shutdown.is_cancelled() && !self.inner.leases.is_empty()
     }
 
+    /// The most a graceful [`Node::shutdown`] takes before its tasks stop (plus the
+    /// release statement): `drain_timeout`, and in a cluster the settle delay twice
+    /// (peers apply our leave at once, our own enforcer after its next view) and 1 s
+    /// for the handoff's release and NOTIFY. Orchestrators' grace periods must be
+    /// longer (Kubernetes: `terminationGracePeriodSeconds`).
+    pub fn shutdown_budget(&self) -> Duration {
+        let drain = self.inner.config.exec.drain_timeout;
+        match &self.inner.cluster {
+            Some((_, options)) => options.settle_delay * 2 + drain + Duration::from_secs(1),
+            None => drain,
+        }
+    }
+
     /// Run until `signal` resolves, then shut down gracefully.
     pub async fn run_until(&self, signal: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::select! {
@@ -399,19 +438,23 @@ impl Node {
         }
         *stopped = true;
         let drain = self.inner.config.exec.drain_timeout;
-        if let Some((membership, options)) = &self.inner.cluster {
-            // Graceful leave: announce it, let the ring move our partitions away through
-            // the normal handoff (drain → release → NOTIFY), bounded in time.
+        let deadline = tokio::time::Instant::now() + self.shutdown_budget();
+        if let Some((membership, _)) = &self.inner.cluster {
+            // Graceful leave: announce it (peers drop us from the ring at once), let the
+            // ring move our partitions away through the normal handoff (drain → release
+            // → NOTIFY). What is still held when only a drain's worth of the budget is
+            // left is drained and released below, within the same budget.
             tracing::info!(node = %self.inner.owner, "leaving: handing off every partition");
             membership.set_state(MemberState::Leaving).await;
-            let deadline = tokio::time::Instant::now() + options.settle_delay * 2 + drain + Duration::from_secs(1);
-            while !self.inner.leases.is_empty() && tokio::time::Instant::now() < deadline {
+            let leave_by = deadline.checked_sub(drain).unwrap_or(deadline);
+            while !self.inner.leases.is_empty() && tokio::time::Instant::now() < leave_by {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         tracing::info!(node = %self.inner.owner, "shutting down: draining and releasing");
         self.inner.shutdown.cancel();
-        let released = self.inner.enforcer.release_all(drain).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).min(drain);
+        let released = self.inner.enforcer.release_all(left).await;
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
         if let Some((membership, _)) = &self.inner.cluster {

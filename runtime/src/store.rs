@@ -2,7 +2,7 @@
 //!
 //! [`Store`] is the seam the executor, enforcer and lease keeper talk to;
 //! [`PgStore`] implements it on PostgreSQL. The hot path is [`Store::finish`]:
-//! one statement that (fenced by the lease epoch, `FOR SHARE`) finishes the
+//! one statement that (fenced by the lease epoch) finishes the
 //! current attempt, writes its attempt row and claims the account's next job.
 //!
 //! Fencing: every executor write carries a [`Fence`] (partition, epoch, node) and is
@@ -10,13 +10,16 @@
 //! database clock, in the same statement. A write that affects no row is reported as
 //! [`Error::Fenced`]; callers must stop, not retry.
 //!
-//! The fence locks the lease row `FOR KEY SHARE`, not `FOR SHARE` as DESIGN §4 first
-//! said: `epoch` is a key column (unique index), so a takeover — which bumps the
-//! epoch — still waits for, and then re-checks against, every fenced statement in
-//! flight; but the owner's renewal (a non-key update) no longer queues behind a
-//! continuous stream of share locks. With `FOR SHARE`, a busy node starved its own
-//! renewals and self-fenced (found by the SIGKILL process test; regression test:
-//! `store::renewal_is_not_blocked_by_fenced_work_but_takeover_is`).
+//! The fence is a *shared advisory lock* on the partition plus a lease check in a
+//! fresh snapshot (`warden.fence`, migration 0004); a takeover takes the same lock
+//! exclusively (a trigger on `warden.leases`), so it waits for every fenced
+//! transaction in flight and every later fenced statement sees its new epoch. The
+//! owner's renewal takes no fence lock and never queues behind fenced work (with
+//! `FOR SHARE` a busy node once starved its own renewals; regression test:
+//! `store::renewal_is_not_blocked_by_fenced_work_but_takeover_is`). Until v3 the fence
+//! locked the lease row `FOR KEY SHARE`, which made PostgreSQL create a MultiXact per
+//! contended fenced statement; advisory locks create none (measured by
+//! `warden-bench --multixact`).
 
 use crate::error::{Error, Result};
 use crate::job::{CancelResult, Enqueued, JobRow, NewJob, Schedule};
@@ -42,10 +45,12 @@ pub struct JobTx {
 }
 
 impl JobTx {
-    async fn begin(pool: &PgPool) -> Result<Self> {
+    async fn begin(pool: &PgPool, idle_timeout: Duration) -> Result<Self> {
         let conn = pool.acquire().await?;
         let mut tx = JobTx { conn, clean: false };
-        sqlx::raw_sql("BEGIN").execute(&mut *tx.conn).await?;
+        // One round trip: the transaction and its server-side idle bound.
+        let sql = format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}", ms(idle_timeout).max(1));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx.conn).await?;
         Ok(tx)
     }
 
@@ -249,8 +254,28 @@ pub trait Store: Send + Sync + 'static {
     async fn unclaim(&self, job: &JobRow, fence: &Fence) -> Result<()>;
     /// Has someone asked to cancel this (running) job?
     async fn cancel_requested(&self, job_id: i64) -> Result<bool>;
-    /// Begin a handler transaction.
-    async fn begin(&self) -> Result<JobTx>;
+    /// Begin a handler transaction that PostgreSQL ends if it stays idle longer than
+    /// `idle_timeout` (see `JobContext::tx`).
+    async fn begin(&self, idle_timeout: Duration) -> Result<JobTx>;
+
+    /// Record that `member` reaches the database (`warden.members`) and return the
+    /// node ids seen within `within`, itself included. Placement counts only those
+    /// (see `warden_cluster::placement::eligible_ids`). `None`: this store keeps no
+    /// such proof (placement then trusts gossip alone).
+    async fn heartbeat(&self, _member: &MemberInfo, _within: Duration) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
+}
+
+/// What a node records about itself on every heartbeat.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    pub node_id: String,
+    pub started_at: DateTime<Utc>,
+    /// The binary's schema version.
+    pub schema: i64,
+    /// Its ring fingerprint.
+    pub ring: String,
 }
 
 /// Connection settings for the store.
@@ -279,7 +304,16 @@ impl Default for StoreConfig {
 pub async fn connect(database_url: &str, config: &StoreConfig) -> Result<PgPool> {
     let opts = PgConnectOptions::from_str(database_url)?
         .application_name("warden")
-        .options([("statement_timeout", format!("{}", config.statement_timeout.as_millis()))]);
+        // Server-side TCP keepalives: PostgreSQL notices a node that vanished (cut
+        // off, powered off) in ~25 s instead of the kernel's default ~2 h, and ends its
+        // sessions, releasing their locks (handler transactions are bounded on top by
+        // their idle timeout; see `JobContext::tx`).
+        .options([
+            ("statement_timeout", format!("{}", config.statement_timeout.as_millis())),
+            ("tcp_keepalives_idle", "10".to_string()),
+            ("tcp_keepalives_interval", "5".to_string()),
+            ("tcp_keepalives_count", "3".to_string()),
+        ]);
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .min_connections(0)
@@ -296,10 +330,11 @@ pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("./migrations")
 }
 
-/// Apply the embedded migrations. sqlx takes an advisory lock, so several nodes
-/// starting at once apply them exactly once.
+/// Apply the embedded migrations with Warden's own history (`warden.schema_history`;
+/// see [`crate::schema`]) and check this binary may run against the result. Several
+/// nodes starting at once apply them exactly once.
 pub async fn migrate(pool: &PgPool) -> Result<()> {
-    migrator().run(pool).await?;
+    crate::schema::migrate(pool, None).await?;
     Ok(())
 }
 
@@ -343,18 +378,13 @@ pub async fn load_partitions(pool: &PgPool) -> Result<PartitionCount> {
     PartitionCount::new(p).map_err(|e| Error::Config(e.to_string()))
 }
 
-/// Fence check, usable as a CTE body. $P partition, $E epoch, $O owner.
+/// Fence check, usable as a CTE body: one row while ($P partition, $E epoch, $O owner)
+/// holds an unexpired lease. `warden.fence` (migration 0004) takes the partition's
+/// shared fence lock and checks the lease in a fresh snapshot, so no takeover can
+/// commit until this transaction ends and none committed before the check.
 macro_rules! fence_sql {
     ($p:literal, $e:literal, $o:literal) => {
-        concat!(
-            "SELECT 1 FROM warden.leases WHERE partition = ",
-            $p,
-            " AND owner_node = ",
-            $o,
-            " AND epoch = ",
-            $e,
-            " AND lease_expires_at > statement_timestamp() FOR KEY SHARE"
-        )
+        concat!("SELECT 1 WHERE warden.fence(", $p, "::int, ", $e, "::bigint, ", $o, "::text)")
     };
 }
 
@@ -508,7 +538,8 @@ const RESCUE_SQL: &str = concat!(
     "WITH held AS (",
     "  SELECT l.partition, l.epoch FROM warden.leases l",
     "  JOIN unnest($1::int[], $2::bigint[]) AS h(partition, epoch) ON l.partition = h.partition AND l.epoch = h.epoch",
-    "  WHERE l.owner_node = $3 AND l.lease_expires_at > statement_timestamp() FOR KEY SHARE OF l),",
+    "  WHERE l.owner_node = $3 AND l.lease_expires_at > statement_timestamp()",
+    "    AND warden.fence(l.partition, l.epoch, l.owner_node)),",
     " r AS (",
     "  UPDATE warden.jobs j SET",
     "    state = CASE WHEN j.cancel_requested THEN 'cancelled' WHEN j.attempt >= j.max_attempts THEN 'discarded' ELSE 'retryable' END,",
@@ -656,13 +687,16 @@ impl Store for PgStore {
         }
         let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
         let rows = sqlx::query(
-            // SKIP LOCKED: a row locked by an in-flight fenced statement (perhaps of a
-            // paused node) is skipped this round instead of stalling the enforcer.
+            // A partition with a fenced transaction in flight (perhaps of a paused
+            // node) is skipped this round instead of stalling the enforcer: its fence
+            // lock is taken with a try (the trigger of migration 0004 then re-enters
+            // it), and SKIP LOCKED skips the row lock a schema-v3 node's fence holds.
             "UPDATE warden.leases l SET owner_node = $1, epoch = l.epoch + 1,
                     lease_expires_at = now() + $2::bigint * interval '1 millisecond'
              FROM (SELECT partition FROM warden.leases
                    WHERE partition = ANY($3)
-                     AND (owner_node IS NULL OR owner_node = $1 OR lease_expires_at < now())
+                     AND CASE WHEN owner_node IS NULL OR owner_node = $1 OR lease_expires_at < now()
+                              THEN pg_try_advisory_xact_lock(1463898694, partition) ELSE false END
                    FOR UPDATE SKIP LOCKED) free
              WHERE l.partition = free.partition
              RETURNING l.partition, l.epoch",
@@ -860,8 +894,33 @@ impl Store for PgStore {
         Ok(v.unwrap_or(false))
     }
 
-    async fn begin(&self) -> Result<JobTx> {
-        JobTx::begin(&self.pool).await
+    async fn heartbeat(&self, member: &MemberInfo, within: Duration) -> Result<Option<Vec<String>>> {
+        // One statement: upsert our row, forget members silent for a day, list the
+        // fresh ones (the table has a row per node id ever seen in the last day).
+        let ids: Vec<String> = sqlx::query_scalar(
+            "WITH me AS (
+                INSERT INTO warden.members (node_id, seen_at, started_at, schema_version, ring)
+                VALUES ($1, now(), $2, $3, $4)
+                ON CONFLICT (node_id) DO UPDATE SET seen_at = now(), started_at = EXCLUDED.started_at,
+                    schema_version = EXCLUDED.schema_version, ring = EXCLUDED.ring
+                RETURNING node_id),
+             gone AS (DELETE FROM warden.members WHERE seen_at < now() - interval '1 day')
+             SELECT node_id FROM warden.members
+             WHERE seen_at > now() - $5::bigint * interval '1 millisecond' AND node_id <> $1
+             UNION ALL SELECT node_id FROM me",
+        )
+        .bind(&member.node_id)
+        .bind(member.started_at)
+        .bind(member.schema as i32)
+        .bind(&member.ring)
+        .bind(ms(within))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(ids))
+    }
+
+    async fn begin(&self, idle_timeout: Duration) -> Result<JobTx> {
+        JobTx::begin(&self.pool, idle_timeout).await
     }
 }
 
