@@ -299,11 +299,20 @@ async fn a_node_cut_off_from_the_database_but_not_its_peers_self_fences() {
         c.nodes["n3"].log_contains("self-fencing").then_some(())
     })
     .await;
-    // Its leases expire; gossip still says n3 is alive and active, so nobody else may
-    // take them: its accounts wait (safety over liveness) until the link heals.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let o = owners(&db.pool).await;
-    assert!(o.values().all(|n| n != "n3"), "n3's leases expired in the database");
+    let cut_at = std::time::Instant::now();
+    // Gossip still says n3 is alive, but n3 announces `db=lost` once its leases
+    // self-fence and stops proving itself in warden.members: n1 and n2 drop it from
+    // the ring at once and take its partitions as its leases expire. (Before, its
+    // accounts waited for the link to heal: 9.7 s of stall for a 6.9 s cut.)
+    wait_owned_by(&db.pool, &["n1", "n2"], Duration::from_secs(15)).await;
+    let taken_over = cut_at.elapsed();
+    eprintln!("n3 cut from the database only: its partitions were all held by n1/n2 {taken_over:?} after the cut");
+    assert!(c.nodes["n3"].log_contains("announcing db=lost"), "n3 announced it lost the database");
+    let done_at_takeover = count_state(&db.pool, "completed").await;
+    eventually(Duration::from_secs(10), "work goes on without n3", || async {
+        (count_state(&db.pool, "completed").await > done_at_takeover + 20).then_some(())
+    })
+    .await;
     proxy.heal();
     wait_owned_by(&db.pool, &["n1", "n2", "n3"], Duration::from_secs(30)).await;
     wait_all_done(&db.pool, total).await;

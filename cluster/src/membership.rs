@@ -138,6 +138,24 @@ impl GossipConfig {
         }
     }
 
+    /// Bind membership to a shared secret: only nodes configured with the same
+    /// cluster id *and* secret gossip with each other (chitchat drops messages of
+    /// another cluster id, and the id becomes `<cluster_id>#<digest of id + secret>`).
+    /// This keeps other clusters and stray or misconfigured processes out; it is not
+    /// cryptographic authentication (the digest travels in clear and can be replayed
+    /// by someone on the network path). Ownership does not rest on gossip's word: a
+    /// member counts only once it proves in the database that it can hold leases.
+    pub fn with_secret(mut self, secret: &str) -> Self {
+        use md5::{Digest, Md5};
+        let mut h = Md5::new();
+        h.update(self.cluster_id.as_bytes());
+        h.update([0u8]);
+        h.update(secret.as_bytes());
+        let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        self.cluster_id = format!("{}#{}", self.cluster_id, digest);
+        self
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.node_id.is_empty() || self.node_id.len() > 128 || self.node_id.chars().any(|c| c.is_control()) {
             return Err("node id must be 1..=128 bytes without control characters".into());

@@ -61,6 +61,13 @@ pub struct NodeArgs {
     /// Gossip interval in milliseconds.
     #[arg(long, env = "WARDEN_GOSSIP_INTERVAL_MS", default_value_t = 100)]
     pub gossip_interval_ms: u64,
+    /// Cluster id: nodes gossip only with nodes of the same id.
+    #[arg(long, env = "WARDEN_CLUSTER_ID", default_value = "warden")]
+    pub cluster_id: String,
+    /// File holding a gossip secret: only nodes with the same cluster id and secret
+    /// gossip together (see `GossipConfig::with_secret`; not cryptographic auth).
+    #[arg(long, env = "WARDEN_GOSSIP_SECRET_FILE")]
+    pub gossip_secret_file: Option<std::path::PathBuf>,
     /// Rebalance only after the member set was stable this long (ms).
     #[arg(long, env = "WARDEN_SETTLE_DELAY_MS", default_value_t = 500)]
     pub settle_delay_ms: u64,
@@ -114,7 +121,7 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,sqlx::pool=error")),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -137,6 +144,16 @@ pub async fn start_node(args: &NodeArgs) -> anyhow::Result<Node> {
         g.advertise_addr = args.gossip_advertise;
         g.seeds = args.seeds.clone();
         g.gossip_interval = Duration::from_millis(args.gossip_interval_ms);
+        g.cluster_id = args.cluster_id.clone();
+        if let Some(path) = &args.gossip_secret_file {
+            let secret = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the gossip secret file {}", path.display()))?;
+            let secret = secret.trim();
+            if secret.len() < 16 {
+                anyhow::bail!("the gossip secret in {} must be at least 16 characters", path.display());
+            }
+            g = g.with_secret(secret);
+        }
         g.grpc_addr = args.grpc_addr.clone().or_else(|| args.grpc_listen.map(|a| a.to_string()));
         let membership = warden_cluster::GossipMembership::start(g, &warden_cluster::membership::UdpTransport)
             .await

@@ -287,6 +287,10 @@ pub struct StoreConfig {
     pub acquire_timeout: Duration,
     /// Per-statement timeout set on every connection (`statement_timeout`).
     pub statement_timeout: Duration,
+    /// How long [`connect`] keeps retrying a database that does not answer (yet)
+    /// before giving up: a node started while PostgreSQL is down or restarting waits
+    /// for it, saying so, instead of exiting. Zero: one try.
+    pub connect_retry: Duration,
 }
 
 impl Default for StoreConfig {
@@ -295,6 +299,7 @@ impl Default for StoreConfig {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            connect_retry: Duration::from_secs(300),
         }
     }
 }
@@ -320,9 +325,44 @@ pub async fn connect(database_url: &str, config: &StoreConfig) -> Result<PgPool>
         .acquire_timeout(config.acquire_timeout)
         .test_before_acquire(false)
         .idle_timeout(Some(Duration::from_secs(300)))
-        .connect_with(opts)
-        .await?;
-    Ok(pool)
+        .connect_lazy_with(opts);
+    // Wait for the database: retry transient failures (refused, reset, too many
+    // connections, starting up) with backoff until `connect_retry`; fail at once on
+    // what retrying cannot fix (bad credentials, unknown database, bad URL).
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        match pool.acquire().await {
+            Ok(conn) => {
+                drop(conn);
+                if tries > 1 {
+                    tracing::info!(tries, waited = ?started.elapsed(), "database reachable");
+                }
+                return Ok(pool);
+            }
+            Err(e) => {
+                let permanent = match &e {
+                    // 28: invalid authorization; 3D000: no such database; 42: access/syntax.
+                    sqlx::Error::Database(d) => {
+                        matches!(d.code().as_deref().map(|c| &c[..2.min(c.len())]), Some("28" | "42"))
+                            || d.code().as_deref() == Some("3D000")
+                    }
+                    sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => true,
+                    _ => false,
+                };
+                let waited = started.elapsed();
+                if permanent || waited + delay > config.connect_retry {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, tries, retry_in = ?delay, waited = ?waited,
+                    gives_up_after = ?config.connect_retry, "database not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// The embedded migrations (tests apply a prefix of them to check upgrades).
