@@ -295,11 +295,11 @@ async fn a_node_cut_off_from_the_database_but_not_its_peers_self_fences() {
     })
     .await;
     proxy.cut();
+    let cut_at = std::time::Instant::now();
     eventually(Duration::from_secs(10), "n3 self-fences", || async {
         c.nodes["n3"].log_contains("self-fencing").then_some(())
     })
     .await;
-    let cut_at = std::time::Instant::now();
     // Gossip still says n3 is alive, but n3 announces `db=lost` once its leases
     // self-fence and stops proving itself in warden.members: n1 and n2 drop it from
     // the ring at once and take its partitions as its leases expire. (Before, its

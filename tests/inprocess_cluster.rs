@@ -103,3 +103,52 @@ async fn a_gossip_partition_never_yields_two_owners() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// A member that gossips `active` but never reaches the database — a phantom, or a
+/// node whose database connections all fail — owns nothing: placement counts only
+/// members proven in `warden.members`. Before, it kept its ring share and nobody
+/// took those partitions (~1/(N+1) of them stalled for as long as it gossiped).
+#[tokio::test]
+async fn a_member_that_only_gossips_owns_nothing() {
+    let db = TestDb::new().await;
+    workload::migrate(&db.pool).await.unwrap();
+    let t = ChannelTransport::with_mtu(65_000);
+    let n1 = start_node(&db, &t, "n1", 7001).await;
+    let n2 = start_node(&db, &t, "n2", 7002).await;
+    // The phantom: gossip only, announcing itself active with this version's ring.
+    let mut g = GossipConfig::new("phantom", addr(7009));
+    g.seeds = vec!["127.0.0.1:7001".into()];
+    g.gossip_interval = Duration::from_millis(20);
+    g.ring = Some(warden_cluster::RingConfig::default().fingerprint());
+    let phantom = GossipMembership::start(g, &t).await.unwrap();
+    use warden_cluster::Membership;
+    phantom.set_state(warden_cluster::MemberState::Active).await;
+    eventually(Duration::from_secs(10), "the phantom is seen as active", || async {
+        n1.membership().and_then(|m| {
+            m.view()
+                .borrow()
+                .iter()
+                .any(|m| m.node_id == "phantom" && m.state == warden_cluster::MemberState::Active)
+                .then_some(())
+        })
+    })
+    .await;
+    wait_owners(&db, 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let o = owners(&db.pool).await;
+    assert_eq!(o.len(), P as usize, "every partition is held: {o:?}");
+    assert!(o.values().all(|n| n == "n1" || n == "n2"));
+    let ring = n1.ring().unwrap();
+    assert_eq!(ring.members(), ["n1".to_string(), "n2".to_string()], "the phantom is not on the ring");
+    let jobs = warden_tests::audit_jobs(40, 5, 1);
+    let total = jobs.len() as i64;
+    n1.client().enqueue_many(&jobs).await.unwrap();
+    eventually(Duration::from_secs(60), "all jobs done", || async {
+        (count_state(&db.pool, "completed").await == total).then_some(())
+    })
+    .await;
+    phantom.shutdown().await;
+    for n in [n1, n2] {
+        n.shutdown().await.unwrap();
+    }
+}

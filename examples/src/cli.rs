@@ -9,6 +9,7 @@
 //!   warden jobs list --account tenant-42 --state retryable
 //!   warden jobs get 1234 ; warden jobs cancel 1234 ; warden jobs retry 1234
 //!   warden stats
+//!   warden schema status --database-url postgres://…   # schema versions, upgrade window
 //!   warden --endpoint https://node-1:7070 --ca-cert ca.pem --token-file token ring
 //!
 //! Exit codes: 0 ok, 1 other error, 2 bad usage, 3 not found, 4 invalid argument,
@@ -72,6 +73,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: JobsCmd,
     },
+    /// Warden's schema in the database (connects to PostgreSQL, not to a node):
+    /// versions, the compatibility window, the upgrade contract's steps
+    /// (see deploy/UPGRADING.md).
+    Schema {
+        /// The database Warden runs in.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[command(subcommand)]
+        cmd: SchemaCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SchemaCmd {
+    /// Applied and known versions, the compatibility window, legacy history rows.
+    Status,
+    /// Remove Warden's rows from a legacy `public._sqlx_migrations` (run once no node
+    /// older than schema v4 runs).
+    ForgetLegacyHistory,
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,7 +209,44 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+async fn schema_cmd(database_url: &str, cmd: SchemaCmd, json_out: bool) -> Result<(), Failure> {
+    let db = |e: warden_runtime::Error| Failure::Status(Status::unavailable(format!("database: {e}")));
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(database_url)
+        .await
+        .map_err(|e| Failure::Status(Status::unavailable(format!("cannot connect to the database: {e}"))))?;
+    match cmd {
+        SchemaCmd::Status => {
+            let s = warden_runtime::schema::status(&pool).await.map_err(db)?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"applied": s.applied, "compatible_from": s.compatible_from, "binary": s.binary,
+                           "pending": s.pending, "legacy_rows": s.legacy_rows, "compatible": s.compatible()})
+                );
+            } else {
+                println!("schema applied:        {}", s.applied);
+                println!("compatible from:       {}", s.compatible_from);
+                println!("this binary knows:     {}", s.binary);
+                println!("pending for this binary: {:?}", s.pending);
+                println!("legacy history rows:   {} (in public._sqlx_migrations)", s.legacy_rows);
+                println!("this binary may run:   {}", if s.compatible() { "yes" } else { "no" });
+            }
+        }
+        SchemaCmd::ForgetLegacyHistory => {
+            let n = warden_runtime::schema::forget_legacy_history(&pool).await.map_err(db)?;
+            println!("removed {n} Warden row(s) from public._sqlx_migrations");
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Schema { database_url, cmd } = cli.cmd {
+        return schema_cmd(&database_url, cmd, cli.json).await;
+    }
     let token = match (&cli.token_file, &cli.token) {
         (Some(path), _) => Some(
             std::fs::read_to_string(path)
@@ -425,6 +482,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Jobs { cmd } => jobs(&cx, cmd).await?,
+        Cmd::Schema { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 -- Schema v4: a fence that burns no MultiXact ids, members that prove they reach the
 -- database, and the schema's compatibility window. Expand-only: binaries of schema
--- v3 keep working against it (see UPGRADING.md), so `compatible_from` stays 3.
+-- v3 keep working against it (see deploy/UPGRADING.md), so `compatible_from` stays 3.
 
 -- 1. The fence without row locks.
 --
@@ -59,7 +59,7 @@ CREATE TABLE warden.members (
     ring        text NOT NULL
 );
 
--- 3. The compatibility window (see UPGRADING.md): the oldest schema version a binary
+-- 3. The compatibility window (see deploy/UPGRADING.md): the oldest schema version a binary
 -- may know and still run against this database. Expand migrations leave it alone;
 -- a contract migration raises it.
 INSERT INTO warden.meta (key, value) VALUES ('compatible_from', '3')

@@ -11,7 +11,7 @@
 //!   the fenced finish-and-claim-next hot path, member heartbeats, client statements.
 //! - [`schema`] — the migration runner with Warden's own history
 //!   (`warden.schema_history`), adoption of a legacy sqlx history, and the
-//!   compatibility check of the upgrade contract (`UPGRADING.md`).
+//!   compatibility check of the upgrade contract (`deploy/UPGRADING.md`).
 //! - [`handler`] — the [`Handler`] trait, per-kind [`JobOptions`], [`JobContext`].
 //! - [`client`] — enqueue (also inside the caller's transaction), get, cancel, retry.
 //! - [`lease`] — the node's lease table and the keeper that renews and self-fences.

@@ -22,7 +22,7 @@
 //!   keep older binaries working and leave it alone; a contract migration raises it.
 //!   Otherwise the node refuses to start with an error that names both versions.
 //!
-//! The upgrade contract that builds on this is written in `UPGRADING.md`.
+//! The upgrade contract that builds on this is written in `deploy/UPGRADING.md`.
 
 use crate::error::{Error, Result};
 use sqlx::postgres::PgConnectOptions;
@@ -148,7 +148,7 @@ async fn migrate_on(conn: &mut PgConnection, target: Option<i64>) -> Result<Sche
 fn incompatible(s: &SchemaStatus) -> Error {
     Error::Config(format!(
         "the database's Warden schema is at version {} and accepts binaries from version {}; this binary knows \
-         version {}: deploy a newer Warden (see UPGRADING.md)",
+         version {}: deploy a newer Warden (see deploy/UPGRADING.md)",
         s.applied, s.compatible_from, s.binary
     ))
 }
