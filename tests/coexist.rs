@@ -355,3 +355,55 @@ async fn a_handler_enqueue_does_not_hold_the_accounts_lock_while_it_runs() {
     assert_eq!(order[0], other.id);
     node.shutdown().await.unwrap();
 }
+
+/// Every epoch change takes a fence lock in PostgreSQL's shared lock table (6,400
+/// entries on a default server, shared with the application): one statement for all
+/// partitions failed with "out of shared memory" from P = 16,384 on a default server
+/// (found in review). Lease statements now go in chunks, so even the largest P is
+/// acquired, rescued and released whole.
+#[tokio::test]
+async fn the_largest_partition_count_is_acquired_rescued_and_released_in_chunks() {
+    let db = TestDb::new().await;
+    store::migrate(&db.pool).await.unwrap();
+    let p = PartitionCount::new(65_536).unwrap();
+    store::init_partitions(&db.pool, p).await.unwrap();
+    let s = PgStore::new(db.pool.clone(), p);
+    let all: Vec<u32> = (0..p.get()).collect();
+    let started = Instant::now();
+    let granted = s.acquire("n1", &all, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(granted.len(), all.len());
+    s.rescue("n1", &granted).await.unwrap();
+    let taken = started.elapsed();
+    assert_eq!(s.release("n1", &granted).await.unwrap(), all.len() as u64);
+    eprintln!("acquire + rescue of {} partitions: {taken:?}", all.len());
+}
+
+/// The fence needs READ COMMITTED (its lease check must see a takeover that committed
+/// while it waited for the lock). An application may make another isolation the
+/// database's default: Warden's connections override it, and a fenced statement that
+/// still runs under another isolation is refused instead of trusting a stale snapshot.
+#[tokio::test]
+async fn fences_refuse_to_run_outside_read_committed() {
+    let db = TestDb::new().await;
+    let s = ready_store(&db).await;
+    let lease = s.acquire("n1", &[1], Duration::from_secs(60)).await.unwrap()[0];
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'",
+        db.name
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let plain = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.url).await.unwrap();
+    let e = sqlx::query_scalar::<_, bool>("SELECT warden.fence(1, $1, 'n1')")
+        .bind(lease.epoch)
+        .fetch_one(&plain)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("READ COMMITTED"), "{e}");
+    let node_pool = db.node_pool().await;
+    let held: bool =
+        sqlx::query_scalar("SELECT warden.fence(1, $1, 'n1')").bind(lease.epoch).fetch_one(&node_pool).await.unwrap();
+    assert!(held, "Warden's own connections run READ COMMITTED whatever the default");
+}

@@ -104,8 +104,8 @@ async fn a_gossip_partition_never_yields_two_owners() {
     }
 }
 
-/// A member that gossips `active` but never reaches the database — a phantom, or a
-/// node whose database connections all fail — owns nothing: placement counts only
+/// A member that gossips `active` as this release does but never reaches the database
+/// — a node whose database connections all fail, or a phantom — owns nothing: placement counts only
 /// members proven in `warden.members`. Before, it kept its ring share and nobody
 /// took those partitions (~1/(N+1) of them stalled for as long as it gossiped).
 #[tokio::test]
@@ -120,6 +120,7 @@ async fn a_member_that_only_gossips_owns_nothing() {
     g.seeds = vec!["127.0.0.1:7001".into()];
     g.gossip_interval = Duration::from_millis(20);
     g.ring = Some(warden_cluster::RingConfig::default().fingerprint());
+    g.schema = Some(warden_runtime::schema::binary_version());
     let phantom = GossipMembership::start(g, &t).await.unwrap();
     use warden_cluster::Membership;
     phantom.set_state(warden_cluster::MemberState::Active).await;

@@ -131,11 +131,17 @@ pub type Proven = Option<BTreeSet<String>>;
 
 /// Members that may own partitions: live, `active`, not announcing `db=lost`, and
 /// proven to reach the database when proof is available. Sorted.
+///
+/// A member that publishes no schema version is a release from before member proof
+/// (schema v4), which cannot heartbeat: during a rolling upgrade from it, it counts on
+/// gossip's word as it did before (excluding it would have every new node fight the
+/// old ones for their partitions). Once every node runs v4 or later, every member
+/// must prove itself. See `deploy/UPGRADING.md`.
 pub fn eligible_ids(view: &[Member], proven: &Proven) -> Vec<String> {
     let mut ids: Vec<String> = view
         .iter()
         .filter(|m| m.state == MemberState::Active && m.db_ok)
-        .filter(|m| proven.as_ref().is_none_or(|p| p.contains(&m.node_id)))
+        .filter(|m| m.schema.is_none() || proven.as_ref().is_none_or(|p| p.contains(&m.node_id)))
         .map(|m| m.node_id.clone())
         .collect();
     ids.sort();
@@ -152,7 +158,7 @@ pub fn removal_is_known(applied: &[String], next: &[String], view: &[Member], pr
             m.node_id == *id
                 && (m.state == MemberState::Leaving
                     || !m.db_ok
-                    || proven.as_ref().is_some_and(|p| !p.contains(&m.node_id)))
+                    || (m.schema.is_some() && proven.as_ref().is_some_and(|p| !p.contains(&m.node_id))))
         })
     })
 }
@@ -343,5 +349,72 @@ mod tests {
         };
         let view = vec![m("a", MemberState::Active), m("b", MemberState::Joining), m("c", MemberState::Leaving)];
         assert_eq!(active_ids(&view), ids(&["a"]));
+    }
+
+    fn member(id: &str, db_ok: bool, schema: Option<i64>) -> Member {
+        Member {
+            node_id: id.into(),
+            generation: 1,
+            gossip_addr: ([127, 0, 0, 1], 1).into(),
+            grpc_addr: None,
+            state: MemberState::Active,
+            load: Default::default(),
+            db_ok,
+            ring: None,
+            schema,
+        }
+    }
+
+    #[test]
+    fn only_members_proven_in_the_database_are_eligible() {
+        let view = vec![
+            member("a", true, Some(4)),
+            member("b", true, Some(4)),  // gossips, never proven
+            member("c", false, Some(4)), // announced db=lost
+            member("old", true, None),   // a pre-v4 release: cannot prove, trusted
+        ];
+        let proven: Proven = Some(["a", "c"].iter().map(|s| s.to_string()).collect());
+        assert_eq!(eligible_ids(&view, &proven), ids(&["a", "old"]));
+        assert_eq!(eligible_ids(&view, &None), ids(&["a", "b", "old"]), "no proof: gossip alone");
+        // b and c are known to hold nothing: their removal skips the settle delay.
+        let applied = ids(&["a", "b", "c", "old"]);
+        assert!(removal_is_known(&applied, &ids(&["a", "old"]), &view, &proven));
+        // A member that vanished from gossip may be a blip: it waits.
+        assert!(!removal_is_known(&ids(&["a", "gone", "old"]), &ids(&["a", "old"]), &view, &proven));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removal_of_members_known_to_hold_nothing_applies_at_once() {
+        let mut s = Settler::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        s.observe(ids(&["a", "b"]), t0);
+        assert_eq!(s.observe(ids(&["a", "b"]), t0 + Duration::from_secs(5)), Some(ids(&["a", "b"])));
+        assert_eq!(s.observe_removal(ids(&["a"]), t0 + Duration::from_secs(6)), Some(ids(&["a"])));
+        // An addition still waits for the delay.
+        assert_eq!(s.observe_removal(ids(&["a", "c"]), t0 + Duration::from_secs(7)), None);
+        assert_eq!(s.observe(ids(&["a", "c"]), t0 + Duration::from_secs(12)), Some(ids(&["a", "c"])));
+    }
+
+    #[test]
+    fn members_agree_on_one_ring_config() {
+        let own = RingConfig::default();
+        let other = RingConfig { vnodes_per_member: 64, load_epsilon: 0.1 };
+        let (o, x) = (own.fingerprint(), other.fingerprint());
+        // Same everywhere: our own.
+        assert_eq!(RingConfig::effective(&own, [Some(o.as_str())]), Some(own.clone()));
+        // The most published config wins, whoever computes it.
+        assert_eq!(RingConfig::effective(&own, [Some(x.as_str()), Some(x.as_str())]), Some(other.clone()));
+        assert_eq!(RingConfig::effective(&other, [Some(o.as_str()), Some(o.as_str())]), Some(own.clone()));
+        // A tie goes to the smallest fingerprint, on both sides.
+        let a = RingConfig::effective(&own, [Some(x.as_str())]);
+        let b = RingConfig::effective(&other, [Some(o.as_str())]);
+        assert_eq!(a, b);
+        // An older algorithm published by anyone wins; one this binary does not know
+        // (a future "ring2" is newer, so ring1 still wins) is ignored in favour of it.
+        assert_eq!(RingConfig::effective(&own, [Some("ring2;whatever")]), Some(own.clone()));
+        // A cluster whose oldest algorithm this binary cannot compute: own nothing.
+        assert_eq!(RingConfig::effective(&own, [Some("ring0;vnodes=1;eps=0")]), None);
+        // Members that publish nothing count as the default config.
+        assert_eq!(RingConfig::effective(&other, [None, None]), Some(RingConfig::default()));
     }
 }

@@ -25,6 +25,13 @@ CREATE FUNCTION warden.fence(p_partition integer, p_epoch bigint, p_owner text)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
+    -- The check below relies on READ COMMITTED taking a new snapshot after the lock
+    -- wait; under REPEATABLE READ or SERIALIZABLE it would read the transaction's
+    -- first snapshot (an application may set default_transaction_isolation).
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'warden.fence: fenced statements must run in READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = '0A000';
+    END IF;
     PERFORM pg_advisory_xact_lock_shared(1463898694, p_partition);
     RETURN EXISTS (
         SELECT 1 FROM warden.leases

@@ -269,6 +269,8 @@ impl JobContext {
     /// A delay counts from the insert. If the insert fails, the attempt fails and is
     /// retried. At most [`MAX_STAGED_JOBS`] per attempt.
     pub async fn enqueue(&mut self, job: NewJob) -> Result<()> {
+        // Bad input is the handler's to see now, not a failed completion later.
+        job.validate()?;
         if self.staged.len() >= MAX_STAGED_JOBS {
             return Err(crate::Error::invalid(format!("an attempt may enqueue at most {MAX_STAGED_JOBS} jobs")));
         }

@@ -17,7 +17,7 @@
 //! guaranteed".
 
 use crate::store::{Fence, GrantedLease, MemberInfo, Store};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -287,11 +287,14 @@ pub async fn keep_leases(
     let mut next_renew = Instant::now() + config.renew_interval;
     // Reached the database at (monotonic) time; starts "now" (the node just migrated).
     let mut db_seen = Instant::now();
+    let mut last_proven: Option<BTreeSet<String>> = None;
     if let Some(p) = &proof {
         // Heartbeat at once, so a joiner is proven before it turns active.
         if let Ok(Ok(Some(ids))) = tokio::time::timeout(config.valid_for(), store.heartbeat(&p.info, config.ttl)).await
         {
-            p.proven.send_replace(Some(ids.into_iter().collect()));
+            let ids: BTreeSet<String> = ids.into_iter().collect();
+            last_proven = Some(ids.clone());
+            p.proven.send_replace(Some(ids));
         }
     }
     loop {
@@ -320,10 +323,16 @@ pub async fn keep_leases(
                 match hb {
                     Ok(Ok(ids)) => {
                         db_seen = sent_at;
-                        p.proven.send_if_modified(|old| {
-                            let new = ids.map(|ids| ids.into_iter().collect());
-                            (*old != new).then(|| *old = new).is_some()
-                        });
+                        // A member missing from one answer only (its heartbeat was a
+                        // moment late) stays proven until the next: proof-based
+                        // removals skip the settle delay, so they must not flap.
+                        let now: Option<BTreeSet<String>> = ids.map(|ids| ids.into_iter().collect());
+                        let publish = match (&now, &last_proven) {
+                            (Some(n), Some(l)) => Some(n.union(l).cloned().collect()),
+                            _ => now.clone(),
+                        };
+                        last_proven = now;
+                        p.proven.send_if_modified(|old| (*old != publish).then(|| *old = publish).is_some());
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "member heartbeat failed"),
                     Err(_) => tracing::debug!("member heartbeat did not answer in time"),

@@ -9,7 +9,8 @@
 //! - the history is `warden.schema_history` (version, description, checksum, when,
 //!   by whom, how long); nothing of Warden's is written to `public` any more;
 //! - a database migrated by an earlier Warden is *adopted*: the rows of
-//!   `public._sqlx_migrations` whose version **and checksum** match Warden's own
+//!   `_sqlx_migrations` (found through the search path, as sqlx's runner found it)
+//!   whose version **and checksum** match Warden's own
 //!   migrations are copied into `warden.schema_history`. They are left in place, so
 //!   an older node restarted during the rolling upgrade still starts; once none runs,
 //!   [`forget_legacy_history`] (`warden schema forget-legacy-history`) removes them
@@ -79,6 +80,9 @@ pub async fn migrate(pool: &PgPool, target: Option<i64>) -> Result<SchemaStatus>
 }
 
 async fn migrate_on(conn: &mut PgConnection, target: Option<i64>) -> Result<SchemaStatus> {
+    // No statement timeout here: the lock wait (another node migrating) and a long
+    // migration (an index build) must not be cut off at the pool's 30 s.
+    sqlx::query("SET statement_timeout = 0").execute(&mut *conn).await?;
     sqlx::query("SELECT pg_advisory_lock($1, 0)").bind(MIGRATION_LOCK_CLASS).execute(&mut *conn).await?;
     sqlx::raw_sql(
         "CREATE SCHEMA IF NOT EXISTS warden;
@@ -170,11 +174,11 @@ async fn adopt_legacy_history(conn: &mut PgConnection) -> Result<()> {
         return Ok(());
     }
     let legacy: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text").fetch_one(&mut *conn).await?;
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text").fetch_one(&mut *conn).await?;
     if legacy.is_none() {
         return Ok(());
     }
-    let rows = sqlx::query("SELECT version, checksum, installed_on FROM public._sqlx_migrations WHERE success")
+    let rows = sqlx::query("SELECT version, checksum, installed_on FROM _sqlx_migrations WHERE success")
         .fetch_all(&mut *conn)
         .await?;
     let known = migrations();
@@ -226,13 +230,13 @@ async fn status_on(conn: &mut PgConnection) -> Result<SchemaStatus> {
             .await?
     };
     let legacy: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text").fetch_one(&mut *conn).await?;
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text").fetch_one(&mut *conn).await?;
     let known = migrations();
     let legacy_rows = if legacy.is_some() {
         let versions: Vec<i64> = known.iter().map(|m| m.version).collect();
         let sums: Vec<Vec<u8>> = known.iter().map(|m| m.checksum.to_vec()).collect();
         sqlx::query_scalar(
-            "SELECT count(*) FROM public._sqlx_migrations s
+            "SELECT count(*) FROM _sqlx_migrations s
              JOIN unnest($1::bigint[], $2::bytea[]) AS k(version, checksum)
                ON s.version = k.version AND s.checksum = k.checksum",
         )
@@ -279,7 +283,7 @@ pub async fn forget_legacy_history(pool: &PgPool) -> Result<u64> {
     let versions: Vec<i64> = known.iter().map(|m| m.version).collect();
     let sums: Vec<Vec<u8>> = known.iter().map(|m| m.checksum.to_vec()).collect();
     let n = sqlx::query(
-        "DELETE FROM public._sqlx_migrations s USING unnest($1::bigint[], $2::bytea[]) AS k(version, checksum)
+        "DELETE FROM _sqlx_migrations s USING unnest($1::bigint[], $2::bytea[]) AS k(version, checksum)
          WHERE s.version = k.version AND s.checksum = k.checksum",
     )
     .bind(&versions)

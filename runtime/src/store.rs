@@ -49,7 +49,10 @@ impl JobTx {
         let conn = pool.acquire().await?;
         let mut tx = JobTx { conn, clean: false };
         // One round trip: the transaction and its server-side idle bound.
-        let sql = format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}", ms(idle_timeout).max(1));
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = {}",
+            ms(idle_timeout).max(1)
+        );
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx.conn).await?;
         Ok(tx)
     }
@@ -315,6 +318,9 @@ pub async fn connect(database_url: &str, config: &StoreConfig) -> Result<PgPool>
         // their idle timeout; see `JobContext::tx`).
         .options([
             ("statement_timeout", format!("{}", config.statement_timeout.as_millis())),
+            // The fence needs READ COMMITTED (see warden.fence), whatever the
+            // database's or role's default isolation is.
+            ("default_transaction_isolation", "read committed".to_string()),
             ("tcp_keepalives_idle", "10".to_string()),
             ("tcp_keepalives_interval", "5".to_string()),
             ("tcp_keepalives_count", "3".to_string()),
@@ -715,16 +721,16 @@ fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
-#[async_trait]
-impl Store for PgStore {
-    fn partitions(&self) -> PartitionCount {
-        self.partitions
-    }
+/// Most partitions one lease statement (acquire, release, rescue) touches. Every
+/// epoch change takes the partition's fence lock in PostgreSQL's shared lock table
+/// (and rescue takes one per partition), which holds `max_locks_per_transaction ×
+/// max_connections` entries for the whole server — 6,400 by default, shared with the
+/// application. One statement for P = 16,384 partitions failed with "out of shared
+/// memory" on a default server; chunks keep each transaction to this many.
+pub const LOCK_CHUNK: usize = 256;
 
-    async fn acquire(&self, owner: &str, partitions: &[u32], ttl: Duration) -> Result<Vec<GrantedLease>> {
-        if partitions.is_empty() {
-            return Ok(Vec::new());
-        }
+impl PgStore {
+    async fn acquire_chunk(&self, owner: &str, partitions: &[u32], ttl: Duration) -> Result<Vec<GrantedLease>> {
         let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
         let rows = sqlx::query(
             // A partition with a fenced transaction in flight (perhaps of a paused
@@ -751,6 +757,53 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn release_chunk(&self, owner: &str, held: &[GrantedLease]) -> Result<u64> {
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let parts: Vec<i32> = held.iter().map(|h| h.partition as i32).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.epoch).collect();
+        let n: i64 = sqlx::query_scalar(
+            "WITH r AS (
+                UPDATE warden.leases l SET owner_node = NULL, lease_expires_at = NULL
+                FROM unnest($2::int[], $3::bigint[]) AS h(partition, epoch)
+                WHERE l.partition = h.partition AND l.epoch = h.epoch AND l.owner_node = $1
+                RETURNING l.partition)
+             SELECT (SELECT count(*) FROM r) AS n, pg_notify($4, $1)",
+        )
+        .bind(owner)
+        .bind(&parts)
+        .bind(&epochs)
+        .bind(CHANNEL_LEASE)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn partitions(&self) -> PartitionCount {
+        self.partitions
+    }
+
+    async fn acquire(&self, owner: &str, partitions: &[u32], ttl: Duration) -> Result<Vec<GrantedLease>> {
+        let mut granted = Vec::new();
+        for chunk in partitions.chunks(LOCK_CHUNK) {
+            match self.acquire_chunk(owner, chunk, ttl).await {
+                Ok(g) => granted.extend(g),
+                // What earlier chunks granted is held: report it (the rest is retried
+                // on the next pass) rather than leave it unknown here until it expires.
+                Err(e) if !granted.is_empty() => {
+                    tracing::warn!(error = %e, granted = granted.len(), "acquiring a chunk of partitions failed");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(granted)
+    }
+
     async fn renew(&self, owner: &str, held: &[GrantedLease], ttl: Duration) -> Result<Vec<u32>> {
         if held.is_empty() {
             return Ok(Vec::new());
@@ -774,36 +827,22 @@ impl Store for PgStore {
     }
 
     async fn release(&self, owner: &str, held: &[GrantedLease]) -> Result<u64> {
-        if held.is_empty() {
-            return Ok(0);
+        let mut n = 0;
+        for chunk in held.chunks(LOCK_CHUNK) {
+            n += self.release_chunk(owner, chunk).await?;
         }
-        let parts: Vec<i32> = held.iter().map(|h| h.partition as i32).collect();
-        let epochs: Vec<i64> = held.iter().map(|h| h.epoch).collect();
-        let n: i64 = sqlx::query_scalar(
-            "WITH r AS (
-                UPDATE warden.leases l SET owner_node = NULL, lease_expires_at = NULL
-                FROM unnest($2::int[], $3::bigint[]) AS h(partition, epoch)
-                WHERE l.partition = h.partition AND l.epoch = h.epoch AND l.owner_node = $1
-                RETURNING l.partition)
-             SELECT (SELECT count(*) FROM r) AS n, pg_notify($4, $1)",
-        )
-        .bind(owner)
-        .bind(&parts)
-        .bind(&epochs)
-        .bind(CHANNEL_LEASE)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n as u64)
+        Ok(n)
     }
 
     async fn rescue(&self, owner: &str, acquired: &[GrantedLease]) -> Result<u64> {
-        if acquired.is_empty() {
-            return Ok(0);
+        let mut n = 0;
+        for chunk in acquired.chunks(LOCK_CHUNK) {
+            let parts: Vec<i32> = chunk.iter().map(|h| h.partition as i32).collect();
+            let epochs: Vec<i64> = chunk.iter().map(|h| h.epoch).collect();
+            let r = sqlx::query(RESCUE_SQL).bind(&parts).bind(&epochs).bind(owner).execute(&self.pool).await?;
+            n += r.rows_affected();
         }
-        let parts: Vec<i32> = acquired.iter().map(|h| h.partition as i32).collect();
-        let epochs: Vec<i64> = acquired.iter().map(|h| h.epoch).collect();
-        let r = sqlx::query(RESCUE_SQL).bind(&parts).bind(&epochs).bind(owner).execute(&self.pool).await?;
-        Ok(r.rows_affected())
+        Ok(n)
     }
 
     async fn lease_wait(&self, owner: &str, partitions: &[u32]) -> Result<Option<Duration>> {

@@ -97,6 +97,12 @@ pub struct SoakReport {
     pub liveness_violations: Vec<LivenessViolation>,
     /// Liveness checks run (ticks that reached PostgreSQL).
     pub liveness_ticks: u64,
+    /// The longest stretch, in seconds, any partition was seen held by nobody (no
+    /// unexpired lease) outside PostgreSQL restarts. Stretches over
+    /// [`LIVENESS_BOUND`] are liveness violations too (`held by nobody`): a holder
+    /// that cannot act must be replaced, even when gossip still says it is alive (a
+    /// node cut off from the database only, [`Step::DbCut`]).
+    pub max_ownerless_s: f64,
     /// A few overlapping handler runs, described (when there are any).
     pub run_overlap_examples: Vec<String>,
 }
@@ -179,6 +185,7 @@ impl SoakReport {
             self.liveness_ticks,
             self.liveness_violations.len()
         );
+        s += &format!("| longest stretch a partition was held by nobody (s) | {:.1} |\n", self.max_ownerless_s);
         let via_sql = self.hostile_accepted.iter().filter(|h| h.starts_with("warden.enqueue")).count();
         s += &format!(
             "| hostile values accepted (SQL function / Rust client) | {} of {} / {} of {} |\n",
@@ -356,7 +363,10 @@ pub fn random_step(rng: &mut fastrand::Rng, bag: &mut Vec<u8>, running: &[String
         0 => Step::SigKillRestart { node: victim, down_ms: rng.u64(200..1500) },
         1 => Step::SigStop { node: victim, ms: rng.u64(2500..4500) },
         2 => Step::SigTermRestart { node: victim },
-        3 => Step::DbCut { node: victim, ms: rng.u64(1000..4000) },
+        // Up to 8 s: longer than a lease TTL plus the liveness bound, so a cut-off
+        // holder that kept its ring share would leave its partitions held by nobody
+        // past the bound (it used to, for the whole cut).
+        3 => Step::DbCut { node: victim, ms: rng.u64(1000..8000) },
         4 => Step::PgRestart { down_ms: rng.u64(500..2500) },
         5 => Step::TerminateConnections,
         6 if running.len() < 4 => Step::ScaleOut { check: false },
@@ -1271,7 +1281,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
     // The liveness monitor watched the drain too: with no faults left, a stall there
     // is plain (and stuck work is otherwise only seen as "lost").
     live_stop.cancel();
-    (report.liveness_violations, report.liveness_ticks) = liveness.await.unwrap();
+    (report.liveness_violations, report.liveness_ticks, report.max_ownerless_s) = liveness.await.unwrap();
     // Accepted jobs missing from the table would be lost too (the workload's own
     // accounts only: hostile and extreme jobs are not in `enqueued`).
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE account ~ '^(acct|race)-[0-9]+$'")
@@ -1567,7 +1577,7 @@ async fn liveness_monitor(
     generation: Arc<AtomicU64>,
     started: Instant,
     stop: tokio_util::sync::CancellationToken,
-) -> (Vec<LivenessViolation>, u64) {
+) -> (Vec<LivenessViolation>, u64, f64) {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(2))
@@ -1575,6 +1585,10 @@ async fn liveness_monitor(
         .expect("liveness pool");
     let bound = LIVENESS_BOUND.as_secs_f64();
     let mut holds: HashMap<i32, (String, i64, f64)> = HashMap::new();
+    // Partition → since when (DB seconds) it is held by nobody, and whether that
+    // stretch was already reported.
+    let mut unheld: HashMap<i32, (f64, bool)> = HashMap::new();
+    let mut max_ownerless = 0f64;
     let mut seen_generation = generation.load(Ordering::Acquire);
     let mut found: Vec<LivenessViolation> = Vec::new();
     let mut index: HashMap<(String, i64), usize> = HashMap::new();
@@ -1589,6 +1603,7 @@ async fn liveness_monitor(
         let g = generation.load(Ordering::Acquire);
         if restarting.load(Ordering::Acquire) || g != seen_generation {
             holds.clear();
+            unheld.clear();
             seen_generation = g;
             continue;
         }
@@ -1602,11 +1617,13 @@ async fn liveness_monitor(
         .await;
         let Ok(leases) = leases else {
             holds.clear();
+            unheld.clear();
             continue;
         };
         for (p, owner, epoch, live, now) in leases {
             match owner {
                 Some(o) if live => {
+                    unheld.remove(&p);
                     let h = holds.entry(p).or_insert_with(|| (o.clone(), epoch, now));
                     if h.0 != o || h.1 != epoch {
                         *h = (o, epoch, now);
@@ -1614,6 +1631,25 @@ async fn liveness_monitor(
                 }
                 _ => {
                     holds.remove(&p);
+                    let (since, reported) = unheld.entry(p).or_insert((now, false));
+                    let ownerless = now - *since;
+                    max_ownerless = max_ownerless.max(ownerless);
+                    if ownerless > bound && !*reported {
+                        *reported = true;
+                        let v = LivenessViolation {
+                            what: "held by nobody",
+                            account: String::new(),
+                            job_id: 0,
+                            partition: p,
+                            owner: "-".into(),
+                            epoch,
+                            seen_at_s: started.elapsed().as_secs_f64(),
+                            ready_for_s: ownerless,
+                            held_for_s: 0.0,
+                        };
+                        eprintln!("LIVENESS: {v}");
+                        found.push(v);
+                    }
                 }
             }
         }
@@ -1661,7 +1697,7 @@ async fn liveness_monitor(
         }
     }
     pool.close().await;
-    (found, ticks)
+    (found, ticks, max_ownerless)
 }
 
 /// Count, from a node's log, fenced writes it saw rejected and attempts it self-fenced.

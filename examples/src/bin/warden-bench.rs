@@ -217,6 +217,15 @@ fn account_name(i: usize) -> String {
     format!("account-{i}")
 }
 
+/// PostgreSQL's next MultiXact id as of a fresh checkpoint (`None` if this role may
+/// not CHECKPOINT).
+async fn next_multixact(pool: &sqlx::PgPool) -> Option<i64> {
+    sqlx::query("CHECKPOINT").execute(pool).await.ok()?;
+    let v: String =
+        sqlx::query_scalar("SELECT next_multixact_id::text FROM pg_control_checkpoint()").fetch_one(pool).await.ok()?;
+    v.parse().ok()
+}
+
 async fn completed(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state = 'completed'").fetch_one(pool).await?)
 }
@@ -304,6 +313,10 @@ struct DrainResult {
     /// Warden only: executor pool size (the latency phase reuses the fastest).
     #[serde(skip)]
     connections: u32,
+    /// Warden only: MultiXact ids PostgreSQL allocated per 1,000 jobs (from
+    /// `pg_control_checkpoint()` around the drain; needs a role that may CHECKPOINT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    multixacts_per_1000_jobs: Option<f64>,
 }
 
 impl DrainResult {
@@ -323,6 +336,7 @@ impl DrainResult {
             node_start_ms: None,
             db_clock_seconds: None,
             connections: 0,
+            multixacts_per_1000_jobs: None,
         }
     }
 
@@ -346,6 +360,9 @@ impl DrainResult {
                 "",
                 self.jobs as f64 / db
             );
+        }
+        if let Some(m) = self.multixacts_per_1000_jobs {
+            line += &format!("\n{:<36} MultiXact ids allocated: {m:.2} per 1,000 jobs", "");
         }
         line
     }
@@ -654,11 +671,13 @@ async fn warden_drain(args: &Args, connections: u32) -> anyhow::Result<DrainResu
         let postmaster = find_postmaster(&pool).await;
         let db_t0: chrono::DateTime<chrono::Utc> =
             sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
+        let mxid0 = next_multixact(&pool).await;
         let timed = Timed::start(postmaster);
         let node = start_node(&url, connections).await?;
         let started = timed.t0.elapsed();
         wait_completed(&pool, total, Duration::from_millis(args.poll_ms.max(1)), Duration::from_secs(300)).await?;
         let (secs, cpu) = timed.stop();
+        let mxid1 = next_multixact(&pool).await;
         node.shutdown().await?;
         let h = verify(&pool, total, PHASE).await?;
         let db_end: chrono::DateTime<chrono::Utc> =
@@ -668,6 +687,10 @@ async fn warden_drain(args: &Args, connections: u32) -> anyhow::Result<DrainResu
         r.node_start_ms = Some(started.as_secs_f64() * 1e3);
         r.db_clock_seconds = Some((db_end - db_t0).as_seconds_f64());
         r.connections = connections;
+        r.multixacts_per_1000_jobs = match (mxid0, mxid1) {
+            (Some(a), Some(b)) => Some((b - a) as f64 * 1000.0 / total as f64),
+            _ => None,
+        };
         Ok(r)
     })
     .await
