@@ -77,7 +77,7 @@ async fn job_service_end_to_end() {
     let got = eventually(Duration::from_secs(20), "job completed", || {
         let mut jobs = jobs.clone();
         async move {
-            let r = jobs.get_job(pb::GetJobRequest { id: a.id }).await.unwrap().into_inner();
+            let r = jobs.get_job(pb::GetJobRequest { id: a.id, ..Default::default() }).await.unwrap().into_inner();
             (r.job.as_ref().unwrap().state == "completed").then_some(r)
         }
     })
@@ -90,7 +90,14 @@ async fn job_service_end_to_end() {
     eventually(Duration::from_secs(20), "discarded", || {
         let mut jobs = jobs.clone();
         async move {
-            (jobs.get_job(pb::GetJobRequest { id: discarded }).await.unwrap().into_inner().job.unwrap().state
+            (jobs
+                .get_job(pb::GetJobRequest { id: discarded, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .job
+                .unwrap()
+                .state
                 == "discarded")
                 .then_some(())
         }
@@ -199,10 +206,10 @@ async fn bad_input_and_missing_jobs_get_clear_statuses() {
     assert_eq!(s.code(), Code::InvalidArgument);
     let s = jobs.list_jobs(pb::ListJobsRequest { state: "sleeping".into(), ..Default::default() }).await.unwrap_err();
     assert!(s.message().contains("unknown state"), "{s:?}");
-    let s = jobs.get_job(pb::GetJobRequest { id: 0 }).await.unwrap_err();
+    let s = jobs.get_job(pb::GetJobRequest { id: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     for s in [
-        jobs.get_job(pb::GetJobRequest { id: 424242 }).await.unwrap_err(),
+        jobs.get_job(pb::GetJobRequest { id: 424242, ..Default::default() }).await.unwrap_err(),
         jobs.cancel_job(pb::CancelJobRequest { id: 424242 }).await.unwrap_err(),
         jobs.retry_job(pb::RetryJobRequest { id: 424242 }).await.unwrap_err(),
     ] {
@@ -284,7 +291,7 @@ async fn database_down_is_unavailable_without_internal_detail() {
     let (addr, _stop) = serve(&node, None).await;
     let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
     pg.stop();
-    let s = jobs.get_job(pb::GetJobRequest { id: 1 }).await.unwrap_err();
+    let s = jobs.get_job(pb::GetJobRequest { id: 1, ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
     assert_eq!(s.message(), "database unavailable, try again");
     pg.restart();
