@@ -5,8 +5,9 @@
 -- same indexes beforehand with CREATE INDEX CONCURRENTLY under these names, and this
 -- migration then only records itself.
 
--- The retention pruner: finished jobs, oldest first (`retention::prune_batch`).
-CREATE INDEX IF NOT EXISTS jobs_finished_at ON warden.jobs (finished_at, id)
+-- The retention pruner: finished jobs, oldest first (`store::prune_finished`); with the
+-- state included, `store::queue_depth` counts finished jobs by state index-only (capped).
+CREATE INDEX IF NOT EXISTS jobs_finished_at ON warden.jobs (finished_at, id) INCLUDE (state)
     WHERE state IN ('completed', 'discarded', 'cancelled');
 
 -- Queue depth per partition and state, counted index-only and capped per partition

@@ -302,6 +302,12 @@ impl Api {
         &self.pool
     }
 
+    /// Lease reads the shared ownership poller has done (tests check that streams
+    /// share them).
+    pub fn ownership_polls(&self) -> u64 {
+        self.ownership.polls()
+    }
+
     /// A slot among [`ApiLimits::max_in_flight`] calls, or `RESOURCE_EXHAUSTED` after
     /// [`ApiLimits::admission_wait`]: excess load is refused, never queued unboundedly.
     async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
@@ -859,7 +865,11 @@ impl Jobs for Api {
                 })
                 .collect(),
             oldest_due_age_ms: oldest.map(|d| d.as_millis() as i64).unwrap_or(0),
-            estimated_states: depth.finished_estimates.iter().map(|(s, _)| s.clone()).collect(),
+            estimated_states: if depth.finished_estimated {
+                store::FINISHED_STATES.iter().map(|s| s.to_string()).collect()
+            } else {
+                Vec::new()
+            },
             capped: depth.capped(),
             partition_count_cap: depth.cap,
         }))

@@ -1271,7 +1271,7 @@ pub struct JobFilter {
 /// With a kind or state filter, [`list_jobs`] examines at most this many jobs (newest
 /// first, below `before_id`) per call, so a rare filter value cannot make one page
 /// scan the whole table; the page then says where to continue.
-pub const LIST_SCAN_WINDOW: i64 = 10_000;
+pub const LIST_SCAN_WINDOW: i64 = 2_000;
 
 /// A page of [`list_jobs`].
 #[derive(Debug, Clone, Default)]
@@ -1330,6 +1330,9 @@ pub const UNFINISHED_STATES: [&str; 4] = ["scheduled", "available", "retryable",
 pub const FINISHED_STATES: [&str; 3] = ["completed", "discarded", "cancelled"];
 /// Default per-partition cap of [`queue_depth`].
 pub const DEFAULT_PARTITION_COUNT_CAP: i64 = 1_000;
+/// [`queue_depth`] counts finished jobs exactly while there are at most this many
+/// (index-only on `jobs_finished_at`); past it, it reports the planner's estimates.
+pub const FINISHED_COUNT_CAP: i64 = 100_000;
 /// [`account_queue`] counts at most this many unfinished jobs of one account.
 pub const ACCOUNT_COUNT_CAP: i64 = 10_000;
 
@@ -1353,14 +1356,17 @@ impl PartitionDepth {
 
 /// Queue depth without grouping the jobs table: per partition, at most `cap`
 /// unfinished jobs are counted (index-only on `jobs_open_partition_state`, so at most
-/// P × cap index entries are read); finished states are the planner's estimate
-/// (`pg_stats` × `reltuples`), as large as history is and not worth a scan.
+/// P × cap index entries are read); finished jobs are counted while there are at most
+/// [`FINISHED_COUNT_CAP`], and past that are the planner's estimate (`pg_stats` ×
+/// `reltuples`): history is as large as retention lets it be and not worth a scan.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueDepth {
     pub cap: i64,
     pub partitions: Vec<PartitionDepth>,
-    /// Estimated rows per finished state; empty until the table was analyzed.
-    pub finished_estimates: Vec<(String, i64)>,
+    /// Rows per finished state: exact, or estimates if `finished_estimated`.
+    pub finished: Vec<(String, i64)>,
+    /// `finished` holds the planner's estimates (empty until the table was analyzed).
+    pub finished_estimated: bool,
 }
 
 impl QueueDepth {
@@ -1370,7 +1376,7 @@ impl QueueDepth {
     }
 
     /// Unfinished states summed over partitions (lower bounds if [`Self::capped`]),
-    /// then the finished estimates; sorted by state.
+    /// then the finished ones; sorted by state.
     pub fn state_counts(&self) -> StateCounts {
         let mut out: Vec<(String, i64)> = UNFINISHED_STATES
             .iter()
@@ -1378,7 +1384,7 @@ impl QueueDepth {
             .map(|(i, s)| (s.to_string(), self.partitions.iter().map(|p| p.by_state[i]).sum()))
             .filter(|(_, n)| *n > 0)
             .collect();
-        out.extend(self.finished_estimates.iter().filter(|(_, n)| *n > 0).cloned());
+        out.extend(self.finished.iter().filter(|(_, n)| *n > 0).cloned());
         out.sort();
         StateCounts(out)
     }
@@ -1438,7 +1444,18 @@ pub async fn queue_depth(pool: &PgPool, cap: i64) -> Result<QueueDepth> {
     for p in &mut partitions {
         p.capped = p.unfinished() >= cap;
     }
-    let finished_estimates: Vec<(String, i64)> = sqlx::query_as(
+    let counted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT s.state, count(*) FROM (
+             SELECT state FROM warden.jobs WHERE state IN ('completed', 'discarded', 'cancelled') LIMIT $1) s
+         GROUP BY s.state ORDER BY 1",
+    )
+    .bind(FINISHED_COUNT_CAP + 1)
+    .fetch_all(pool)
+    .await?;
+    if counted.iter().map(|(_, n)| n).sum::<i64>() <= FINISHED_COUNT_CAP {
+        return Ok(QueueDepth { cap, partitions, finished: counted, finished_estimated: false });
+    }
+    let estimates: Vec<(String, i64)> = sqlx::query_as(
         "SELECT v.state, (v.freq * c.reltuples)::bigint
          FROM pg_class c
          JOIN pg_namespace ns ON ns.oid = c.relnamespace AND ns.nspname = 'warden'
@@ -1451,7 +1468,7 @@ pub async fn queue_depth(pool: &PgPool, cap: i64) -> Result<QueueDepth> {
     )
     .fetch_all(pool)
     .await?;
-    Ok(QueueDepth { cap, partitions, finished_estimates })
+    Ok(QueueDepth { cap, partitions, finished: estimates, finished_estimated: true })
 }
 
 /// Age of the oldest due, not yet started job: one index probe per partition
