@@ -874,7 +874,7 @@ async fn measure_execution(db: &TestDb, node: &Node, tag: &str) -> Exec {
 /// run: throughput and start latency stay close to an idle API's (same run, same
 /// server; generous bounds, since the API's work still shares two cores with the
 /// executor and PostgreSQL).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_client_hammering_every_rpc_does_not_starve_execution() {
     let db = TestDb::new().await;
     let pool = warden_runtime::store::connect(&db.url, &Default::default()).await.unwrap();

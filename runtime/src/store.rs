@@ -1332,7 +1332,7 @@ pub const FINISHED_STATES: [&str; 3] = ["completed", "discarded", "cancelled"];
 pub const DEFAULT_PARTITION_COUNT_CAP: i64 = 1_000;
 /// [`queue_depth`] counts finished jobs exactly while there are at most this many
 /// (index-only on `jobs_finished_at`); past it, it reports the planner's estimates.
-pub const FINISHED_COUNT_CAP: i64 = 100_000;
+pub const FINISHED_COUNT_CAP: i64 = 10_000;
 /// [`account_queue`] counts at most this many unfinished jobs of one account.
 pub const ACCOUNT_COUNT_CAP: i64 = 10_000;
 
