@@ -967,3 +967,72 @@ pub async fn serve_api(
         )
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners(v: &[(u32, &str, i64)]) -> Owners {
+        v.iter().map(|(p, o, e)| (*p, (o.to_string(), *e))).collect()
+    }
+
+    fn kinds(events: &[pb::OwnershipEvent]) -> Vec<(String, u32)> {
+        events.iter().map(|e| (e.kind.clone(), e.partition)).collect()
+    }
+
+    #[test]
+    fn ownership_events_name_every_change_and_nothing_else() {
+        let old = owners(&[(0, "a", 1), (1, "a", 1), (2, "b", 3), (3, "b", 3)]);
+        let new = owners(&[(0, "a", 1), (1, "b", 2), (2, "b", 4), (4, "c", 1)]);
+        let mut got = kinds(&ownership_events(&old, &new));
+        got.sort();
+        let want = vec![("acquired".into(), 2), ("acquired".into(), 4), ("moved".into(), 1), ("released".into(), 3)];
+        assert_eq!(got, want);
+        assert!(ownership_events(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_slow_reader_gets_the_net_change_between_what_it_saw_and_now() {
+        // a → b → a again while the reader was away: same owner, new epoch.
+        let seen = owners(&[(7, "a", 1)]);
+        let now = owners(&[(7, "a", 3)]);
+        assert_eq!(kinds(&ownership_events(&seen, &now)), vec![("acquired".to_string(), 7)]);
+    }
+
+    #[test]
+    fn member_events_report_joins_state_changes_and_leaves() {
+        let m = |v: &[(&str, &str)]| -> BTreeMap<String, String> {
+            v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        };
+        let ev = member_events(&m(&[("a", "active"), ("b", "joining")]), &m(&[("b", "active"), ("c", "joining")]));
+        let got: Vec<(String, String)> = ev.iter().map(|e| (e.kind.clone(), e.node_id.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("member_state".to_string(), "b".to_string()),
+                ("member_joined".into(), "c".into()),
+                ("member_left".into(), "a".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn page_sizes_and_tokens_are_checked() {
+        assert_eq!(page_size("p", 0).unwrap(), DEFAULT_PAGE);
+        assert_eq!(page_size("p", MAX_PAGE).unwrap(), MAX_PAGE);
+        assert!(page_size("p", MAX_PAGE + 1).unwrap_err().message().contains("limit of 500"));
+        assert_eq!(page_token("t", "").unwrap(), None);
+        assert_eq!(page_token("t", "42").unwrap(), Some(42));
+        for bad in ["0", "-3", "x", "1.5"] {
+            assert_eq!(page_token("t", bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_limits_are_valid_and_zero_budgets_are_not() {
+        assert!(ApiLimits::default().validate().is_ok());
+        assert!(ApiLimits { max_in_flight: 0, ..Default::default() }.validate().is_err());
+        assert!(ApiLimits { max_watch_streams: 0, ..Default::default() }.validate().is_err());
+        assert!(ApiLimits { stats_partition_cap: 0, ..Default::default() }.validate().is_err());
+    }
+}

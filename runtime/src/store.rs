@@ -1410,7 +1410,9 @@ impl QueueDepth {
 }
 
 pub async fn queue_depth(pool: &PgPool, cap: i64) -> Result<QueueDepth> {
-    let rows: Vec<(i32, Option<String>, Option<String>, Option<i64>)> = sqlx::query_as(
+    /// partition, lease holder, state, count (state and count NULL for an empty partition)
+    type DepthRow = (i32, Option<String>, Option<String>, Option<i64>);
+    let rows: Vec<DepthRow> = sqlx::query_as(
         "SELECT l.partition,
                 CASE WHEN l.owner_node IS NOT NULL AND l.lease_expires_at > now()
                      THEN split_part(l.owner_node, '/', 1) END,
@@ -1565,4 +1567,43 @@ pub async fn account_queue(pool: &PgPool, account: &str) -> Result<(Option<JobRo
     .fetch_one(pool)
     .await?;
     Ok((next, n))
+}
+
+#[cfg(test)]
+mod queue_depth_tests {
+    use super::*;
+
+    fn part(partition: u32, holder: Option<&str>, by_state: [i64; 4], cap: i64) -> PartitionDepth {
+        PartitionDepth {
+            partition,
+            holder: holder.map(str::to_string),
+            by_state,
+            capped: by_state.iter().sum::<i64>() >= cap,
+        }
+    }
+
+    #[test]
+    fn depth_sums_states_nodes_and_ranks_partitions() {
+        let d = QueueDepth {
+            cap: 10,
+            partitions: vec![
+                part(0, Some("a"), [1, 2, 0, 1], 10),
+                part(1, Some("b"), [0, 10, 0, 0], 10),
+                part(2, None, [3, 0, 0, 0], 10),
+                part(3, Some("a"), [0, 0, 0, 0], 10),
+                part(4, Some("c"), [0, 0, 0, 0], 10),
+            ],
+            finished: vec![("completed".into(), 7)],
+            finished_estimated: false,
+        };
+        assert!(d.capped());
+        assert_eq!(
+            d.state_counts().0,
+            vec![("available".into(), 12), ("completed".into(), 7), ("running".into(), 1), ("scheduled".into(), 4)]
+        );
+        assert_eq!(d.backlog_by_node(), vec![("a".into(), 4), ("b".into(), 10), ("c".into(), 0)]);
+        let top: Vec<u32> = d.top_partitions(2).iter().map(|p| p.partition).collect();
+        assert_eq!(top, vec![1, 0]);
+        assert_eq!(d.top_partitions(10).len(), 3, "empty partitions are not listed");
+    }
 }
