@@ -1288,23 +1288,30 @@ pub struct JobPage {
 pub async fn list_jobs(pool: &PgPool, f: &JobFilter) -> Result<JobPage> {
     let filtered = f.kind.is_some() || f.state.is_some();
     let window = if filtered { LIST_SCAN_WINDOW.max(f.limit + 1) } else { f.limit + 1 };
-    let (scanned, lowest, ids): (i64, Option<i64>, Vec<i64>) = sqlx::query_as(
-        "WITH w AS (
-            SELECT id, kind, state FROM warden.jobs
-            WHERE ($1::text IS NULL OR account = $1) AND ($4::bigint IS NULL OR id < $4)
-            ORDER BY id DESC LIMIT $6)
+    // Two statements, not `($1 IS NULL OR account = $1)`: a cached generic plan of that
+    // cannot use the account index and would walk the primary key past every other account.
+    let window_sql = if f.account.is_some() {
+        "SELECT id, kind, state FROM warden.jobs WHERE account = $1 AND id < COALESCE($4, 9223372036854775807)
+         ORDER BY id DESC LIMIT $6"
+    } else {
+        "SELECT id, kind, state FROM warden.jobs WHERE $1::text IS NULL AND id < COALESCE($4, 9223372036854775807)
+         ORDER BY id DESC LIMIT $6"
+    };
+    let sql = format!(
+        "WITH w AS ({window_sql})
          SELECT (SELECT count(*) FROM w), (SELECT min(id) FROM w),
                 ARRAY(SELECT id FROM w WHERE ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR state = $3)
-                      ORDER BY id DESC LIMIT $5 + 1)",
-    )
-    .bind(&f.account)
-    .bind(&f.kind)
-    .bind(&f.state)
-    .bind(f.before_id)
-    .bind(f.limit)
-    .bind(window)
-    .fetch_one(pool)
-    .await?;
+                      ORDER BY id DESC LIMIT $5 + 1)"
+    );
+    let (scanned, lowest, ids): (i64, Option<i64>, Vec<i64>) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&f.account)
+        .bind(&f.kind)
+        .bind(&f.state)
+        .bind(f.before_id)
+        .bind(f.limit)
+        .bind(window)
+        .fetch_one(pool)
+        .await?;
     let more_matches = ids.len() as i64 > f.limit;
     let page_ids = &ids[..ids.len().min(f.limit.max(0) as usize)];
     let mut jobs: Vec<JobRow> = sqlx::query_as("SELECT * FROM warden.jobs WHERE id = ANY($1) ORDER BY id DESC")
@@ -1505,13 +1512,29 @@ pub struct Pruned {
     pub attempts: u64,
     /// Another node holds the pruner lock: nothing was done.
     pub skipped: bool,
+    /// `(finished_at, id)` of the last job deleted: where the next batch of the same run
+    /// starts.
+    pub last: Option<PruneCursor>,
 }
+
+/// A position in the pruner's index order (`finished_at`, `id`).
+pub type PruneCursor = (DateTime<Utc>, i64);
 
 /// Delete up to `batch` finished jobs whose `finished_at` is older than `older_than`
 /// (database clock), with their attempts rows, in one short transaction. Rows locked
 /// by anyone (a concurrent operator retry, another pruner) are skipped, not waited for;
 /// unfinished jobs are never touched (the state is re-checked under the row lock).
-pub async fn prune_finished(pool: &PgPool, older_than: Duration, batch: i64) -> Result<Pruned> {
+///
+/// `after`: continue past this position. The batches of one run pass it on, so each
+/// starts where the previous one ended instead of walking again over the index entries
+/// of the rows just deleted (dead until vacuum): without it, pruning 10 million rows
+/// slowed from ~50,000 to ~20,000 jobs/s as the dead prefix grew.
+pub async fn prune_finished(
+    pool: &PgPool,
+    older_than: Duration,
+    batch: i64,
+    after: Option<PruneCursor>,
+) -> Result<Pruned> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, 0)")
         .bind(RETENTION_LOCK_CLASS)
@@ -1521,28 +1544,33 @@ pub async fn prune_finished(pool: &PgPool, older_than: Duration, batch: i64) -> 
         tx.rollback().await?;
         return Ok(Pruned { skipped: true, ..Default::default() });
     }
-    let (jobs, attempts): (i64, i64) = sqlx::query_as(
+    let (jobs, attempts, last_at, last_id): (i64, i64, Option<DateTime<Utc>>, Option<i64>) = sqlx::query_as(
         "WITH doomed AS (
             SELECT id FROM warden.jobs
             WHERE state IN ('completed', 'discarded', 'cancelled')
               AND finished_at < now() - make_interval(secs => $1)
+              AND ($3::timestamptz IS NULL OR (finished_at, id) > ($3, $4))
             ORDER BY finished_at, id
             LIMIT $2
             FOR UPDATE SKIP LOCKED),
          gone AS (
             DELETE FROM warden.jobs j USING doomed d
             WHERE j.id = d.id AND j.state IN ('completed', 'discarded', 'cancelled')
-            RETURNING j.id),
+            RETURNING j.id, j.finished_at),
          gone_attempts AS (
-            DELETE FROM warden.attempts a WHERE a.job_id IN (SELECT id FROM gone) RETURNING 1)
-         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_attempts)",
+            DELETE FROM warden.attempts a WHERE a.job_id IN (SELECT id FROM gone) RETURNING 1),
+         last AS (SELECT finished_at, id FROM gone ORDER BY finished_at DESC, id DESC LIMIT 1)
+         SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_attempts),
+                (SELECT finished_at FROM last), (SELECT id FROM last)",
     )
     .bind(older_than.as_secs_f64())
     .bind(batch)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Pruned { jobs: jobs as u64, attempts: attempts as u64, skipped: false })
+    Ok(Pruned { jobs: jobs as u64, attempts: attempts as u64, skipped: false, last: last_at.zip(last_id) })
 }
 
 /// The account's next job in serial order and its number of unfinished jobs (at most

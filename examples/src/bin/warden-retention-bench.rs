@@ -39,6 +39,10 @@ struct Args {
     /// Length of each enqueue-latency probe.
     #[arg(long, default_value_t = 10)]
     probe_secs: u64,
+    /// Start every batch from the beginning of the index (how the pruner worked before
+    /// its batches passed a cursor on), for comparison.
+    #[arg(long)]
+    no_cursor: bool,
     /// Keep the database afterwards (prints its name).
     #[arg(long)]
     keep: bool,
@@ -176,9 +180,12 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let (mut jobs, mut attempts) = (0u64, 0u64);
     let mut batch_ms = Vec::new();
     let mut last_report = Instant::now();
+    let mut cursor = None;
     loop {
         let t = Instant::now();
-        let r = store::prune_finished(&prune_pool, period, args.batch).await?;
+        let r =
+            store::prune_finished(&prune_pool, period, args.batch, if args.no_cursor { None } else { cursor }).await?;
+        cursor = r.last.or(cursor);
         batch_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         jobs += r.jobs;
         attempts += r.attempts;
