@@ -1554,8 +1554,10 @@ pub async fn prune_finished(
             LIMIT $2
             FOR UPDATE SKIP LOCKED),
          gone AS (
-            DELETE FROM warden.jobs j USING doomed d
-            WHERE j.id = d.id AND j.state IN ('completed', 'discarded', 'cancelled')
+            -- = ANY(ARRAY(...)): primary-key probes whatever the planner thinks of the
+            -- CTE (a join chose a sequential scan of the table at 100k rows).
+            DELETE FROM warden.jobs j
+            WHERE j.id = ANY(ARRAY(SELECT id FROM doomed)) AND j.state IN ('completed', 'discarded', 'cancelled')
             RETURNING j.id, j.finished_at),
          gone_attempts AS (
             DELETE FROM warden.attempts a WHERE a.job_id IN (SELECT id FROM gone) RETURNING 1),
