@@ -32,6 +32,7 @@ fn config() -> NodeConfig {
         },
         enforcer_interval: Duration::from_millis(200),
         due_scan_limit: 10_000,
+        ..Default::default()
     }
 }
 

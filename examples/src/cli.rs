@@ -115,8 +115,16 @@ enum JobsCmd {
         #[arg(long)]
         lane: Option<String>,
     },
-    /// A job and its attempts.
-    Get { id: i64 },
+    /// A job and its attempts (one page of them, oldest first).
+    Get {
+        id: i64,
+        /// Attempts per page (max 500).
+        #[arg(long, default_value_t = 50)]
+        attempts_limit: u32,
+        /// Continue the attempts from a previous page.
+        #[arg(long)]
+        attempts_page_token: Option<String>,
+    },
     /// List jobs, newest first.
     List {
         #[arg(long)]
@@ -458,19 +466,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let top: Vec<_> = r
                     .top_partitions
                     .iter()
-                    .map(|p| json!({ "partition": p.partition, "backlog": p.backlog, "owner": p.owner }))
+                    .map(|p| json!({ "partition": p.partition, "backlog": p.backlog, "owner": p.owner, "capped": p.capped }))
                     .collect();
                 println!(
                     "{}",
-                    json!({ "by_state": r.by_state, "backlog_by_node": r.backlog_by_node, "top_partitions": top, "oldest_due_age_ms": r.oldest_due_age_ms })
+                    json!({ "by_state": r.by_state, "backlog_by_node": r.backlog_by_node, "top_partitions": top,
+                            "oldest_due_age_ms": r.oldest_due_age_ms, "estimated_states": r.estimated_states,
+                            "capped": r.capped, "partition_count_cap": r.partition_count_cap })
                 );
             } else {
                 let mut states: Vec<_> = r.by_state.iter().collect();
                 states.sort();
+                let shown = |s: &str, n: i64| {
+                    if r.estimated_states.iter().any(|e| e == s) {
+                        format!("~{n} (estimate)")
+                    } else if r.capped {
+                        format!("{n}+")
+                    } else {
+                        n.to_string()
+                    }
+                };
                 table(
                     &["state", "jobs"],
-                    &states.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>(),
+                    &states.iter().map(|(s, n)| vec![s.to_string(), shown(s, **n)]).collect::<Vec<_>>(),
                 );
+                if r.capped {
+                    println!(
+                        "(counting stopped at {} unfinished jobs per partition: `+` figures are lower bounds)",
+                        r.partition_count_cap
+                    );
+                }
                 println!();
                 let mut nodes: Vec<_> = r.backlog_by_node.iter().collect();
                 nodes.sort();
@@ -510,13 +535,24 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                 println!("enqueued job {}", r.id);
             }
         }
-        JobsCmd::Get { id } => {
-            let r = cx.jobs().get_job(cx.req(pb::GetJobRequest { id })).await?.into_inner();
+        JobsCmd::Get { id, attempts_limit, attempts_page_token } => {
+            let r = cx
+                .jobs()
+                .get_job(cx.req(pb::GetJobRequest {
+                    id,
+                    attempts_page_size: attempts_limit,
+                    attempts_page_token: attempts_page_token.unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
             let j = r.job.ok_or_else(|| Failure::Other("empty response".into()))?;
             if cx.json {
                 let attempts: Vec<_> = r.attempts.iter().map(|a| json!({ "attempt": a.attempt, "node": a.node, "epoch": a.epoch,
                     "started_at_unix_ms": a.started_at_unix_ms, "finished_at_unix_ms": a.finished_at_unix_ms, "outcome": a.outcome, "error": a.error })).collect();
-                println!("{}", json!({ "job": job_json(&j), "attempts": attempts }));
+                println!(
+                    "{}",
+                    json!({ "job": job_json(&j), "attempts": attempts, "next_attempts_page_token": r.next_attempts_page_token })
+                );
             } else {
                 println!(
                     "job {}  {} / {}  state {}  attempt {}/{}",
@@ -550,6 +586,9 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     })
                     .collect();
                 table(&["attempt", "outcome", "node", "epoch", "started", "took", "error"], &rows);
+                if !r.next_attempts_page_token.is_empty() {
+                    println!("\nmore attempts: --attempts-page-token {}", r.next_attempts_page_token);
+                }
             }
         }
         JobsCmd::List { account, kind, state, limit, page_token } => {

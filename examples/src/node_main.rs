@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use warden_runtime::account_actor::ExecConfig;
 use warden_runtime::lease::LeaseConfig;
+use warden_runtime::retention::RetentionConfig;
 use warden_runtime::{Node, NodeConfig, PartitionCount};
 
 #[derive(Debug, Clone, Parser)]
@@ -89,9 +90,41 @@ pub struct NodeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "WARDEN_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Connections of the gRPC API's own database pool (never the executor's).
+    #[arg(long, env = "WARDEN_API_MAX_CONNECTIONS", default_value_t = 4)]
+    pub api_max_connections: u32,
+    /// gRPC calls in progress at once over all connections (RESOURCE_EXHAUSTED beyond).
+    #[arg(long, env = "WARDEN_API_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub api_max_in_flight: usize,
+    /// Ownership streams open at once (RESOURCE_EXHAUSTED beyond).
+    #[arg(long, env = "WARDEN_API_MAX_WATCH_STREAMS", default_value_t = 64)]
+    pub api_max_watch_streams: usize,
+    /// Statement timeout of the API's database connections, in milliseconds.
+    #[arg(long, env = "WARDEN_API_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
+    pub api_statement_timeout_ms: u64,
+    /// Keep finished jobs (and their attempts) this many hours; 0 keeps them forever.
+    #[arg(long, env = "WARDEN_RETENTION_HOURS", default_value_t = 168)]
+    pub retention_hours: u64,
+    /// Finished jobs the pruner deletes per batch (one short transaction).
+    #[arg(long, env = "WARDEN_RETENTION_BATCH", default_value_t = 1000)]
+    pub retention_batch: i64,
+    /// How often the pruner runs, in milliseconds.
+    #[arg(long, env = "WARDEN_RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    pub retention_interval_ms: u64,
 }
 
 impl NodeArgs {
+    /// The gRPC API's budgets from flags.
+    pub fn api_limits(&self) -> warden_runtime::api::ApiLimits {
+        warden_runtime::api::ApiLimits {
+            max_connections: self.api_max_connections,
+            max_in_flight: self.api_max_in_flight,
+            max_watch_streams: self.api_max_watch_streams,
+            statement_timeout: Duration::from_millis(self.api_statement_timeout_ms),
+            ..Default::default()
+        }
+    }
+
     /// Turn flags into a validated node configuration.
     pub fn config(&self) -> anyhow::Result<NodeConfig> {
         let ttl = Duration::from_millis(self.lease_ttl_ms);
@@ -110,6 +143,12 @@ impl NodeArgs {
                 ..Default::default()
             },
             enforcer_interval: Duration::from_millis(self.enforcer_interval_ms),
+            retention: RetentionConfig {
+                period: (self.retention_hours > 0).then(|| Duration::from_secs(self.retention_hours * 3600)),
+                batch_size: self.retention_batch,
+                interval: Duration::from_millis(self.retention_interval_ms),
+                ..Default::default()
+            },
             ..Default::default()
         };
         config.validate()?;
@@ -256,10 +295,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding gRPC address {addr}"))?;
         tracing::info!(addr = %listener.local_addr()?, auth = token.is_some(), tls = tls.is_some(), "gRPC API listening");
-        let (n, stop) = (node.clone(), admin_stop.clone());
+        let limits = args.api_limits();
+        limits.validate().map_err(|e| anyhow::anyhow!("API limits: {e}"))?;
+        let api = warden_runtime::api::Api::with_limits(node.clone(), limits);
+        let stop = admin_stop.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                warden_runtime::api::serve_with(listener, n, warden_runtime::api::Auth::new(token), tls, stop).await
+                warden_runtime::api::serve_api(listener, api, warden_runtime::api::Auth::new(token), tls, stop).await
             {
                 tracing::error!(error = %e, "gRPC server failed");
             }

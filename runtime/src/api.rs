@@ -3,18 +3,29 @@
 //! ([`status`]) and never carry SQL or internal detail.
 //!
 //! Limits: a batch enqueue takes at most [`MAX_BATCH`] jobs, a page at most
-//! [`MAX_PAGE`] jobs, a request at most 4 MiB; each connection runs at most
+//! [`MAX_PAGE`] jobs or attempts, a request at most 4 MiB; each connection runs at most
 //! [`MAX_CONCURRENT_PER_CONNECTION`] requests at once and each request has a
 //! [`REQUEST_TIMEOUT`]. Optional bearer-token authentication.
+//!
+//! An abusive client must not starve execution ([`ApiLimits`]): the API has its own
+//! small database pool (never an executor connection) whose statements time out after
+//! a few seconds; calls in progress are capped over all connections (past the cap a
+//! call waits briefly, then gets `RESOURCE_EXHAUSTED`), and so are ownership streams,
+//! which all share one lease poller ([`OwnershipHub`]) instead of polling each. Every
+//! query is an index lookup or bounded: queue statistics count at most a cap per
+//! partition, attempts and job lists come in pages.
 
 use crate::error::Error;
 use crate::job::{AttemptRow, CancelResult, JobRow, Lane, NewJob};
 use crate::node::Node;
 use crate::store;
 use chrono::{DateTime, TimeZone, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -32,6 +43,65 @@ pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_CONCURRENT_PER_CONNECTION: usize = 32;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// HTTP/2 streams one connection may open at once (calls and ownership streams).
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// How long a new ownership stream waits for the shared poller's first lease read.
+const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+
+/// Budgets that keep the API from competing with execution. `Default` is sane for a
+/// node with a 16-connection executor pool.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Connections of the API's own database pool.
+    pub max_connections: u32,
+    /// How long a call waits for an API connection before `RESOURCE_EXHAUSTED`.
+    pub acquire_timeout: Duration,
+    /// `statement_timeout` of API connections: one slow query cannot hold one long.
+    pub statement_timeout: Duration,
+    /// Calls in progress at once over every connection.
+    pub max_in_flight: usize,
+    /// How long a call waits for a slot before `RESOURCE_EXHAUSTED`.
+    pub admission_wait: Duration,
+    /// `WatchOwnership` streams open at once.
+    pub max_watch_streams: usize,
+    /// Period of the one lease poll that feeds every ownership stream.
+    pub watch_poll_interval: Duration,
+    /// Queue statistics count at most this many unfinished jobs per partition.
+    pub stats_partition_cap: i64,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4,
+            acquire_timeout: Duration::from_millis(500),
+            statement_timeout: Duration::from_secs(5),
+            max_in_flight: 64,
+            admission_wait: Duration::from_millis(100),
+            max_watch_streams: 64,
+            watch_poll_interval: Duration::from_millis(200),
+            stats_partition_cap: store::DEFAULT_PARTITION_COUNT_CAP,
+        }
+    }
+}
+
+impl ApiLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_connections == 0 || self.max_in_flight == 0 || self.max_watch_streams == 0 {
+            return Err("API max_connections, max_in_flight and max_watch_streams must be positive".into());
+        }
+        if self.statement_timeout < Duration::from_millis(1) || self.acquire_timeout.is_zero() {
+            return Err("API statement_timeout and acquire_timeout must be positive".into());
+        }
+        if self.watch_poll_interval < Duration::from_millis(10) {
+            return Err("API watch_poll_interval must be at least 10ms".into());
+        }
+        if self.stats_partition_cap <= 0 {
+            return Err("API stats_partition_cap must be positive".into());
+        }
+        Ok(())
+    }
+}
 
 /// Map a runtime error to a client-facing status without leaking internals.
 pub fn status(e: Error) -> Status {
@@ -148,6 +218,28 @@ fn new_job(j: Option<pb::NewJob>) -> Result<NewJob, Status> {
     Ok(job)
 }
 
+/// A page size: 0 means [`DEFAULT_PAGE`], above [`MAX_PAGE`] is refused.
+fn page_size(field: &str, n: u32) -> Result<u32, Status> {
+    match n {
+        0 => Ok(DEFAULT_PAGE),
+        n if n > MAX_PAGE => Err(Status::invalid_argument(format!("{field} {n} exceeds the limit of {MAX_PAGE}"))),
+        n => Ok(n),
+    }
+}
+
+/// A page token (an id from the previous page); empty means the first page.
+fn page_token(field: &str, token: &str) -> Result<Option<i64>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("invalid {field}")))
+}
+
 fn positive_id(id: i64) -> Result<i64, Status> {
     if id <= 0 {
         return Err(Status::invalid_argument("id must be a positive job id"));
@@ -159,15 +251,100 @@ fn positive_id(id: i64) -> Result<i64, Status> {
 #[derive(Clone)]
 pub struct Api {
     node: Node,
+    /// The API's own pool (see [`ApiLimits`]); the executor's is never used.
+    pool: PgPool,
+    client: crate::Client,
+    limits: Arc<ApiLimits>,
+    in_flight: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    ownership: Arc<OwnershipHub>,
 }
 
 impl Api {
     pub fn new(node: Node) -> Self {
-        Self { node }
+        Self::with_limits(node, ApiLimits::default())
     }
 
-    fn pool(&self) -> &sqlx::PgPool {
-        self.node.pool()
+    /// The API of `node` with these budgets (its pool connects lazily).
+    pub fn with_limits(node: Node, limits: ApiLimits) -> Self {
+        let statement_timeout = limits.statement_timeout.as_millis().to_string();
+        let options = (*node.pool().connect_options())
+            .clone()
+            .application_name("warden-api")
+            // Appended after the executor's own `-c statement_timeout`: the last one wins.
+            .options([("statement_timeout", statement_timeout)]);
+        let pool = PgPoolOptions::new()
+            .max_connections(limits.max_connections)
+            .min_connections(0)
+            .acquire_timeout(limits.acquire_timeout)
+            .test_before_acquire(false)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .connect_lazy_with(options);
+        let client = node.client().on_pool(pool.clone());
+        let ownership = OwnershipHub::new(pool.clone(), limits.watch_poll_interval);
+        Self {
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            streams: Arc::new(Semaphore::new(limits.max_watch_streams)),
+            node,
+            pool,
+            client,
+            limits: Arc::new(limits),
+            ownership,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The API's database pool (tests look at it).
+    pub fn api_pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Lease reads the shared ownership poller has done (tests check that streams
+    /// share them).
+    pub fn ownership_polls(&self) -> u64 {
+        self.ownership.polls()
+    }
+
+    /// A slot among [`ApiLimits::max_in_flight`] calls, or `RESOURCE_EXHAUSTED` after
+    /// [`ApiLimits::admission_wait`]: excess load is refused, never queued unboundedly.
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        match tokio::time::timeout(self.limits.admission_wait, self.in_flight.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                metrics::counter!("warden_api_rejected_total", "limit" => "in_flight").increment(1);
+                Err(Status::resource_exhausted(format!(
+                    "the node is serving its limit of {} API calls at once; try again shortly",
+                    self.limits.max_in_flight
+                )))
+            }
+        }
+    }
+
+    /// [`status`], plus what only the API pool can tell: its connections all busy,
+    /// or a statement past the API's statement timeout.
+    fn status(&self, e: Error) -> Status {
+        match &e {
+            Error::Database(sqlx::Error::PoolTimedOut)
+                if self.pool.size() >= self.limits.max_connections && self.pool.num_idle() == 0 =>
+            {
+                metrics::counter!("warden_api_rejected_total", "limit" => "pool").increment(1);
+                Status::resource_exhausted(format!(
+                    "all {} API database connections are busy; try again shortly",
+                    self.limits.max_connections
+                ))
+            }
+            Error::Database(sqlx::Error::Database(d)) if d.code().as_deref() == Some("57014") => {
+                metrics::counter!("warden_api_rejected_total", "limit" => "statement_timeout").increment(1);
+                Status::deadline_exceeded(format!(
+                    "the query ran past the API statement timeout of {} ms",
+                    self.limits.statement_timeout.as_millis()
+                ))
+            }
+            _ => status(e),
+        }
     }
 
     fn desired_owner(&self, partition: u32) -> String {
@@ -180,7 +357,7 @@ impl Api {
 
     /// Ownership from the lease table: partition → (owner node id, epoch, expiry) for unexpired leases.
     async fn actual(&self) -> Result<BTreeMap<u32, (String, i64, i64)>, Status> {
-        let rows = store::leases(self.pool()).await.map_err(status)?;
+        let rows = store::leases(self.pool()).await.map_err(|e| self.status(e))?;
         let now = Utc::now();
         Ok(rows
             .into_iter()
@@ -201,13 +378,18 @@ impl Cluster for Api {
         &self,
         _r: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let _permit = self.admit().await?;
         let actual = self.actual().await?;
         let mut held: BTreeMap<String, u32> = BTreeMap::new();
         for (owner, _, _) in actual.values() {
             *held.entry(owner.clone()).or_default() += 1;
         }
-        let backlog: HashMap<String, i64> =
-            store::backlog_by_node(self.pool()).await.map_err(status)?.into_iter().collect();
+        let backlog: HashMap<String, i64> = store::queue_depth(self.pool(), self.limits.stats_partition_cap)
+            .await
+            .map_err(|e| self.status(e))?
+            .backlog_by_node()
+            .into_iter()
+            .collect();
         let ring = self.node.ring();
         let desired = |id: &str| ring.as_ref().map(|r| r.partitions_of(id).len() as u32).unwrap_or(0);
         let mut members = Vec::new();
@@ -257,6 +439,7 @@ impl Cluster for Api {
         &self,
         _r: Request<pb::GetAssignmentRequest>,
     ) -> Result<Response<pb::GetAssignmentResponse>, Status> {
+        let _permit = self.admit().await?;
         let actual = self.actual().await?;
         let p = self.node.config().partitions.get();
         let assignment = (0..p)
@@ -288,13 +471,14 @@ impl Cluster for Api {
     }
 
     async fn locate(&self, r: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+        let _permit = self.admit().await?;
         let account = r.into_inner().account;
         crate::job::validate_name("account", &account, crate::job::MAX_ACCOUNT_BYTES).map_err(status)?;
         let partition = crate::partition_of(&account, self.node.config().partitions);
         let actual = self.actual().await?;
         let (actual_owner, epoch, _) = actual.get(&partition).cloned().unwrap_or_default();
         let here = self.node.lease_table().holds(partition);
-        let (next, unfinished) = store::account_queue(self.pool(), &account).await.map_err(status)?;
+        let (next, unfinished) = store::account_queue(self.pool(), &account).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::LocateResponse {
             account: account.clone(),
             partition,
@@ -305,10 +489,12 @@ impl Cluster for Api {
             answered_by_owner: here,
             next_due_job: next.as_ref().map(job_pb),
             unfinished_jobs: unfinished.max(0) as u64,
+            unfinished_jobs_capped: unfinished >= store::ACCOUNT_COUNT_CAP,
         }))
     }
 
     async fn node_stats(&self, _r: Request<pb::NodeStatsRequest>) -> Result<Response<pb::NodeStatsResponse>, Status> {
+        let _permit = self.admit().await?;
         let s = self.node.stats();
         Ok(Response::new(pb::NodeStatsResponse {
             node: s.owner,
@@ -325,9 +511,21 @@ impl Cluster for Api {
         &self,
         _r: Request<pb::WatchOwnershipRequest>,
     ) -> Result<Response<Self::WatchOwnershipStream>, Status> {
+        let _permit = self.admit().await?;
+        let Ok(stream_permit) = self.streams.clone().try_acquire_owned() else {
+            metrics::counter!("warden_api_rejected_total", "limit" => "watch_streams").increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "the node serves at most {} ownership streams at once; close one or try another node",
+                self.limits.max_watch_streams
+            )));
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let api = self.clone();
-        tokio::spawn(async move { watch(api, tx).await });
+        let owners = self.ownership.subscribe();
+        tokio::spawn(async move {
+            watch(api, owners, tx).await;
+            drop(stream_permit);
+        });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
@@ -336,57 +534,191 @@ fn event(kind: &str) -> pb::OwnershipEvent {
     pb::OwnershipEvent { at_unix_ms: Utc::now().timestamp_millis(), kind: kind.into(), ..Default::default() }
 }
 
-/// Feed one watcher: membership changes from gossip, ownership changes from the lease
-/// table (polled every 200 ms). Ends when the client goes away.
-async fn watch(api: Api, tx: tokio::sync::mpsc::Sender<Result<pb::OwnershipEvent, Status>>) {
+/// Held partitions: partition → (owner node id, epoch), unexpired leases only.
+pub type Owners = BTreeMap<u32, (String, i64)>;
+
+/// The ownership events that turn `old` into `new` (pure).
+pub fn ownership_events(old: &Owners, new: &Owners) -> Vec<pb::OwnershipEvent> {
+    let mut out = Vec::new();
+    for (p, (owner, epoch)) in new {
+        match old.get(p) {
+            None => out.push(pb::OwnershipEvent {
+                partition: *p,
+                to_owner: owner.clone(),
+                epoch: *epoch,
+                ..event("acquired")
+            }),
+            Some((old_owner, _)) if old_owner != owner => out.push(pb::OwnershipEvent {
+                partition: *p,
+                from_owner: old_owner.clone(),
+                to_owner: owner.clone(),
+                epoch: *epoch,
+                ..event("moved")
+            }),
+            Some((_, old_epoch)) if old_epoch != epoch => out.push(pb::OwnershipEvent {
+                partition: *p,
+                to_owner: owner.clone(),
+                epoch: *epoch,
+                ..event("acquired")
+            }),
+            _ => {}
+        }
+    }
+    for (p, (owner, epoch)) in old {
+        if !new.contains_key(p) {
+            out.push(pb::OwnershipEvent {
+                partition: *p,
+                from_owner: owner.clone(),
+                epoch: *epoch,
+                ..event("released")
+            });
+        }
+    }
+    out
+}
+
+/// The member events that turn `old` into `new` (node id → state; pure).
+pub fn member_events(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<pb::OwnershipEvent> {
+    let mut out = Vec::new();
+    for (id, st) in new {
+        match old.get(id) {
+            None => out.push(pb::OwnershipEvent { node_id: id.clone(), state: st.clone(), ..event("member_joined") }),
+            Some(o) if o != st => {
+                out.push(pb::OwnershipEvent { node_id: id.clone(), state: st.clone(), ..event("member_state") })
+            }
+            _ => {}
+        }
+    }
+    for id in old.keys() {
+        if !new.contains_key(id) {
+            out.push(pb::OwnershipEvent { node_id: id.clone(), ..event("member_left") });
+        }
+    }
+    out
+}
+
+/// One lease poller for every ownership stream of a node. It runs only while at least
+/// one stream is open, reads the lease table at most once per interval on the API
+/// pool, and publishes the owners in a `watch` channel: it keeps only the latest
+/// value, so a slow stream costs no memory — it later diffs what it last saw against
+/// what is current.
+pub struct OwnershipHub {
+    tx: tokio::sync::watch::Sender<Option<Arc<Owners>>>,
+    pool: PgPool,
+    interval: Duration,
+    running: Mutex<bool>,
+    polls: std::sync::atomic::AtomicU64,
+}
+
+impl OwnershipHub {
+    fn new(pool: PgPool, interval: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            tx: tokio::sync::watch::channel(None).0,
+            pool,
+            interval,
+            running: Mutex::new(false),
+            polls: Default::default(),
+        })
+    }
+
+    /// Lease reads done so far (tests check that streams share them).
+    pub fn polls(&self) -> u64 {
+        self.polls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A receiver of the current owners; starts the poller if it is not running.
+    fn subscribe(self: &Arc<Self>) -> tokio::sync::watch::Receiver<Option<Arc<Owners>>> {
+        let mut running = self.running.lock().expect("hub lock");
+        let rx = self.tx.subscribe();
+        if !*running {
+            *running = true;
+            let hub = self.clone();
+            tokio::spawn(async move { hub.poll().await });
+        }
+        rx
+    }
+
+    async fn poll(self: Arc<Self>) {
+        loop {
+            {
+                // Decided under the lock `subscribe` takes: a stream that subscribes
+                // after this either sees the poller running or starts a new one.
+                let mut running = self.running.lock().expect("hub lock");
+                if self.tx.receiver_count() == 0 {
+                    *running = false;
+                    // Start the next subscriber from a fresh read, not a stale one.
+                    self.tx.send_replace(None);
+                    return;
+                }
+            }
+            self.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match store::leases(&self.pool).await {
+                Ok(rows) => {
+                    let now = Utc::now();
+                    let owners: Owners = rows
+                        .into_iter()
+                        .filter_map(|l| {
+                            let owner = l.owner_node?;
+                            (l.lease_expires_at? > now).then(|| {
+                                (l.partition as u32, (owner.split('/').next().unwrap_or_default().to_string(), l.epoch))
+                            })
+                        })
+                        .collect();
+                    self.tx.send_if_modified(|cur| {
+                        if cur.as_deref() == Some(&owners) {
+                            false
+                        } else {
+                            *cur = Some(Arc::new(owners));
+                            true
+                        }
+                    });
+                }
+                // A database blip: the next poll tries again; streams keep what they saw.
+                Err(e) => tracing::debug!(error = %e, "ownership poll failed"),
+            }
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+}
+
+/// Feed one watcher: membership changes from gossip, ownership changes from the shared
+/// poller. Ends when the client goes away.
+async fn watch(
+    api: Api,
+    mut owners_rx: tokio::sync::watch::Receiver<Option<Arc<Owners>>>,
+    tx: tokio::sync::mpsc::Sender<Result<pb::OwnershipEvent, Status>>,
+) {
     let mut view = api.node.membership().map(|m| m.view());
-    let mut members: BTreeMap<String, String> = view
-        .as_mut()
-        .map(|v| v.borrow_and_update().iter().map(|m| (m.node_id.clone(), m.state.as_str().to_string())).collect())
-        .unwrap_or_default();
-    let mut owners = match api.actual().await {
-        Ok(o) => o,
-        Err(s) => {
-            let _ = tx.send(Err(s)).await;
+    let member_map = |v: &mut tokio::sync::watch::Receiver<_>| -> BTreeMap<String, String> {
+        let members: &Vec<warden_cluster::Member> = &v.borrow_and_update();
+        members.iter().map(|m| (m.node_id.clone(), m.state.as_str().to_string())).collect()
+    };
+    let mut members: BTreeMap<String, String> = view.as_mut().map(member_map).unwrap_or_default();
+    let first = tokio::time::timeout(FIRST_SNAPSHOT_WAIT, async {
+        owners_rx.wait_for(|o| o.is_some()).await.ok().and_then(|o| o.clone())
+    })
+    .await;
+    let mut owners: Arc<Owners> = match first {
+        Ok(Some(o)) => o,
+        _ => {
+            let _ = tx.send(Err(Status::unavailable("database unavailable, try again"))).await;
             return;
         }
     };
     if tx.send(Ok(event("snapshot"))).await.is_err() {
         return;
     }
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
-        tokio::select! {
+        let out = tokio::select! {
             _ = tx.closed() => return,
-            _ = tick.tick() => {
-                let now = match api.actual().await {
-                    Ok(o) => o,
-                    Err(_) => continue, // database blip: try again next tick
-                };
-                let mut out = Vec::new();
-                for (p, (owner, epoch, _)) in &now {
-                    match owners.get(p) {
-                        None => out.push(pb::OwnershipEvent { partition: *p, to_owner: owner.clone(), epoch: *epoch, ..event("acquired") }),
-                        Some((old, old_epoch, _)) if old != owner => out.push(pb::OwnershipEvent {
-                            partition: *p, from_owner: old.clone(), to_owner: owner.clone(), epoch: *epoch, ..event("moved")
-                        }),
-                        Some((_, old_epoch, _)) if old_epoch != epoch => out.push(pb::OwnershipEvent {
-                            partition: *p, to_owner: owner.clone(), epoch: *epoch, ..event("acquired")
-                        }),
-                        _ => {}
-                    }
+            changed = owners_rx.changed() => {
+                if changed.is_err() {
+                    return;
                 }
-                for (p, (owner, epoch, _)) in &owners {
-                    if !now.contains_key(p) {
-                        out.push(pb::OwnershipEvent { partition: *p, from_owner: owner.clone(), epoch: *epoch, ..event("released") });
-                    }
-                }
+                let Some(now) = owners_rx.borrow_and_update().clone() else { continue };
+                let out = ownership_events(&owners, &now);
                 owners = now;
-                for e in out {
-                    if tx.send(Ok(e)).await.is_err() {
-                        return;
-                    }
-                }
+                out
             }
             changed = async {
                 match view.as_mut() {
@@ -398,27 +730,15 @@ async fn watch(api: Api, tx: tokio::sync::mpsc::Sender<Result<pb::OwnershipEvent
                     view = None;
                     continue;
                 }
-                let now: BTreeMap<String, String> = view.as_mut().unwrap().borrow_and_update().iter()
-                    .map(|m| (m.node_id.clone(), m.state.as_str().to_string())).collect();
-                let mut out = Vec::new();
-                for (id, st) in &now {
-                    match members.get(id) {
-                        None => out.push(pb::OwnershipEvent { node_id: id.clone(), state: st.clone(), ..event("member_joined") }),
-                        Some(old) if old != st => out.push(pb::OwnershipEvent { node_id: id.clone(), state: st.clone(), ..event("member_state") }),
-                        _ => {}
-                    }
-                }
-                for id in members.keys() {
-                    if !now.contains_key(id) {
-                        out.push(pb::OwnershipEvent { node_id: id.clone(), ..event("member_left") });
-                    }
-                }
+                let now = member_map(view.as_mut().expect("checked above"));
+                let out = member_events(&members, &now);
                 members = now;
-                for e in out {
-                    if tx.send(Ok(e)).await.is_err() {
-                        return;
-                    }
-                }
+                out
+            }
+        };
+        for e in out {
+            if tx.send(Ok(e)).await.is_err() {
+                return;
             }
         }
     }
@@ -427,8 +747,9 @@ async fn watch(api: Api, tx: tokio::sync::mpsc::Sender<Result<pb::OwnershipEvent
 #[tonic::async_trait]
 impl Jobs for Api {
     async fn enqueue(&self, r: Request<pb::EnqueueRequest>) -> Result<Response<pb::EnqueueResponse>, Status> {
+        let _permit = self.admit().await?;
         let job = new_job(r.into_inner().job)?;
-        let e = self.node.client().enqueue(job).await.map_err(status)?;
+        let e = self.client.enqueue(job).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::EnqueueResponse { id: e.id, duplicate: e.duplicate }))
     }
 
@@ -436,6 +757,7 @@ impl Jobs for Api {
         &self,
         r: Request<pb::EnqueueBatchRequest>,
     ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
+        let _permit = self.admit().await?;
         let jobs = r.into_inner().jobs;
         if jobs.is_empty() {
             return Err(Status::invalid_argument("jobs must not be empty"));
@@ -448,39 +770,40 @@ impl Jobs for Api {
             .enumerate()
             .map(|(i, j)| new_job(Some(j)).map_err(|s| Status::invalid_argument(format!("jobs[{i}]: {}", s.message()))))
             .collect::<Result<Vec<_>, _>>()?;
-        let out = self.node.client().enqueue_many(&jobs).await.map_err(status)?;
+        let out = self.client.enqueue_many(&jobs).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::EnqueueBatchResponse {
             results: out.into_iter().map(|e| pb::EnqueueResponse { id: e.id, duplicate: e.duplicate }).collect(),
         }))
     }
 
     async fn get_job(&self, r: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
-        let id = positive_id(r.into_inner().id)?;
-        let job = self.node.client().get(id).await.map_err(status)?.ok_or_else(|| status(Error::JobNotFound(id)))?;
-        let attempts = self.node.client().attempts(id).await.map_err(status)?;
+        let _permit = self.admit().await?;
+        let r = r.into_inner();
+        let id = positive_id(r.id)?;
+        let page = page_size("attempts_page_size", r.attempts_page_size)?;
+        let after_id = page_token("attempts_page_token", &r.attempts_page_token)?.unwrap_or(0);
+        let job =
+            self.client.get(id).await.map_err(|e| self.status(e))?.ok_or_else(|| status(Error::JobNotFound(id)))?;
+        let mut attempts =
+            store::attempts_page(self.pool(), id, after_id, page as i64 + 1).await.map_err(|e| self.status(e))?;
+        let next_attempts_page_token = if attempts.len() > page as usize {
+            attempts.truncate(page as usize);
+            attempts.last().map(|a| a.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::GetJobResponse {
             job: Some(job_pb(&job)),
             attempts: attempts.iter().map(attempt_pb).collect(),
+            next_attempts_page_token,
         }))
     }
 
     async fn list_jobs(&self, r: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let _permit = self.admit().await?;
         let r = r.into_inner();
-        let page = if r.page_size == 0 { DEFAULT_PAGE } else { r.page_size };
-        if page > MAX_PAGE {
-            return Err(Status::invalid_argument(format!("page_size {page} exceeds the limit of {MAX_PAGE}")));
-        }
-        let before_id = if r.page_token.is_empty() {
-            None
-        } else {
-            Some(
-                r.page_token
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|v| *v > 0)
-                    .ok_or_else(|| Status::invalid_argument("invalid page_token"))?,
-            )
-        };
+        let page = page_size("page_size", r.page_size)?;
+        let before_id = page_token("page_token", &r.page_token)?;
         let nonempty = |s: String| (!s.is_empty()).then_some(s);
         if !r.state.is_empty() && crate::job::JobState::parse(&r.state).is_none() {
             return Err(Status::invalid_argument(format!(
@@ -493,21 +816,19 @@ impl Jobs for Api {
             kind: nonempty(r.kind),
             state: nonempty(r.state),
             before_id,
-            limit: page as i64 + 1,
+            limit: page as i64,
         };
-        let mut jobs = store::list_jobs(self.pool(), &filter).await.map_err(status)?;
-        let next_page_token = if jobs.len() > page as usize {
-            jobs.truncate(page as usize);
-            jobs.last().map(|j| j.id.to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(pb::ListJobsResponse { jobs: jobs.iter().map(job_pb).collect(), next_page_token }))
+        let found = store::list_jobs(self.pool(), &filter).await.map_err(|e| self.status(e))?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: found.jobs.iter().map(job_pb).collect(),
+            next_page_token: found.next_before_id.map(|id| id.to_string()).unwrap_or_default(),
+        }))
     }
 
     async fn cancel_job(&self, r: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let _permit = self.admit().await?;
         let id = positive_id(r.into_inner().id)?;
-        let (result, state) = match self.node.client().cancel(id).await.map_err(status)? {
+        let (result, state) = match self.client.cancel(id).await.map_err(|e| self.status(e))? {
             CancelResult::Cancelled => ("cancelled", "cancelled".to_string()),
             CancelResult::CancelRequested => ("cancel_requested", "running".to_string()),
             CancelResult::AlreadyFinished { state } => ("already_finished", state),
@@ -516,8 +837,9 @@ impl Jobs for Api {
     }
 
     async fn retry_job(&self, r: Request<pb::RetryJobRequest>) -> Result<Response<pb::RetryJobResponse>, Status> {
+        let _permit = self.admit().await?;
         let id = positive_id(r.into_inner().id)?;
-        let job = self.node.client().retry(id).await.map_err(status)?;
+        let job = self.client.retry(id).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::RetryJobResponse { job: Some(job_pb(&job)) }))
     }
 
@@ -525,18 +847,31 @@ impl Jobs for Api {
         &self,
         _r: Request<pb::QueueStatsRequest>,
     ) -> Result<Response<pb::QueueStatsResponse>, Status> {
-        let by_state = self.node.client().state_counts().await.map_err(status)?.0.into_iter().collect();
-        let backlog_by_node = store::backlog_by_node(self.pool()).await.map_err(status)?.into_iter().collect();
-        let top = store::top_partition_backlogs(self.pool(), 20).await.map_err(status)?;
-        let oldest = store::oldest_due_age(self.pool()).await.map_err(status)?;
+        let _permit = self.admit().await?;
+        let depth =
+            store::queue_depth(self.pool(), self.limits.stats_partition_cap).await.map_err(|e| self.status(e))?;
+        let oldest = store::oldest_due_age(self.pool()).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::QueueStatsResponse {
-            by_state,
-            backlog_by_node,
-            top_partitions: top
+            by_state: depth.state_counts().0.into_iter().collect(),
+            backlog_by_node: depth.backlog_by_node().into_iter().collect(),
+            top_partitions: depth
+                .top_partitions(20)
                 .into_iter()
-                .map(|(p, n, o)| pb::PartitionBacklog { partition: p as u32, backlog: n, owner: o.unwrap_or_default() })
+                .map(|p| pb::PartitionBacklog {
+                    partition: p.partition,
+                    backlog: p.unfinished(),
+                    owner: p.holder.clone().unwrap_or_default(),
+                    capped: p.capped,
+                })
                 .collect(),
             oldest_due_age_ms: oldest.map(|d| d.as_millis() as i64).unwrap_or(0),
+            estimated_states: if depth.finished_estimated {
+                store::FINISHED_STATES.iter().map(|s| s.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            capped: depth.capped(),
+            partition_count_cap: depth.cap,
         }))
     }
 }
@@ -593,7 +928,17 @@ pub async fn serve_with(
     tls: Option<Tls>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let api = Api::new(node);
+    serve_api(listener, Api::new(node), auth, tls, shutdown).await
+}
+
+/// Serve `api` (built with [`Api::with_limits`] for other budgets than the default).
+pub async fn serve_api(
+    listener: tokio::net::TcpListener,
+    api: Api,
+    auth: Auth,
+    tls: Option<Tls>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     let (a1, a2) = (auth.clone(), auth);
     let cluster = tonic::service::interceptor::InterceptedService::new(
         ClusterServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -612,6 +957,7 @@ pub async fn serve_with(
     }
     builder
         .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .timeout(REQUEST_TIMEOUT)
         .add_service(cluster)
         .add_service(jobs)
@@ -620,4 +966,73 @@ pub async fn serve_with(
             shutdown.cancelled_owned(),
         )
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners(v: &[(u32, &str, i64)]) -> Owners {
+        v.iter().map(|(p, o, e)| (*p, (o.to_string(), *e))).collect()
+    }
+
+    fn kinds(events: &[pb::OwnershipEvent]) -> Vec<(String, u32)> {
+        events.iter().map(|e| (e.kind.clone(), e.partition)).collect()
+    }
+
+    #[test]
+    fn ownership_events_name_every_change_and_nothing_else() {
+        let old = owners(&[(0, "a", 1), (1, "a", 1), (2, "b", 3), (3, "b", 3)]);
+        let new = owners(&[(0, "a", 1), (1, "b", 2), (2, "b", 4), (4, "c", 1)]);
+        let mut got = kinds(&ownership_events(&old, &new));
+        got.sort();
+        let want = vec![("acquired".into(), 2), ("acquired".into(), 4), ("moved".into(), 1), ("released".into(), 3)];
+        assert_eq!(got, want);
+        assert!(ownership_events(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_slow_reader_gets_the_net_change_between_what_it_saw_and_now() {
+        // a → b → a again while the reader was away: same owner, new epoch.
+        let seen = owners(&[(7, "a", 1)]);
+        let now = owners(&[(7, "a", 3)]);
+        assert_eq!(kinds(&ownership_events(&seen, &now)), vec![("acquired".to_string(), 7)]);
+    }
+
+    #[test]
+    fn member_events_report_joins_state_changes_and_leaves() {
+        let m = |v: &[(&str, &str)]| -> BTreeMap<String, String> {
+            v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        };
+        let ev = member_events(&m(&[("a", "active"), ("b", "joining")]), &m(&[("b", "active"), ("c", "joining")]));
+        let got: Vec<(String, String)> = ev.iter().map(|e| (e.kind.clone(), e.node_id.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("member_state".to_string(), "b".to_string()),
+                ("member_joined".into(), "c".into()),
+                ("member_left".into(), "a".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn page_sizes_and_tokens_are_checked() {
+        assert_eq!(page_size("p", 0).unwrap(), DEFAULT_PAGE);
+        assert_eq!(page_size("p", MAX_PAGE).unwrap(), MAX_PAGE);
+        assert!(page_size("p", MAX_PAGE + 1).unwrap_err().message().contains("limit of 500"));
+        assert_eq!(page_token("t", "").unwrap(), None);
+        assert_eq!(page_token("t", "42").unwrap(), Some(42));
+        for bad in ["0", "-3", "x", "1.5"] {
+            assert_eq!(page_token("t", bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_limits_are_valid_and_zero_budgets_are_not() {
+        assert!(ApiLimits::default().validate().is_ok());
+        assert!(ApiLimits { max_in_flight: 0, ..Default::default() }.validate().is_err());
+        assert!(ApiLimits { max_watch_streams: 0, ..Default::default() }.validate().is_err());
+        assert!(ApiLimits { stats_partition_cap: 0, ..Default::default() }.validate().is_err());
+    }
 }

@@ -35,6 +35,12 @@ impl Client {
         &self.pool
     }
 
+    /// The same client (partition count, per-kind defaults) on another pool: the gRPC
+    /// API's own, so its calls never take an executor connection.
+    pub fn on_pool(&self, pool: PgPool) -> Self {
+        Self { pool, ..self.clone() }
+    }
+
     pub fn partitions(&self) -> PartitionCount {
         self.partitions
     }

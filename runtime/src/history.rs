@@ -1,6 +1,12 @@
 //! The history checker: verifies the serial guarantee (DESIGN §1) from the
 //! attempts table, the audit trail every attempt writes. Used by the demo, the
 //! tests and the benchmarks; every figure is computed by PostgreSQL.
+//!
+//! It sees only the history that is still there: [`crate::retention`] deletes finished
+//! jobs and their attempts after the retention period, and the checks are then sound
+//! over what remains but blind to what was pruned (and `completed` counts only the
+//! unpruned). Run checks with retention off or longer than the history they cover,
+//! as the tests and the soak do (the default keeps 7 days).
 
 use crate::error::Result;
 use serde::Serialize;

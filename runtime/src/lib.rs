@@ -21,6 +21,8 @@
 //! - [`node`] — configuration, builder, lifecycle and graceful shutdown.
 //! - [`api`] — the gRPC services (`proto/warden.proto`): cluster observation and job
 //!   operations, bearer-token auth, limits, error mapping.
+//! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
+//!   node at a time).
 //! - [`history`] — the checker of the serial guarantee over the attempts table.
 //! - [`telemetry`] — metric names.
 //! - [`error`] — the crate's error type.
@@ -35,6 +37,7 @@ pub mod history;
 pub mod job;
 pub mod lease;
 pub mod node;
+pub mod retention;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

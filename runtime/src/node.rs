@@ -6,6 +6,7 @@
 //!    ├─ enforcer::run        (tick + run_once; acquires leases, wakes accounts)
 //!    ├─ lease::keep_leases   (renew every ttl/3-ish, self-fence on missed deadline)
 //!    ├─ wakeup::listen       (LISTEN/NOTIFY → account actors; rescan on reconnect)
+//!    ├─ retention::run       (prune finished jobs past the retention period)
 //!    └─ AccountActors        (see account_actor)
 //! ```
 //!
@@ -18,6 +19,7 @@ use crate::enforcer::{self, EnforceReport, Enforcer};
 use crate::error::{Error, Result};
 use crate::handler::{Handler, Registry};
 use crate::lease::{self, LeaseConfig, LeaseTable};
+use crate::retention::{self, Pruner, RetentionConfig};
 use crate::store::{self, PgStore, Store};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::sync::Arc;
@@ -41,6 +43,8 @@ pub struct NodeConfig {
     pub enforcer_interval: Duration,
     /// Max accounts the enforcer wakes per run.
     pub due_scan_limit: i64,
+    /// Pruning of finished jobs (see [`crate::retention`]).
+    pub retention: RetentionConfig,
 }
 
 impl Default for NodeConfig {
@@ -52,6 +56,7 @@ impl Default for NodeConfig {
             exec: ExecConfig::default(),
             enforcer_interval: Duration::from_secs(1),
             due_scan_limit: 10_000,
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -63,6 +68,7 @@ impl NodeConfig {
             return Err(Error::Config("node_id must not contain '/'".into()));
         }
         self.lease.validate().map_err(Error::Config)?;
+        self.retention.validate().map_err(Error::Config)?;
         if self.enforcer_interval < Duration::from_millis(10) {
             return Err(Error::Config("enforcer_interval must be at least 10ms".into()));
         }
@@ -290,6 +296,9 @@ impl NodeBuilder {
             rescan,
             shutdown.clone(),
         ));
+        // Retention runs on a one-connection pool of its own: never an executor connection.
+        let pruner = Pruner::new(Pruner::own_pool(&pool), config.retention.clone())?;
+        tracker.spawn(retention::run(pruner, shutdown.clone()));
         tracing::info!(node = %owner, partitions = partitions.get(), kinds = ?registry.kinds(), "node started");
         Ok(Node {
             inner: Arc::new(NodeInner {

@@ -16,6 +16,9 @@
 //! | `warden_finish_in_doubt_total`, `warden_orphans_adopted_total` | counter: ambiguous results resolved | |
 //! | `warden_attempt_panics_total`, `warden_finish_permanent_errors_total`, `warden_undecodable_jobs_total` | counter | |
 //! | `warden_notifications_ignored_total`, `warden_wakeups_dropped_total` | counter: hostile or excess NOTIFYs | |
+//! | `warden_retention_pruned_total` | counter: rows deleted by the pruner | table (`jobs`, `attempts`) |
+//! | `warden_retention_batch_seconds`, `warden_retention_run_seconds` | histogram: pruner batch / run time | |
+//! | `warden_api_rejected_total` | counter: API calls refused by a limit | limit |
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -50,4 +53,8 @@ pub fn describe() {
         "warden_wakeups_dropped_total",
         "Wake-ups dropped because the queue was full (a scan replaces them)"
     );
+    describe_counter!("warden_retention_pruned_total", "Rows deleted by the retention pruner");
+    describe_histogram!("warden_retention_batch_seconds", Unit::Seconds, "Retention pruner batch time");
+    describe_histogram!("warden_retention_run_seconds", Unit::Seconds, "Retention pruner run time");
+    describe_counter!("warden_api_rejected_total", "gRPC API calls refused by a limit (concurrency, streams, pool)");
 }
