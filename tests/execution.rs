@@ -225,7 +225,10 @@ async fn failing_head_retries_with_backoff_blocks_its_account_then_is_discarded(
     node.shutdown().await.unwrap();
 }
 
-#[tokio::test]
+// Multi-threaded like a real node: the scripted panic prints a backtrace
+// (RUST_BACKTRACE=1), and symbolizing it blocked the test's only thread for ~1.6 s on
+// a loaded machine — long enough for the node's leases to self-fence mid-test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_retry_snooze_discard_and_panics() {
     let db = TestDb::new().await;
     let node = start(&db, config()).await;
@@ -397,12 +400,14 @@ async fn a_wake_up_during_the_finish_of_the_previous_job_is_not_lost() {
     let t = std::time::Instant::now();
     let j: warden_runtime::JobRow =
         eventually(Duration::from_secs(10), "every job ran without waiting for the poll", || async {
-            let j: warden_runtime::JobRow =
-                sqlx::query_as("SELECT * FROM warden.jobs WHERE id = $1").bind(last).fetch_one(&db.pool).await.unwrap();
+            // Count first, then read the last job: read the other way round, the last
+            // job could complete between the two reads (seen as a flake: "running").
             let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE state <> 'completed'")
                 .fetch_one(&db.pool)
                 .await
                 .unwrap();
+            let j: warden_runtime::JobRow =
+                sqlx::query_as("SELECT * FROM warden.jobs WHERE id = $1").bind(last).fetch_one(&db.pool).await.unwrap();
             (pending == 0).then_some(j)
         })
         .await;
