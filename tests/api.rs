@@ -1046,3 +1046,36 @@ async fn an_api_client_hammering_every_rpc_does_not_starve_execution() {
     );
     node.shutdown().await.unwrap();
 }
+
+/// The rate limit: calls that read many rows cost more of the per-second budget;
+/// beyond it the node answers RESOURCE_EXHAUSTED (after the admission wait, so a
+/// client retrying in a loop is slowed down), while enqueues are never rate-limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_calls_beyond_the_rate_limit_are_refused_and_enqueues_are_not() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let limits = api::ApiLimits { max_calls_per_second: 50, ..Default::default() };
+    let (addr, _stop) = serve_api(api::Api::with_limits(node.clone(), limits)).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+    // 50 tokens: 5 queue statistics calls (10 each), then refusals.
+    let mut ok = 0;
+    let mut refused = Vec::new();
+    for _ in 0..10 {
+        match jobs.queue_stats(pb::QueueStatsRequest {}).await {
+            Ok(_) => ok += 1,
+            Err(s) => refused.push(s),
+        }
+    }
+    assert!((5..=7).contains(&ok), "{ok} heavy calls admitted from a 50-token bucket");
+    assert!(
+        refused.iter().all(|s| s.code() == Code::ResourceExhausted && s.message().contains("per second")),
+        "{refused:?}"
+    );
+    // The bucket is empty, yet producers go on.
+    for i in 0..100 {
+        jobs.enqueue(pb::EnqueueRequest { job: Some(job(&format!("rate-{i}"), "audit", r#"{"seq": 0}"#)) })
+            .await
+            .unwrap();
+    }
+    node.shutdown().await.unwrap();
+}

@@ -96,6 +96,9 @@ pub struct NodeArgs {
     /// gRPC calls in progress at once over all connections (RESOURCE_EXHAUSTED beyond).
     #[arg(long, env = "WARDEN_API_MAX_IN_FLIGHT", default_value_t = 64)]
     pub api_max_in_flight: usize,
+    /// API calls admitted per second (RESOURCE_EXHAUSTED beyond); 0: unlimited.
+    #[arg(long, env = "WARDEN_API_MAX_CALLS_PER_SECOND", default_value_t = 200)]
+    pub api_max_calls_per_second: u32,
     /// Ownership streams open at once (RESOURCE_EXHAUSTED beyond).
     #[arg(long, env = "WARDEN_API_MAX_WATCH_STREAMS", default_value_t = 64)]
     pub api_max_watch_streams: usize,
@@ -119,6 +122,7 @@ impl NodeArgs {
         warden_runtime::api::ApiLimits {
             max_connections: self.api_max_connections,
             max_in_flight: self.api_max_in_flight,
+            max_calls_per_second: self.api_max_calls_per_second,
             max_watch_streams: self.api_max_watch_streams,
             statement_timeout: Duration::from_millis(self.api_statement_timeout_ms),
             ..Default::default()
