@@ -168,8 +168,8 @@ impl SoakReport {
             self.history.overlaps, self.audit.overlaps
         );
         s += &format!(
-            "| overlapping handler runs (outside observer; by the handlers' own clock) | {} ({}) |\n",
-            self.audit.run_overlaps, self.audit.run_overlaps_local_clock
+            "| overlapping handler runs (by the database and the handlers' clock; by the database clock alone: end rows delivered late) | {} ({}) |\n",
+            self.audit.run_overlaps, self.audit.run_overlaps_db_clock
         );
         s += &format!(
             "| handler runs recorded / without an end (dropped mid-run) | {} / {} |\n",
@@ -1367,7 +1367,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
         h.started.elapsed().as_secs_f64(),
         checks_started.elapsed().as_millis()
     );
-    if report.audit.run_overlaps > 0 {
+    if report.audit.run_overlaps_db_clock > 0 {
         report.run_overlap_examples =
             warden_examples::workload::run_overlap_examples(&pool, 5).await.unwrap_or_default();
     }
