@@ -407,3 +407,37 @@ async fn fences_refuse_to_run_outside_read_committed() {
         sqlx::query_scalar("SELECT warden.fence(1, $1, 'n1')").bind(lease.epoch).fetch_one(&node_pool).await.unwrap();
     assert!(held, "Warden's own connections run READ COMMITTED whatever the default");
 }
+
+/// A node started while PostgreSQL is down waits for it (retrying with backoff, saying
+/// so) instead of exiting: `store::connect` used to fail at once. A database that will
+/// never accept these credentials still fails at once.
+#[tokio::test]
+async fn connect_waits_for_a_database_that_is_not_up_yet() {
+    let pg = warden_tests::PrivatePg::start();
+    pg.stop();
+    let url = pg.url();
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let cfg = store::StoreConfig { connect_retry: Duration::from_secs(60), ..Default::default() };
+        let pool = store::connect(&url, &cfg).await;
+        (pool.map(|p| p.size()), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!waiting.is_finished(), "connect gave up while the database was down");
+    pg.restart();
+    let (pool, waited) = waiting.await.unwrap();
+    assert!(pool.is_ok(), "{pool:?}");
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    // Permanent errors are not retried: an unknown database.
+    let started = Instant::now();
+    let bad = format!("postgres://postgres@127.0.0.1:{}/no_such_database", pg.port);
+    let e = store::connect(&bad, &Default::default()).await.unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(5) && e.contains("no_such_database"), "{e}");
+    // And a bounded retry gives up with the last error.
+    pg.stop();
+    let cfg = store::StoreConfig { connect_retry: Duration::from_secs(1), ..Default::default() };
+    let started = Instant::now();
+    assert!(store::connect(&pg.url(), &cfg).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    pg.restart();
+}

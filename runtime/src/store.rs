@@ -340,7 +340,13 @@ pub async fn connect(database_url: &str, config: &StoreConfig) -> Result<PgPool>
     let mut tries = 0u32;
     loop {
         tries += 1;
-        match pool.acquire().await {
+        // sqlx retries a refused connection inside `acquire` until its timeout; try
+        // for 2 s at most so each failure is seen (and logged) and the bound holds.
+        let tried = match tokio::time::timeout(Duration::from_secs(2), pool.acquire()).await {
+            Ok(r) => r,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        };
+        match tried {
             Ok(conn) => {
                 drop(conn);
                 if tries > 1 {
