@@ -18,4 +18,19 @@ CREATE INDEX IF NOT EXISTS jobs_open_partition_state ON warden.jobs (partition, 
 -- A job's attempts in order, paged (`store::attempts_page`) and deleted with the job by
 -- the pruner. Replaces attempts_job (job_id), which it covers.
 CREATE INDEX IF NOT EXISTS attempts_job_id ON warden.attempts (job_id, id);
-DROP INDEX IF EXISTS warden.attempts_job;
+-- attempts_job (job_id) is now redundant. It is not dropped here: DROP INDEX takes an
+-- ACCESS EXCLUSIVE lock on warden.attempts, which would queue every finish behind any
+-- open reader of the table. Drop it with `DROP INDEX CONCURRENTLY warden.attempts_job`
+-- when convenient (deploy/UPGRADING.md).
+
+-- An operator's CREATE INDEX CONCURRENTLY that failed leaves an invalid index under the
+-- name, which IF NOT EXISTS would accept: refuse instead.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = 'warden' AND NOT i.indisvalid
+                 AND c.relname IN ('jobs_finished_at', 'jobs_open_partition_state', 'attempts_job_id')) THEN
+        RAISE EXCEPTION 'an index of migration 0005 exists but is invalid (a failed CREATE INDEX CONCURRENTLY?): drop it and start again';
+    END IF;
+END $$;

@@ -329,7 +329,9 @@ impl Api {
     fn take_token(&self, rate: u32, cost: f64) -> bool {
         let mut b = self.rate.lock().unwrap();
         let now = std::time::Instant::now();
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate as f64).min(rate as f64);
+        // Hold at least one heavy call's worth, or a budget below it admits none.
+        let capacity = (rate as f64).max(HEAVY_CALL_COST);
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate as f64).min(capacity);
         b.1 = now;
         if cost > 0.0 && b.0 < cost {
             return false;
@@ -1008,6 +1010,9 @@ pub async fn serve_api(
     builder
         .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // A vanished client's watch streams give their slots back within ~40 s.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .timeout(REQUEST_TIMEOUT)
         .add_service(cluster)
         .add_service(jobs)

@@ -1599,7 +1599,8 @@ pub async fn queue_depth(pool: &PgPool, cap: i64) -> Result<QueueDepth> {
     }
     let counted: Vec<(String, i64)> = sqlx::query_as(
         "SELECT s.state, count(*) FROM (
-             SELECT state FROM warden.jobs WHERE state IN ('completed', 'discarded', 'cancelled') LIMIT $1) s
+             SELECT state FROM warden.jobs WHERE state IN ('completed', 'discarded', 'cancelled')
+             ORDER BY finished_at, id LIMIT $1) s
          GROUP BY s.state ORDER BY 1",
     )
     .bind(FINISHED_COUNT_CAP + 1)
@@ -1722,14 +1723,22 @@ pub async fn prune_finished(
 /// The account's next job in serial order and its number of unfinished jobs (at most
 /// [`ACCOUNT_COUNT_CAP`]: a count equal to it is a lower bound).
 pub async fn account_queue(pool: &PgPool, account: &str) -> Result<(Option<JobRow>, i64)> {
-    let next = sqlx::query_as(
-        "SELECT * FROM warden.jobs WHERE account = $1
-           AND state IN ('scheduled', 'available', 'retryable', 'running')
-         ORDER BY (lane <> 'serial'), run_at, id LIMIT 1",
-    )
-    .bind(account)
-    .fetch_optional(pool)
-    .await?;
+    // One probe per lane in index order (jobs_account_open): a single ORDER BY over
+    // both lanes cannot follow the index and sorted the account's whole backlog.
+    let lane_head = |lane: &'static str| {
+        sqlx::query_as::<_, JobRow>(
+            "SELECT * FROM warden.jobs WHERE account = $1 AND lane = $2
+               AND state IN ('scheduled', 'available', 'retryable', 'running')
+             ORDER BY run_at, id LIMIT 1",
+        )
+        .bind(account)
+        .bind(lane)
+        .fetch_optional(pool)
+    };
+    let next = match lane_head("serial").await? {
+        Some(j) => Some(j),
+        None => lane_head("unordered").await?,
+    };
     // Capped: an account with millions of queued jobs costs at most the cap to count
     // (index-only on jobs_account_open).
     let n: i64 = sqlx::query_scalar(
