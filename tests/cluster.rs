@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use warden_runtime::Client;
 use warden_tests::{
-    assert_guarantee, audit_jobs, count_state, eventually, free_udp_port, owners, CutProxy, NodeProc, PrivatePg, TestDb,
+    assert_guarantee, audit_jobs, count_state, eventually, free_udp_port, CutProxy, NodeProc, PrivatePg, TestDb,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
@@ -17,30 +17,6 @@ struct Cluster {
     url: String,
     seed: u16,
     nodes: BTreeMap<String, NodeProc>,
-}
-
-fn args(gossip: u16, seed: u16) -> Vec<String> {
-    [
-        "--partitions",
-        &P.to_string(),
-        "--lease-ttl-ms",
-        "2000",
-        "--enforcer-interval-ms",
-        "500",
-        "--drain-timeout-ms",
-        "3000",
-        "--settle-delay-ms",
-        "300",
-        "--gossip-interval-ms",
-        "50",
-        "--gossip-listen",
-        &format!("127.0.0.1:{gossip}"),
-        "--seeds",
-        &format!("127.0.0.1:{seed}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 impl Cluster {
@@ -54,7 +30,7 @@ impl Cluster {
 
     async fn add_with_url(&mut self, id: &str, url: &str) {
         let gossip = if self.nodes.is_empty() { self.seed } else { free_udp_port() };
-        let a = args(gossip, self.seed);
+        let a = warden_tests::cluster_node_args(P, gossip, self.seed);
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         let node = NodeProc::start(BIN, url, id, &a).await;
         self.nodes.insert(id.to_string(), node);
@@ -67,16 +43,7 @@ impl Cluster {
 
 /// Wait until every partition is owned by exactly the `expected` nodes, balanced.
 async fn wait_owned_by(pool: &sqlx::PgPool, expected: &[&str], timeout: Duration) -> BTreeMap<i32, String> {
-    eventually(timeout, &format!("all {P} partitions owned by {expected:?}"), || async {
-        let o = owners(pool).await;
-        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
-        for owner in o.values() {
-            *per.entry(owner.as_str()).or_default() += 1;
-        }
-        let ok = o.len() == P && per.len() == expected.len() && expected.iter().all(|e| per.contains_key(e));
-        ok.then_some(o)
-    })
-    .await
+    warden_tests::wait_owned_by(pool, P, expected, timeout).await
 }
 
 /// Wait until ownership has not changed for `quiet` (handoffs finished).

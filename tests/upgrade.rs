@@ -12,48 +12,19 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 use warden_runtime::Client;
-use warden_tests::{assert_guarantee, audit_jobs, count_state, eventually, free_udp_port, owners, NodeProc, TestDb};
+use warden_tests::{assert_guarantee, audit_jobs, count_state, eventually, free_udp_port, NodeProc, TestDb};
 
 const NEW: &str = env!("CARGO_BIN_EXE_warden-test-node");
 const P: usize = 64;
 
-fn args(gossip: u16, seed: u16) -> Vec<String> {
-    [
-        "--partitions",
-        &P.to_string(),
-        "--lease-ttl-ms",
-        "2000",
-        "--enforcer-interval-ms",
-        "500",
-        "--drain-timeout-ms",
-        "3000",
-        "--settle-delay-ms",
-        "300",
-        "--gossip-interval-ms",
-        "50",
-        "--gossip-listen",
-        &format!("127.0.0.1:{gossip}"),
-        "--seeds",
-        &format!("127.0.0.1:{seed}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 async fn start(bin: &str, url: &str, id: &str, gossip: u16, seed: u16) -> NodeProc {
-    let a = args(gossip, seed);
+    let a = warden_tests::cluster_node_args(P, gossip, seed);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     NodeProc::start(bin, url, id, &a).await
 }
 
 async fn wait_owned_by(pool: &sqlx::PgPool, expected: &[&str]) {
-    eventually(Duration::from_secs(30), &format!("all {P} partitions owned by {expected:?}"), || async {
-        let o = owners(pool).await;
-        let per: std::collections::BTreeSet<&str> = o.values().map(String::as_str).collect();
-        (o.len() == P && per.len() == expected.len() && expected.iter().all(|e| per.contains(e))).then_some(())
-    })
-    .await;
+    warden_tests::wait_owned_by(pool, P, expected, Duration::from_secs(30)).await;
 }
 
 #[tokio::test]

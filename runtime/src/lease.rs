@@ -314,30 +314,6 @@ pub async fn keep_leases(
                 _ = shutdown.cancelled() => return,
                 r = tokio::time::timeout_at(deadline, store.renew(&table.owner, &held, config.ttl)) => r,
             };
-            if let Some(p) = &proof {
-                let hb_deadline = (sent_at + config.valid_for()).min(deadline.max(Instant::now()));
-                let hb = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = tokio::time::timeout_at(hb_deadline, store.heartbeat(&p.info, config.ttl)) => r,
-                };
-                match hb {
-                    Ok(Ok(ids)) => {
-                        db_seen = sent_at;
-                        // A member missing from one answer only (its heartbeat was a
-                        // moment late) stays proven until the next: proof-based
-                        // removals skip the settle delay, so they must not flap.
-                        let now: Option<BTreeSet<String>> = ids.map(|ids| ids.into_iter().collect());
-                        let publish = match (&now, &last_proven) {
-                            (Some(n), Some(l)) => Some(n.union(l).cloned().collect()),
-                            _ => now.clone(),
-                        };
-                        last_proven = now;
-                        p.proven.send_if_modified(|old| (*old != publish).then(|| *old = publish).is_some());
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "member heartbeat failed"),
-                    Err(_) => tracing::debug!("member heartbeat did not answer in time"),
-                }
-            }
             match result {
                 Ok(Ok(renewed)) => {
                     table.renewed(&renewed, sent_at + config.valid_for());
@@ -358,6 +334,34 @@ pub async fn keep_leases(
                     metrics::counter!("warden_lease_renewals_total", "result" => "timeout").increment(1);
                     tracing::warn!("lease renewal did not answer before the self-fence deadline");
                     next_renew = Instant::now();
+                }
+            }
+            // After the renewal's result is applied (a slow heartbeat must not hold back
+            // the validity window the handlers read).
+            if let Some(p) = &proof {
+                // Never past a lease's window: its expiry is handled below.
+                let window = sent_at + config.valid_for();
+                let hb_deadline = table.earliest_deadline().map_or(window, |d| d.min(window)).max(Instant::now());
+                let hb = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = tokio::time::timeout_at(hb_deadline, store.heartbeat(&p.info, config.ttl)) => r,
+                };
+                match hb {
+                    Ok(Ok(ids)) => {
+                        db_seen = sent_at;
+                        // A member missing from one answer only (its heartbeat was a
+                        // moment late) stays proven until the next: proof-based
+                        // removals skip the settle delay, so they must not flap.
+                        let now: Option<BTreeSet<String>> = ids.map(|ids| ids.into_iter().collect());
+                        let publish = match (&now, &last_proven) {
+                            (Some(n), Some(l)) => Some(n.union(l).cloned().collect()),
+                            _ => now.clone(),
+                        };
+                        last_proven = now;
+                        p.proven.send_if_modified(|old| (*old != publish).then(|| *old = publish).is_some());
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "member heartbeat failed"),
+                    Err(_) => tracing::debug!("member heartbeat did not answer in time"),
                 }
             }
         }

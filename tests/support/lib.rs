@@ -492,3 +492,47 @@ pub fn fast_node_config(id: &str, partitions: u32) -> warden_runtime::NodeConfig
         ..Default::default()
     }
 }
+
+/// Flags of a `warden-test-node` cluster member for the process tests: `partitions`
+/// partitions, a 2 s lease, fast enforcer, settle and gossip, gossip on `gossip` with
+/// `seed` as the seed.
+pub fn cluster_node_args(partitions: usize, gossip: u16, seed: u16) -> Vec<String> {
+    [
+        "--partitions",
+        &partitions.to_string(),
+        "--lease-ttl-ms",
+        "2000",
+        "--enforcer-interval-ms",
+        "500",
+        "--drain-timeout-ms",
+        "3000",
+        "--settle-delay-ms",
+        "300",
+        "--gossip-interval-ms",
+        "50",
+        "--gossip-listen",
+        &format!("127.0.0.1:{gossip}"),
+        "--seeds",
+        &format!("127.0.0.1:{seed}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Wait until every one of `partitions` partitions is held (unexpired) by exactly the
+/// `expected` nodes; returns partition → owner.
+pub async fn wait_owned_by(
+    pool: &PgPool,
+    partitions: usize,
+    expected: &[&str],
+    timeout: Duration,
+) -> std::collections::BTreeMap<i32, String> {
+    eventually(timeout, &format!("all {partitions} partitions owned by {expected:?}"), || async {
+        let o = owners(pool).await;
+        let per: std::collections::BTreeSet<&str> = o.values().map(String::as_str).collect();
+        let ok = o.len() == partitions && per.len() == expected.len() && expected.iter().all(|e| per.contains(e));
+        ok.then_some(o)
+    })
+    .await
+}
