@@ -32,5 +32,5 @@ cp "$root/target/debug/warden-test-node" "$out"
 git worktree remove --force "$wt" >&2 || true
 # The shared target dir now holds the old binary under the new one's name: make the
 # next build of this checkout link its own again.
-touch tests/bin/test_node.rs examples/src/node_main.rs
+touch tests/kit/bin/warden-test-node.rs runtime/host/src/host.rs
 echo "$out"

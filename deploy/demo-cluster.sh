@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${DATABASE_URL:-}" ]; then
     exec ./deploy/pg.sh run "$0" "$@"
 fi
-cargo build --release -p warden-examples --bins
+cargo build --release -p warden-examples -p warden-cli --bins
 DIR=/tmp/warden-demo-cluster
 mkdir -p "$DIR"
 pids=()

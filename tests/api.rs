@@ -1,40 +1,18 @@
-//! The gRPC API and the `warden` CLI against real nodes and PostgreSQL: every RPC,
-//! bad input, limits, NOT_FOUND / UNAVAILABLE / UNAUTHENTICATED, the ownership stream
-//! while nodes join and leave, and the CLI binary's output and exit codes.
+//! The gRPC API against real nodes and PostgreSQL: every RPC, bad input, limits,
+//! NOT_FOUND / UNAVAILABLE / UNAUTHENTICATED, the ownership stream while nodes join
+//! and leave. The `warden` CLI's own tests are in `runtime/cli/tests/cli.rs`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
-use warden_runtime::api::{self, pb, Auth};
+use warden::api::{self, pb, Auth};
 use warden_runtime::{Node, NodeConfig, PartitionCount};
-use warden_tests::{eventually, PrivatePg, TestDb};
-
-const CLI: &str = env!("CARGO_BIN_EXE_warden-cli");
+use warden_tests::{audit_node as node_on, eventually, serve_api_of as serve, PrivatePg, TestDb};
 
 fn config(id: &str) -> NodeConfig {
     warden_tests::fast_node_config(id, 16)
-}
-
-async fn node_on(url: &str, id: &str) -> Node {
-    let pool = warden_runtime::store::connect(url, &Default::default()).await.unwrap();
-    warden_examples::workload::migrate(&pool).await.unwrap();
-    Node::builder(config(id))
-        .register(warden_examples::workload::Audit { node: id.into(), pool: pool.clone() })
-        .unwrap()
-        .start(pool)
-        .await
-        .unwrap()
-}
-
-/// Serve the API of `node` on a free port; returns its address.
-async fn serve(node: &Node, token: Option<&str>) -> (SocketAddr, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(api::serve(listener, node.clone(), Auth::new(token.map(str::to_string)), stop.clone()));
-    (addr, stop)
 }
 
 async fn channel(addr: SocketAddr) -> Channel {
@@ -298,92 +276,6 @@ async fn database_down_is_unavailable_without_internal_detail() {
     let _ = tokio::time::timeout(Duration::from_secs(10), node.shutdown()).await;
 }
 
-/// Run the CLI binary (async: the server under test runs on this test's runtime).
-async fn cli(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(CLI)
-        .arg("--endpoint")
-        .arg(format!("http://{addr}"))
-        .args(args)
-        .env_remove("WARDEN_API_TOKEN")
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-#[tokio::test]
-async fn cli_tables_json_and_exit_codes() {
-    let db = TestDb::new().await;
-    let node = node_on(&db.url, "n1").await;
-    let (addr, _stop) = serve(&node, None).await;
-    let (code, out, err) =
-        cli(addr, &["jobs", "enqueue", "acct-7", "audit", "--args", r#"{"seq": 1}"#, "--json"], &[]).await;
-    assert_eq!(code, 0, "{err}");
-    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_i64().unwrap();
-    let (code, out, _) = cli(addr, &["ring"], &[]).await;
-    assert_eq!(code, 0);
-    assert!(out.contains("NODE") && out.contains("n1") && out.contains("16 partitions: 0 moving, 0 unowned"), "{out}");
-    let (code, out, _) = cli(addr, &["members", "--json"], &[]).await;
-    assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["members"][0]["partitions_held"], 16);
-    let (code, out, _) = cli(addr, &["locate", "acct-7"], &[]).await;
-    assert!(code == 0 && out.contains("owner (lease)  n1 (epoch 1)"), "{out}");
-    eventually(Duration::from_secs(20), "job done", || async {
-        let (_, out, _) = cli(addr, &["jobs", "get", &id.to_string(), "--json"], &[]).await;
-        (serde_json::from_str::<serde_json::Value>(&out).unwrap()["job"]["state"] == "completed").then_some(())
-    })
-    .await;
-    let (code, out, _) = cli(addr, &["jobs", "list", "--account", "acct-7"], &[]).await;
-    assert!(code == 0 && out.contains("completed"), "{out}");
-    let (code, out, _) = cli(addr, &["stats", "--json"], &[]).await;
-    assert!(
-        code == 0 && serde_json::from_str::<serde_json::Value>(&out).unwrap()["by_state"]["completed"] == 1,
-        "{out}"
-    );
-    // Exit codes.
-    let (code, _, err) = cli(addr, &["jobs", "get", "987654"], &[]).await;
-    assert_eq!((code, err.trim()), (3, "error: job 987654 not found"));
-    let (code, _, err) = cli(addr, &["jobs", "enqueue", "", "audit"], &[]).await;
-    assert!(code == 4 && err.contains("account must not be empty"), "{err}");
-    let (code, _, err) = cli(addr, &["jobs", "enqueue", "a", "audit", "--args", "{oops"], &[]).await;
-    assert!(code == 4 && err.contains("not valid JSON"), "{err}");
-    let (code, _, _) = cli(addr, &["jobs", "list", "--limit", "9999"], &[]).await;
-    assert_eq!(code, 4);
-    let (code, _, _) = cli(addr, &["jobs", "frobnicate"], &[]).await;
-    assert_eq!(code, 2, "usage errors exit 2");
-    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let (code, _, err) = cli(dead, &["ring"], &[]).await;
-    assert!(code == 5 && err.contains("cannot connect"), "{err}");
-    let (code, out, _) = cli(addr, &["--help"], &[]).await;
-    assert!(code == 0 && out.contains("Examples:") && out.contains("Exit codes"), "{out}");
-    node.shutdown().await.unwrap();
-}
-
-#[tokio::test]
-async fn cli_with_authentication() {
-    let db = TestDb::new().await;
-    let node = node_on(&db.url, "n1").await;
-    let (addr, _stop) = serve(&node, Some("tok-123")).await;
-    let (code, _, err) = cli(addr, &["ring"], &[]).await;
-    assert!(code == 6 && err.contains("bearer token"), "{err}");
-    let (code, _, _) = cli(addr, &["ring", "--token", "wrong"], &[]).await;
-    assert_eq!(code, 6);
-    let (code, _, _) = cli(addr, &["ring", "--token", "tok-123"], &[]).await;
-    assert_eq!(code, 0);
-    let (code, _, _) = cli(addr, &["ring"], &[("WARDEN_API_TOKEN", "tok-123")]).await;
-    assert_eq!(code, 0);
-    let file = std::env::temp_dir().join(format!("warden-token-{}", std::process::id()));
-    std::fs::write(&file, "tok-123\n").unwrap();
-    let (code, _, _) = cli(addr, &["ring", "--token-file", file.to_str().unwrap()], &[]).await;
-    assert_eq!(code, 0);
-    node.shutdown().await.unwrap();
-}
-
 /// Python stubs generated from proto/ by grpcio-tools (installed into the cargo target
 /// dir on first use), talking to a node: the schema alone is enough to use the API.
 #[tokio::test]
@@ -444,7 +336,7 @@ async fn ownership_stream_shows_a_node_joining_and_leaving() {
     use warden_cluster::membership::ChannelTransport;
     use warden_cluster::{GossipConfig, GossipMembership};
     let db = TestDb::new().await;
-    warden_examples::workload::migrate(&db.pool).await.unwrap();
+    warden_tests::workload::migrate(&db.pool).await.unwrap();
     let t = ChannelTransport::with_mtu(65_000);
     let start = |id: &'static str, port: u16| {
         let (t, url) = (t.clone(), db.url.clone());
@@ -518,67 +410,6 @@ async fn next_event(
     assert!(found.is_ok(), "expected event not seen; got {seen:?}");
 }
 
-/// TLS on the gRPC port (rustls), used from the CLI with a CA certificate.
-#[tokio::test]
-async fn tls_on_the_grpc_port_works_from_the_cli() {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key, ca) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
-    // A CA and a leaf certificate it signs (rustls rejects a CA certificate used as the leaf).
-    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-        .unwrap();
-    let sh = format!(
-        "set -e; cd {d}; EC='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
-         openssl req -x509 $EC -days 1 -subj /CN=warden-test-ca -keyout ca.key -out ca.pem 2>/dev/null
-         openssl req $EC -subj /CN=localhost -keyout key.pem -out leaf.csr 2>/dev/null
-         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile leaf.ext -out cert.pem 2>/dev/null",
-        d = dir.display()
-    );
-    let out = std::process::Command::new("sh").arg("-c").arg(&sh).output().expect("openssl runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let db = TestDb::new().await;
-    let node = node_on(&db.url, "n1").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let stop = CancellationToken::new();
-    let tls = api::Tls { cert_pem: std::fs::read(&cert).unwrap(), key_pem: std::fs::read(&key).unwrap() };
-    let server = api::serve_with(listener, node.clone(), Auth::new(Some("t".into())), Some(tls), stop.clone());
-    tokio::spawn(async move { server.await.expect("TLS server runs") });
-    let run = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new(CLI).args(&args).env_remove("WARDEN_API_TOKEN").output().await.unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
-    let https = format!("https://127.0.0.1:{port}");
-    let ca = ca.to_str().unwrap().to_string();
-    let (code, out, err) = run(vec![
-        "--endpoint".into(),
-        https.clone(),
-        "--ca-cert".into(),
-        ca.clone(),
-        "--tls-domain".into(),
-        "localhost".into(),
-        "--token".into(),
-        "t".into(),
-        "ring".into(),
-    ])
-    .await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("16 partitions"), "{out}");
-    let (code, _, err) =
-        run(vec!["--endpoint".into(), https.clone(), "--token".into(), "t".into(), "ring".into()]).await;
-    assert!(code == 1 && err.contains("needs --ca-cert"), "{err}");
-    let (code, _, _) =
-        run(vec!["--endpoint".into(), format!("http://127.0.0.1:{port}"), "--token".into(), "t".into(), "ring".into()])
-            .await;
-    assert_ne!(code, 0, "plain HTTP/2 to a TLS port fails");
-    stop.cancel();
-    node.shutdown().await.unwrap();
-}
-
 // ---------------------------------------------------------------------------
 // An abusive client must not starve execution (issue 11 §4).
 // ---------------------------------------------------------------------------
@@ -650,10 +481,7 @@ async fn attempts_of_a_job_come_in_pages() {
         .await
         .unwrap_err();
     assert!(s.code() == Code::InvalidArgument && s.message().contains("attempts_page_token"), "{s:?}");
-    // The CLI pages too.
-    let (code, out, err) = cli(addr, &["jobs", "get", &id.to_string(), "--attempts-limit", "5"], &[]).await;
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("more attempts: --attempts-page-token"), "{out}");
+    // The CLI's paging: runtime/cli/tests/cli.rs.
     node.shutdown().await.unwrap();
 }
 
@@ -878,13 +706,13 @@ async fn measure_execution(db: &TestDb, node: &Node, tag: &str) -> Exec {
 async fn an_api_client_hammering_every_rpc_does_not_starve_execution() {
     let db = TestDb::new().await;
     let pool = warden_runtime::store::connect(&db.url, &Default::default()).await.unwrap();
-    warden_examples::workload::migrate(&pool).await.unwrap();
+    warden_tests::workload::migrate(&pool).await.unwrap();
     // The audit handler's outside-observer rows go through a pool of their own: on the
     // executor pool, 50 busy accounts would each hold a job transaction and wait for a
     // second connection, and the measure would be of that, not of the API.
     let audit_pool = sqlx::postgres::PgPoolOptions::new().max_connections(24).connect(&db.url).await.unwrap();
     let node = Node::builder(config("n1"))
-        .register(warden_examples::workload::Audit { node: "n1".into(), pool: audit_pool })
+        .register(warden_tests::workload::Audit { node: "n1".into(), pool: audit_pool })
         .unwrap()
         .start(pool)
         .await

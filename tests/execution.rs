@@ -120,11 +120,11 @@ async fn builder(db: &TestDb, config: NodeConfig) -> warden_runtime::NodeBuilder
     .execute(&db.pool)
     .await
     .unwrap();
-    warden_examples::workload::migrate(&db.pool).await.unwrap();
+    warden_tests::workload::migrate(&db.pool).await.unwrap();
     Node::builder(config)
         .register(Scripted)
         .unwrap()
-        .register(warden_examples::workload::Audit { node: "test-node".into(), pool: db.pool.clone() })
+        .register(warden_tests::workload::Audit { node: "test-node".into(), pool: db.pool.clone() })
         .unwrap()
 }
 
@@ -167,7 +167,7 @@ async fn many_accounts_run_in_order_without_overlap_under_load() {
     let mut jobs = Vec::new();
     for seq in 0..per_account {
         for a in 0..accounts {
-            let args = warden_examples::workload::AuditArgs {
+            let args = warden_tests::workload::AuditArgs {
                 seq,
                 sleep_ms: fastrand::u64(0..3),
                 fail_times: if fastrand::u8(..) < 20 { 1 } else { 0 },
@@ -185,7 +185,7 @@ async fn many_accounts_run_in_order_without_overlap_under_load() {
     assert_eq!(h.completed, total);
     assert!(h.retried_attempts > 0, "some injected failures were retried");
     assert_eq!(h.rescued_attempts, 0, "a busy node must never self-fence (renewals starved)");
-    let audit = warden_examples::workload::check(&db.pool).await.unwrap();
+    let audit = warden_tests::workload::check(&db.pool).await.unwrap();
     assert_eq!(audit.rows, total, "exactly one committed audit row per job");
     assert_eq!((audit.duplicate_jobs, audit.overlaps, audit.order_violations), (0, 0, 0), "{audit:?}");
     node.shutdown().await.unwrap();

@@ -154,7 +154,7 @@ async fn concurrent_pruners_neither_conflict_nor_count_a_row_twice() {
 async fn a_node_prunes_finished_jobs_in_the_background() {
     let db = TestDb::new().await;
     let pool = db.node_pool().await;
-    warden_examples::workload::migrate(&pool).await.unwrap();
+    warden_tests::workload::migrate(&pool).await.unwrap();
     let mut config = warden_tests::fast_node_config("ret-node", P);
     config.retention = RetentionConfig {
         period: Some(Duration::from_secs(1)),
@@ -163,7 +163,7 @@ async fn a_node_prunes_finished_jobs_in_the_background() {
         ..Default::default()
     };
     let node = Node::builder(config)
-        .register(warden_examples::workload::Audit { node: "ret-node".into(), pool: pool.clone() })
+        .register(warden_tests::workload::Audit { node: "ret-node".into(), pool: pool.clone() })
         .unwrap()
         .start(pool)
         .await
@@ -173,7 +173,7 @@ async fn a_node_prunes_finished_jobs_in_the_background() {
     let later = warden_runtime::NewJob::new(
         "later",
         "audit",
-        warden_examples::workload::AuditArgs { seq: 0, sleep_ms: 0, fail_times: 0 },
+        warden_tests::workload::AuditArgs { seq: 0, sleep_ms: 0, fail_times: 0 },
     )
     .unwrap()
     .delay(DAY);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::Code;
-use warden_runtime::api::{self, pb, Auth};
+use warden::api::{self, pb, Auth};
 use warden_runtime::retention::{Pruner, RetentionConfig};
 use warden_runtime::{store, Node, PartitionCount};
 use warden_tests::TestDb;
@@ -17,9 +17,9 @@ use warden_tests::TestDb;
 async fn heavy_calls_are_admitted_with_a_rate_budget_below_their_cost() {
     let db = TestDb::new().await;
     let pool = store::connect(&db.url, &Default::default()).await.unwrap();
-    warden_examples::workload::migrate(&pool).await.unwrap();
+    warden_tests::workload::migrate(&pool).await.unwrap();
     let node = Node::builder(warden_tests::fast_node_config("n1", 16))
-        .register(warden_examples::workload::Audit { node: "n1".into(), pool: pool.clone() })
+        .register(warden_tests::workload::Audit { node: "n1".into(), pool: pool.clone() })
         .unwrap()
         .start(pool)
         .await

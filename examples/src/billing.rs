@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use warden_runtime::{async_trait, Backoff, Handler, HandlerResult, JobContext, JobOptions, NewJob, Outcome};
+use warden::{async_trait, Backoff, Handler, HandlerResult, JobContext, JobOptions, NewJob, Outcome};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Purchase {

@@ -19,16 +19,22 @@
 //! - [`enforcer`] — `tick + run_once()`: leases ↔ placement, actors for due work.
 //! - [`wakeup`] — LISTEN/NOTIFY routing with rescan after reconnect.
 //! - [`node`] — configuration, builder, lifecycle and graceful shutdown.
-//! - [`api`] — the gRPC services (`proto/warden.proto`): cluster observation and job
-//!   operations, bearer-token auth, limits, error mapping.
 //! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
 //!   node at a time).
 //! - [`history`] — the checker of the serial guarantee over the attempts table.
 //! - [`telemetry`] — metric names.
 //! - [`error`] — the crate's error type.
+//!
+//! Every configuration type is re-exported at this root ([`NodeConfig`],
+//! [`ExecConfig`], [`LeaseConfig`], [`RetentionConfig`], [`StoreConfig`],
+//! [`ClusterOptions`], [`GossipConfig`], [`RingConfig`]), and so is the cluster crate
+//! ([`cluster`]): embedding a cluster member needs no other dependency.
+//!
+//! This crate has no gRPC and no HTTP. The `warden` crate (`runtime/host`) adds the
+//! one-call host, admin HTTP and the gRPC API; `warden-proto` (`proto/`) the wire
+//! types; `warden-cli` (`runtime/cli`) the `warden` command.
 
 pub mod account_actor;
-pub mod api;
 pub mod client;
 pub mod enforcer;
 pub mod error;
@@ -48,6 +54,14 @@ pub use client::Client;
 pub use error::{Error, Result};
 pub use handler::{Backoff, FencingToken, Handler, HandlerError, HandlerResult, JobContext, JobOptions, Outcome};
 pub use job::{CancelResult, Enqueued, JobRow, JobState, Lane, NewJob};
-pub use node::{shutdown_signal, Node, NodeBuilder, NodeConfig};
+pub use node::{shutdown_signal, ClusterOptions, Node, NodeBuilder, NodeConfig};
 pub use sqlx;
-pub use warden_cluster::{partition_of, PartitionCount};
+// Every configuration type at this root: a node's parts and its cluster wiring.
+pub use account_actor::ExecConfig;
+pub use lease::LeaseConfig;
+pub use retention::RetentionConfig;
+pub use store::StoreConfig;
+pub use warden_cluster as cluster;
+pub use warden_cluster::{
+    partition_of, GossipConfig, GossipMembership, Membership, PartitionCount, RingConfig,
+};

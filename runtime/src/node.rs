@@ -109,14 +109,34 @@ pub struct NodeBuilder {
     placement: Arc<dyn Placement>,
     cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
     store_layer: Option<StoreLayer>,
+    client_pool: Option<PgPool>,
 }
+
+/// Connections of the node's enqueue pool ([`Node::client`]) when the builder is not
+/// given one: producers get their own small pool, so a burst of enqueues cannot take
+/// the executor's connections and a busy executor cannot starve producers.
+pub const DEFAULT_CLIENT_MAX_CONNECTIONS: u32 = 4;
 
 /// Wraps the executor's store (fault injection in tests).
 pub type StoreLayer = Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>;
 
 impl NodeBuilder {
     pub fn new(config: NodeConfig) -> Self {
-        Self { config, registry: Registry::new(), placement: Arc::new(SingleNode), cluster: None, store_layer: None }
+        Self {
+            config,
+            registry: Registry::new(),
+            placement: Arc::new(SingleNode),
+            cluster: None,
+            store_layer: None,
+            client_pool: None,
+        }
+    }
+
+    /// The pool [`Node::client`] enqueues on (default: a separate pool of
+    /// [`DEFAULT_CLIENT_MAX_CONNECTIONS`] to the executor's database).
+    pub fn client_pool(mut self, pool: PgPool) -> Self {
+        self.client_pool = Some(pool);
+        self
     }
 
     /// Run as a cluster member: partitions are placed on the ring of active members
@@ -298,6 +318,12 @@ impl NodeBuilder {
         ));
         // Retention runs on a one-connection pool of its own: never an executor connection.
         let pruner = Pruner::new(Pruner::own_pool(&pool), config.retention.clone())?;
+        let client_pool = self.client_pool.unwrap_or_else(|| {
+            PgPoolOptions::new()
+                .max_connections(DEFAULT_CLIENT_MAX_CONNECTIONS)
+                .test_before_acquire(false)
+                .connect_lazy_with((*pool.connect_options()).clone())
+        });
         tracker.spawn(retention::run(pruner, shutdown.clone()));
         tracing::info!(node = %owner, partitions = partitions.get(), kinds = ?registry.kinds(), "node started");
         Ok(Node {
@@ -305,7 +331,7 @@ impl NodeBuilder {
                 config,
                 owner,
                 pool: pool.clone(),
-                client: Client::with_registry(pool, partitions, registry),
+                client: Client::with_registry(client_pool, partitions, registry),
                 leases,
                 actors,
                 enforcer,
@@ -402,8 +428,9 @@ impl Node {
         &self.inner.leases
     }
 
-    pub(crate) fn account_actors(&self) -> &Arc<AccountActors> {
-        &self.inner.actors
+    /// Whether an actor for `account` is running on this node now.
+    pub fn has_actor(&self, account: &str) -> bool {
+        self.inner.actors.contains(account)
     }
 
     /// Run one enforcer reconciliation now (tests, operators).
@@ -427,6 +454,12 @@ impl Node {
             Some((_, options)) => options.settle_delay * 2 + drain + Duration::from_secs(1),
             None => drain,
         }
+    }
+
+    /// Resolves once the node has begun to stop (a shutdown was asked for, or the
+    /// node stopped itself).
+    pub async fn stopped(&self) {
+        self.inner.shutdown.cancelled().await
     }
 
     /// Run until `signal` resolves, then shut down gracefully.

@@ -279,6 +279,18 @@ pub async fn forget_legacy_history(pool: &PgPool) -> Result<u64> {
     if s.legacy_rows == 0 {
         return Ok(0);
     }
+    let mut conn = pool.acquire().await?;
+    forget_legacy_history_on(&mut conn).await
+}
+
+/// Delete Warden's rows (matching version and checksum) from the `_sqlx_migrations`
+/// that `search_path` finds, if there is one.
+async fn forget_legacy_history_on(conn: &mut PgConnection) -> Result<u64> {
+    let legacy: bool =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL").fetch_one(&mut *conn).await?;
+    if !legacy {
+        return Ok(0);
+    }
     let known = migrations();
     let versions: Vec<i64> = known.iter().map(|m| m.version).collect();
     let sums: Vec<Vec<u8>> = known.iter().map(|m| m.checksum.to_vec()).collect();
@@ -288,8 +300,75 @@ pub async fn forget_legacy_history(pool: &PgPool) -> Result<u64> {
     )
     .bind(&versions)
     .bind(&sums)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
     Ok(n)
+}
+
+/// Set up (or upgrade) Warden's schema without starting a node: apply every pending
+/// migration, then fix the partition count P in the database (the first caller's
+/// P sticks; a different P later is an error) and create its lease rows. What a node
+/// does on start; safe to run from many processes at once and to repeat.
+pub async fn setup(pool: &PgPool, partitions: warden_cluster::PartitionCount) -> Result<SchemaStatus> {
+    let status = migrate(pool, None).await?;
+    crate::store::init_partitions(pool, partitions).await?;
+    Ok(status)
+}
+
+/// What [`reset`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetReport {
+    /// Jobs that were in the schema (all states).
+    pub jobs: i64,
+    /// Leases that were held and unexpired (non-zero only with `force`).
+    pub live_leases: i64,
+    /// Warden rows removed from a legacy `public._sqlx_migrations`.
+    pub legacy_rows: u64,
+}
+
+/// Remove Warden's schema and everything in it (`DROP SCHEMA warden CASCADE`: jobs,
+/// attempts, leases, history), and Warden's rows of a legacy migration history.
+/// Refuses while any partition lease is held and unexpired — a node is running —
+/// unless `force`. Nothing of the application's is touched. Taken under the
+/// migration lock, so it never interleaves with a node's migrations.
+pub async fn reset(pool: &PgPool, force: bool) -> Result<ResetReport> {
+    let opts: PgConnectOptions = (*pool.connect_options()).clone();
+    let mut conn = PgConnection::connect_with(&opts).await?;
+    let result = async {
+        sqlx::query("SET statement_timeout = 0").execute(&mut conn).await?;
+        sqlx::query("SELECT pg_advisory_lock($1, 0)").bind(MIGRATION_LOCK_CLASS).execute(&mut conn).await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'warden')")
+                .fetch_one(&mut conn)
+                .await?;
+        let (mut jobs, mut live_leases) = (0i64, 0i64);
+        if exists {
+            let has = |t: &'static str| {
+                sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL").bind(t)
+            };
+            if has("warden.leases").fetch_one(&mut conn).await? {
+                live_leases = sqlx::query_scalar(
+                    "SELECT count(*) FROM warden.leases WHERE owner IS NOT NULL AND expires_at > now()",
+                )
+                .fetch_one(&mut conn)
+                .await?;
+            }
+            if live_leases > 0 && !force {
+                return Err(Error::Conflict(format!(
+                    "{live_leases} partition lease(s) are held: a node is running against this database; \
+                     stop every node first (or force the reset)"
+                )));
+            }
+            if has("warden.jobs").fetch_one(&mut conn).await? {
+                jobs = sqlx::query_scalar("SELECT count(*) FROM warden.jobs").fetch_one(&mut conn).await?;
+            }
+            sqlx::query("DROP SCHEMA warden CASCADE").execute(&mut conn).await?;
+        }
+        let legacy_rows = forget_legacy_history_on(&mut conn).await?;
+        Ok(ResetReport { jobs, live_leases, legacy_rows })
+    }
+    .await;
+    let _ = conn.close().await;
+    result
 }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::time::{Duration, Instant};
 use warden_examples::billing::{self, Purchase};
-use warden_runtime::{history, NewJob, Node, NodeConfig};
+use warden::{history, NewJob, Node, NodeConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "warden-demo", about = "Run a Warden node through a billing workload and check the guarantee")]
@@ -29,12 +29,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::env::set_var("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
-    warden_examples::node_main::init_tracing();
+    warden::init_tracing();
     if args.accounts == 0 || args.purchases == 0 {
         anyhow::bail!("--accounts and --purchases must be at least 1");
     }
 
-    let pool = warden_runtime::store::connect(&args.database_url, &Default::default())
+    let pool = warden::store::connect(&args.database_url, &Default::default())
         .await
         .context("connecting to the database")?;
     billing::migrate(&pool).await?;
@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     for p in 0..args.purchases {
         for account in &run_accounts {
             let purchase = Purchase { purchase: p as i64, amount_cents: 100 + fastrand::i64(0..10_000) };
-            batch.push(NewJob::new(account.clone(), <billing::Charge as warden_runtime::Handler>::KIND, &purchase)?);
+            batch.push(NewJob::new(account.clone(), <billing::Charge as warden::Handler>::KIND, &purchase)?);
             if batch.len() == 1000 {
                 node.client().enqueue_many(&batch).await?;
                 batch.clear();

@@ -10,10 +10,13 @@
 //!   warden jobs get 1234 ; warden jobs cancel 1234 ; warden jobs retry 1234
 //!   warden stats
 //!   warden schema status --database-url postgres://…   # schema versions, upgrade window
+//!   warden schema setup --partitions 1024               # create/upgrade the schema, no node needed
+//!   warden schema reset --yes                           # drop Warden's schema (refused while nodes run)
 //!   warden --endpoint https://node-1:7070 --ca-cert ca.pem --token-file token ring
 //!
 //! Exit codes: 0 ok, 1 other error, 2 bad usage, 3 not found, 4 invalid argument,
-//! 5 unavailable (cannot connect / database down), 6 unauthenticated.
+//! 5 unavailable (cannot connect / database down), 6 unauthenticated, 7 refused in the
+//! current state (e.g. `schema reset` while nodes run).
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -21,7 +24,7 @@ use std::process::ExitCode;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
-use warden_runtime::api::pb;
+use warden_proto::pb;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -89,6 +92,23 @@ enum Cmd {
 enum SchemaCmd {
     /// Applied and known versions, the compatibility window, legacy history rows.
     Status,
+    /// Create or upgrade Warden's schema without starting a node: apply pending
+    /// migrations and fix the partition count (idempotent; what a node does on start).
+    Setup {
+        /// Partition count P (must match the database once it is set).
+        #[arg(long, env = "WARDEN_PARTITIONS", default_value_t = 1024)]
+        partitions: u32,
+    },
+    /// Drop Warden's schema and everything in it (jobs, attempts, leases, history).
+    /// Refused while a node holds a partition lease, unless --force.
+    Reset {
+        /// Confirm: this deletes every job.
+        #[arg(long)]
+        yes: bool,
+        /// Reset even while partition leases are held (running nodes will fail).
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove Warden's rows from a legacy `public._sqlx_migrations` (run once no node
     /// older than schema v4 runs).
     ForgetLegacyHistory,
@@ -217,6 +237,18 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A schema error: refusals and bad input are the caller's to fix, the rest is the
+/// database's.
+fn schema_err(e: warden_runtime::Error) -> Failure {
+    match e {
+        warden_runtime::Error::Conflict(m) => Failure::Status(Status::failed_precondition(m)),
+        e @ (warden_runtime::Error::PartitionMismatch { .. } | warden_runtime::Error::Config(_)) => {
+            Failure::Status(Status::invalid_argument(e.to_string()))
+        }
+        e => Failure::Status(Status::unavailable(format!("database: {e}"))),
+    }
+}
+
 async fn schema_cmd(database_url: &str, cmd: SchemaCmd, json_out: bool) -> Result<(), Failure> {
     let db = |e: warden_runtime::Error| Failure::Status(Status::unavailable(format!("database: {e}")));
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -241,6 +273,35 @@ async fn schema_cmd(database_url: &str, cmd: SchemaCmd, json_out: bool) -> Resul
                 println!("pending for this binary: {:?}", s.pending);
                 println!("legacy history rows:   {} (in public._sqlx_migrations)", s.legacy_rows);
                 println!("this binary may run:   {}", if s.compatible() { "yes" } else { "no" });
+            }
+        }
+        SchemaCmd::Setup { partitions } => {
+            let p = warden_runtime::PartitionCount::new(partitions)
+                .map_err(|e| Failure::Status(Status::invalid_argument(format!("--partitions: {e}"))))?;
+            let s = warden_runtime::schema::setup(&pool, p).await.map_err(schema_err)?;
+            if json_out {
+                println!("{}", json!({"applied": s.applied, "partitions": partitions}));
+            } else {
+                println!("schema at version {} with {partitions} partitions", s.applied);
+            }
+        }
+        SchemaCmd::Reset { yes, force } => {
+            if !yes {
+                return Err(Failure::Status(Status::invalid_argument(
+                    "this drops every Warden job, attempt and lease in the database: pass --yes to confirm",
+                )));
+            }
+            let r = warden_runtime::schema::reset(&pool, force).await.map_err(schema_err)?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"jobs": r.jobs, "live_leases": r.live_leases, "legacy_rows": r.legacy_rows})
+                );
+            } else {
+                println!(
+                    "dropped Warden's schema ({} jobs, {} live leases); removed {} legacy history rows",
+                    r.jobs, r.live_leases, r.legacy_rows
+                );
             }
         }
         SchemaCmd::ForgetLegacyHistory => {
@@ -658,7 +719,8 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
 }
 
 /// The whole `warden` CLI: parse the process arguments, run, map the outcome to an exit code.
-pub async fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -673,6 +735,7 @@ pub async fn main() -> ExitCode {
                 Code::InvalidArgument => 4,
                 Code::Unavailable | Code::DeadlineExceeded => 5,
                 Code::Unauthenticated => 6,
+                Code::FailedPrecondition => 7,
                 _ => 1,
             })
         }

@@ -1,4 +1,4 @@
-//! Cluster benchmark (not a test): runs `warden-node` processes on 127.0.0.1 against
+//! Cluster benchmark (not a test): runs `warden-test-node` processes on 127.0.0.1 against
 //! one PostgreSQL (DATABASE_URL) with default node settings, and prints:
 //!
 //! - crash failover: time from SIGKILL of one of 3 nodes until every account it owned
@@ -11,15 +11,14 @@
 //! - drain throughput of 1, 2 and 3 nodes on the same database.
 //!
 //! Each scenario uses a fresh database. Usage:
-//!   deploy/pg.sh run cargo run --release -p warden-examples --bin warden-cluster-bench -- [--runs 5] [--partitions 4096]
+//!   deploy/pg.sh run cargo run --release -p warden-tests --bin warden-cluster-bench -- [--runs 5] [--partitions 4096]
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use warden_examples::workload::AuditArgs;
+use warden_tests::workload::AuditArgs;
+use warden_tests::{free_udp_port as free_udp, NodeProc, TestDb};
 use warden_runtime::{Client, NewJob};
 
 #[derive(Parser, Debug)]
@@ -58,61 +57,27 @@ fn partitions() -> u32 {
     *PARTITIONS.get().unwrap_or(&1024)
 }
 
-struct NodeProc {
-    child: Child,
-    id: String,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn node_bin() -> anyhow::Result<std::path::PathBuf> {
+/// The node binary: `warden-test-node` (the production host with the audit workload),
+/// next to this benchmark.
+fn node_bin() -> anyhow::Result<String> {
     let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("exe dir")?.join("warden-node");
+    let bin = exe.parent().context("exe dir")?.join("warden-test-node");
     if !bin.exists() {
-        bail!("{} not found: build it first (cargo build --release -p warden-examples)", bin.display());
+        bail!("{} not found: build it first (cargo build --release -p warden-tests --bins)", bin.display());
     }
-    Ok(bin)
+    Ok(bin.to_string_lossy().into())
 }
 
-fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_node(url: &str, id: &str, gossip: u16, seed: u16) -> anyhow::Result<NodeProc> {
-    let mut child = Command::new(node_bin()?)
-        .args(["--database-url", url, "--node-id", id, "--partitions", &partitions().to_string()])
-        .args(["--gossip-listen", &format!("127.0.0.1:{gossip}"), "--seeds", &format!("127.0.0.1:{seed}")])
-        .env("RUST_LOG", std::env::var("BENCH_NODE_LOG").unwrap_or_else(|_| "error".into()))
-        .stdout(Stdio::piped())
-        .stderr(match std::env::var("BENCH_LOG_DIR") {
-            Ok(dir) => Stdio::from(std::fs::File::create(format!("{dir}/{id}-{gossip}.log"))?),
-            Err(_) => Stdio::null(),
-        })
-        .spawn()?;
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    match lines.next() {
-        Some(Ok(l)) if l.starts_with("READY") => {}
-        other => bail!("node {id} did not start: {other:?}"),
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Ok(NodeProc { child, id: id.to_string() })
+/// Start a cluster member (node logs: `NODE_LOG`, `NODE_LOG_DIR`; see the kit).
+async fn start_node(url: &str, id: &str, gossip: u16, seed: u16) -> anyhow::Result<NodeProc> {
+    let p = partitions().to_string();
+    let (listen, seeds) = (format!("127.0.0.1:{gossip}"), format!("127.0.0.1:{seed}"));
+    NodeProc::spawn(&node_bin()?, url, id, &["--partitions", &p, "--gossip-listen", &listen, "--seeds", &seeds]).await
 }
 
 async fn fresh_db(admin: &str, name: &str) -> anyhow::Result<(String, sqlx::PgPool)> {
-    let admin_pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(admin).await?;
-    let db = format!("wbench_{name}_{}", std::process::id());
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}"))).execute(&admin_pool).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(&admin_pool).await?;
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
-    let url = format!("{base}/{db}");
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await?;
-    Ok((url, pool))
+    let db = TestDb::create(admin, &format!("wbench_{name}")).await?;
+    Ok((db.url, db.pool))
 }
 
 async fn owners(pool: &sqlx::PgPool) -> anyhow::Result<BTreeMap<i32, String>> {
@@ -176,7 +141,7 @@ async fn cluster(url: &str, n: usize) -> anyhow::Result<Vec<NodeProc>> {
     let mut nodes = Vec::new();
     for i in 0..n {
         let gossip = if i == 0 { seed } else { free_udp() };
-        nodes.push(start_node(url, &format!("n{}", i + 1), gossip, seed)?);
+        nodes.push(start_node(url, &format!("n{}", i + 1), gossip, seed).await?);
     }
     Ok(nodes)
 }
@@ -189,7 +154,7 @@ async fn failover_run(args: &Args, run: usize) -> anyhow::Result<f64> {
     load(&client, args.accounts, 200, 5).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let victim = &nodes[2];
-    let victim_parts: Vec<i32> = before.iter().filter(|(_, o)| **o == victim.id).map(|(p, _)| *p).collect();
+    let victim_parts: Vec<i32> = before.iter().filter(|(_, o)| **o == victim.node_id).map(|(p, _)| *p).collect();
     // Accounts owned by the victim that still have work.
     let accounts: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT account FROM warden.jobs WHERE partition = ANY($1) AND state <> 'completed'",
@@ -201,7 +166,7 @@ async fn failover_run(args: &Args, run: usize) -> anyhow::Result<f64> {
     let victim = nodes.pop().unwrap();
     let killed_at: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
-    unsafe { libc_kill(victim.child.id() as i32) };
+    victim.signal(libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let resumed: i64 = sqlx::query_scalar(
@@ -210,7 +175,7 @@ async fn failover_run(args: &Args, run: usize) -> anyhow::Result<f64> {
         )
         .bind(&accounts)
         .bind(killed_at)
-        .bind(format!("{}/%", victim.id))
+        .bind(format!("{}/%", victim.node_id))
         .fetch_one(&pool)
         .await?;
         if resumed as usize == accounts.len() {
@@ -232,7 +197,7 @@ async fn failover_run(args: &Args, run: usize) -> anyhow::Result<f64> {
     )
     .bind(&accounts)
     .bind(killed_at)
-    .bind(format!("{}/%", victim.id))
+    .bind(format!("{}/%", victim.node_id))
     .fetch_one(&pool)
     .await?;
     let resumed_at = first_claims.context("no attempt after the kill")?;
@@ -240,12 +205,6 @@ async fn failover_run(args: &Args, run: usize) -> anyhow::Result<f64> {
     Ok((resumed_at - killed_at).num_milliseconds() as f64 / 1000.0)
 }
 
-unsafe fn libc_kill(pid: i32) {
-    extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    kill(pid, 9);
-}
 
 struct ScaleOut {
     moved: usize,
@@ -264,7 +223,7 @@ async fn scale_out(args: &Args, rate: u32, run: usize) -> anyhow::Result<ScaleOu
     let mut nodes = Vec::new();
     for i in 0..3 {
         let gossip = if i == 0 { seed } else { free_udp() };
-        nodes.push(start_node(&url, &format!("n{}", i + 1), gossip, seed)?);
+        nodes.push(start_node(&url, &format!("n{}", i + 1), gossip, seed).await?);
     }
     let before = wait_stable(&pool, 3).await?;
     let client = Client::connect(pool.clone()).await?;
@@ -276,7 +235,7 @@ async fn scale_out(args: &Args, rate: u32, run: usize) -> anyhow::Result<ScaleOu
     tokio::time::sleep(Duration::from_secs(5)).await;
     let join_at: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;
-    nodes.push(start_node(&url, "n4", free_udp(), seed)?);
+    nodes.push(start_node(&url, "n4", free_udp(), seed).await?);
     let after = wait_stable(&pool, 4).await?;
     let settled_at: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await?;

@@ -15,11 +15,12 @@
 //! query is an index lookup or bounded: queue statistics count at most a cap per
 //! partition, attempts and job lists come in pages.
 
-use crate::error::Error;
-use crate::job::{AttemptRow, CancelResult, JobRow, Lane, NewJob};
-use crate::node::Node;
-use crate::store;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::Utc;
+use warden_proto::convert::{attempt as attempt_pb, job as job_pb, new_job, status, unix_ms as ms};
+use warden_runtime::job::CancelResult;
+use warden_runtime::node::Node;
+use warden_runtime::store;
+use warden_runtime::Error;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -30,9 +31,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-pub mod pb {
-    tonic::include_proto!("warden.v1");
-}
+pub use warden_proto::pb;
 
 use pb::cluster_server::{Cluster, ClusterServer};
 use pb::jobs_server::{Jobs, JobsServer};
@@ -115,121 +114,6 @@ impl ApiLimits {
         }
         Ok(())
     }
-}
-
-/// Map a runtime error to a client-facing status without leaking internals.
-pub fn status(e: Error) -> Status {
-    match e {
-        Error::InvalidInput(m) => Status::invalid_argument(m),
-        Error::JobNotFound(id) => Status::not_found(format!("job {id} not found")),
-        Error::NotInitialised => Status::failed_precondition("cluster schema not initialised"),
-        Error::Conflict(m) => Status::aborted(m),
-        Error::Timeout(_) => Status::unavailable("database unavailable, try again"),
-        Error::Database(ref db) if is_unavailable(db) => {
-            tracing::warn!(error = %e, "API request failed: database unavailable");
-            Status::unavailable("database unavailable, try again")
-        }
-        other => {
-            tracing::error!(error = %other, "API request failed");
-            Status::internal("internal error")
-        }
-    }
-}
-
-fn is_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
-        // 57P01 admin shutdown, 57P03 cannot connect now, 08xxx connection exceptions.
-        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P03"),
-        _ => false,
-    }
-}
-
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn job_pb(j: &JobRow) -> pb::Job {
-    pb::Job {
-        id: j.id,
-        account: j.account.clone(),
-        partition: j.partition as u32,
-        kind: j.kind.clone(),
-        args_json: j.args.to_string(),
-        lane: j.lane.clone(),
-        state: j.state.clone(),
-        priority: j.priority as i32,
-        run_at_unix_ms: ms(j.run_at),
-        due_at_unix_ms: ms(j.due_at),
-        attempt: j.attempt,
-        max_attempts: j.max_attempts,
-        unique_key: j.unique_key.clone().unwrap_or_default(),
-        node: j.node.clone().unwrap_or_default(),
-        epoch: j.epoch.unwrap_or(0),
-        created_at_unix_ms: ms(j.created_at),
-        finished_at_unix_ms: j.finished_at.map(ms).unwrap_or(0),
-        last_error: j.last_error.clone().unwrap_or_default(),
-    }
-}
-
-fn attempt_pb(a: &AttemptRow) -> pb::Attempt {
-    pb::Attempt {
-        attempt: a.attempt,
-        node: a.node.clone(),
-        epoch: a.epoch,
-        started_at_unix_ms: ms(a.started_at),
-        finished_at_unix_ms: ms(a.finished_at),
-        outcome: a.outcome.clone(),
-        error: a.error.clone().unwrap_or_default(),
-    }
-}
-
-/// Validate and convert a wire job (all checks before the database).
-fn new_job(j: Option<pb::NewJob>) -> Result<NewJob, Status> {
-    let j = j.ok_or_else(|| Status::invalid_argument("job is required"))?;
-    let args: serde_json::Value = if j.args_json.trim().is_empty() {
-        serde_json::json!({})
-    } else {
-        if j.args_json.len() > crate::job::MAX_ARGS_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "args_json is {} bytes; the limit is {}",
-                j.args_json.len(),
-                crate::job::MAX_ARGS_BYTES
-            )));
-        }
-        serde_json::from_str(&j.args_json)
-            .map_err(|e| Status::invalid_argument(format!("args_json is not valid JSON: {e}")))?
-    };
-    let mut job = NewJob::new(j.account, j.kind, args).map_err(status)?;
-    if j.run_at_unix_ms != 0 {
-        let at = Utc
-            .timestamp_millis_opt(j.run_at_unix_ms)
-            .single()
-            .ok_or_else(|| Status::invalid_argument("run_at_unix_ms is out of range"))?;
-        job = job.run_at(at);
-    } else if j.delay_ms != 0 {
-        job = job.delay(Duration::from_millis(j.delay_ms));
-    }
-    let priority = i16::try_from(j.priority).map_err(|_| Status::invalid_argument("priority must fit in 16 bits"))?;
-    job = job.priority(priority);
-    if j.max_attempts < 0 {
-        return Err(Status::invalid_argument("max_attempts must not be negative"));
-    }
-    if j.max_attempts != 0 {
-        job = job.max_attempts(j.max_attempts);
-    }
-    if j.timeout_ms != 0 {
-        job = job.timeout(Duration::from_millis(j.timeout_ms));
-    }
-    if !j.unique_key.is_empty() {
-        job = job.unique_key(j.unique_key);
-    }
-    if !j.lane.is_empty() {
-        let lane = Lane::parse(&j.lane).ok_or_else(|| Status::invalid_argument("lane must be serial or unordered"))?;
-        job = job.lane(lane);
-    }
-    job.validate().map_err(status)?;
-    Ok(job)
 }
 
 /// A page size: 0 means [`DEFAULT_PAGE`], above [`MAX_PAGE`] is refused.
@@ -537,7 +421,7 @@ impl Cluster for Api {
             desired_owner: self.desired_owner(partition),
             actual_owner,
             epoch,
-            actor_running: here && self.node.account_actors().contains(&account),
+            actor_running: here && self.node.has_actor(&account),
             answered_by_owner: here,
             next_due_job: next.as_ref().map(job_pb),
             unfinished_jobs: unfinished.max(0) as u64,

@@ -58,7 +58,7 @@ pub struct SoakReport {
     pub recovery_ms: Vec<u64>,
     pub enqueued: i64,
     pub history: HistoryReport,
-    pub audit: warden_examples::workload::AuditReport,
+    pub audit: crate::workload::AuditReport,
     /// Jobs accepted but neither completed nor discarded nor cancelled at the end
     /// (hostile values that were wrongly accepted are counted apart, in
     /// [`Self::hostile_accepted`]; jobs stuck behind them count here).
@@ -1138,7 +1138,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
                 // A fifth of the handlers work 0–200 ms (a pause catches them mid-run);
                 // the rest are short, to keep throughput up.
                 let sleep_ms = if wrng.u8(..5) == 0 { wrng.u64(0..=200) } else { wrng.u64(0..20) };
-                let args = warden_examples::workload::AuditArgs {
+                let args = crate::workload::AuditArgs {
                     seq: seqs[a],
                     sleep_ms,
                     fail_times: if wrng.u8(..) < 15 { 1 } else { 0 },
@@ -1172,7 +1172,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
                 while !stop.is_cancelled() {
                     tokio::time::sleep(Duration::from_millis(rng.u64(10..60))).await;
                     let Ok(mut tx) = pool.begin().await else { continue };
-                    let args = warden_examples::workload::AuditArgs { seq: 0, sleep_ms: rng.u64(0..10), fail_times: 0 };
+                    let args = crate::workload::AuditArgs { seq: 0, sleep_ms: rng.u64(0..10), fail_times: 0 };
                     let job = warden_runtime::NewJob::new(format!("race-{}", rng.usize(..4)), "audit", args).unwrap();
                     if c.enqueue_in(&mut tx, job).await.is_err() {
                         continue;
@@ -1361,7 +1361,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
             eprintln!("order violation: account {} job {} before job {}: {}", r.0, r.1, r.2, r.3);
         }
     }
-    report.audit = warden_examples::workload::check(&pool).await.unwrap();
+    report.audit = crate::workload::check(&pool).await.unwrap();
     eprintln!(
         "[{:>7.2}s] history and audit checks: {} ms",
         h.started.elapsed().as_secs_f64(),
@@ -1369,7 +1369,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
     );
     if report.audit.run_overlaps_db_clock > 0 {
         report.run_overlap_examples =
-            warden_examples::workload::run_overlap_examples(&pool, 5).await.unwrap_or_default();
+            crate::workload::run_overlap_examples(&pool, 5).await.unwrap_or_default();
     }
     for m in h.members.values() {
         if let Some(p) = &m.proc_ {

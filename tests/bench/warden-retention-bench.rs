@@ -13,11 +13,9 @@
 //!    probe's latency against the baseline;
 //! 4. checks that every finished row is gone and no unfinished one is.
 //!
-//! Run: `deploy/pg.sh run cargo run --release -p warden-examples --bin warden-retention-bench -- --rows 10000000`
+//! Run: `deploy/pg.sh run cargo run --release -p warden-tests --bin warden-retention-bench -- --rows 10000000`
 
-use anyhow::Context;
 use clap::Parser;
-use sqlx::Connection;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use warden_runtime::{store, Client, NewJob, PartitionCount};
@@ -85,23 +83,12 @@ async fn probe(client: Client, stop: Arc<tokio::sync::Notify>, max: Duration) ->
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let name = format!("bench_retention_{:08x}", fastrand::u32(..));
-    let mut admin = sqlx::PgConnection::connect(&args.database_url).await.context("connecting to DATABASE_URL")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
-    let url = match args.database_url.rsplit_once('/') {
-        Some((root, _)) if root.contains("://") && root.split("://").nth(1).is_some_and(|r| !r.is_empty()) => {
-            let q = args.database_url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
-            format!("{root}/{name}{q}")
-        }
-        _ => anyhow::bail!("DATABASE_URL must name a database"),
-    };
-    let result = run(&args, &url).await;
+    let db = warden_tests::TestDb::create(&args.database_url, "bench_retention").await?;
+    let result = run(&args, &db.url).await;
     if args.keep {
-        eprintln!("kept database {name}");
+        eprintln!("kept database {}", db.name);
     } else {
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-            .execute(&mut admin)
-            .await?;
+        db.drop_database().await?;
     }
     result
 }

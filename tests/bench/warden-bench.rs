@@ -119,63 +119,6 @@ impl Handler for Noop {
 // Databases
 // ---------------------------------------------------------------------------
 
-/// A database created for one phase on the benchmark server; `drop_now` removes it.
-struct BenchDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl BenchDb {
-    async fn create(admin_url: &str, phase: &str) -> anyhow::Result<Self> {
-        let name = format!("bench_{phase}_{:08x}", fastrand::u32(..));
-        let mut admin = sqlx::PgConnection::connect(admin_url).await.context("connecting to DATABASE_URL")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
-        admin.close().await?;
-        Ok(Self { admin_url: admin_url.to_string(), url: with_database(admin_url, &name), name })
-    }
-
-    async fn drop_now(self) -> anyhow::Result<()> {
-        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
-        // FORCE: a node's lazily closed connections must not keep the database alive.
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
-            .execute(&mut admin)
-            .await?;
-        admin.close().await?;
-        Ok(())
-    }
-}
-
-/// Run `body` on the URL of a fresh database, and drop the database afterwards even
-/// if `body` failed, so an aborted phase leaves nothing behind on the server.
-async fn in_fresh_db<T, Fut>(admin_url: &str, tag: &str, body: impl FnOnce(String) -> Fut) -> anyhow::Result<T>
-where
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let db = BenchDb::create(admin_url, tag).await?;
-    let result = body(db.url.clone()).await;
-    let dropped = db.drop_now().await;
-    let value = result?;
-    dropped?;
-    Ok(value)
-}
-
-/// `url` with its database name replaced (query parameters kept).
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let root = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{root}/{db}?{q}"),
-        None => format!("{root}/{db}"),
-    }
-}
 
 /// The URL for display, without its password.
 fn redact(url: &str) -> String {
@@ -530,7 +473,7 @@ async fn baseline_a(args: &Args, variant: QueueVariant, workers: usize) -> anyho
         ),
         QueueVariant::Both => unreachable!("expanded by the caller"),
     };
-    in_fresh_db(&args.database_url, tag, |url| async move {
+    warden_tests::in_fresh_db(&args.database_url, tag, |url| async move {
         let pool = prepare_drain(&url, args).await?;
         sqlx::raw_sql(setup).execute(&pool).await?;
         let total = (args.accounts * args.jobs_per_account) as i64;
@@ -571,7 +514,7 @@ async fn baseline_a(args: &Args, variant: QueueVariant, workers: usize) -> anyho
 
 async fn baseline_b(args: &Args, workers: usize) -> anyhow::Result<DrainResult> {
     const PHASE: &str = "(b) one fenced statement per job";
-    in_fresh_db(&args.database_url, "b", |url| async move {
+    warden_tests::in_fresh_db(&args.database_url, "b", |url| async move {
         let pool = prepare_drain(&url, args).await?;
         let parts = PartitionCount::default();
         let owner: Arc<str> = "bench-b/1".into();
@@ -665,7 +608,7 @@ async fn wait_completed(pool: &sqlx::PgPool, n: i64, every: Duration, limit: Dur
 
 async fn warden_drain(args: &Args, connections: u32) -> anyhow::Result<DrainResult> {
     const PHASE: &str = "Warden node";
-    in_fresh_db(&args.database_url, "warden", |url| async move {
+    warden_tests::in_fresh_db(&args.database_url, "warden", |url| async move {
         let pool = prepare_drain(&url, args).await?;
         let total = (args.accounts * args.jobs_per_account) as i64;
         let postmaster = find_postmaster(&pool).await;
@@ -712,7 +655,7 @@ struct LatencyResult {
 }
 
 async fn latency(args: &Args, connections: u32) -> anyhow::Result<LatencyResult> {
-    in_fresh_db(&args.database_url, "latency", |url| async move {
+    warden_tests::in_fresh_db(&args.database_url, "latency", |url| async move {
         let node = start_node(&url, connections).await?;
         // The producer has its own pool, as an application would.
         let client =

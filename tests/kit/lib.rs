@@ -1,15 +1,28 @@
-//! Test support: a fresh database per test on the server named by `DATABASE_URL`
-//! (run the tests through `deploy/pg.sh run …`, which starts a throwaway server),
-//! polling helpers, and a handle on node processes.
+//! # The test kit (`warden-tests`, not published)
 //!
-//! Modules: [`soak`] — the seeded fault-injection harness and its scenario steps;
-//! [`gossip_net`] — UDP relays that let a test cut gossip between node processes.
-//! Here: [`TestDb`], [`NodeProc`], [`PrivatePg`] (a server the test may stop and
-//! restart), [`CutProxy`] (a TCP proxy that can cut a node off from PostgreSQL, and
-//! lose or delay its replies).
+//! One kit for the integration tests, the soak and the benchmarks: a fresh database
+//! per test on the server named by `DATABASE_URL` (run through `deploy/pg.sh run …`,
+//! which starts a throwaway server), polling helpers, and node processes.
+//!
+//! Module map:
+//!
+//! - here: [`TestDb`] (a fresh database), [`NodeProc`] (a node process),
+//!   [`PrivatePg`] (a server the test may stop and restart), [`CutProxy`] (a TCP
+//!   proxy that can cut a node off from PostgreSQL and lose or delay its replies),
+//!   [`free_udp_port`], [`product_bin`] (a workspace binary such as `warden`).
+//! - [`workload`] — the audit workload: a handler that records its own start and end
+//!   (database clock) inside its job transaction and an external effect log outside
+//!   it, and the checker of the guarantee over both.
+//! - [`gossip_net`] — UDP relays that let a test cut gossip between node processes.
+//! - [`soak`] — the seeded fault-injection harness and its scenario steps.
+//!
+//! Binaries: `warden-test-node` (kit/bin), `warden-soak` (kit/bin), and the
+//! benchmarks `warden-bench`, `warden-cluster-bench`, `warden-retention-bench`
+//! (tests/bench).
 
 pub mod gossip_net;
 pub mod soak;
+pub mod workload;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::future::Future;
@@ -28,7 +41,8 @@ pub fn admin_url() -> String {
         .expect("DATABASE_URL is not set: run the tests with `deploy/pg.sh run cargo nextest run --workspace`")
 }
 
-fn with_db(url: &str, db: &str) -> String {
+/// `url` with its database name replaced (query parameters kept).
+pub fn with_db(url: &str, db: &str) -> String {
     // postgres://user@host:port/dbname[?params]
     let (base, params) = match url.split_once('?') {
         Some((b, p)) => (b, Some(p)),
@@ -44,25 +58,59 @@ fn with_db(url: &str, db: &str) -> String {
     }
 }
 
+/// Run `body` on the URL of a fresh database and drop the database afterwards, even
+/// if `body` failed, so an aborted benchmark phase leaves nothing behind.
+pub async fn in_fresh_db<T, Fut>(admin_url: &str, tag: &str, body: impl FnOnce(String) -> Fut) -> anyhow::Result<T>
+where
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let db = TestDb::create(admin_url, tag).await?;
+    let result = body(db.url.clone()).await;
+    let dropped = db.drop_database().await;
+    let value = result?;
+    dropped?;
+    Ok(value)
+}
+
 impl TestDb {
     /// Another handle on the same database.
     pub fn clone_handle(&self) -> TestDb {
         TestDb { url: self.url.clone(), pool: self.pool.clone(), name: self.name.clone() }
     }
 
+    /// A fresh database on the server named by `DATABASE_URL` (panics if it cannot).
     pub async fn new() -> TestDb {
         init_tracing();
-        let admin = admin_url();
-        let name = format!("wt_{}_{}", std::process::id(), fastrand::u64(..));
-        let admin_pool = PgPoolOptions::new().max_connections(1).connect(&admin).await.expect("connect admin");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin_pool)
+        TestDb::create(&admin_url(), "wt").await.expect("create a test database")
+    }
+
+    /// A fresh database `<tag>_<pid>_<random>` on the server of `admin_url` (tests,
+    /// the soak and the benchmarks all make theirs here).
+    pub async fn create(admin_url: &str, tag: &str) -> anyhow::Result<TestDb> {
+        use anyhow::Context;
+        let name = format!("{tag}_{}_{:x}", std::process::id(), fastrand::u64(..));
+        let admin_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin_url)
             .await
-            .expect("create test database");
+            .context("connecting to the server (DATABASE_URL)")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin_pool).await?;
         admin_pool.close().await;
-        let url = with_db(&admin, &name);
-        let pool = PgPoolOptions::new().max_connections(8).connect(&url).await.expect("connect test db");
-        TestDb { url, pool, name }
+        let url = with_db(admin_url, &name);
+        let pool = PgPoolOptions::new().max_connections(8).connect(&url).await?;
+        Ok(TestDb { url, pool, name })
+    }
+
+    /// Drop the database (`WITH (FORCE)`: lazily closed node connections must not keep
+    /// it alive).
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let admin_pool = PgPoolOptions::new().max_connections(1).connect(&with_db(&self.url, "postgres")).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&admin_pool)
+            .await?;
+        admin_pool.close().await;
+        Ok(())
     }
 
     /// A pool tuned like a node's (for starting nodes in-process).
@@ -124,6 +172,14 @@ pub struct NodeProc {
 impl NodeProc {
     /// Start a node process and wait until it prints READY (it then holds its partitions).
     pub async fn start(bin: &str, database_url: &str, node_id: &str, extra: &[&str]) -> NodeProc {
+        match NodeProc::spawn(bin, database_url, node_id, extra).await {
+            Ok(n) => n,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    /// [`NodeProc::start`] for callers that handle the failure (benchmarks).
+    pub async fn spawn(bin: &str, database_url: &str, node_id: &str, extra: &[&str]) -> anyhow::Result<NodeProc> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new(bin)
@@ -136,7 +192,7 @@ impl NodeProc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn node process");
+            .map_err(|e| anyhow::anyhow!("spawning {bin}: {e}"))?;
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
@@ -174,12 +230,16 @@ impl NodeProc {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("node {node_id} exited before READY ({status}): {:?}", log.lock().unwrap());
+                anyhow::bail!("node {node_id} exited before READY ({status}): {:?}", log.lock().unwrap());
             }
-            assert!(std::time::Instant::now() < deadline, "node {node_id} not READY in 30s");
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("node {node_id} not READY in 30s: {:?}", log.lock().unwrap());
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        NodeProc { child, node_id: node_id.to_string(), log }
+        Ok(NodeProc { child, node_id: node_id.to_string(), log })
     }
 
     pub fn pid(&self) -> i32 {
@@ -459,7 +519,7 @@ pub fn audit_jobs(accounts: usize, per_account: i64, sleep_ms: u64) -> Vec<warde
     let mut jobs = Vec::new();
     for seq in 0..per_account {
         for a in 0..accounts {
-            let args = warden_examples::workload::AuditArgs { seq, sleep_ms, fail_times: 0 };
+            let args = crate::workload::AuditArgs { seq, sleep_ms, fail_times: 0 };
             jobs.push(warden_runtime::NewJob::new(format!("acct-{a}"), "audit", args).unwrap());
         }
     }
@@ -472,7 +532,7 @@ pub async fn assert_guarantee(pool: &PgPool, total: i64) -> warden_runtime::hist
     let h = warden_runtime::history::check(pool).await.unwrap();
     assert!(h.is_clean(), "serial guarantee violated: {h:?}");
     assert_eq!((h.completed, h.unfinished), (total, 0), "nothing lost: {h:?}");
-    let audit = warden_examples::workload::check(pool).await.unwrap();
+    let audit = crate::workload::check(pool).await.unwrap();
     assert_eq!(audit.rows, total, "one committed audit row per job: {audit:?}");
     assert_eq!((audit.duplicate_jobs, audit.overlaps, audit.order_violations), (0, 0, 0), "{audit:?}");
     h
@@ -535,4 +595,55 @@ pub async fn wait_owned_by(
         ok.then_some(o)
     })
     .await
+}
+
+/// The path of a binary built from this workspace (e.g. `warden-node` of the examples),
+/// next to the running test's own profile directory (`target/<profile>/`). A test
+/// binary lives in `target/<profile>/deps/`; `cargo nextest run --workspace` builds
+/// every package's binaries before any test runs. Panics, saying how to build it, if
+/// the binary is not there.
+pub fn product_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let mut dir = exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run the tests with `cargo nextest run --workspace`, or `cargo build --bins --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// A node in this process on `url` with the audit handler (fast test timings, 16
+/// partitions), its schema and the workload's tables migrated.
+pub async fn audit_node(url: &str, id: &str) -> warden_runtime::Node {
+    let pool = warden_runtime::store::connect(url, &Default::default()).await.unwrap();
+    workload::migrate(&pool).await.unwrap();
+    warden_runtime::Node::builder(fast_node_config(id, 16))
+        .register(workload::Audit { node: id.into(), pool: pool.clone() })
+        .unwrap()
+        .start(pool)
+        .await
+        .unwrap()
+}
+
+/// Serve the gRPC API of `node` on a free port (optionally with a bearer token);
+/// returns its address and the token that stops it.
+pub async fn serve_api_of(
+    node: &warden_runtime::Node,
+    token: Option<&str>,
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(warden::api::serve(
+        listener,
+        node.clone(),
+        warden::api::Auth::new(token.map(str::to_string)),
+        stop.clone(),
+    ));
+    (addr, stop)
 }

@@ -1,0 +1,22 @@
+//! # warden-proto
+//!
+//! Warden's gRPC API as a crate of its own, shared by the server (the `warden` host
+//! crate) and clients (the `warden` CLI, or your own).
+//!
+//! Module map:
+//!
+//! - [`pb`] — the code generated from `proto/warden.proto` (package `warden.v1`):
+//!   messages, `cluster_client`/`jobs_client`, `cluster_server`/`jobs_server`.
+//! - [`convert`] — runtime types ↔ wire messages: [`convert::job`],
+//!   [`convert::attempt`], [`convert::new_job`] (every check of a wire job before the
+//!   database), and [`convert::status`] (runtime errors → `tonic::Status`, never
+//!   leaking SQL or internals).
+//!
+//! The executor core (`warden-runtime`) does not depend on this crate: enqueuing or
+//! embedding the executor does not pull tonic.
+
+pub mod pb {
+    tonic::include_proto!("warden.v1");
+}
+
+pub mod convert;

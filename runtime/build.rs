@@ -1,9 +1,0 @@
-// Generate the gRPC code from proto/ with protox (a pure-Rust protobuf compiler: no
-// `protoc` needed on the build machine).
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "../proto/warden.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["../proto"])?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
-    Ok(())
-}

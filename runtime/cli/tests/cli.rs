@@ -1,0 +1,241 @@
+//! The `warden` binary against a real node's gRPC API and PostgreSQL: tables, JSON,
+//! exit codes, authentication, TLS, paging, and the schema commands.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use warden::api::{self, Auth};
+use warden_tests::{audit_node as node_on, eventually, serve_api_of as serve, TestDb};
+
+const CLI: &str = env!("CARGO_BIN_EXE_warden");
+
+/// Run the CLI binary (async: the server under test runs on this test's runtime).
+async fn cli(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(CLI)
+        .arg("--endpoint")
+        .arg(format!("http://{addr}"))
+        .args(args)
+        .env_remove("WARDEN_API_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test]
+async fn cli_tables_json_and_exit_codes() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let (code, out, err) =
+        cli(addr, &["jobs", "enqueue", "acct-7", "audit", "--args", r#"{"seq": 1}"#, "--json"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_i64().unwrap();
+    let (code, out, _) = cli(addr, &["ring"], &[]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("NODE") && out.contains("n1") && out.contains("16 partitions: 0 moving, 0 unowned"), "{out}");
+    let (code, out, _) = cli(addr, &["members", "--json"], &[]).await;
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["members"][0]["partitions_held"], 16);
+    let (code, out, _) = cli(addr, &["locate", "acct-7"], &[]).await;
+    assert!(code == 0 && out.contains("owner (lease)  n1 (epoch 1)"), "{out}");
+    eventually(Duration::from_secs(20), "job done", || async {
+        let (_, out, _) = cli(addr, &["jobs", "get", &id.to_string(), "--json"], &[]).await;
+        (serde_json::from_str::<serde_json::Value>(&out).unwrap()["job"]["state"] == "completed").then_some(())
+    })
+    .await;
+    let (code, out, _) = cli(addr, &["jobs", "list", "--account", "acct-7"], &[]).await;
+    assert!(code == 0 && out.contains("completed"), "{out}");
+    let (code, out, _) = cli(addr, &["stats", "--json"], &[]).await;
+    assert!(
+        code == 0 && serde_json::from_str::<serde_json::Value>(&out).unwrap()["by_state"]["completed"] == 1,
+        "{out}"
+    );
+    // Exit codes.
+    let (code, _, err) = cli(addr, &["jobs", "get", "987654"], &[]).await;
+    assert_eq!((code, err.trim()), (3, "error: job 987654 not found"));
+    let (code, _, err) = cli(addr, &["jobs", "enqueue", "", "audit"], &[]).await;
+    assert!(code == 4 && err.contains("account must not be empty"), "{err}");
+    let (code, _, err) = cli(addr, &["jobs", "enqueue", "a", "audit", "--args", "{oops"], &[]).await;
+    assert!(code == 4 && err.contains("not valid JSON"), "{err}");
+    let (code, _, _) = cli(addr, &["jobs", "list", "--limit", "9999"], &[]).await;
+    assert_eq!(code, 4);
+    let (code, _, _) = cli(addr, &["jobs", "frobnicate"], &[]).await;
+    assert_eq!(code, 2, "usage errors exit 2");
+    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let (code, _, err) = cli(dead, &["ring"], &[]).await;
+    assert!(code == 5 && err.contains("cannot connect"), "{err}");
+    let (code, out, _) = cli(addr, &["--help"], &[]).await;
+    assert!(code == 0 && out.contains("Examples:") && out.contains("Exit codes"), "{out}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cli_with_authentication() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, Some("tok-123")).await;
+    let (code, _, err) = cli(addr, &["ring"], &[]).await;
+    assert!(code == 6 && err.contains("bearer token"), "{err}");
+    let (code, _, _) = cli(addr, &["ring", "--token", "wrong"], &[]).await;
+    assert_eq!(code, 6);
+    let (code, _, _) = cli(addr, &["ring", "--token", "tok-123"], &[]).await;
+    assert_eq!(code, 0);
+    let (code, _, _) = cli(addr, &["ring"], &[("WARDEN_API_TOKEN", "tok-123")]).await;
+    assert_eq!(code, 0);
+    let file = std::env::temp_dir().join(format!("warden-token-{}", std::process::id()));
+    std::fs::write(&file, "tok-123\n").unwrap();
+    let (code, _, _) = cli(addr, &["ring", "--token-file", file.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0);
+    node.shutdown().await.unwrap();
+}
+
+/// TLS on the gRPC port (rustls), used from the CLI with a CA certificate.
+#[tokio::test]
+async fn tls_on_the_grpc_port_works_from_the_cli() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key, ca) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
+    // A CA and a leaf certificate it signs (rustls rejects a CA certificate used as the leaf).
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        .unwrap();
+    let sh = format!(
+        "set -e; cd {d}; EC='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'
+         openssl req -x509 $EC -days 1 -subj /CN=warden-test-ca -keyout ca.key -out ca.pem 2>/dev/null
+         openssl req $EC -subj /CN=localhost -keyout key.pem -out leaf.csr 2>/dev/null
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile leaf.ext -out cert.pem 2>/dev/null",
+        d = dir.display()
+    );
+    let out = std::process::Command::new("sh").arg("-c").arg(&sh).output().expect("openssl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let tls = api::Tls { cert_pem: std::fs::read(&cert).unwrap(), key_pem: std::fs::read(&key).unwrap() };
+    let server = api::serve_with(listener, node.clone(), Auth::new(Some("t".into())), Some(tls), stop.clone());
+    tokio::spawn(async move { server.await.expect("TLS server runs") });
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(CLI).args(&args).env_remove("WARDEN_API_TOKEN").output().await.unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let https = format!("https://127.0.0.1:{port}");
+    let ca = ca.to_str().unwrap().to_string();
+    let (code, out, err) = run(vec![
+        "--endpoint".into(),
+        https.clone(),
+        "--ca-cert".into(),
+        ca.clone(),
+        "--tls-domain".into(),
+        "localhost".into(),
+        "--token".into(),
+        "t".into(),
+        "ring".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("16 partitions"), "{out}");
+    let (code, _, err) =
+        run(vec!["--endpoint".into(), https.clone(), "--token".into(), "t".into(), "ring".into()]).await;
+    assert!(code == 1 && err.contains("needs --ca-cert"), "{err}");
+    let (code, _, _) =
+        run(vec!["--endpoint".into(), format!("http://127.0.0.1:{port}"), "--token".into(), "t".into(), "ring".into()])
+            .await;
+    assert_ne!(code, 0, "plain HTTP/2 to a TLS port fails");
+    stop.cancel();
+    node.shutdown().await.unwrap();
+}
+
+
+#[tokio::test]
+async fn the_cli_pages_a_jobs_attempts() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let (code, out, err) = cli(
+        addr,
+        &["jobs", "enqueue", "paged", "audit", "--args", r#"{"seq": 1}"#, "--delay-ms", "3600000", "--json"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_i64().unwrap();
+    sqlx::query(
+        "INSERT INTO warden.attempts (job_id, account, partition, attempt, node, epoch, started_at, finished_at, outcome)
+         SELECT $1, 'paged', 0, g, 'n1/1', 1, now(), now(), 'snoozed' FROM generate_series(1, 12) g",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, out, err) = cli(addr, &["jobs", "get", &id.to_string(), "--attempts-limit", "5"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("more attempts: --attempts-page-token"), "{out}");
+    node.shutdown().await.unwrap();
+}
+
+/// Run `warden schema …` against `url`.
+async fn schema(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(CLI)
+        .arg("schema")
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("WARDEN_PARTITIONS")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test]
+async fn schema_setup_and_reset_without_a_node() {
+    let db = TestDb::new().await;
+    let (code, out, err) = schema(&db.url, &["setup", "--partitions", "32"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("32 partitions"), "{out}");
+    let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.leases").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(leases, 32);
+    // Idempotent; a different P is refused with the stored one named.
+    assert_eq!(schema(&db.url, &["setup", "--partitions", "32"]).await.0, 0);
+    let (code, _, err) = schema(&db.url, &["setup", "--partitions", "64"]).await;
+    assert!(code == 4 && err.contains("32"), "{code} {err}");
+    let (code, out, _) = schema(&db.url, &["status", "--json"]).await;
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["applied"], status["binary"]);
+
+    // A running node (it holds leases) makes reset refuse; --yes is required.
+    let node =
+        warden::Node::builder(warden_tests::fast_node_config("n1", 32)).start(db.node_pool().await).await.unwrap();
+    let (code, _, err) = schema(&db.url, &["reset"]).await;
+    assert!(code == 4 && err.contains("--yes"), "{err}");
+    let (code, _, err) = schema(&db.url, &["reset", "--yes"]).await;
+    assert!(code == 7 && err.contains("a node is running"), "{code} {err}");
+    node.shutdown().await.unwrap();
+    // Released leases are not live: the reset goes through and drops everything.
+    let (code, out, err) = schema(&db.url, &["reset", "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dropped Warden's schema"), "{out}");
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'warden')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!exists);
+    // Reset of nothing is fine; set-up again works.
+    assert_eq!(schema(&db.url, &["reset", "--yes"]).await.0, 0);
+    assert_eq!(schema(&db.url, &["setup", "--partitions", "16"]).await.0, 0);
+}
