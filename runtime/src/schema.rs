@@ -349,7 +349,7 @@ pub async fn reset(pool: &PgPool, force: bool) -> Result<ResetReport> {
             };
             if has("warden.leases").fetch_one(&mut conn).await? {
                 live_leases = sqlx::query_scalar(
-                    "SELECT count(*) FROM warden.leases WHERE owner IS NOT NULL AND expires_at > now()",
+                    "SELECT count(*) FROM warden.leases WHERE owner_node IS NOT NULL AND lease_expires_at > now()",
                 )
                 .fetch_one(&mut conn)
                 .await?;
