@@ -159,3 +159,44 @@ async fn nodes_started_together_on_a_fresh_database_all_come_up() {
         assert!(n.log_contains("node started"), "{} did not start", n.node_id);
     }
 }
+
+/// The host starts its admin server first and waits for the database: while
+/// PostgreSQL is down the process is live (`/healthz` 200) but not ready (`/readyz`
+/// 503, "starting") and says it is retrying; once the database is up it starts, is
+/// ready, and a SIGTERM stops it in order with exit 0.
+#[tokio::test]
+async fn a_node_started_before_its_database_waits_live_but_not_ready() {
+    let pg = PrivatePg::start();
+    pg.stop();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = pg.url();
+    let starting = tokio::spawn(async move {
+        let admin = format!("127.0.0.1:{port}");
+        let mut args = FAST.to_vec();
+        args.extend(["--admin-addr", &admin]);
+        NodeProc::start(BIN, &url, "node-a", &args).await
+    });
+    let body = eventually(Duration::from_secs(20), "admin port up while the database is down", || async {
+        let (h, _) = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(_) => http_get(port, "/healthz").await,
+            Err(_) => return None,
+        };
+        let (r, body) = http_get(port, "/readyz").await;
+        (h == 200 && r == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("starting"), "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!starting.is_finished(), "the node must wait for the database, not exit");
+    pg.restart();
+    let mut node = tokio::time::timeout(Duration::from_secs(60), starting).await.expect("started").unwrap();
+    assert!(node.log_contains("database not reachable yet; retrying"), "the wait is logged");
+    eventually(Duration::from_secs(10), "ready", || async { (http_get(port, "/readyz").await.0 == 200).then_some(()) })
+        .await;
+    node.signal(libc::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(30)).await.expect("exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    let log = node.log.lock().unwrap().clone();
+    let at = |needle: &str| log.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {log:?}"));
+    assert!(at("shutting down: draining and releasing") < at("node stopped cleanly"), "{log:?}");
+}
