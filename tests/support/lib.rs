@@ -3,12 +3,16 @@
 //! polling helpers, and a handle on node processes.
 //!
 //! Modules: [`soak`] — the seeded fault-injection harness and its scenario steps;
-//! [`gossip_net`] — UDP relays that let a test cut gossip between node processes.
+//! [`gossip_net`] — UDP relays that let a test cut gossip between node processes;
+//! [`model_store`] — the in-memory model of the store (the simulation's database);
+//! [`conformance`] — the executor-seam scenarios every store must pass.
 //! Here: [`TestDb`], [`NodeProc`], [`PrivatePg`] (a server the test may stop and
 //! restart), [`CutProxy`] (a TCP proxy that can cut a node off from PostgreSQL, and
 //! lose or delay its replies).
 
+pub mod conformance;
 pub mod gossip_net;
+pub mod model_store;
 pub mod soak;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
