@@ -36,9 +36,9 @@ use tokio_util::sync::CancellationToken;
 use warden_cluster::membership::{Member, MemberState, Membership};
 use warden_cluster::placement::{run_ring, RingPlacement};
 use warden_cluster::{place, PartitionCount, RingConfig};
+use warden_runtime::async_trait;
 use warden_runtime::enforcer::{self, Enforcer};
 use warden_runtime::lease::{keep_leases, LeaseConfig, LeaseTable};
-use warden_runtime::async_trait;
 use warden_runtime::store::Store;
 use warden_tests::model_store::{ModelDb, ModelStore, Network, SharedDb};
 

@@ -436,7 +436,8 @@ impl Cluster for Api {
         for (owner, _, _) in actual.values() {
             *held.entry(owner.clone()).or_default() += 1;
         }
-        let backlog: HashMap<String, i64> = PgAdminStore::from(self.pool()).queue_depth(self.limits.stats_partition_cap)
+        let backlog: HashMap<String, i64> = PgAdminStore::from(self.pool())
+            .queue_depth(self.limits.stats_partition_cap)
             .await
             .map_err(|e| self.status(e))?
             .backlog_by_node()
@@ -816,7 +817,10 @@ impl Jobs for Api {
             return Err(Status::invalid_argument("jobs must not be empty"));
         }
         if jobs.len() > MAX_API_ENQUEUE_BATCH {
-            return Err(Status::invalid_argument(format!("batch of {} jobs; the limit is {MAX_API_ENQUEUE_BATCH}", jobs.len())));
+            return Err(Status::invalid_argument(format!(
+                "batch of {} jobs; the limit is {MAX_API_ENQUEUE_BATCH}",
+                jobs.len()
+            )));
         }
         let jobs = jobs
             .into_iter()
@@ -837,8 +841,10 @@ impl Jobs for Api {
         let after_id = page_token("attempts_page_token", &r.attempts_page_token)?.unwrap_or(0);
         let job =
             self.client.get(id).await.map_err(|e| self.status(e))?.ok_or_else(|| status(Error::JobNotFound(id)))?;
-        let mut attempts =
-            PgAdminStore::from(self.pool()).attempts_page(id, after_id, page as i64 + 1).await.map_err(|e| self.status(e))?;
+        let mut attempts = PgAdminStore::from(self.pool())
+            .attempts_page(id, after_id, page as i64 + 1)
+            .await
+            .map_err(|e| self.status(e))?;
         let next_attempts_page_token = if attempts.len() > page as usize {
             attempts.truncate(page as usize);
             attempts.last().map(|a| a.id.to_string()).unwrap_or_default()
@@ -901,8 +907,10 @@ impl Jobs for Api {
         _r: Request<pb::QueueStatsRequest>,
     ) -> Result<Response<pb::QueueStatsResponse>, Status> {
         let _permit = self.admit_weighted(HEAVY_CALL_COST).await?;
-        let depth =
-            PgAdminStore::from(self.pool()).queue_depth(self.limits.stats_partition_cap).await.map_err(|e| self.status(e))?;
+        let depth = PgAdminStore::from(self.pool())
+            .queue_depth(self.limits.stats_partition_cap)
+            .await
+            .map_err(|e| self.status(e))?;
         let oldest = PgAdminStore::from(self.pool()).oldest_due_age().await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::QueueStatsResponse {
             by_state: depth.state_counts().0.into_iter().collect(),

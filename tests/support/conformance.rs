@@ -189,9 +189,7 @@ pub async fn lease_wait_is_the_time_until_another_owners_lease_expires<S: Store 
 
 /// The serial lane runs in (run_at, id) order; priority does not reorder it (the SQL
 /// never reads it).
-pub async fn claim_takes_the_serial_head_in_run_at_then_id_order_ignoring_priority<S: Store + ProducerStore>(
-    s: &S,
-) {
+pub async fn claim_takes_the_serial_head_in_run_at_then_id_order_ignoring_priority<S: Store + ProducerStore>(s: &S) {
     let f = own_all(s, A, TTL).await;
     let acct = "order";
     let earlier = chrono::Utc::now() - chrono::Duration::seconds(60);
@@ -497,7 +495,7 @@ pub async fn rescue_resets_what_an_older_epoch_left_running<S: Store + ProducerS
     let accts = accounts_in_distinct_partitions(3);
     let mut last = job(&accts[1]);
     last.max_attempts = Some(1);
-    let ids = vec![
+    let ids = [
         enqueue(s, vec![job(&accts[0])]).await[0],
         enqueue(s, vec![last]).await[0],
         enqueue(s, vec![job(&accts[2])]).await[0],
@@ -552,10 +550,7 @@ pub async fn cancel_and_retry_follow_the_job_state<S: Store + ProducerStore>(s: 
     assert_eq!(s.cancel_job(ids[1]).await.unwrap(), CancelResult::Cancelled);
     let r = get(s, ids[1]).await;
     assert_eq!((r.state.as_str(), r.last_error.as_deref()), ("cancelled", Some("cancelled before it ran")));
-    assert_eq!(
-        s.cancel_job(ids[1]).await.unwrap(),
-        CancelResult::AlreadyFinished { state: "cancelled".into() }
-    );
+    assert_eq!(s.cancel_job(ids[1]).await.unwrap(), CancelResult::AlreadyFinished { state: "cancelled".into() });
     let fence = fence_of(&f, acct);
     let j = s.claim(acct, &fence).await.unwrap().unwrap();
     assert!(!s.cancel_requested(j.id).await.unwrap());
@@ -602,12 +597,8 @@ pub async fn unique_keys_make_enqueue_idempotent<S: Store + ProducerStore>(s: &S
 
 /// heartbeat: the members seen within the window, this one included.
 pub async fn heartbeat_lists_the_members_seen_within_the_window<S: Store + ProducerStore>(s: &S) {
-    let member = |id: &str| MemberInfo {
-        node_id: id.into(),
-        started_at: chrono::Utc::now(),
-        schema: 1,
-        ring: "r".into(),
-    };
+    let member =
+        |id: &str| MemberInfo { node_id: id.into(), started_at: chrono::Utc::now(), schema: 1, ring: "r".into() };
     let set = |v: Option<Vec<String>>| v.expect("this store keeps member proof").into_iter().collect::<BTreeSet<_>>();
     let window = Duration::from_secs(10);
     assert_eq!(set(s.heartbeat(&member("n1"), window).await.unwrap()), BTreeSet::from(["n1".to_string()]));

@@ -100,7 +100,10 @@ impl ModelDb {
     /// unnest(…)`, which updates a row at most once).
     fn matched<T: Copy>(&self, list: &[T], partition: impl Fn(T) -> u32) -> Vec<T> {
         let mut seen = std::collections::BTreeSet::new();
-        list.iter().copied().filter(|x| (partition(*x) as usize) < self.leases.len() && seen.insert(partition(*x))).collect()
+        list.iter()
+            .copied()
+            .filter(|x| (partition(*x) as usize) < self.leases.len() && seen.insert(partition(*x)))
+            .collect()
     }
 
     pub fn acquire(&mut self, owner: &str, partitions: &[u32], ttl: Duration, now: Instant) -> Vec<GrantedLease> {
@@ -156,9 +159,9 @@ impl ModelDb {
 
     /// `warden.fence`: the lease holds exactly this owner and epoch, unexpired.
     pub fn fence_holds(&self, fence: &Fence, now: Instant) -> bool {
-        self.leases.get(fence.partition as usize).is_some_and(|d| {
-            d.owner.as_deref() == Some(&*fence.owner) && d.epoch == fence.epoch && d.expires > now
-        })
+        self.leases
+            .get(fence.partition as usize)
+            .is_some_and(|d| d.owner.as_deref() == Some(&*fence.owner) && d.epoch == fence.epoch && d.expires > now)
     }
 
     // --- executor statements on jobs ---
@@ -169,9 +172,9 @@ impl ModelDb {
         let held: Vec<GrantedLease> = acquired
             .iter()
             .filter(|h| {
-                self.leases.get(h.partition as usize).is_some_and(|d| {
-                    d.owner.as_deref() == Some(owner) && d.epoch == h.epoch && d.expires > now
-                })
+                self.leases
+                    .get(h.partition as usize)
+                    .is_some_and(|d| d.owner.as_deref() == Some(owner) && d.epoch == h.epoch && d.expires > now)
             })
             .copied()
             .collect();
@@ -305,7 +308,14 @@ impl ModelDb {
 
     /// finish.sql (`claim_next` is the statement's $11: the caller's wish and a terminal
     /// finish).
-    pub fn finish(&mut self, job: &JobRow, fence: &Fence, finish: &Finish, claim_next: bool, now: Instant) -> Result<Finished> {
+    pub fn finish(
+        &mut self,
+        job: &JobRow,
+        fence: &Fence,
+        finish: &Finish,
+        claim_next: bool,
+        now: Instant,
+    ) -> Result<Finished> {
         let fence_held = self.fence_holds(fence, now);
         let at = self.utc(now);
         let c = finish.columns();
@@ -486,11 +496,7 @@ impl ModelDb {
                     due_at: run_at,
                     attempt: 0,
                     max_attempts: j.max_attempts.or(kind.max_attempts).unwrap_or(25),
-                    timeout_ms: j
-                        .timeout
-                        .or(kind.timeout)
-                        .map(|t| ms(t).min(i32::MAX as i64) as i32)
-                        .unwrap_or(60_000),
+                    timeout_ms: j.timeout.or(kind.timeout).map(|t| ms(t).min(i32::MAX as i64) as i32).unwrap_or(60_000),
                     unique_key: j.unique_key.clone(),
                     epoch: None,
                     node: None,
@@ -709,7 +715,12 @@ impl ProducerStore for ModelStore {
         .await
     }
 
-    async fn enqueue_in(&self, _conn: &mut ModelConn, jobs: &[NewJob], defaults: KindDefaults<'_>) -> Result<Vec<Enqueued>> {
+    async fn enqueue_in(
+        &self,
+        _conn: &mut ModelConn,
+        jobs: &[NewJob],
+        defaults: KindDefaults<'_>,
+    ) -> Result<Vec<Enqueued>> {
         self.enqueue(jobs, defaults).await
     }
 

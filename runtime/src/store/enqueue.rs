@@ -37,8 +37,12 @@ pub trait ProducerStore: Send + Sync + 'static {
     async fn enqueue(&self, jobs: &[NewJob], defaults: KindDefaults<'_>) -> Result<Vec<Enqueued>>;
     /// [`ProducerStore::enqueue`] inside the caller's transaction (or on any
     /// connection): if it rolls back, nothing was enqueued and nobody was woken.
-    async fn enqueue_in(&self, conn: &mut Self::Conn, jobs: &[NewJob], defaults: KindDefaults<'_>)
-        -> Result<Vec<Enqueued>>;
+    async fn enqueue_in(
+        &self,
+        conn: &mut Self::Conn,
+        jobs: &[NewJob],
+        defaults: KindDefaults<'_>,
+    ) -> Result<Vec<Enqueued>>;
     async fn get_job(&self, job_id: i64) -> Result<Option<JobRow>>;
     /// Every attempt of the job, in order.
     async fn attempts_of(&self, job_id: i64) -> Result<Vec<AttemptRow>>;

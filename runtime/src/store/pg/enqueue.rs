@@ -82,7 +82,7 @@ impl ProducerStore for PgStore {
 
     async fn enqueue(&self, jobs: &[NewJob], defaults: KindDefaults<'_>) -> Result<Vec<Enqueued>> {
         let mut tx = self.pool.begin().await?;
-        let out = insert_resolved(&mut *tx, self.partitions, jobs, defaults).await?;
+        let out = insert_resolved(&mut tx, self.partitions, jobs, defaults).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -100,19 +100,13 @@ impl ProducerStore for PgStore {
     async fn cancel_job(&self, job_id: i64) -> Result<CancelResult> {
         let mut tx = self.pool.begin().await?;
         let row: Option<(String, i32, String)> =
-            sqlx::query_as(CANCEL_LOCK_SQL)
-                .bind(job_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            sqlx::query_as(CANCEL_LOCK_SQL).bind(job_id).fetch_optional(&mut *tx).await?;
         let Some((state, partition, account)) = row else {
             return Err(Error::JobNotFound(job_id));
         };
         let result = match state.as_str() {
             "scheduled" | "available" | "retryable" => {
-                sqlx::query(CANCEL_QUEUED_SQL)
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(CANCEL_QUEUED_SQL).bind(job_id).execute(&mut *tx).await?;
                 // The account's next job may now be its head.
                 sqlx::query(NOTIFY_SQL)
                     .bind(CHANNEL_WAKE)
@@ -122,10 +116,7 @@ impl ProducerStore for PgStore {
                 CancelResult::Cancelled
             }
             "running" => {
-                sqlx::query(REQUEST_CANCEL_SQL)
-                    .bind(job_id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(REQUEST_CANCEL_SQL).bind(job_id).execute(&mut *tx).await?;
                 sqlx::query(NOTIFY_SQL)
                     .bind(CHANNEL_CANCEL)
                     .bind(format!("{partition}:{job_id}:{account}"))
@@ -142,10 +133,7 @@ impl ProducerStore for PgStore {
     /// Put a discarded or cancelled job back in the queue with one more attempt allowed.
     /// Its serial position is unchanged, so it blocks its account's later jobs again.
     async fn retry_job(&self, job_id: i64) -> Result<JobRow> {
-        let job = sqlx::query_as::<_, JobRow>(RETRY_SQL)
-        .bind(job_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let job = sqlx::query_as::<_, JobRow>(RETRY_SQL).bind(job_id).fetch_optional(&self.pool).await?;
         match job {
             Some(j) => Ok(j),
             None => match self.get_job(job_id).await? {
@@ -163,10 +151,7 @@ impl ProducerStore for PgStore {
     }
 
     async fn attempts_of(&self, job_id: i64) -> Result<Vec<AttemptRow>> {
-        Ok(sqlx::query_as(ATTEMPTS_OF_SQL)
-            .bind(job_id)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(ATTEMPTS_OF_SQL).bind(job_id).fetch_all(&self.pool).await?)
     }
 }
 
@@ -279,10 +264,10 @@ fn insert_resolved<'a>(
                         )));
                     };
                     let found: Option<i64> = sqlx::query_scalar(UNIQUE_KEY_HOLDER_SQL)
-                    .bind(&acc)
-                    .bind(&uk)
-                    .fetch_optional(&mut *conn)
-                    .await?;
+                        .bind(&acc)
+                        .bind(&uk)
+                        .fetch_optional(&mut *conn)
+                        .await?;
                     let id = match found {
                         Some(id) => id,
                         None => {
@@ -311,4 +296,3 @@ fn insert_resolved<'a>(
         Ok(out)
     })
 }
-

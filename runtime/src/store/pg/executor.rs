@@ -185,10 +185,7 @@ impl Store for PgStore {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(job_id, account, p)| RunningJob { job_id, account, partition: p as u32 })
-            .collect())
+        Ok(rows.into_iter().map(|(job_id, account, p)| RunningJob { job_id, account, partition: p as u32 }).collect())
     }
 
     async fn claim(&self, account: &str, fence: &Fence) -> Result<Option<JobRow>> {
@@ -265,8 +262,7 @@ impl Store for PgStore {
     }
 
     async fn cancel_requested(&self, job_id: i64) -> Result<bool> {
-        let v: Option<bool> =
-            sqlx::query_scalar(CANCEL_REQUESTED_SQL).bind(job_id).fetch_optional(&self.pool).await?;
+        let v: Option<bool> = sqlx::query_scalar(CANCEL_REQUESTED_SQL).bind(job_id).fetch_optional(&self.pool).await?;
         Ok(v.unwrap_or(false))
     }
 

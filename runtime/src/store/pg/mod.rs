@@ -11,9 +11,9 @@ mod admin;
 mod enqueue;
 mod executor;
 
+pub use admin::RETENTION_LOCK_CLASS;
 pub use enqueue::{ENQUEUE_LOCK_BATCH, ENQUEUE_LOCK_CLASS};
 pub use executor::DUE_ACCOUNTS_SQL;
-pub use admin::RETENTION_LOCK_CLASS;
 
 use super::{ms, Fence};
 use crate::error::{Error, Result};
@@ -335,4 +335,3 @@ impl From<&PgPool> for PgAdminStore {
 /// application. One statement for P = 16,384 partitions failed with "out of shared
 /// memory" on a default server; chunks keep each transaction to this many.
 pub const LOCK_CHUNK: usize = 256;
-
