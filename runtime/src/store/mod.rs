@@ -37,7 +37,9 @@
 //!
 //! Layout: this file holds the types the seams share; [`executor`], [`enqueue`] and
 //! [`admin`] the traits and their result types; `pg/` the PostgreSQL implementations,
-//! one file per seam, with the statements as whole SQL in `sql/*.sql`.
+//! one file per seam, every statement whole SQL (long ones as `sql/*.sql`, short ones
+//! as named constants); no statement is assembled from fragments except the two
+//! enqueues, which share their insert (see `pg/enqueue.rs`).
 
 pub mod admin;
 pub mod enqueue;

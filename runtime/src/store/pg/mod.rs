@@ -4,8 +4,9 @@
 //!
 //! Files: `executor.rs` (leases, the fenced hot path, rescue, scans, heartbeats),
 //! `enqueue.rs` (enqueue locking and the job operations of the client), `admin.rs`
-//! (observation, retention, the history checker's figures). The long statements are
-//! whole SQL files in `store/sql/`, read with `include_str!`.
+//! (observation, retention, the history checker's figures). Every statement is whole
+//! SQL: the long ones as files in `store/sql/` (read with `include_str!`), the short
+//! ones as named constants beside the code that binds them.
 
 mod admin;
 mod enqueue;
@@ -187,41 +188,40 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
+/// Store P unless already stored ($1 P as text).
+const STORE_PARTITION_COUNT_SQL: &str =
+    "INSERT INTO warden.meta (key, value) VALUES ('partitions', $1) ON CONFLICT (key) DO NOTHING";
+/// The stored P (as text).
+const PARTITION_COUNT_SQL: &str = "SELECT value FROM warden.meta WHERE key = 'partitions'";
+/// A lease row for every partition below $1 (free, epoch 0).
+const CREATE_LEASES_SQL: &str =
+    "INSERT INTO warden.leases (partition) SELECT g FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING";
+
 /// Fix (or check) the partition count and make sure every lease row exists.
 pub async fn init_partitions(pool: &PgPool, partitions: PartitionCount) -> Result<PartitionCount> {
     let mut tx = pool.begin().await?;
     // Serialise concurrent first starts on the meta row.
-    sqlx::query("INSERT INTO warden.meta (key, value) VALUES ('partitions', $1) ON CONFLICT (key) DO NOTHING")
-        .bind(partitions.get().to_string())
-        .execute(&mut *tx)
-        .await?;
-    let stored: String =
-        sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'").fetch_one(&mut *tx).await?;
+    sqlx::query(STORE_PARTITION_COUNT_SQL).bind(partitions.get().to_string()).execute(&mut *tx).await?;
+    let stored: String = sqlx::query_scalar(PARTITION_COUNT_SQL).fetch_one(&mut *tx).await?;
     let stored: u32 = stored
         .parse()
         .map_err(|_| Error::Config(format!("warden.meta partitions value {stored:?} is not a number")))?;
     if stored != partitions.get() {
         return Err(Error::PartitionMismatch { stored, configured: partitions.get() });
     }
-    sqlx::query(
-        "INSERT INTO warden.leases (partition) SELECT g FROM generate_series(0, $1 - 1) g ON CONFLICT DO NOTHING",
-    )
-    .bind(partitions.get() as i32)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(CREATE_LEASES_SQL).bind(partitions.get() as i32).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(partitions)
 }
 
 /// Read P from the database (for clients that do not run a node).
 pub async fn load_partitions(pool: &PgPool) -> Result<PartitionCount> {
-    let stored: Option<String> =
-        match sqlx::query_scalar("SELECT value FROM warden.meta WHERE key = 'partitions'").fetch_optional(pool).await {
-            Ok(v) => v,
-            // 42P01: undefined_table (no migrations yet); 3F000: invalid_schema_name.
-            Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P01" | "3F000")) => None,
-            Err(e) => return Err(e.into()),
-        };
+    let stored: Option<String> = match sqlx::query_scalar(PARTITION_COUNT_SQL).fetch_optional(pool).await {
+        Ok(v) => v,
+        // 42P01: undefined_table (no migrations yet); 3F000: invalid_schema_name.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P01" | "3F000")) => None,
+        Err(e) => return Err(e.into()),
+    };
     let stored = stored.ok_or(Error::NotInitialised)?;
     let p: u32 = stored.parse().map_err(|_| Error::NotInitialised)?;
     PartitionCount::new(p).map_err(|e| Error::Config(e.to_string()))
