@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use warden_runtime::account_actor::ExecConfig;
 use warden_runtime::job::JobRow;
-use warden_runtime::store::{self, Fence, Finish, Finished, GrantedLease, JobTx, PgStore, Store};
+use warden_runtime::store::{
+    self, DueAccount, Fence, Finish, Finished, GrantedLease, JobTx, PgStore, RunningJob, Store,
+};
 use warden_runtime::{
     async_trait, history, Client, Error, Handler, HandlerResult, JobContext, JobOptions, NewJob, Node, NodeConfig,
     Outcome, PartitionCount,
@@ -237,10 +239,10 @@ impl Store for Faulty {
     async fn lease_wait(&self, o: &str, p: &[u32]) -> warden_runtime::Result<Option<Duration>> {
         self.inner.lease_wait(o, p).await
     }
-    async fn due_accounts(&self, p: &[u32], l: i64) -> warden_runtime::Result<Vec<(String, u32)>> {
+    async fn due_accounts(&self, p: &[u32], l: i64) -> warden_runtime::Result<Vec<DueAccount>> {
         self.inner.due_accounts(p, l).await
     }
-    async fn running_here(&self, o: &str, p: &[u32], l: i64) -> warden_runtime::Result<Vec<(i64, String, u32)>> {
+    async fn running_here(&self, o: &str, p: &[u32], l: i64) -> warden_runtime::Result<Vec<RunningJob>> {
         self.inner.running_here(o, p, l).await
     }
     async fn claim(&self, account: &str, fence: &Fence) -> warden_runtime::Result<Option<JobRow>> {
@@ -465,7 +467,11 @@ async fn accounts_whose_head_is_backing_off_do_not_fill_the_due_scan() {
     client.enqueue(NewJob::new("runnable", "k", ()).unwrap()).await.unwrap();
     let all: Vec<u32> = (0..P).collect();
     let due = s.due_accounts(&all, 5).await.unwrap();
-    assert_eq!(due, vec![("runnable".to_string(), part("runnable"))], "only accounts with a runnable head");
+    assert_eq!(
+        due,
+        vec![DueAccount { account: "runnable".to_string(), partition: part("runnable") }],
+        "only accounts with a runnable head"
+    );
 }
 
 // ---------------------------------------------------------------------------

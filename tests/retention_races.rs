@@ -7,6 +7,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 use warden::api::{self, pb, Auth};
 use warden_runtime::retention::{Pruner, RetentionConfig};
+use warden_runtime::store::ProducerStore;
 use warden_runtime::{store, Node, PartitionCount};
 use warden_tests::TestDb;
 
@@ -106,7 +107,7 @@ async fn a_retry_racing_the_pruner_never_loses_the_retried_job() {
             let mut nf = 0;
             // Interleave from the back so the pruner (oldest id first here) meets retries.
             for id in chunk.into_iter().rev() {
-                match store::retry_job(&pool, id).await {
+                match store::PgStore::new(pool.clone(), PartitionCount::new(16).unwrap()).retry_job(id).await {
                     Ok(j) => ok.push(j.id),
                     Err(warden_runtime::Error::JobNotFound(_)) => nf += 1,
                     Err(e) => panic!("retry {id}: {e}"),

@@ -3,10 +3,12 @@
 //! `placement::run_ring` (settle delay + ring `place()`) over an in-memory
 //! membership, `lease::keep_leases` (renewal and self-fencing) and `enforcer::run`
 //! (acquire what the ring assigns, drain and release the rest, retry at lease
-//! expiry). Only the database is a model: [`SimStore`] implements the `Store` trait
-//! with rules that mirror the SQL in `store.rs` (acquire if free, expired or own;
-//! renew only the same unexpired epoch; release keeps the epoch), a random round trip
-//! per statement, and statements that take effect even if the caller gave up on them.
+//! expiry). Only the database is a model: `warden_tests::model_store::ModelStore`
+//! implements the `Store` trait with rules that mirror the SQL in
+//! `runtime/src/store/sql/` (acquire if free, expired or own; renew only the same
+//! unexpired epoch; release keeps the epoch; kept in step with the SQL by the
+//! conformance suite, `tests/conformance.rs`), and its `Network` gives a random round
+//! trip per statement and applies statements even if the caller gave up on them.
 //!
 //! Faults: crashes (tasks vanish), pauses longer than the TTL (a node's tasks are not
 //! polled, exactly like SIGSTOP: its timers fire late, when it resumes), per-node
@@ -34,10 +36,11 @@ use tokio_util::sync::CancellationToken;
 use warden_cluster::membership::{Member, MemberState, Membership};
 use warden_cluster::placement::{run_ring, RingPlacement};
 use warden_cluster::{place, PartitionCount, RingConfig};
+use warden_runtime::async_trait;
 use warden_runtime::enforcer::{self, Enforcer};
 use warden_runtime::lease::{keep_leases, LeaseConfig, LeaseTable};
-use warden_runtime::store::{Fence, Finish, GrantedLease, JobTx, Store};
-use warden_runtime::{async_trait, Error, JobRow};
+use warden_runtime::store::Store;
+use warden_tests::model_store::{ModelDb, ModelStore, Network, SharedDb};
 
 const P: u32 = 32;
 const STEP: Duration = Duration::from_millis(50);
@@ -52,186 +55,10 @@ fn cfg() -> LeaseConfig {
 }
 
 // ---------------------------------------------------------------------------
-// The database model.
+// The database model: `warden_tests::model_store` (shared with the conformance suite,
+// which keeps it in step with the SQL). Here each node reaches it over a `Network`.
 
-#[derive(Clone, Debug)]
-struct DbLease {
-    owner: Option<String>,
-    epoch: i64,
-    expires: Instant,
-}
-
-type Db = Arc<Mutex<Vec<DbLease>>>;
-
-/// One node's connection to the model database.
-struct SimStore {
-    db: Db,
-    /// Statements sent while this is in the future are held back until then (a
-    /// proxy holding bytes), then applied.
-    down_until: Arc<Mutex<Option<Instant>>>,
-    rng: Mutex<fastrand::Rng>,
-}
-
-impl SimStore {
-    /// Send a statement: it reaches the database after half a round trip (or when
-    /// the outage ends) and is applied there whatever happens to the caller, like a
-    /// statement already on the wire; the answer takes the other half.
-    async fn statement<T: Send + 'static>(
-        &self,
-        apply: impl FnOnce(&mut Vec<DbLease>, Instant) -> T + Send + 'static,
-    ) -> T {
-        let rtt = {
-            let mut rng = self.rng.lock().unwrap();
-            // Mostly 1–20 ms; one statement in 50 is slow (up to 1.5 s).
-            if rng.u8(0..50) == 0 {
-                Duration::from_millis(rng.u64(200..1500))
-            } else {
-                Duration::from_millis(rng.u64(1..20))
-            }
-        };
-        let now = Instant::now();
-        let arrive = (*self.down_until.lock().unwrap()).map_or(now + rtt / 2, |d| d.max(now + rtt / 2));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let db = self.db.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(arrive).await;
-            let r = apply(&mut db.lock().unwrap(), Instant::now());
-            let _ = tx.send(r);
-        });
-        let r = rx.await.expect("statement task");
-        tokio::time::sleep(rtt / 2).await;
-        r
-    }
-}
-
-fn unsupported<T>(what: &str) -> warden_runtime::Result<T> {
-    Err(Error::InvalidInput(format!("{what} is not modelled by the simulation (no jobs run here)")))
-}
-
-#[async_trait]
-impl Store for SimStore {
-    fn partitions(&self) -> PartitionCount {
-        PartitionCount::new(P).unwrap()
-    }
-
-    async fn acquire(
-        &self,
-        owner: &str,
-        partitions: &[u32],
-        ttl: Duration,
-    ) -> warden_runtime::Result<Vec<GrantedLease>> {
-        let (owner, partitions) = (owner.to_string(), partitions.to_vec());
-        Ok(self
-            .statement(move |db, now| {
-                let mut granted = Vec::new();
-                for p in partitions {
-                    let d = &mut db[p as usize];
-                    if d.owner.is_none() || d.owner.as_deref() == Some(owner.as_str()) || d.expires < now {
-                        d.owner = Some(owner.clone());
-                        d.epoch += 1;
-                        d.expires = now + ttl;
-                        granted.push(GrantedLease { partition: p, epoch: d.epoch });
-                    }
-                }
-                granted
-            })
-            .await)
-    }
-
-    async fn renew(&self, owner: &str, held: &[GrantedLease], ttl: Duration) -> warden_runtime::Result<Vec<u32>> {
-        let (owner, held) = (owner.to_string(), held.to_vec());
-        Ok(self
-            .statement(move |db, now| {
-                let mut renewed = Vec::new();
-                for l in held {
-                    let d = &mut db[l.partition as usize];
-                    if d.owner.as_deref() == Some(owner.as_str()) && d.epoch == l.epoch && d.expires > now {
-                        d.expires = now + ttl;
-                        renewed.push(l.partition);
-                    }
-                }
-                renewed
-            })
-            .await)
-    }
-
-    async fn release(&self, owner: &str, held: &[GrantedLease]) -> warden_runtime::Result<u64> {
-        let (owner, held) = (owner.to_string(), held.to_vec());
-        Ok(self
-            .statement(move |db, _| {
-                let mut n = 0;
-                for l in held {
-                    let d = &mut db[l.partition as usize];
-                    if d.owner.as_deref() == Some(owner.as_str()) && d.epoch == l.epoch {
-                        d.owner = None;
-                        n += 1;
-                    }
-                }
-                n
-            })
-            .await)
-    }
-
-    async fn rescue(&self, _owner: &str, _acquired: &[GrantedLease]) -> warden_runtime::Result<u64> {
-        Ok(self.statement(|_, _| 0).await)
-    }
-
-    async fn lease_wait(&self, owner: &str, partitions: &[u32]) -> warden_runtime::Result<Option<Duration>> {
-        let (owner, partitions) = (owner.to_string(), partitions.to_vec());
-        Ok(self
-            .statement(move |db, now| {
-                partitions
-                    .iter()
-                    .map(|p| &db[*p as usize])
-                    .filter(|d| d.owner.as_ref().is_some_and(|o| *o != owner))
-                    .map(|d| d.expires.saturating_duration_since(now))
-                    .min()
-            })
-            .await)
-    }
-
-    async fn due_accounts(&self, _partitions: &[u32], _limit: i64) -> warden_runtime::Result<Vec<(String, u32)>> {
-        Ok(self.statement(|_, _| Vec::new()).await)
-    }
-
-    async fn running_here(
-        &self,
-        _owner: &str,
-        _partitions: &[u32],
-        _limit: i64,
-    ) -> warden_runtime::Result<Vec<(i64, String, u32)>> {
-        // No jobs in the model: nothing can run, so nothing is orphaned (and no
-        // statement is spent, keeping the seeds' schedules as they were).
-        Ok(Vec::new())
-    }
-
-    async fn claim(&self, _account: &str, _fence: &Fence) -> warden_runtime::Result<Option<JobRow>> {
-        unsupported("claim")
-    }
-
-    async fn finish(
-        &self,
-        _tx: Option<JobTx>,
-        _job: &JobRow,
-        _fence: &Fence,
-        _finish: &Finish,
-        _next: bool,
-    ) -> warden_runtime::Result<warden_runtime::store::Finished> {
-        unsupported("finish")
-    }
-
-    async fn unclaim(&self, _job: &JobRow, _fence: &Fence) -> warden_runtime::Result<()> {
-        unsupported("unclaim")
-    }
-
-    async fn cancel_requested(&self, _job_id: i64) -> warden_runtime::Result<bool> {
-        unsupported("cancel_requested")
-    }
-
-    async fn begin(&self, _idle: std::time::Duration) -> warden_runtime::Result<JobTx> {
-        unsupported("begin")
-    }
-}
+type Db = SharedDb;
 
 // ---------------------------------------------------------------------------
 // Membership and pausing.
@@ -332,11 +159,8 @@ impl SimNode {
         let owner: Arc<str> = Arc::from(format!("{id}/1"));
         let table = Arc::new(LeaseTable::new(owner));
         let down_until = Arc::new(Mutex::new(None));
-        let store: Arc<dyn Store> = Arc::new(SimStore {
-            db: db.clone(),
-            down_until: down_until.clone(),
-            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
-        });
+        let store: Arc<dyn Store> =
+            Arc::new(ModelStore::with_network(db.clone(), Network::new(seed, down_until.clone())));
         let (view, _) = watch::channel(Vec::new());
         let membership = Arc::new(SimMembership { id: id.into(), view: view.clone() });
         let placement = RingPlacement::new(id);
@@ -411,7 +235,7 @@ fn check(nodes: &BTreeMap<String, SimNode>, db: &Db, now: Instant, seed: u64) {
             .collect();
         assert!(actors.len() <= 1, "seed {seed}: partition {p} actable by {actors:?} at {now:?}");
         if let Some((id, epoch)) = actors.first() {
-            let d = &db[p as usize];
+            let d = &db.leases[p as usize];
             assert_eq!(
                 d.owner.as_deref(),
                 Some(format!("{id}/1").as_str()),
@@ -429,7 +253,7 @@ async fn simulate(seed: u64) {
     // one thread): seed it too, so a seed replays exactly.
     fastrand::seed(seed ^ 0x51_u64);
     let t0 = Instant::now();
-    let db: Db = Arc::new(Mutex::new((0..P).map(|_| DbLease { owner: None, epoch: 0, expires: t0 }).collect()));
+    let db: Db = ModelDb::shared(P);
     let mut history = History(Vec::new());
     let mut nodes: BTreeMap<String, SimNode> = BTreeMap::new();
     let mut next_id = 0;
@@ -529,7 +353,7 @@ async fn simulate(seed: u64) {
         for p in 0..P {
             let want = ring.owner(p);
             if nodes.get(want).is_some_and(|n| !n.pause.is_paused()) {
-                let d = &db[p as usize];
+                let d = &db.leases[p as usize];
                 assert_eq!(
                     d.owner.as_deref(),
                     Some(format!("{want}/1").as_str()),
@@ -548,8 +372,11 @@ async fn simulate(seed: u64) {
     }
     if std::env::var_os("WARDEN_SIM_FINGERPRINT").is_some() {
         let db = db.lock().unwrap();
-        let epochs: i64 = db.iter().map(|d| d.epoch).sum();
-        println!("seed {seed}: fingerprint {epochs} {:?}", db.iter().map(|d| d.owner.clone()).collect::<Vec<_>>());
+        let epochs: i64 = db.leases.iter().map(|d| d.epoch).sum();
+        println!(
+            "seed {seed}: fingerprint {epochs} {:?}",
+            db.leases.iter().map(|d| d.owner.clone()).collect::<Vec<_>>()
+        );
     }
     for (_, n) in nodes {
         n.crash();

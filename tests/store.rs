@@ -428,7 +428,7 @@ async fn renewal_is_not_blocked_by_fenced_work_but_takeover_is() {
     let (db, s, _client) = setup(4).await;
     let fences = own_all(&s, "a/1").await;
     let f = fences[0].clone();
-    // An executor statement in flight holds the fence lock (same lock as fence_sql!).
+    // An executor statement in flight holds the fence lock (the one `warden.fence` takes in every fenced statement).
     let mut tx = db.pool.begin().await.unwrap();
     let held: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM warden.leases WHERE partition = $1 AND owner_node = $2 AND epoch = $3

@@ -34,7 +34,7 @@ use crate::error::Error;
 use crate::handler::{CallError, FencingToken, JobContext, Outcome, Registry};
 use crate::job::{JobRow, NewJob};
 use crate::lease::{ActiveLease, LeaseTable};
-use crate::store::{Finish, Finished, JobTx, Store};
+use crate::store::{Finish, Finished, JobTx, KindDefault, ProducerStore, Store};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::{HashMap, HashSet};
@@ -78,6 +78,9 @@ impl Default for ExecConfig {
 /// What every actor of a node shares.
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
+    /// Enqueues a handler's follow-up jobs inside its transaction (`None` in a
+    /// standalone enforcer, which runs no handlers).
+    pub producer: Option<Arc<dyn ProducerStore<Conn = sqlx::PgConnection>>>,
     pub registry: Arc<Registry>,
     pub leases: Arc<LeaseTable>,
     pub config: ExecConfig,
@@ -1057,15 +1060,15 @@ async fn insert_staged(shared: &Shared, tx: &mut Option<JobTx>, staged: &[NewJob
         *tx = Some(shared.store.begin(lease_ttl(shared)).await?);
     }
     let conn = tx.as_mut().expect("opened above").conn();
-    let registry = shared.registry.clone();
-    let r = crate::store::insert_jobs(
-        conn,
-        shared.partitions,
-        staged,
-        |k| registry.options(k).map(|o| o.max_attempts),
-        |k| registry.options(k).map(|o| o.timeout),
-    )
-    .await;
+    let registry = &shared.registry;
+    let defaults = |k: &str| match registry.options(k) {
+        Some(o) => KindDefault { max_attempts: Some(o.max_attempts), timeout: Some(o.timeout) },
+        None => KindDefault::default(),
+    };
+    let r = match &shared.producer {
+        Some(producer) => producer.enqueue_in(conn, staged, &defaults).await,
+        None => Err(crate::Error::Config("this executor has no producer store to enqueue follow-up jobs".into())),
+    };
     if r.is_err() {
         *tx = None;
     }

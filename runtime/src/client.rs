@@ -7,15 +7,15 @@
 use crate::error::Result;
 use crate::handler::Registry;
 use crate::job::{AttemptRow, CancelResult, Enqueued, JobRow, NewJob};
-use crate::store::{self, StateCounts};
+use crate::store::{self, AdminStore, KindDefault, PgStore, ProducerStore, StateCounts};
 use sqlx::postgres::PgPool;
 use std::sync::Arc;
 use warden_cluster::PartitionCount;
 
 #[derive(Clone, Debug)]
 pub struct Client {
-    pool: PgPool,
-    partitions: PartitionCount,
+    /// The producer seam on the client's pool.
+    store: PgStore,
     /// Per-kind defaults (max attempts, timeout) when the client runs beside handlers.
     registry: Option<Arc<Registry>>,
 }
@@ -24,25 +24,35 @@ impl Client {
     /// A client on a database where a node has initialised the schema.
     pub async fn connect(pool: PgPool) -> Result<Self> {
         let partitions = store::load_partitions(&pool).await?;
-        Ok(Self { pool, partitions, registry: None })
+        Ok(Self { store: PgStore::new(pool, partitions), registry: None })
     }
 
     pub(crate) fn with_registry(pool: PgPool, partitions: PartitionCount, registry: Arc<Registry>) -> Self {
-        Self { pool, partitions, registry: Some(registry) }
+        Self { store: PgStore::new(pool, partitions), registry: Some(registry) }
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.store.pool()
     }
 
     /// The same client (partition count, per-kind defaults) on another pool: the gRPC
     /// API's own, so its calls never take an executor connection.
     pub fn on_pool(&self, pool: PgPool) -> Self {
-        Self { pool, ..self.clone() }
+        Self { store: PgStore::new(pool, self.partitions()), registry: self.registry.clone() }
     }
 
     pub fn partitions(&self) -> PartitionCount {
-        self.partitions
+        self.store.partitions()
+    }
+
+    /// The options of `kind` where this client's registry knows them. Kinds it does not
+    /// know resolve in the database, from the options nodes publish (`warden.kinds`),
+    /// then 25 attempts / 60 s.
+    fn kind_default(&self, kind: &str) -> KindDefault {
+        match self.registry.as_ref().and_then(|r| r.options(kind)) {
+            Some(o) => KindDefault { max_attempts: Some(o.max_attempts), timeout: Some(o.timeout) },
+            None => KindDefault::default(),
+        }
     }
 
     /// Enqueue one job in its own transaction.
@@ -50,15 +60,12 @@ impl Client {
         Ok(self.enqueue_many(std::slice::from_ref(&job)).await?.remove(0))
     }
 
-    /// Enqueue up to [`crate::job::MAX_BATCH`] jobs in one statement and transaction.
+    /// Enqueue up to [`crate::job::MAX_ENQUEUE_BATCH`] jobs in one statement and transaction.
     pub async fn enqueue_many(&self, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
         for j in jobs {
             j.validate()?;
         }
-        let mut tx = self.pool.begin().await?;
-        let out = self.enqueue_many_in(&mut tx, jobs).await?;
-        tx.commit().await?;
-        Ok(out)
+        self.store.enqueue(jobs, &|k| self.kind_default(k)).await
     }
 
     /// Enqueue inside the caller's transaction (or on any connection).
@@ -82,45 +89,34 @@ impl Client {
         Ok(self.enqueue_many_in(conn, std::slice::from_ref(&job)).await?.remove(0))
     }
 
-    /// [`Client::enqueue_in`] for up to [`crate::job::MAX_BATCH`] jobs in one statement.
+    /// [`Client::enqueue_in`] for up to [`crate::job::MAX_ENQUEUE_BATCH`] jobs in one statement.
     /// Above [`store::ENQUEUE_LOCK_BATCH`] distinct accounts the statement locks the
     /// accounts' hash groups (1/256 of all accounts each) instead of each account, so
     /// until it commits, enqueues for other accounts in those groups wait too.
     pub async fn enqueue_many_in(&self, conn: &mut sqlx::PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
-        let reg = self.registry.clone();
-        let reg2 = self.registry.clone();
-        store::insert_jobs(
-            conn,
-            self.partitions,
-            jobs,
-            // Kinds this client's registry does not know resolve in the database,
-            // from the options nodes publish (`warden.kinds`), then 25 / 60 s.
-            move |k| reg.as_ref().and_then(|r| r.options(k).map(|o| o.max_attempts)),
-            move |k| reg2.as_ref().and_then(|r| r.options(k).map(|o| o.timeout)),
-        )
-        .await
+        self.store.enqueue_in(conn, jobs, &|k| self.kind_default(k)).await
     }
 
     pub async fn get(&self, job_id: i64) -> Result<Option<JobRow>> {
-        store::get_job(&self.pool, job_id).await
+        self.store.get_job(job_id).await
     }
 
     pub async fn attempts(&self, job_id: i64) -> Result<Vec<AttemptRow>> {
-        store::attempts_of(&self.pool, job_id).await
+        self.store.attempts_of(job_id).await
     }
 
     /// Cancel a queued job at once, or ask a running one to stop (it is aborted
     /// after the node's cancel grace if its handler ignores the request).
     pub async fn cancel(&self, job_id: i64) -> Result<CancelResult> {
-        store::cancel_job(&self.pool, job_id).await
+        self.store.cancel_job(job_id).await
     }
 
     /// Re-queue a discarded or cancelled job.
     pub async fn retry(&self, job_id: i64) -> Result<JobRow> {
-        store::retry_job(&self.pool, job_id).await
+        self.store.retry_job(job_id).await
     }
 
     pub async fn state_counts(&self) -> Result<StateCounts> {
-        store::state_counts(&self.pool).await
+        self.store.admin().state_counts().await
     }
 }

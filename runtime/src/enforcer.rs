@@ -16,7 +16,7 @@
 use crate::account_actor::AccountActors;
 use crate::error::Result;
 use crate::lease::{LeaseConfig, LeaseTable};
-use crate::store::Store;
+use crate::store::{DueAccount, RunningJob, Store};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +63,7 @@ impl Enforcer {
         let poke = Arc::new(Notify::new());
         let shared = Arc::new(crate::account_actor::Shared {
             store: store.clone(),
+            producer: None,
             registry: Arc::new(crate::handler::Registry::new()),
             leases: leases.clone(),
             config: crate::account_actor::ExecConfig::default(),
@@ -107,7 +108,7 @@ impl Enforcer {
         let mut woken = 0;
         match self.store.running_here(self.leases.owner(), partitions, self.due_scan_limit).await {
             Ok(running) => {
-                for (job_id, account, partition) in running {
+                for RunningJob { job_id, account, partition } in running {
                     if !self.actors.is_in_flight(job_id)
                         && !self.actors.is_held_back(job_id)
                         && self.leases.holds(partition)
@@ -123,7 +124,7 @@ impl Enforcer {
             Err(e) => tracing::warn!(error = %e, "orphan scan failed; will retry"),
         }
         let due = self.store.due_accounts(partitions, self.due_scan_limit).await?;
-        for (account, partition) in &due {
+        for DueAccount { account, partition } in &due {
             if self.actors.wake(account, *partition).await {
                 woken += 1;
             }

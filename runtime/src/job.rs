@@ -20,8 +20,9 @@ pub const MAX_UNIQUE_KEY_BYTES: usize = 256;
 pub const MAX_MAX_ATTEMPTS: i32 = 1000;
 /// Maximum per-job timeout.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// Maximum jobs in one batch enqueue.
-pub const MAX_BATCH: usize = 10_000;
+/// Maximum jobs in one batch enqueue through the library (the gRPC API allows fewer:
+/// `api::MAX_API_ENQUEUE_BATCH`).
+pub const MAX_ENQUEUE_BATCH: usize = 10_000;
 /// Latest a job may be scheduled (`delay`, or `run_at` from now), and the longest
 /// retry or snooze delay a handler's outcome is clamped to. The SQL function and the
 /// `jobs_times_decodable` constraint (migration 0003) hold the same line: every

@@ -7,8 +7,11 @@
 //! Module map:
 //!
 //! - [`job`] — job rows, states, lanes, the enqueue request and its input limits.
-//! - [`store`] — all SQL: the [`store::Store`] seam and its PostgreSQL implementation,
-//!   the fenced finish-and-claim-next hot path, member heartbeats, client statements.
+//! - [`store`] — all SQL, behind three seams split by caller: [`store::Store`] (the
+//!   executor: leases, the fenced finish-and-claim-next hot path, rescue, scans, member
+//!   heartbeats), [`store::ProducerStore`] (enqueue and the client's job operations) and
+//!   [`store::AdminStore`] (observation, retention, the history figures); `store::pg`
+//!   implements them on PostgreSQL with the statements as `.sql` files.
 //! - [`schema`] — the migration runner with Warden's own history
 //!   (`warden.schema_history`), adoption of a legacy sqlx history, and the
 //!   compatibility check of the upgrade contract (`deploy/UPGRADING.md`).
@@ -21,7 +24,8 @@
 //! - [`node`] — configuration, builder, lifecycle and graceful shutdown.
 //! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
 //!   node at a time).
-//! - [`history`] — the checker of the serial guarantee over the attempts table.
+//! - [`history`] — the checker of the serial guarantee over the attempts table
+//!   (its figures come from [`store::AdminStore::history_report`]).
 //! - [`telemetry`] — metric names.
 //! - [`error`] — the crate's error type.
 //!

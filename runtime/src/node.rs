@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Handler, Registry};
 use crate::lease::{self, LeaseConfig, LeaseTable};
 use crate::retention::{self, Pruner, RetentionConfig};
-use crate::store::{self, PgStore, Store};
+use crate::store::{self, AdminStore, PgAdminStore, PgStore, Store};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,12 +202,13 @@ impl NodeBuilder {
             .connect_lazy_with((*pool.connect_options()).clone());
         let control: Arc<dyn Store> = Arc::new(PgStore::new(control_pool.clone(), partitions));
         let registry = Arc::new(self.registry);
-        store::publish_kinds(&pool, &registry, &owner).await?;
+        PgAdminStore::from(&pool).publish_kinds(&registry, &owner).await?;
         let leases = Arc::new(LeaseTable::new(owner.clone()));
         let poke = Arc::new(Notify::new());
         let rescan = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             store: store.clone(),
+            producer: Some(Arc::new(PgStore::new(pool.clone(), partitions))),
             registry: registry.clone(),
             leases: leases.clone(),
             config: config.exec.clone(),

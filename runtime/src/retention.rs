@@ -1,7 +1,7 @@
 //! Retention: the pruner that deletes finished jobs (`completed`, `discarded`,
 //! `cancelled`) and their attempts rows once they are older than the retention
 //! period. Every node runs it (`tick + run_once()`); a transaction-level advisory
-//! lock (class "WARD" + 10, [`store::RETENTION_LOCK_CLASS`]) lets one node prune at a
+//! lock (class "WARD" + 10, [`crate::store::RETENTION_LOCK_CLASS`]) lets one node prune at a
 //! time and `FOR UPDATE SKIP LOCKED` keeps a batch off rows anyone else holds.
 //!
 //! Each batch is one short transaction of one statement over at most
@@ -21,7 +21,7 @@
 //! cancelled job can no longer be retried (`NOT_FOUND`).
 
 use crate::error::{Error, Result};
-use crate::store::{self, Pruned};
+use crate::store::{AdminStore, PgAdminStore, Pruned};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -94,7 +94,7 @@ pub struct PruneReport {
 /// The pruner of one node.
 #[derive(Debug, Clone)]
 pub struct Pruner {
-    pool: PgPool,
+    store: PgAdminStore,
     config: RetentionConfig,
 }
 
@@ -103,7 +103,7 @@ impl Pruner {
     /// never takes an executor connection).
     pub fn new(pool: PgPool, config: RetentionConfig) -> Result<Self> {
         config.validate().map_err(Error::Config)?;
-        Ok(Self { pool, config })
+        Ok(Self { store: PgAdminStore::new(pool), config })
     }
 
     /// A one-connection pool beside `pool`, with the same connect options.
@@ -132,7 +132,7 @@ impl Pruner {
             }
             let batch_started = Instant::now();
             let Pruned { jobs, attempts, skipped, last } =
-                store::prune_finished(&self.pool, period, self.config.batch_size, cursor).await?;
+                self.store.prune_finished(period, self.config.batch_size, cursor).await?;
             cursor = last.or(cursor);
             metrics::histogram!("warden_retention_batch_seconds").record(batch_started.elapsed().as_secs_f64());
             if skipped {

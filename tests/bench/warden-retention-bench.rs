@@ -7,7 +7,7 @@
 //!    unfinished jobs the pruner must leave alone;
 //! 2. measures single-job `Client::enqueue` latency for `--probe-secs` with nothing
 //!    else running (baseline);
-//! 3. prunes everything older than 7 days with `store::prune_finished` batches of
+//! 3. prunes everything older than 7 days with `AdminStore::prune_finished` batches of
 //!    `--batch` jobs back to back (the pruner's worst case: no pause between batches)
 //!    while the same enqueue probe runs, and prints rows/s, per-batch latency and the
 //!    probe's latency against the baseline;
@@ -18,6 +18,7 @@
 use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use warden_runtime::store::AdminStore;
 use warden_runtime::{store, Client, NewJob, PartitionCount};
 
 #[derive(Parser, Debug)]
@@ -170,8 +171,9 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let mut cursor = None;
     loop {
         let t = Instant::now();
-        let r =
-            store::prune_finished(&prune_pool, period, args.batch, if args.no_cursor { None } else { cursor }).await?;
+        let r = store::PgAdminStore::from(&prune_pool)
+            .prune_finished(period, args.batch, if args.no_cursor { None } else { cursor })
+            .await?;
         cursor = r.last.or(cursor);
         batch_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         jobs += r.jobs;

@@ -14,13 +14,18 @@
 //!   (database clock) inside its job transaction and an external effect log outside
 //!   it, and the checker of the guarantee over both.
 //! - [`gossip_net`] — UDP relays that let a test cut gossip between node processes.
+//! - [`model_store`] — the in-memory model of the store (the simulation's database).
+//! - [`conformance`] — the executor-seam scenarios every store must pass (run against
+//!   PostgreSQL and the model by `tests/conformance.rs`).
 //! - [`soak`] — the seeded fault-injection harness and its scenario steps.
 //!
 //! Binaries: `warden-test-node` (kit/bin), `warden-soak` (kit/bin), and the
 //! benchmarks `warden-bench`, `warden-cluster-bench`, `warden-retention-bench`
 //! (tests/bench).
 
+pub mod conformance;
 pub mod gossip_net;
+pub mod model_store;
 pub mod soak;
 pub mod workload;
 

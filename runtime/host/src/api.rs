@@ -2,7 +2,7 @@
 //! served by every node. Errors are mapped to `tonic::Status` in one place
 //! ([`status`]) and never carry SQL or internal detail.
 //!
-//! Limits: a batch enqueue takes at most [`MAX_BATCH`] jobs, a page at most
+//! Limits: a batch enqueue takes at most [`MAX_API_ENQUEUE_BATCH`] jobs, a page at most
 //! [`MAX_PAGE`] jobs or attempts, a request at most 4 MiB; each connection runs at most
 //! [`MAX_CONCURRENT_PER_CONNECTION`] requests at once and each request has a
 //! [`REQUEST_TIMEOUT`]. Optional bearer-token authentication.
@@ -19,7 +19,7 @@ use chrono::Utc;
 use warden_proto::convert::{attempt as attempt_pb, job as job_pb, new_job, status, unix_ms as ms};
 use warden_runtime::job::CancelResult;
 use warden_runtime::node::Node;
-use warden_runtime::store;
+use warden_runtime::store::{self, AdminStore, PgAdminStore};
 use warden_runtime::Error;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::collections::{BTreeMap, HashMap};
@@ -36,7 +36,7 @@ pub use warden_proto::pb;
 use pb::cluster_server::{Cluster, ClusterServer};
 use pb::jobs_server::{Jobs, JobsServer};
 
-pub const MAX_BATCH: usize = 1000;
+pub const MAX_API_ENQUEUE_BATCH: usize = 1000;
 pub const MAX_PAGE: u32 = 500;
 pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_CONCURRENT_PER_CONNECTION: usize = 32;
@@ -293,7 +293,7 @@ impl Api {
 
     /// Ownership from the lease table: partition → (owner node id, epoch, expiry) for unexpired leases.
     async fn actual(&self) -> Result<BTreeMap<u32, (String, i64, i64)>, Status> {
-        let rows = store::leases(self.pool()).await.map_err(|e| self.status(e))?;
+        let rows = PgAdminStore::from(self.pool()).leases().await.map_err(|e| self.status(e))?;
         let now = Utc::now();
         Ok(rows
             .into_iter()
@@ -320,7 +320,8 @@ impl Cluster for Api {
         for (owner, _, _) in actual.values() {
             *held.entry(owner.clone()).or_default() += 1;
         }
-        let backlog: HashMap<String, i64> = store::queue_depth(self.pool(), self.limits.stats_partition_cap)
+        let backlog: HashMap<String, i64> = PgAdminStore::from(self.pool())
+            .queue_depth(self.limits.stats_partition_cap)
             .await
             .map_err(|e| self.status(e))?
             .backlog_by_node()
@@ -414,7 +415,8 @@ impl Cluster for Api {
         let actual = self.actual().await?;
         let (actual_owner, epoch, _) = actual.get(&partition).cloned().unwrap_or_default();
         let here = self.node.lease_table().holds(partition);
-        let (next, unfinished) = store::account_queue(self.pool(), &account).await.map_err(|e| self.status(e))?;
+        let store::AccountQueue { next, unfinished } =
+            PgAdminStore::from(self.pool()).account_queue(&account).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::LocateResponse {
             account: account.clone(),
             partition,
@@ -588,7 +590,7 @@ impl OwnershipHub {
                 }
             }
             self.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match store::leases(&self.pool).await {
+            match PgAdminStore::from(&self.pool).leases().await {
                 Ok(rows) => {
                     let now = Utc::now();
                     let owners: Owners = rows
@@ -698,8 +700,11 @@ impl Jobs for Api {
         if jobs.is_empty() {
             return Err(Status::invalid_argument("jobs must not be empty"));
         }
-        if jobs.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("batch of {} jobs; the limit is {MAX_BATCH}", jobs.len())));
+        if jobs.len() > MAX_API_ENQUEUE_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "batch of {} jobs; the limit is {MAX_API_ENQUEUE_BATCH}",
+                jobs.len()
+            )));
         }
         let jobs = jobs
             .into_iter()
@@ -720,8 +725,10 @@ impl Jobs for Api {
         let after_id = page_token("attempts_page_token", &r.attempts_page_token)?.unwrap_or(0);
         let job =
             self.client.get(id).await.map_err(|e| self.status(e))?.ok_or_else(|| status(Error::JobNotFound(id)))?;
-        let mut attempts =
-            store::attempts_page(self.pool(), id, after_id, page as i64 + 1).await.map_err(|e| self.status(e))?;
+        let mut attempts = PgAdminStore::from(self.pool())
+            .attempts_page(id, after_id, page as i64 + 1)
+            .await
+            .map_err(|e| self.status(e))?;
         let next_attempts_page_token = if attempts.len() > page as usize {
             attempts.truncate(page as usize);
             attempts.last().map(|a| a.id.to_string()).unwrap_or_default()
@@ -754,7 +761,7 @@ impl Jobs for Api {
             before_id,
             limit: page as i64,
         };
-        let found = store::list_jobs(self.pool(), &filter).await.map_err(|e| self.status(e))?;
+        let found = PgAdminStore::from(self.pool()).list_jobs(&filter).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: found.jobs.iter().map(job_pb).collect(),
             next_page_token: found.next_before_id.map(|id| id.to_string()).unwrap_or_default(),
@@ -784,9 +791,11 @@ impl Jobs for Api {
         _r: Request<pb::QueueStatsRequest>,
     ) -> Result<Response<pb::QueueStatsResponse>, Status> {
         let _permit = self.admit_weighted(HEAVY_CALL_COST).await?;
-        let depth =
-            store::queue_depth(self.pool(), self.limits.stats_partition_cap).await.map_err(|e| self.status(e))?;
-        let oldest = store::oldest_due_age(self.pool()).await.map_err(|e| self.status(e))?;
+        let depth = PgAdminStore::from(self.pool())
+            .queue_depth(self.limits.stats_partition_cap)
+            .await
+            .map_err(|e| self.status(e))?;
+        let oldest = PgAdminStore::from(self.pool()).oldest_due_age().await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::QueueStatsResponse {
             by_state: depth.state_counts().0.into_iter().collect(),
             backlog_by_node: depth.backlog_by_node().into_iter().collect(),
