@@ -589,3 +589,36 @@ async fn a_listener_reconnect_rescans_for_work_whose_notification_was_lost() {
     assert_eq!(wait_finished(&db, e.id).await.state, "completed");
     node.shutdown().await.unwrap();
 }
+
+/// `Client::wait_finished`: returns the finished rows in id order once every job is
+/// done, times out while one is not, and names an id with no job.
+#[tokio::test]
+async fn a_client_waits_until_its_jobs_are_finished() {
+    let db = TestDb::new().await;
+    let node = start(&db, warden_tests::fast_node_config("test-node", 16)).await;
+    let client = node.client().clone();
+    let jobs: Vec<NewJob> = (0..6)
+        .map(|i| {
+            let account = format!("wait-{}", i % 3);
+            if i == 5 {
+                script(&account, Script { sleep_ms: 600, ..Default::default() })
+            } else {
+                script(&account, Script::default())
+            }
+        })
+        .collect();
+    let ids: Vec<i64> = client.enqueue_many(&jobs).await.unwrap().into_iter().map(|e| e.id).collect();
+    let rows = client.wait_finished(&ids, WAIT).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids, "every job, in id order");
+    assert!(rows.iter().all(|r| r.state == "completed"), "{rows:?}");
+    // A job that cannot finish in time: Timeout, promptly.
+    let slow = client.enqueue(script("wait-slow", Script { sleep_ms: 5_000, ..Default::default() })).await.unwrap().id;
+    let t = std::time::Instant::now();
+    let err = client.wait_finished(&[ids[0], slow], Duration::from_millis(300)).await.unwrap_err();
+    assert!(matches!(err, warden_runtime::Error::Timeout(_)), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let err = client.wait_finished(&[ids[0], 987_654_321], WAIT).await.unwrap_err();
+    assert!(matches!(err, warden_runtime::Error::JobNotFound(987_654_321)), "{err:?}");
+    assert!(client.wait_finished(&[], WAIT).await.unwrap().is_empty());
+    node.shutdown().await.unwrap();
+}

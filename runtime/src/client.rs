@@ -4,13 +4,19 @@
 //! transaction — if it rolls back, nothing was enqueued and nobody was woken
 //! (PostgreSQL delivers NOTIFY only on commit).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::handler::Registry;
-use crate::job::{AttemptRow, CancelResult, Enqueued, JobRow, NewJob};
+use crate::job::{AttemptRow, CancelResult, Enqueued, JobRow, JobState, NewJob};
 use crate::store::{self, AdminStore, KindDefault, PgStore, ProducerStore, StateCounts};
 use sqlx::postgres::PgPool;
 use std::sync::Arc;
+use std::time::Duration;
 use warden_cluster::PartitionCount;
+
+/// First poll interval of [`Client::wait_finished`].
+pub const WAIT_POLL_MIN: Duration = Duration::from_millis(10);
+/// Longest poll interval of [`Client::wait_finished`].
+pub const WAIT_POLL_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -99,6 +105,39 @@ impl Client {
 
     pub async fn get(&self, job_id: i64) -> Result<Option<JobRow>> {
         self.store.get_job(job_id).await
+    }
+
+    /// Wait until every job of `job_ids` is finished (completed, discarded or
+    /// cancelled) and return their rows in id order; `Error::Timeout` if some are not
+    /// finished within `timeout`. Polls by primary key, every 10 ms at first and
+    /// backing off to every [`WAIT_POLL_MAX`]. An id with no job (never enqueued, or
+    /// pruned by retention) is `Error::JobNotFound`. At most
+    /// [`crate::job::MAX_ENQUEUE_BATCH`] ids per call.
+    pub async fn wait_finished(&self, job_ids: &[i64], timeout: Duration) -> Result<Vec<JobRow>> {
+        if job_ids.len() > crate::job::MAX_ENQUEUE_BATCH {
+            return Err(Error::InvalidInput(format!(
+                "wait for at most {} jobs per call, not {}",
+                crate::job::MAX_ENQUEUE_BATCH,
+                job_ids.len()
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut poll = WAIT_POLL_MIN;
+        loop {
+            let rows = self.store.get_jobs(job_ids).await?;
+            if let Some(missing) = job_ids.iter().find(|id| rows.binary_search_by_key(*id, |r| r.id).is_err()) {
+                return Err(Error::JobNotFound(*missing));
+            }
+            if rows.iter().all(|r| r.state().is_some_and(JobState::is_terminal)) {
+                return Ok(rows);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            tokio::time::sleep(poll.min(deadline - now)).await;
+            poll = (poll * 2).min(WAIT_POLL_MAX);
+        }
     }
 
     pub async fn attempts(&self, job_id: i64) -> Result<Vec<AttemptRow>> {

@@ -728,6 +728,13 @@ impl ProducerStore for ModelStore {
         Ok(self.statement(move |db, _| db.jobs.get(&job_id).cloned()).await)
     }
 
+    async fn get_jobs(&self, job_ids: &[i64]) -> Result<Vec<JobRow>> {
+        let mut ids = job_ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(self.statement(move |db, _| ids.iter().filter_map(|id| db.jobs.get(id).cloned()).collect()).await)
+    }
+
     async fn attempts_of(&self, job_id: i64) -> Result<Vec<AttemptRow>> {
         Ok(self.statement(move |db, _| db.attempts.iter().filter(|a| a.job_id == job_id).cloned().collect()).await)
     }

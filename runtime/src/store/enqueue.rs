@@ -44,6 +44,9 @@ pub trait ProducerStore: Send + Sync + 'static {
         defaults: KindDefaults<'_>,
     ) -> Result<Vec<Enqueued>>;
     async fn get_job(&self, job_id: i64) -> Result<Option<JobRow>>;
+    /// The jobs of `job_ids` that exist, in id order (at most
+    /// [`crate::job::MAX_ENQUEUE_BATCH`] ids).
+    async fn get_jobs(&self, job_ids: &[i64]) -> Result<Vec<JobRow>>;
     /// Every attempt of the job, in order.
     async fn attempts_of(&self, job_id: i64) -> Result<Vec<AttemptRow>>;
     /// Cancel a job: queued → cancelled now (and its account woken: its next job may

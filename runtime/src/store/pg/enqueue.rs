@@ -74,6 +74,7 @@ const RETRY_SQL: &str = "
     n AS (SELECT pg_notify('warden_wake', partition::text || ':' || account) FROM r)
     SELECT r.* FROM r LEFT JOIN (SELECT count(*) FROM n) c ON true";
 const GET_JOB_SQL: &str = "SELECT * FROM warden.jobs WHERE id = $1";
+const GET_JOBS_SQL: &str = "SELECT * FROM warden.jobs WHERE id = ANY($1) ORDER BY id";
 const ATTEMPTS_OF_SQL: &str = "SELECT * FROM warden.attempts WHERE job_id = $1 ORDER BY id";
 
 #[async_trait]
@@ -148,6 +149,10 @@ impl ProducerStore for PgStore {
 
     async fn get_job(&self, job_id: i64) -> Result<Option<JobRow>> {
         Ok(sqlx::query_as::<_, JobRow>(GET_JOB_SQL).bind(job_id).fetch_optional(&self.pool).await?)
+    }
+
+    async fn get_jobs(&self, job_ids: &[i64]) -> Result<Vec<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(GET_JOBS_SQL).bind(job_ids).fetch_all(&self.pool).await?)
     }
 
     async fn attempts_of(&self, job_id: i64) -> Result<Vec<AttemptRow>> {
