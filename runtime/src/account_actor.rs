@@ -888,6 +888,17 @@ impl AccountActors {
         self.map.lock().unwrap().values().filter(|e| e.partition == partition).count()
     }
 
+    /// Partitions with at least one live actor here.
+    pub fn partitions_with_actors(&self) -> std::collections::BTreeSet<u32> {
+        self.map.lock().unwrap().values().map(|e| e.partition).collect()
+    }
+
+    /// Of these jobs, those with an attempt running here or held back from adoption
+    /// (see [`AccountActors::is_in_flight`], [`AccountActors::is_held_back`]).
+    pub fn busy_jobs(&self, job_ids: &[i64]) -> HashSet<i64> {
+        job_ids.iter().copied().filter(|id| self.is_in_flight(*id) || self.is_held_back(*id)).collect()
+    }
+
     /// Wake the account's actor (coalesced), spawning it if there is none.
     /// Returns false if the actor limit is reached (the enforcer will retry).
     pub async fn wake(self: &Arc<Self>, account: &str, partition: u32) -> bool {

@@ -19,6 +19,8 @@
 //! - [`enforcer`] — `tick + run_once()`: leases ↔ placement, actors for due work.
 //! - [`wakeup`] — LISTEN/NOTIFY routing with rescan after reconnect.
 //! - [`node`] — configuration, builder, lifecycle and graceful shutdown.
+//! - [`ownership_diff`] — the ownership stream's diffs, pure: the lease owners and
+//!   member states a watcher saw vs now → the changes to send.
 //! - [`api`] — the gRPC services (`proto/warden.proto`): cluster observation and job
 //!   operations, bearer-token auth, limits, error mapping.
 //! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
@@ -37,6 +39,7 @@ pub mod history;
 pub mod job;
 pub mod lease;
 pub mod node;
+pub mod ownership_diff;
 pub mod retention;
 pub mod schema;
 pub mod store;
