@@ -78,6 +78,8 @@ impl Enforcer {
             node_id: leases.owner().clone(),
             poke_enforcer: poke.clone(),
             lease_ttl: lease_config.ttl,
+            hooks: Default::default(),
+            slots: None,
         });
         let actors = AccountActors::new(shared);
         let enforcer = Enforcer { store, leases, actors, placement, lease_config, due_scan_limit: DUE_SCAN_LIMIT };
@@ -221,17 +223,15 @@ impl Enforcer {
         Ok(report)
     }
 
-    /// Drain every actor, then release every lease. Bounded by `drain_timeout` plus a
-    /// second; whatever is still running then is dropped and left for rescue.
+    /// Drain every actor, then release every lease. Bounded by `drain_timeout` plus
+    /// [`RELEASE_ALL_SLACK`]; whatever is still running then is dropped and left for
+    /// rescue.
     pub async fn release_all(&self, drain_timeout: Duration) -> Result<usize> {
         for l in self.leases.held() {
             self.leases.begin_drain(l.partition);
         }
         self.actors.drain(None);
-        let deadline = Instant::now() + drain_timeout + Duration::from_secs(1);
-        while !self.actors.is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.actors.wait_until_empty(Instant::now() + drain_timeout + RELEASE_ALL_SLACK).await;
         let held: Vec<_> = self.leases.held().iter().filter_map(|l| self.leases.fence(l.partition)).collect();
         let n = self.store.release(self.leases.owner(), &held).await?;
         tracing::info!(released = n, "ownership: released all partitions");
@@ -239,7 +239,13 @@ impl Enforcer {
     }
 }
 
+/// The longest one pass may take: a statement stuck on a cut network must not stall
+/// reconciliation.
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long past the drain timeout [`Enforcer::release_all`] waits for actors to
+/// record their interruption before it releases anyway.
+pub const RELEASE_ALL_SLACK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scan {
@@ -268,7 +274,6 @@ pub async fn run(
 }
 
 async fn bounded(pass: impl std::future::Future<Output = Result<EnforceReport>>) -> Result<EnforceReport> {
-    // A statement stuck on a cut network must not stall reconciliation.
     match tokio::time::timeout(RUN_TIMEOUT, pass).await {
         Ok(r) => r,
         Err(_) => Err(crate::error::Error::Timeout(RUN_TIMEOUT)),
@@ -475,7 +480,8 @@ mod tests {
 
     #[test]
     fn a_join_undone_during_the_drain_still_releases_then_reacquires() {
-        let view = LeaseView { desired: Some(set(&[1, 2])), held: set(&[1, 2]), draining: set(&[2]), with_actors: set(&[]) };
+        let view =
+            LeaseView { desired: Some(set(&[1, 2])), held: set(&[1, 2]), draining: set(&[2]), with_actors: set(&[]) };
         let plan = plan_leases(&view);
         assert_eq!(plan, LeasePlan { acquire: vec![], begin_drain: vec![], hand_off: vec![2] });
         let (next, step) = apply(&view, &plan, &set(&[]));

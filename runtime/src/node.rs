@@ -18,6 +18,7 @@ use crate::client::Client;
 use crate::enforcer::{self, EnforceReport, Enforcer};
 use crate::error::{Error, Result};
 use crate::handler::{Handler, Registry};
+use crate::hooks::{AttemptInfo, AttemptOutcome, Hooks};
 use crate::lease::{self, LeaseConfig, LeaseTable};
 use crate::retention::{self, Pruner, RetentionConfig};
 use crate::store::{self, PgStore, Store};
@@ -29,6 +30,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warden_cluster::ring::RingConfig;
 use warden_cluster::{MemberState, Membership, PartitionCount, Placement, RingPlacement, SingleNode};
+
+/// Connections of the control plane's pool (lease renewal, enforcer, listener): the
+/// listener keeps one for itself, the rest are shared (3 in all timed out after cuts
+/// and restarts).
+pub const CONTROL_POOL_CONNECTIONS: u32 = 5;
+
+/// The longest a joining node waits for its executor pool to open every connection.
+pub const WARM_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a node is configured with. `Default` is a sane single-node setup.
 #[derive(Debug, Clone)]
@@ -55,7 +64,7 @@ impl Default for NodeConfig {
             lease: LeaseConfig::default(),
             exec: ExecConfig::default(),
             enforcer_interval: Duration::from_secs(1),
-            due_scan_limit: 10_000,
+            due_scan_limit: enforcer::DUE_SCAN_LIMIT,
             retention: RetentionConfig::default(),
         }
     }
@@ -74,6 +83,9 @@ impl NodeConfig {
         }
         if self.exec.max_actors == 0 || self.due_scan_limit <= 0 {
             return Err(Error::Config("max_actors and due_scan_limit must be positive".into()));
+        }
+        if self.exec.max_concurrent_attempts == Some(0) {
+            return Err(Error::Config("max_concurrent_attempts must be positive (or unset)".into()));
         }
         if self.exec.idle_timeout.is_zero() || self.exec.cancel_poll_interval.is_zero() {
             return Err(Error::Config("idle_timeout and cancel_poll_interval must be positive".into()));
@@ -109,6 +121,7 @@ pub struct NodeBuilder {
     placement: Arc<dyn Placement>,
     cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
     store_layer: Option<StoreLayer>,
+    hooks: Hooks,
 }
 
 /// Wraps the executor's store (fault injection in tests).
@@ -116,7 +129,14 @@ pub type StoreLayer = Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync
 
 impl NodeBuilder {
     pub fn new(config: NodeConfig) -> Self {
-        Self { config, registry: Registry::new(), placement: Arc::new(SingleNode), cluster: None, store_layer: None }
+        Self {
+            config,
+            registry: Registry::new(),
+            placement: Arc::new(SingleNode),
+            cluster: None,
+            store_layer: None,
+            hooks: Hooks::default(),
+        }
     }
 
     /// Run as a cluster member: partitions are placed on the ring of active members
@@ -130,6 +150,23 @@ impl NodeBuilder {
     pub fn register<H: Handler>(mut self, handler: H) -> Result<Self> {
         self.registry.register(handler)?;
         Ok(self)
+    }
+
+    /// Call `hook` right before every handler runs (see [`crate::hooks`]): cheap, on
+    /// the attempt's task; a panic in it is caught and logged.
+    pub fn on_attempt_start(mut self, hook: impl Fn(&AttemptInfo) + Send + Sync + 'static) -> Self {
+        self.hooks.add_start(Arc::new(hook));
+        self
+    }
+
+    /// Call `hook` once for every attempt whose handler ran, after its outcome is
+    /// recorded, with how long the handler ran (see [`crate::hooks`]).
+    pub fn on_attempt_finish(
+        mut self,
+        hook: impl Fn(&AttemptInfo, &AttemptOutcome, Duration) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.add_finish(Arc::new(hook));
+        self
     }
 
     /// Wrap the store the account actors use (claims, finishes, unclaims, cancel
@@ -176,7 +213,7 @@ impl NodeBuilder {
         // The listener keeps one of these connections for itself; renewals, heartbeats
         // and the enforcer share the rest (3 in all timed out after cuts and restarts).
         let control_pool = PgPoolOptions::new()
-            .max_connections(5)
+            .max_connections(CONTROL_POOL_CONNECTIONS)
             .acquire_timeout(config.lease.valid_for())
             .test_before_acquire(false)
             .connect_lazy_with((*pool.connect_options()).clone());
@@ -195,6 +232,8 @@ impl NodeBuilder {
             node_id: config.node_id.as_str().into(),
             poke_enforcer: poke.clone(),
             lease_ttl: config.lease.ttl,
+            hooks: self.hooks,
+            slots: Shared::slots_for(&config.exec),
         });
         let actors = AccountActors::new(shared);
         let shutdown = CancellationToken::new();
@@ -456,9 +495,7 @@ impl Node {
             tracing::info!(node = %self.inner.owner, "leaving: handing off every partition");
             membership.set_state(MemberState::Leaving).await;
             let leave_by = deadline.checked_sub(drain).unwrap_or(deadline);
-            while !self.inner.leases.is_empty() && tokio::time::Instant::now() < leave_by {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            self.inner.leases.wait_until_empty(leave_by).await;
         }
         tracing::info!(node = %self.inner.owner, "shutting down: draining and releasing");
         self.inner.shutdown.cancel();
@@ -507,9 +544,9 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Open every executor connection now (bounded by 5 s), so the first jobs after a
-/// join do not pay for connection set-up. Failures are only logged: the pool
-/// connects lazily anyway.
+/// Open every executor connection now (bounded by [`WARM_UP_TIMEOUT`]), so the first
+/// jobs after a join do not pay for connection set-up. Failures are only logged: the
+/// pool connects lazily anyway.
 async fn warm_up(pool: &PgPool) {
     let n = pool.options().get_max_connections();
     let mut opening = tokio::task::JoinSet::new();
@@ -526,7 +563,7 @@ async fn warm_up(pool: &PgPool) {
             }
         }
     };
-    match tokio::time::timeout(Duration::from_secs(5), collect).await {
+    match tokio::time::timeout(WARM_UP_TIMEOUT, collect).await {
         Ok(()) => tracing::debug!(connections = open.len(), "executor pool warmed up"),
         Err(_) => tracing::warn!(connections = open.len(), "executor pool warm-up timed out; joining anyway"),
     }
