@@ -17,6 +17,7 @@
 //! chitchat has no graceful leave: a leaving node publishes `state=leaving` first,
 //! so the others drop it from the ring before it goes.
 
+use crate::error::{ConfigError, Error};
 use async_trait::async_trait;
 pub use chitchat::transport::{ChannelTransport, Transport, UdpTransport};
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
@@ -156,20 +157,18 @@ impl GossipConfig {
         self
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id.is_empty() || self.node_id.len() > 128 || self.node_id.chars().any(|c| c.is_control()) {
-            return Err("node id must be 1..=128 bytes without control characters".into());
+            return Err(ConfigError::NodeId);
         }
         if self.gossip_interval < Duration::from_millis(10) || self.gossip_interval > Duration::from_secs(10) {
-            return Err(format!("gossip interval must be 10ms..=10s, got {:?}", self.gossip_interval));
+            return Err(ConfigError::GossipInterval(self.gossip_interval));
         }
         if !(1.0..=100.0).contains(&self.phi_threshold) {
-            return Err(format!("phi threshold must be 1..=100, got {}", self.phi_threshold));
+            return Err(ConfigError::PhiThreshold(self.phi_threshold));
         }
-        for s in &self.seeds {
-            if !s.contains(':') {
-                return Err(format!("seed {s:?} must be host:port"));
-            }
+        if let Some(s) = self.seeds.iter().find(|s| !s.contains(':')) {
+            return Err(ConfigError::Seed(s.clone()));
         }
         Ok(())
     }
@@ -193,7 +192,7 @@ const LOAD_PREFIX: &str = "load.";
 
 impl GossipMembership {
     /// Start gossiping on `transport` (e.g. `&chitchat::transport::UdpTransport`).
-    pub async fn start(config: GossipConfig, transport: &dyn Transport) -> Result<Arc<Self>, String> {
+    pub async fn start(config: GossipConfig, transport: &dyn Transport) -> Result<Arc<Self>, Error> {
         config.validate()?;
         let advertise = config.advertise_addr.unwrap_or(config.listen_addr);
         let id = ChitchatId::new(config.node_id.clone(), config.generation, advertise);
@@ -228,7 +227,7 @@ impl GossipMembership {
         }
         let handle = spawn_chitchat(chitchat_config, initial, transport)
             .await
-            .map_err(|e| format!("starting gossip on {}: {e}", config.listen_addr))?;
+            .map_err(|e| Error::Start { addr: config.listen_addr, reason: e.to_string() })?;
         let chitchat = handle.chitchat();
         let mut raw = chitchat.lock().await.live_nodes_watcher();
         let (tx, view) = watch::channel(to_members(&raw.borrow_and_update()));

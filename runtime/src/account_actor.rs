@@ -602,7 +602,7 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
         };
 
         // 1. The handler, in an execution slot.
-        let started = tokio::time::Instant::now();
+        let mut started = tokio::time::Instant::now();
         let mut info = None;
         let run = match runnable {
             Err(ended) => HandlerRun { ended, cancel_confirmed: false, tx: None, staged: Vec::new() },
@@ -615,6 +615,7 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
                 if !lease.validity.is_valid() {
                     return lost(&ctl, &kind, "lease window closed before the handler started");
                 }
+                started = tokio::time::Instant::now();
                 if !shared.hooks.is_empty() {
                     let i = attempt_info(&job, &lease);
                     shared.hooks.started(&i);

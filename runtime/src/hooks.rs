@@ -17,9 +17,11 @@
 //! logged and counted (`warden_hook_panics_total`), and the attempt goes on.
 //!
 //! For every `start` there is exactly one `finish`, after the outcome is recorded (or
-//! known to be unrecordable). Jobs that never reach a handler (no handler for their
-//! kind, attempts used up before they started, given back unrun on a drain) call
-//! neither.
+//! known to be unrecordable), with the time the handler ran (not the wait for an
+//! execution slot). Jobs that never reach a handler (no handler for their kind,
+//! attempts used up before they started, given back unrun on a drain) call neither.
+//! The one exception is a panic in Warden's own attempt code after the handler
+//! returned (a bug, recorded as a failed attempt): its `finish` is not called.
 
 use crate::store::Finish;
 use std::panic::AssertUnwindSafe;
