@@ -161,7 +161,7 @@ impl GossipConfig {
         if self.node_id.is_empty() || self.node_id.len() > 128 || self.node_id.chars().any(|c| c.is_control()) {
             return Err(ConfigError::NodeId);
         }
-        if self.gossip_interval < Duration::from_millis(10) || self.gossip_interval > Duration::from_secs(10) {
+        if !(MIN_GOSSIP_INTERVAL..=MAX_GOSSIP_INTERVAL).contains(&self.gossip_interval) {
             return Err(ConfigError::GossipInterval(self.gossip_interval));
         }
         if !(1.0..=100.0).contains(&self.phi_threshold) {
@@ -182,6 +182,14 @@ pub struct GossipMembership {
     view: watch::Receiver<Vec<Member>>,
     stop: CancellationToken,
 }
+
+/// Accepted gossip intervals.
+pub const MIN_GOSSIP_INTERVAL: Duration = Duration::from_millis(10);
+pub const MAX_GOSSIP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long chitchat remembers a dead node (and its deleted keys) before forgetting
+/// it: long enough that a node seen dead is never mistaken for a new one.
+const FORGET_DEAD_AFTER: Duration = Duration::from_secs(3600);
 
 const KEY_STATE: &str = "state";
 const KEY_GRPC: &str = "grpc_addr";
@@ -206,10 +214,10 @@ impl GossipMembership {
                 phi_threshold: config.phi_threshold,
                 initial_interval: config.gossip_interval,
                 max_interval: config.gossip_interval * 20,
-                dead_node_grace_period: Duration::from_secs(3600),
+                dead_node_grace_period: FORGET_DEAD_AFTER,
                 ..Default::default()
             },
-            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            marked_for_deletion_grace_period: FORGET_DEAD_AFTER,
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,

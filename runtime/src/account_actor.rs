@@ -648,11 +648,11 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
         let tx = prepare_commit(&shared, &facts, &mut finish, run.tx, &run.staged, returned).await;
 
         // 4. Record it (and claim the account's next job).
-        let (report, recorded) = record(&shared, &job, lease, &ctl, &facts, tx, finish, wake_in).await;
+        let recorded = record(&shared, &job, lease, &ctl, &facts, tx, finish, wake_in).await;
         if let Some(i) = &info {
-            shared.hooks.finished(i, &hooks::outcome_of(recorded.as_ref()), took);
+            shared.hooks.finished(i, &hooks::outcome_of(recorded.finish.as_ref()), took);
         }
-        report
+        recorded.report
     }
     .instrument(span)
     .await
@@ -799,8 +799,7 @@ async fn prepare_commit(
 /// Record the finish (fenced), claiming the account's next job unless draining.
 /// Retries while the lease holds: an ambiguous failure as is (a retry that finds the
 /// job already finished is `NotRunning`), one that fails for good with a plainer
-/// outcome (see [`attempt::unrecordable`]). Returns the report for the actor and
-/// what was recorded (`None` if nothing was).
+/// outcome (see [`attempt::unrecordable`]).
 #[allow(clippy::too_many_arguments)]
 async fn record(
     shared: &Shared,
@@ -811,7 +810,7 @@ async fn record(
     mut tx: Option<JobTx>,
     mut finish: Finish,
     wake_in: Option<Duration>,
-) -> (AttemptReport, Option<Finish>) {
+) -> Recorded {
     let kind = &job.kind;
     let mut permanent = 0;
     let mut tries = 0;
@@ -819,13 +818,14 @@ async fn record(
         let with_tx = tx.is_some();
         let result = tokio::select! {
             biased;
-            _ = lease.token.cancelled() => return (AttemptReport::Stopped, None),
+            _ = lease.token.cancelled() => return Recorded::nothing(AttemptReport::Stopped),
             r = shared.store.finish(tx.take(), job, &lease.fence, &finish, ctl.claim_next.load(Ordering::Acquire)) => r,
         };
         match result {
             Ok(Finished::Recorded(next)) => {
                 count_recorded(kind, &finish);
-                return (AttemptReport::Finished { next, wake_in, lease, reclaim: false }, Some(finish));
+                let report = AttemptReport::Finished { next, wake_in, lease, reclaim: false };
+                return Recorded { report, finish: Some(finish) };
             }
             Ok(Finished::NotRunning) => {
                 // Not a fence failure: the lease holds, but the job no longer runs at
@@ -833,12 +833,13 @@ async fn record(
                 // was lost. Claim again: that adopts whatever the earlier try claimed.
                 tracing::info!("finish found its job already finished (an earlier try committed); claiming again");
                 metrics::counter!("warden_finish_in_doubt_total").increment(1);
-                return (AttemptReport::Finished { next: None, wake_in: None, lease, reclaim: true }, Some(finish));
+                let report = AttemptReport::Finished { next: None, wake_in: None, lease, reclaim: true };
+                return Recorded { report, finish: Some(finish) };
             }
             Err(Error::Fenced { .. }) => {
                 tracing::warn!("finish rejected by the lease fence: this node no longer owns the partition");
                 metrics::counter!("warden_fenced_writes_total").increment(1);
-                return (AttemptReport::Stopped, None);
+                return Recorded::nothing(AttemptReport::Stopped);
             }
             Err(e) if e.is_permanent() => {
                 // The same statement would fail the same way: record a plain failure
@@ -851,7 +852,7 @@ async fn record(
                 permanent += 1;
                 if permanent > RECORD_TRIES {
                     tracing::error!("no outcome can be recorded for this attempt; leaving it to be adopted");
-                    return (AttemptReport::Unrecordable, None);
+                    return Recorded::nothing(AttemptReport::Unrecordable);
                 }
                 finish = attempt::unrecordable(facts, permanent == 1, &e.to_string());
             }
@@ -869,9 +870,23 @@ async fn record(
         tries += 1;
         tokio::select! {
             biased;
-            _ = lease.token.cancelled() => return (AttemptReport::Stopped, None),
+            _ = lease.token.cancelled() => return Recorded::nothing(AttemptReport::Stopped),
             _ = tokio::time::sleep(FINISH_RETRY.without_jitter(tries)) => {}
         }
+    }
+}
+
+/// How recording an attempt ended.
+struct Recorded {
+    /// For the actor.
+    report: AttemptReport,
+    /// What was recorded (`None` if nothing was).
+    finish: Option<Finish>,
+}
+
+impl Recorded {
+    fn nothing(report: AttemptReport) -> Self {
+        Self { report, finish: None }
     }
 }
 

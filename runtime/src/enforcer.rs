@@ -46,6 +46,13 @@ pub struct EnforceReport {
 /// Most accounts one due-work scan wakes, by default (`NodeConfig::due_scan_limit`).
 pub const DUE_SCAN_LIMIT: i64 = 10_000;
 
+/// An enforcer without an executor (see [`Enforcer::standalone`]).
+pub struct Standalone {
+    pub enforcer: Arc<Enforcer>,
+    /// Give this to [`run`]: releases and drained partitions poke it.
+    pub poke: Arc<Notify>,
+}
+
 pub struct Enforcer {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) leases: Arc<LeaseTable>,
@@ -67,7 +74,7 @@ impl Enforcer {
         leases: Arc<LeaseTable>,
         placement: Arc<dyn Placement>,
         lease_config: LeaseConfig,
-    ) -> (Arc<Self>, Arc<Notify>) {
+    ) -> Standalone {
         let poke = Arc::new(Notify::new());
         let shared = Arc::new(crate::account_actor::Shared {
             store: store.clone(),
@@ -83,7 +90,7 @@ impl Enforcer {
         });
         let actors = AccountActors::new(shared);
         let enforcer = Enforcer { store, leases, actors, placement, lease_config, due_scan_limit: DUE_SCAN_LIMIT };
-        (Arc::new(enforcer), poke)
+        Standalone { enforcer: Arc::new(enforcer), poke }
     }
 
     /// One full reconciliation: leases, then a due-work scan of every usable partition.
@@ -312,6 +319,10 @@ async fn lease_loop(enforcer: Arc<Enforcer>, interval: Duration, poke: Arc<Notif
     }
 }
 
+/// The due-work scan's period varies by this fraction either way (±20%), so that
+/// the nodes of a cluster do not scan in step.
+const SCAN_JITTER: f64 = 0.2;
+
 /// How long the lease loop gathers pokes before a pass.
 const POKE_COALESCE: Duration = Duration::from_millis(10);
 
@@ -323,7 +334,7 @@ async fn scan_loop(enforcer: Arc<Enforcer>, interval: Duration, rescan: Arc<Noti
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval.mul_f64(0.8 + 0.4 * rng.f64())) => {}
+            _ = tokio::time::sleep(interval.mul_f64(1.0 - SCAN_JITTER + 2.0 * SCAN_JITTER * rng.f64())) => {}
             _ = rescan.notified() => {}
         }
     }

@@ -25,6 +25,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Shortest lease TTL accepted.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+
 /// Lease timing. `renew_interval` < `ttl − safety_margin` so that a single slow
 /// renewal does not fence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +52,7 @@ impl Default for LeaseConfig {
 
 impl LeaseConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.ttl < Duration::from_millis(300) {
+        if self.ttl < MIN_LEASE_TTL {
             return Err(format!("lease_ttl must be at least 300ms, got {:?}", self.ttl));
         }
         if self.safety_margin.is_zero() || self.safety_margin >= self.ttl {

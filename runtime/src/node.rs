@@ -36,6 +36,13 @@ use warden_cluster::{MemberState, Membership, PartitionCount, Placement, RingPla
 /// and restarts).
 pub const CONTROL_POOL_CONNECTIONS: u32 = 5;
 
+/// Shortest `enforcer_interval` accepted.
+pub const MIN_ENFORCER_INTERVAL: Duration = Duration::from_millis(10);
+
+/// What a graceful leave allows for the handoff's release and NOTIFY (see
+/// [`Node::shutdown_budget`]).
+pub const HANDOFF_RELEASE_BUDGET: Duration = Duration::from_secs(1);
+
 /// The longest a joining node waits for its executor pool to open every connection.
 pub const WARM_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -78,7 +85,7 @@ impl NodeConfig {
         }
         self.lease.validate().map_err(Error::Config)?;
         self.retention.validate().map_err(Error::Config)?;
-        if self.enforcer_interval < Duration::from_millis(10) {
+        if self.enforcer_interval < MIN_ENFORCER_INTERVAL {
             return Err(Error::Config("enforcer_interval must be at least 10ms".into()));
         }
         if self.exec.max_actors == 0 || self.due_scan_limit <= 0 {
@@ -114,12 +121,18 @@ impl Default for ClusterOptions {
     }
 }
 
+/// A cluster member's wiring: its membership and how it turns into ownership.
+struct ClusterWiring {
+    membership: Arc<dyn Membership>,
+    options: ClusterOptions,
+}
+
 /// Builds a node: configuration, handlers, placement.
 pub struct NodeBuilder {
     config: NodeConfig,
     registry: Registry,
     placement: Arc<dyn Placement>,
-    cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
+    cluster: Option<ClusterWiring>,
     store_layer: Option<StoreLayer>,
     hooks: Hooks,
 }
@@ -142,7 +155,7 @@ impl NodeBuilder {
     /// Run as a cluster member: partitions are placed on the ring of active members
     /// seen through `membership`. The membership's node id must equal `node_id`.
     pub fn cluster(mut self, membership: Arc<dyn Membership>, options: ClusterOptions) -> Self {
-        self.cluster = Some((membership, options));
+        self.cluster = Some(ClusterWiring { membership, options });
         self
     }
 
@@ -188,7 +201,7 @@ impl NodeBuilder {
     pub async fn start(self, pool: PgPool) -> Result<Node> {
         let config = self.config;
         config.validate()?;
-        if let Some((m, _)) = &self.cluster {
+        if let Some(ClusterWiring { membership: m, .. }) = &self.cluster {
             if m.node_id() != config.node_id {
                 return Err(Error::Config(format!(
                     "membership node id {:?} differs from node_id {:?}",
@@ -246,9 +259,9 @@ impl NodeBuilder {
             node_id: config.node_id.clone(),
             started_at: chrono::Utc::now(),
             schema: crate::schema::binary_version(),
-            ring: self.cluster.as_ref().map(|(_, o)| o.ring.fingerprint()).unwrap_or_else(|| "single".into()),
+            ring: self.cluster.as_ref().map(|c| c.options.ring.fingerprint()).unwrap_or_else(|| "single".into()),
         };
-        if let Some((membership, options)) = &self.cluster {
+        if let Some(ClusterWiring { membership, options }) = &self.cluster {
             membership.set_versions(&options.ring.fingerprint(), crate::schema::binary_version()).await;
             let rp = RingPlacement::new(config.node_id.clone());
             tracker.spawn(warden_cluster::placement::run_ring(
@@ -369,7 +382,7 @@ struct NodeInner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     stopped: tokio::sync::Mutex<bool>,
-    cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
+    cluster: Option<ClusterWiring>,
     ring: Option<Arc<RingPlacement>>,
 }
 
@@ -426,7 +439,7 @@ impl Node {
 
     /// The membership seam (cluster mode only).
     pub fn membership(&self) -> Option<&Arc<dyn Membership>> {
-        self.inner.cluster.as_ref().map(|(m, _)| m)
+        self.inner.cluster.as_ref().map(|c| &c.membership)
     }
 
     /// Partitions this node holds (usable or draining), with epochs.
@@ -463,7 +476,7 @@ impl Node {
     pub fn shutdown_budget(&self) -> Duration {
         let drain = self.inner.config.exec.drain_timeout;
         match &self.inner.cluster {
-            Some((_, options)) => options.settle_delay * 2 + drain + Duration::from_secs(1),
+            Some(c) => c.options.settle_delay * 2 + drain + HANDOFF_RELEASE_BUDGET,
             None => drain,
         }
     }
@@ -487,7 +500,7 @@ impl Node {
         *stopped = true;
         let drain = self.inner.config.exec.drain_timeout;
         let deadline = tokio::time::Instant::now() + self.shutdown_budget();
-        if let Some((membership, _)) = &self.inner.cluster {
+        if let Some(ClusterWiring { membership, .. }) = &self.inner.cluster {
             // Graceful leave: announce it (peers drop us from the ring at once), let the
             // ring move our partitions away through the normal handoff (drain → release
             // → NOTIFY). What is still held when only a drain's worth of the budget is
@@ -503,7 +516,7 @@ impl Node {
         let released = self.inner.enforcer.release_all(left).await;
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
-        if let Some((membership, _)) = &self.inner.cluster {
+        if let Some(ClusterWiring { membership, .. }) = &self.inner.cluster {
             membership.shutdown().await;
         }
         released.map(|_| ())
