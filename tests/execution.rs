@@ -29,6 +29,7 @@ fn config() -> NodeConfig {
             cancel_poll_interval: Duration::from_millis(200),
             drain_timeout: Duration::from_secs(2),
             max_actors: 1000,
+            ..Default::default()
         },
         enforcer_interval: Duration::from_millis(200),
         due_scan_limit: 10_000,
@@ -621,4 +622,152 @@ async fn a_client_waits_until_its_jobs_are_finished() {
     assert!(matches!(err, warden_runtime::Error::JobNotFound(987_654_321)), "{err:?}");
     assert!(client.wait_finished(&[], WAIT).await.unwrap().is_empty());
     node.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Embedder features: attempt hooks and the node-wide cap on running handlers.
+
+/// Every handler that ran is seen by the hooks: one start, then one finish with the
+/// outcome the attempts table records. A hook that panics breaks nothing.
+#[tokio::test]
+async fn hooks_see_every_attempt_start_and_finish_with_its_outcome() {
+    use std::sync::{Arc, Mutex};
+    use warden_runtime::{AttemptInfo, AttemptOutcome};
+    let db = TestDb::new().await;
+    let starts: Arc<Mutex<Vec<(i64, i32)>>> = Default::default();
+    let finishes: Arc<Mutex<Vec<(i64, i32, String)>>> = Default::default();
+    let (s, f) = (starts.clone(), finishes.clone());
+    let node = builder(&db, config())
+        .await
+        .on_attempt_start(move |a: &AttemptInfo| s.lock().unwrap().push((a.job_id, a.attempt)))
+        .on_attempt_start(|_| panic!("a hook's own bug"))
+        .on_attempt_finish(move |a: &AttemptInfo, o: &AttemptOutcome, _took: Duration| {
+            f.lock().unwrap().push((a.job_id, a.attempt, o.label().to_string()))
+        })
+        .on_attempt_finish(|_, _, _| panic!("another hook bug"))
+        .start(db.node_pool().await)
+        .await
+        .unwrap();
+    let c = node.client();
+    let jobs = [
+        c.enqueue(script("h-done", Script::default())).await.unwrap(),
+        c.enqueue(script("h-retry", Script { fail_times: 1, ..Default::default() })).await.unwrap(),
+        c.enqueue(script("h-exhaust", Script { fail_times: 99, ..Default::default() })).await.unwrap(),
+        c.enqueue(script("h-snooze", Script { mode: "snooze_once".into(), ..Default::default() })).await.unwrap(),
+        c.enqueue(script("h-discard", Script { mode: "discard".into(), ..Default::default() })).await.unwrap(),
+    ];
+    let mut recorded = Vec::new();
+    for j in &jobs {
+        wait_finished(&db, j.id).await;
+        for a in c.attempts(j.id).await.unwrap() {
+            recorded.push((a.job_id, a.attempt, a.outcome));
+        }
+    }
+    recorded.sort();
+    // The finish hook runs right after the outcome is committed.
+    let seen = eventually(WAIT, "every finish seen by the hook", || async {
+        let mut seen = finishes.lock().unwrap().clone();
+        seen.sort();
+        (seen.len() >= recorded.len()).then_some(seen)
+    })
+    .await;
+    assert_eq!(seen, recorded, "the hooks saw exactly the recorded attempts and outcomes");
+    let outcomes: Vec<&str> = recorded.iter().map(|r| r.2.as_str()).collect();
+    for o in ["completed", "failed", "snoozed", "discarded"] {
+        assert!(outcomes.contains(&o), "{o} missing from {outcomes:?}");
+    }
+    let mut started = starts.lock().unwrap().clone();
+    started.sort();
+    let finished: Vec<(i64, i32)> = seen.iter().map(|(j, a, _)| (*j, *a)).collect();
+    assert_eq!(started, finished, "one start per finish");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+/// Counts the handlers running at once and keeps the high-water mark.
+#[derive(Clone, Default)]
+struct Gauge {
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct Capped(Gauge);
+
+#[async_trait]
+impl Handler for Capped {
+    type Args = u64;
+    const KIND: &'static str = "capped";
+
+    async fn run(&self, _ctx: &mut JobContext, sleep_ms: u64) -> HandlerResult {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.0.now.fetch_add(1, SeqCst) + 1;
+        self.0.max.fetch_max(n, SeqCst);
+        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+        self.0.now.fetch_sub(1, SeqCst);
+        Ok(Outcome::Done)
+    }
+}
+
+#[tokio::test]
+async fn a_node_wide_cap_bounds_running_handlers_and_every_job_completes() {
+    const CAP: usize = 3;
+    let db = TestDb::new().await;
+    let mut cfg = config();
+    cfg.exec.max_concurrent_attempts = Some(CAP);
+    let gauge = Gauge::default();
+    let node =
+        builder(&db, cfg).await.register(Capped(gauge.clone())).unwrap().start(db.node_pool().await).await.unwrap();
+    let (accounts, per_account) = (24, 4);
+    let jobs: Vec<NewJob> = (0..per_account)
+        .flat_map(|_| (0..accounts).map(|a| NewJob::new(format!("cap-{a}"), "capped", 20u64).unwrap()))
+        .collect();
+    node.client().enqueue_many(&jobs).await.unwrap();
+    let total = (accounts * per_account) as i64;
+    eventually(Duration::from_secs(60), "all capped jobs completed", || async {
+        (count_state(&db.pool, "completed").await == total).then_some(())
+    })
+    .await;
+    let max = gauge.max.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(max <= CAP, "{max} handlers ran at once with a cap of {CAP}");
+    assert_eq!(max, CAP, "with {accounts} busy accounts the cap is reached");
+    assert_clean(&db).await;
+    node.shutdown().await.unwrap();
+}
+
+/// Jobs claimed but waiting for an execution slot stop on a drain: their handlers
+/// never start, the claims are given back (no attempt used), and the drain does not
+/// wait for slots that will not come free.
+#[tokio::test]
+async fn jobs_waiting_for_an_execution_slot_are_given_back_unrun_on_drain() {
+    let db = TestDb::new().await;
+    let mut cfg = config();
+    cfg.exec.max_concurrent_attempts = Some(1);
+    let node = start(&db, cfg).await;
+    let c = node.client();
+    let busy =
+        c.enqueue(script("slot-busy", Script { mode: "wait_cancel".into(), ..Default::default() })).await.unwrap();
+    wait_running(c, busy.id).await;
+    let mut waiting = Vec::new();
+    for a in 0..3 {
+        waiting.push(c.enqueue(script(&format!("slot-wait-{a}"), Script::default())).await.unwrap());
+    }
+    // Claimed (running in the database), but with no slot.
+    eventually(WAIT, "the other jobs claimed", || async {
+        (count_state(&db.pool, "running").await == 4).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count_state(&db.pool, "running").await, 4, "nothing finished: the one slot is taken");
+    let t = std::time::Instant::now();
+    node.shutdown().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "the drain did not wait for slots: {:?}", t.elapsed());
+    for j in &waiting {
+        let row = c.get(j.id).await.unwrap().unwrap();
+        assert_eq!((row.state.as_str(), row.attempt), ("available", 0), "given back unrun: {row:?}");
+        assert!(c.attempts(j.id).await.unwrap().is_empty(), "no attempt recorded for a handler that never ran");
+    }
+    let row = c.get(busy.id).await.unwrap().unwrap();
+    assert_eq!(row.state, "retryable", "the running handler stopped on the drain and was interrupted: {row:?}");
+    let outcomes: Vec<String> = c.attempts(busy.id).await.unwrap().into_iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, ["interrupted"]);
 }

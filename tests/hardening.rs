@@ -31,6 +31,7 @@ fn config() -> NodeConfig {
         cancel_poll_interval: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(2),
         max_actors: 1000,
+        ..Default::default()
     };
     c
 }

@@ -164,7 +164,8 @@ impl SimNode {
         let (view, _) = watch::channel(Vec::new());
         let membership = Arc::new(SimMembership { id: id.into(), view: view.clone() });
         let placement = RingPlacement::new(id);
-        let (enf, poke) = Enforcer::standalone(store.clone(), table.clone(), placement.clone(), cfg());
+        let enforcer::Standalone { enforcer: enf, poke } =
+            Enforcer::standalone(store.clone(), table.clone(), placement.clone(), cfg());
         let pause = Pause::default();
         let stop = CancellationToken::new();
         let tasks = vec![

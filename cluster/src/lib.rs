@@ -6,6 +6,7 @@
 //!
 //! Module map:
 //!
+//! - [`error`] — the crate's errors ([`Error`], [`ConfigError`]).
 //! - [`partition`] — the stable account → partition hash (`md5`-based, so the very
 //!   same function also runs inside PostgreSQL for trigger enqueues).
 //! - [`membership`] — who is in the cluster: the [`Membership`] seam and its chitchat
@@ -16,11 +17,13 @@
 //! - [`placement`] — what this node should hold: [`SingleNode`], or the ring over the
 //!   active members with a settle delay ([`RingPlacement`], [`Settler`]).
 
+pub mod error;
 pub mod membership;
 pub mod partition;
 pub mod placement;
 pub mod ring;
 
+pub use error::{ConfigError, Error};
 pub use membership::{GossipConfig, GossipMembership, Member, MemberState, Membership};
 pub use partition::{partition_of, PartitionCount, PartitionCountError, DEFAULT_PARTITIONS};
 pub use placement::{Assignment, Placement, RingPlacement, Settler, SingleNode};

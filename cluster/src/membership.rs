@@ -17,6 +17,7 @@
 //! chitchat has no graceful leave: a leaving node publishes `state=leaving` first,
 //! so the others drop it from the ring before it goes.
 
+use crate::error::{ConfigError, Error};
 use async_trait::async_trait;
 pub use chitchat::transport::{ChannelTransport, Transport, UdpTransport};
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
@@ -156,20 +157,18 @@ impl GossipConfig {
         self
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id.is_empty() || self.node_id.len() > 128 || self.node_id.chars().any(|c| c.is_control()) {
-            return Err("node id must be 1..=128 bytes without control characters".into());
+            return Err(ConfigError::NodeId);
         }
-        if self.gossip_interval < Duration::from_millis(10) || self.gossip_interval > Duration::from_secs(10) {
-            return Err(format!("gossip interval must be 10ms..=10s, got {:?}", self.gossip_interval));
+        if !(MIN_GOSSIP_INTERVAL..=MAX_GOSSIP_INTERVAL).contains(&self.gossip_interval) {
+            return Err(ConfigError::GossipInterval(self.gossip_interval));
         }
         if !(1.0..=100.0).contains(&self.phi_threshold) {
-            return Err(format!("phi threshold must be 1..=100, got {}", self.phi_threshold));
+            return Err(ConfigError::PhiThreshold(self.phi_threshold));
         }
-        for s in &self.seeds {
-            if !s.contains(':') {
-                return Err(format!("seed {s:?} must be host:port"));
-            }
+        if let Some(s) = self.seeds.iter().find(|s| !s.contains(':')) {
+            return Err(ConfigError::Seed(s.clone()));
         }
         Ok(())
     }
@@ -184,6 +183,14 @@ pub struct GossipMembership {
     stop: CancellationToken,
 }
 
+/// Accepted gossip intervals.
+pub const MIN_GOSSIP_INTERVAL: Duration = Duration::from_millis(10);
+pub const MAX_GOSSIP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long chitchat remembers a dead node (and its deleted keys) before forgetting
+/// it: long enough that a node seen dead is never mistaken for a new one.
+const FORGET_DEAD_AFTER: Duration = Duration::from_secs(3600);
+
 const KEY_STATE: &str = "state";
 const KEY_GRPC: &str = "grpc_addr";
 const KEY_DB: &str = "db";
@@ -193,7 +200,7 @@ const LOAD_PREFIX: &str = "load.";
 
 impl GossipMembership {
     /// Start gossiping on `transport` (e.g. `&chitchat::transport::UdpTransport`).
-    pub async fn start(config: GossipConfig, transport: &dyn Transport) -> Result<Arc<Self>, String> {
+    pub async fn start(config: GossipConfig, transport: &dyn Transport) -> Result<Arc<Self>, Error> {
         config.validate()?;
         let advertise = config.advertise_addr.unwrap_or(config.listen_addr);
         let id = ChitchatId::new(config.node_id.clone(), config.generation, advertise);
@@ -207,10 +214,10 @@ impl GossipMembership {
                 phi_threshold: config.phi_threshold,
                 initial_interval: config.gossip_interval,
                 max_interval: config.gossip_interval * 20,
-                dead_node_grace_period: Duration::from_secs(3600),
+                dead_node_grace_period: FORGET_DEAD_AFTER,
                 ..Default::default()
             },
-            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            marked_for_deletion_grace_period: FORGET_DEAD_AFTER,
             catchup_callback: None,
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
@@ -228,7 +235,7 @@ impl GossipMembership {
         }
         let handle = spawn_chitchat(chitchat_config, initial, transport)
             .await
-            .map_err(|e| format!("starting gossip on {}: {e}", config.listen_addr))?;
+            .map_err(|e| Error::Start { addr: config.listen_addr, reason: e.to_string() })?;
         let chitchat = handle.chitchat();
         let mut raw = chitchat.lock().await.live_nodes_watcher();
         let (tx, view) = watch::channel(to_members(&raw.borrow_and_update()));

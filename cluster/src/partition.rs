@@ -15,16 +15,10 @@ pub const DEFAULT_PARTITIONS: u32 = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PartitionCount(u32);
 
-#[derive(Debug)]
+/// A partition count out of range (the count asked for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("partition count must be between 1 and {max}, got {0}", max = PartitionCount::MAX)]
 pub struct PartitionCountError(pub u32);
-
-impl std::fmt::Display for PartitionCountError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "partition count must be between 1 and {}, got {}", PartitionCount::MAX, self.0)
-    }
-}
-
-impl std::error::Error for PartitionCountError {}
 
 impl PartitionCount {
     pub const MAX: u32 = 65_536;

@@ -62,7 +62,14 @@ impl Placement for SingleNode {
 pub struct Settler {
     delay: Duration,
     applied: Option<Vec<String>>,
-    pending: Option<(Vec<String>, Instant)>,
+    pending: Option<Pending>,
+}
+
+/// A member set seen, waiting to be stable for the settle delay.
+#[derive(Debug, Clone)]
+struct Pending {
+    set: Vec<String>,
+    since: Instant,
 }
 
 impl Settler {
@@ -80,14 +87,14 @@ impl Settler {
             return None;
         }
         match &self.pending {
-            Some((set, since)) if *set == active => {
-                if now.duration_since(*since) >= self.delay {
+            Some(p) if p.set == active => {
+                if now.duration_since(p.since) >= self.delay {
                     self.applied = Some(active.clone());
                     self.pending = None;
                     return Some(active);
                 }
             }
-            _ => self.pending = Some((active, now)),
+            _ => self.pending = Some(Pending { set: active, since: now }),
         }
         None
     }
@@ -112,7 +119,7 @@ impl Settler {
 
     /// When to observe again to apply the pending set.
     pub fn deadline(&self) -> Option<Instant> {
-        self.pending.as_ref().map(|(_, since)| *since + self.delay)
+        self.pending.as_ref().map(|p| p.since + self.delay)
     }
 
     pub fn applied(&self) -> Option<&[String]> {

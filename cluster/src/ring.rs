@@ -145,7 +145,7 @@ impl RingConfig {
     }
 
     /// Parse a fingerprint of an algorithm this binary implements.
-    pub fn from_fingerprint(s: &str) -> Option<(u32, RingConfig)> {
+    pub fn from_fingerprint(s: &str) -> Option<RingConfig> {
         let mut parts = s.split(';');
         let algo: u32 = parts.next()?.strip_prefix("ring")?.parse().ok()?;
         if algo != RING_ALGORITHM {
@@ -159,7 +159,7 @@ impl RingConfig {
                 _ => return None,
             }
         }
-        Some((algo, RingConfig { vnodes_per_member: vnodes?, load_epsilon: eps? }))
+        Some(RingConfig { vnodes_per_member: vnodes?, load_epsilon: eps? })
     }
 
     /// The one ring every member computes when their published fingerprints differ
@@ -193,7 +193,7 @@ impl RingConfig {
             .max_by(|((_, fa), na), ((_, fb), nb)| na.cmp(nb).then_with(|| fb.cmp(fa)))?
             .0
             .clone();
-        RingConfig::from_fingerprint(&fp).map(|(_, c)| c)
+        RingConfig::from_fingerprint(&fp)
     }
 }
 
@@ -277,7 +277,7 @@ pub fn place(members: &[String], partitions: PartitionCount, config: &RingConfig
     // but a fixed order keeps runs reproducible step by step.
     let mut free: Vec<u32> = (0..p).rev().collect();
     while let Some(q) = free.pop() {
-        let (member, distance) = ring.next_member(q, p, start[q as usize], &mut steps[q as usize]);
+        let Candidate { member, distance } = ring.next_member(q, p, start[q as usize], &mut steps[q as usize]);
         let proposal = (rank[q as usize], distance, q);
         rank[q as usize] += 1;
         let h = &mut held[member as usize];
@@ -433,7 +433,7 @@ impl Ring {
 
     /// The next member on partition `q`'s walk that it has not asked yet, and the
     /// clockwise distance from `q` to that member's nearest point.
-    fn next_member(&self, q: u32, p: u32, start: usize, steps: &mut usize) -> (u32, u64) {
+    fn next_member(&self, q: u32, p: u32, start: usize, steps: &mut usize) -> Candidate {
         let from = partition_position(q, p);
         let len = self.points.len();
         while *steps < len {
@@ -444,13 +444,20 @@ impl Ring {
             let mine = &self.by_member[v.member as usize];
             let nearest = mine[mine.partition_point(|k| *k < from) % mine.len()];
             if nearest == v.position {
-                return (v.member, v.position.wrapping_sub(from));
+                return Candidate { member: v.member, distance: v.position.wrapping_sub(from) };
             }
         }
         // Unreachable: a partition turned away by all N members would mean all N hold
         // `cap` others, i.e. N·cap + 1 ≤ P partitions, but `cap ≥ ⌈P/N⌉`.
         unreachable!("partition {q} was turned away by every member");
     }
+}
+
+/// A member on a partition's walk: its index, and the clockwise distance from the
+/// partition to the member's nearest point.
+struct Candidate {
+    member: u32,
+    distance: u64,
 }
 
 fn hashring_of(points: Vec<VNode>) -> HashRing<VNode, IdentityBuild> {
@@ -723,7 +730,7 @@ mod tests {
             .map(|q| {
                 let (start, mut steps) = (ring.first_at_or_after(partition_position(q, p)), 0);
                 loop {
-                    let (m, _) = ring.next_member(q, p, start, &mut steps);
+                    let m = ring.next_member(q, p, start, &mut steps).member;
                     if load[m as usize] < cap {
                         load[m as usize] += 1;
                         return members[m as usize].clone();
@@ -848,7 +855,7 @@ mod tests {
             for q in 0..300 {
                 let mut steps = 0;
                 let start = ring.first_at_or_after(partition_position(q, 300));
-                let (first, _) = ring.next_member(q, 300, start, &mut steps);
+                let first = ring.next_member(q, 300, start, &mut steps).member;
                 assert_eq!(m[first as usize], primary[q as usize], "N={n} q={q} (seed {seed})");
                 assert_eq!(steps, 1);
             }

@@ -30,8 +30,10 @@
 //!   claim or finish is resolved by reading the row (`Finished::NotRunning`), a claim
 //!   adopts such a job, and the enforcer's scan wakes the accounts that have one.
 
+use crate::attempt::{self, AttemptFacts, Ended};
 use crate::error::Error;
-use crate::handler::{CallError, FencingToken, JobContext, Outcome, Registry};
+use crate::handler::{Backoff, CallError, ErasedHandler, FencingToken, JobContext, JobOptions, Registry};
+use crate::hooks::{self, AttemptInfo, AttemptOutcome, Hooks};
 use crate::job::{JobRow, NewJob};
 use crate::lease::{ActiveLease, LeaseTable};
 use crate::store::{Finish, Finished, JobTx, KindDefault, ProducerStore, Store};
@@ -59,8 +61,14 @@ pub struct ExecConfig {
     pub cancel_poll_interval: Duration,
     /// On drain, how long a running attempt may take to finish before it is aborted.
     pub drain_timeout: Duration,
-    /// Upper bound on concurrently live account actors on this node.
+    /// Upper bound on concurrently live account actors on this node (idle ones too).
     pub max_actors: usize,
+    /// Upper bound on handlers running at once on this node (`None`: only
+    /// `max_actors` bounds them). A claimed job waits for a slot before its handler
+    /// starts (its timeout starts with the handler); one whose partition begins
+    /// draining meanwhile is given back unrun. Waiting shows in
+    /// `warden_attempts_waiting_for_slot` and `warden_attempt_slot_wait_seconds`.
+    pub max_concurrent_attempts: Option<usize>,
 }
 
 impl Default for ExecConfig {
@@ -71,6 +79,7 @@ impl Default for ExecConfig {
             cancel_poll_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
             max_actors: 10_000,
+            max_concurrent_attempts: None,
         }
     }
 }
@@ -90,6 +99,17 @@ pub(crate) struct Shared {
     pub poke_enforcer: Arc<tokio::sync::Notify>,
     /// The lease TTL (bounds handler transactions on the server; see `JobContext::tx`).
     pub lease_ttl: Duration,
+    /// Told when attempts start and finish.
+    pub hooks: Hooks,
+    /// Execution slots, if the node caps concurrent attempts.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Shared {
+    /// Execution slots for `config` (see `ExecConfig::max_concurrent_attempts`).
+    pub fn slots_for(config: &ExecConfig) -> Option<Arc<tokio::sync::Semaphore>> {
+        config.max_concurrent_attempts.map(|n| Arc::new(tokio::sync::Semaphore::new(n)))
+    }
 }
 
 /// Messages to an account actor.
@@ -105,7 +125,7 @@ pub enum AccountMsg {
     Fenced,
     /// The attempt task ended.
     Done(Box<AttemptReport>),
-    /// Passivate if still idle since `generation`.
+    /// Passivate if still idle since idle timer number `idle_seq` was armed.
     IdleCheck(u64),
     /// Drain timeout passed: abort the running handler and record the interruption.
     AbortRunning,
@@ -123,6 +143,9 @@ pub enum AttemptReport {
     /// The attempt was dropped without recording (fenced, lease window closed); stop
     /// the actor.
     Stopped,
+    /// The partition began draining while the job waited for an execution slot: its
+    /// handler never started. Undo the claim under `lease`, and stop.
+    NotStarted { job: JobRow, lease: ActiveLease },
     /// No outcome could be recorded (every statement failed for good): stop the
     /// actor; the job stays claimed here and is adopted later, after a growing delay.
     Unrecordable,
@@ -157,7 +180,8 @@ pub struct AccountState {
     /// actor heard the attempt was done) would otherwise wait for the due-work poll.
     woken_while_running: bool,
     draining: bool,
-    idle_generation: u64,
+    /// Numbers the idle timers: an `IdleCheck` for an older one is stale.
+    idle_seq: u64,
     /// Has this actor claimed anything yet? One that was woken and found nothing on
     /// its first claim stops at once instead of idling: wake-ups are hints (any role
     /// may NOTIFY), and a flood of made-up accounts must not fill the actor map.
@@ -198,7 +222,7 @@ impl Actor for AccountActor {
             running: None,
             woken_while_running: false,
             draining: false,
-            idle_generation: 0,
+            idle_seq: 0,
             claimed_any: false,
             claim_failures: 0,
             hint_permit: args.hint_permit,
@@ -229,6 +253,10 @@ impl Actor for AccountActor {
                 match *report {
                     AttemptReport::Stopped => myself.stop(Some("attempt stopped".into())),
                     AttemptReport::Unrecordable => myself.stop(Some("outcome unrecordable".into())),
+                    AttemptReport::NotStarted { job, lease } => {
+                        unclaim(st, &job, &lease).await;
+                        myself.stop(Some("drained".into()));
+                    }
                     AttemptReport::Finished { next, wake_in, lease, reclaim } => match next {
                         Some(job) if st.draining => {
                             // The partition is draining, so `leases.current()` no longer
@@ -306,8 +334,8 @@ impl Actor for AccountActor {
                 // task stops on its own, without polling the handler again.
                 myself.stop(Some("fenced".into()));
             }
-            AccountMsg::IdleCheck(generation) => {
-                if generation == st.idle_generation
+            AccountMsg::IdleCheck(seq) => {
+                if seq == st.idle_seq
                     && st.running.is_none()
                     && st.actors.remove_if_idle(&st.account, myself.get_id(), &st.wake_flag)
                 {
@@ -350,10 +378,10 @@ async fn claim(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
             st.claim_failures += 1;
             let delay = if e.is_permanent() {
                 tracing::error!(account = %st.account, error = %e, "claim fails permanently; backing off");
-                Duration::from_millis(500).saturating_mul(1 << st.claim_failures.min(6))
+                CLAIM_BACKOFF.without_jitter(st.claim_failures.min(64) as i32)
             } else {
                 tracing::warn!(account = %st.account, error = %e, "claim failed; retrying shortly");
-                Duration::from_millis(500)
+                CLAIM_RETRY
             };
             drop(myself.send_after(delay, || AccountMsg::Wake));
         }
@@ -364,8 +392,7 @@ async fn claim(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
 /// made under is still valid. If it cannot be undone, the job stays claimed at this
 /// epoch: the account's next claim adopts it (or the next owner's rescue resets it).
 async fn unclaim(st: &AccountState, job: &JobRow, lease: &ActiveLease) {
-    let mut delay = Duration::from_millis(50);
-    for _ in 0..5 {
+    for tries in 1..=UNCLAIM_TRIES {
         match st.shared.store.unclaim(job, &lease.fence).await {
             Ok(()) | Err(Error::Fenced { .. }) => return,
             Err(e) if e.is_permanent() || !lease.validity.is_valid() => {
@@ -374,21 +401,31 @@ async fn unclaim(st: &AccountState, job: &JobRow, lease: &ActiveLease) {
             }
             Err(e) => {
                 tracing::warn!(job_id = job.id, error = %e, "unclaim failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+                tokio::time::sleep(UNCLAIM_RETRY.without_jitter(tries)).await;
             }
         }
     }
 }
 
+/// A claim that failed (ambiguously): look again after this long.
+const CLAIM_RETRY: Duration = Duration::from_millis(500);
+
+/// A claim that fails for good (a row no statement can update), again and again:
+/// 1 s doubling to 32 s, so it costs little while an operator looks at the log.
+const CLAIM_BACKOFF: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(32));
+
+/// Tries to undo a claim, and the waits between them (50 ms doubling).
+const UNCLAIM_TRIES: i32 = 5;
+const UNCLAIM_RETRY: Backoff = Backoff::doubling(Duration::from_millis(50), Duration::from_millis(800));
+
 fn arm_idle(myself: &ActorRef<AccountMsg>, st: &mut AccountState) {
-    st.idle_generation += 1;
-    let generation = st.idle_generation;
-    drop(myself.send_after(st.shared.config.idle_timeout, move || AccountMsg::IdleCheck(generation)));
+    st.idle_seq += 1;
+    let seq = st.idle_seq;
+    drop(myself.send_after(st.shared.config.idle_timeout, move || AccountMsg::IdleCheck(seq)));
 }
 
 fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobRow, lease: ActiveLease) {
-    st.idle_generation += 1;
+    st.idle_seq += 1;
     let ctl = AttemptControl {
         check_cancel: Arc::new(tokio::sync::Notify::new()),
         interrupt: CancellationToken::new(),
@@ -414,7 +451,7 @@ fn start_attempt(myself: &ActorRef<AccountMsg>, st: &mut AccountState, job: JobR
             match AssertUnwindSafe(run_attempt(shared.clone(), job.clone(), lease.clone(), ctl)).catch_unwind().await {
                 Ok(report) => report,
                 Err(panic) => {
-                    let msg = panic_message(&panic);
+                    let msg = attempt::panic_message(&panic);
                     tracing::error!(job_id, panic = %msg, "attempt task panicked; recording the attempt as failed");
                     metrics::counter!("warden_attempt_panics_total").increment(1);
                     // Recording it may panic too (the same fault): then the job stays
@@ -444,19 +481,12 @@ async fn record_crash(
     msg: &str,
 ) -> AttemptReport {
     let options = shared.registry.options(&job.kind).cloned().unwrap_or_default();
-    let mut finish = if job.attempt >= job.max_attempts {
-        Finish::Discard { outcome: "failed", error: format!("attempt task panicked: {msg} (giving up)") }
-    } else {
-        Finish::Retry {
-            after: options.backoff.delay(job.attempt, &mut fastrand::Rng::new()),
-            outcome: "failed",
-            error: format!("attempt task panicked: {msg}"),
-        }
-    };
+    let facts =
+        AttemptFacts { drain_requested: false, cancel_confirmed: false, ..attempt_facts(shared, job, &options) };
+    let mut finish = attempt::crashed(&facts, msg);
     // Bounded, and never past a drain's abort: an actor must not stay busy here.
-    let mut delay = Duration::from_millis(50);
     let mut permanent = false;
-    for _ in 0..RECORD_TRIES {
+    for tries in 1..=RECORD_TRIES as i32 {
         if !lease.validity.is_valid() || lease.token.is_cancelled() || abort.is_cancelled() {
             break;
         }
@@ -465,13 +495,12 @@ async fn record_crash(
             Err(Error::Fenced { .. }) => break,
             Err(e) if e.is_permanent() => {
                 tracing::error!(job_id = job.id, error = %e, "the crashed attempt cannot be recorded; discarding the job");
-                finish = Finish::Discard { outcome: "failed", error: UNRECORDABLE.into() };
+                finish = attempt::unrecordable(&facts, false, &e.to_string());
                 permanent = true;
             }
             Err(e) => tracing::warn!(job_id = job.id, error = %e, "could not record the crashed attempt; retrying"),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+        tokio::time::sleep(FINISH_RETRY.without_jitter(tries)).await;
     }
     // Left claimed at this epoch: adopted (and counted) by the account's next claim.
     if permanent {
@@ -484,8 +513,9 @@ async fn record_crash(
 /// Tries to record an attempt whose outcome keeps failing for good.
 const RECORD_TRIES: u32 = 5;
 
-/// The last outcome tried when none can be recorded: constant, storable text.
-const UNRECORDABLE: &str = "the attempt's outcome could not be recorded; giving up on the job";
+/// Retries of a finish statement that failed (ambiguously, or for good): 50 ms
+/// doubling to 1 s, while the lease holds.
+const FINISH_RETRY: Backoff = Backoff::doubling(Duration::from_millis(50), Duration::from_secs(1));
 
 /// What an attempt task is given besides the job and its lease.
 struct AttemptControl {
@@ -496,26 +526,46 @@ struct AttemptControl {
     claim_next: Arc<AtomicBool>,
 }
 
-enum EndedKind {
-    Returned,
-    Dropped,
+/// The facts of an attempt known before it runs (what it learns while running —
+/// a drain, a confirmed cancel — is filled in after).
+fn attempt_facts(shared: &Shared, job: &JobRow, options: &JobOptions) -> AttemptFacts {
+    AttemptFacts {
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        timeout_ms: job.timeout_ms,
+        cancel_grace: shared.config.cancel_grace,
+        drain_timeout: shared.config.drain_timeout,
+        drain_requested: false,
+        cancel_confirmed: false,
+        backoff: options.backoff,
+        jitter_draw: fastrand::f64(),
+    }
 }
 
-enum Ended {
-    Returned(std::result::Result<Outcome, CallError>),
-    Panicked(String),
-    TimedOut,
-    CancelledHard,
-    /// Dropped at the drain timeout.
-    Interrupted,
-    /// Not run: its attempts were used up before it started (adopted after attempts
-    /// whose outcomes were lost).
-    Exhausted,
+fn attempt_info(job: &JobRow, lease: &ActiveLease) -> AttemptInfo {
+    AttemptInfo {
+        job_id: job.id,
+        account: job.account.clone(),
+        kind: job.kind.clone(),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        partition: lease.fence.partition,
+        epoch: lease.fence.epoch,
+    }
 }
 
-/// Run one attempt: the handler (with timeout, cancellation and fencing), then the
-/// fenced finish-and-claim-next statement. Never returns before the outcome is
-/// recorded, unless the lease is lost.
+/// The lease was lost while the attempt was in hand: drop it without recording.
+fn lost(ctl: &AttemptControl, kind: &str, why: &'static str) -> AttemptReport {
+    ctl.stop.cancel();
+    metrics::counter!("warden_attempts_total", "kind" => kind.to_string(), "outcome" => "fenced").increment(1);
+    tracing::warn!(why, "lease lost: attempt dropped");
+    AttemptReport::Stopped
+}
+
+/// Run one attempt: wait for an execution slot (if the node caps them), run the
+/// handler (with timeout, cancellation and fencing), decide the outcome
+/// ([`attempt::decide`]), then record it with the fenced finish-and-claim-next
+/// statement. Never returns before the outcome is recorded, unless the lease is lost.
 ///
 /// The handler is polled only inside its lease's validity window: every poll first
 /// reads the window (`LeaseValidity`), so a process resumed after a pause longer than
@@ -533,257 +583,338 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
         epoch = lease.fence.epoch,
     );
     async move {
-        let kind_label = job.kind.clone();
+        let kind = job.kind.clone();
         if let Some(started) = job.attempted_at {
             let queued = (started - job.due_at).to_std().unwrap_or_default();
-            metrics::histogram!("warden_queue_seconds", "kind" => kind_label.clone()).record(queued.as_secs_f64());
+            metrics::histogram!("warden_queue_seconds", "kind" => kind.clone()).record(queued.as_secs_f64());
         }
         let handler = shared.registry.get(&job.kind).cloned();
-        let started = tokio::time::Instant::now();
-        let cancel = CancellationToken::new(); // a confirmed cancel request
-        let mut ctx = JobContext {
-            job: job.clone(),
-            fence: FencingToken { partition: lease.fence.partition, epoch: lease.fence.epoch },
-            cancel: ctl.stop.clone(),
-            validity: lease.validity.clone(),
-            store: shared.store.clone(),
-            tx: None,
-            staged: Vec::new(),
-            tx_idle_timeout: Duration::from_millis(job.timeout_ms.max(1) as u64) + lease_ttl(&shared),
-        };
-        let lost = |why: &'static str| {
-            ctl.stop.cancel();
-            metrics::counter!("warden_attempts_total", "kind" => kind_label.clone(), "outcome" => "fenced").increment(1);
-            tracing::warn!(why, "lease lost: attempt dropped");
-            AttemptReport::Stopped
-        };
+        let options = handler.as_ref().map(|h| h.options().clone()).unwrap_or_default();
+        let mut facts = attempt_facts(&shared, &job, &options);
         if !lease.validity.is_valid() {
-            return lost("lease window closed before the handler started");
+            return lost(&ctl, &kind, "lease window closed before the handler started");
         }
-        let ended = match &handler {
+        let runnable = match handler {
+            Some(h) if !facts.used_up_before_start() => Ok(h),
             // Adopted past its last attempt (each adoption counts one): give up on it.
-            _ if job.attempt > job.max_attempts => Ended::Exhausted,
-            None => Ended::Returned(Err(CallError::BadArgs(format!(
+            Some(_) => Err(Ended::Exhausted),
+            None => Err(Ended::BadArgs(format!(
                 "no handler for kind {:?} is registered on node {}",
                 job.kind, shared.node_id
-            )))),
-            Some(h) => {
-                let call = AssertUnwindSafe(h.call(&mut ctx, job.args.clone())).catch_unwind();
-                let mut call = std::pin::pin!(call);
-                let validity = lease.validity.clone();
-                // Every poll of the handler first checks the lease window.
-                let guarded = std::future::poll_fn(|cx| {
-                    if !validity.is_valid() {
-                        return std::task::Poll::Ready(None);
-                    }
-                    call.as_mut().poll(cx).map(Some)
-                });
-                let timeout = tokio::time::sleep(Duration::from_millis(job.timeout_ms.max(1) as u64));
-                let grace = shared.config.cancel_grace;
-                let cancel_hard = async {
-                    cancel.cancelled().await;
-                    tokio::time::sleep(grace).await;
+            ))),
+        };
+
+        // 1. The handler, in an execution slot.
+        let mut started = tokio::time::Instant::now();
+        let mut info = None;
+        let run = match runnable {
+            Err(ended) => HandlerRun { ended, cancel_confirmed: false, tx: None, staged: Vec::new() },
+            Ok(h) => {
+                let _slot = match wait_for_slot(&shared, &lease, &ctl).await {
+                    Slot::Granted(permit) => permit,
+                    Slot::Drained => return AttemptReport::NotStarted { job, lease },
+                    Slot::Lost => return lost(&ctl, &kind, "lease fenced while waiting for an execution slot"),
                 };
-                let poll_cancel = poll_cancel(&shared, job.id, &cancel, &ctl.stop, &ctl.check_cancel);
-                tokio::select! {
-                    biased;
-                    _ = lease.token.cancelled() => return lost("lease fenced"),
-                    r = guarded => match r {
-                        None => return lost("lease window closed while the handler ran"),
-                        Some(Ok(r)) => Ended::Returned(r),
-                        Some(Err(panic)) => Ended::Panicked(panic_message(&panic)),
-                    },
-                    _ = ctl.abort.cancelled() => Ended::Interrupted,
-                    _ = timeout => Ended::TimedOut,
-                    _ = cancel_hard => Ended::CancelledHard,
-                    _ = poll_cancel => unreachable!("poll_cancel never completes"),
+                if !lease.validity.is_valid() {
+                    return lost(&ctl, &kind, "lease window closed before the handler started");
                 }
-            }
-        };
-        let ended_kind = match &ended {
-            Ended::Returned(_) => EndedKind::Returned,
-            _ => EndedKind::Dropped,
-        };
-        let elapsed = started.elapsed();
-        metrics::histogram!("warden_processing_seconds", "kind" => kind_label.clone()).record(elapsed.as_secs_f64());
-
-        let options = handler.as_ref().map(|h| h.options().clone()).unwrap_or_default();
-        let exhausted = job.attempt >= job.max_attempts;
-        // Told its partition is moving, and it returned within drain_timeout: most
-        // likely it stopped because of that, so the attempt does not count. One that
-        // had to be aborted at the drain timeout counts (below), so a job whose handler
-        // keeps provoking handoffs (blocking the runtime until the node is replaced)
-        // still runs out of attempts.
-        let interrupted = ctl.interrupt.is_cancelled() && matches!(ended, Ended::Returned(_));
-        let fail = |outcome: &'static str, error: String, after: Option<Duration>| {
-            if interrupted {
-                // It failed after being told its partition is moving: most likely it
-                // stopped because of that. The attempt does not count.
-                Finish::Interrupted { error: format!("interrupted by a partition handoff ({outcome}: {error})") }
-            } else if exhausted {
-                Finish::Discard { outcome, error: format!("{error} (attempt {} of {}: giving up)", job.attempt, job.max_attempts) }
-            } else {
-                let after = after.unwrap_or_else(|| options.backoff.delay(job.attempt, &mut fastrand::Rng::new()));
-                Finish::Retry { after, outcome, error }
-            }
-        };
-        let mut finish = match ended {
-            Ended::Returned(Ok(Outcome::Done)) => Finish::Completed,
-            Ended::Returned(Ok(Outcome::Retry { after })) => fail("retry", "handler asked to retry".into(), after),
-            Ended::Returned(Ok(Outcome::Snooze(after))) => Finish::Snooze { after },
-            Ended::Returned(Ok(Outcome::Discard(reason))) => Finish::Discard { outcome: "discarded", error: reason },
-            Ended::Returned(Err(CallError::BadArgs(msg))) => Finish::Discard { outcome: "discarded", error: msg },
-            Ended::Returned(Err(CallError::Failed(e))) => fail("failed", format!("handler error: {e}"), None),
-            Ended::Panicked(msg) => fail("failed", format!("handler panicked: {msg}"), None),
-            Ended::TimedOut => fail("timeout", format!("timed out after {}ms", job.timeout_ms), None),
-            Ended::CancelledHard => Finish::Cancelled {
-                error: format!("cancelled while running; handler did not stop within {:?} and was aborted", shared.config.cancel_grace),
-            },
-            Ended::Interrupted => fail(
-                "failed",
-                format!(
-                    "still running at the drain timeout ({:?}) of a partition handoff; aborted",
-                    shared.config.drain_timeout
-                ),
-                Some(Duration::ZERO),
-            ),
-            Ended::Exhausted => Finish::Discard {
-                outcome: "discarded",
-                error: format!(
-                    "attempt {} of {}: attempts used up by attempts whose outcome was lost; giving up",
-                    job.attempt, job.max_attempts
-                ),
-            },
-        };
-        if cancel.is_cancelled() && !matches!(finish, Finish::Completed | Finish::Cancelled { .. }) {
-            finish = Finish::Cancelled { error: "cancelled while running".into() };
-        }
-        let wake_in = match &finish {
-            Finish::Retry { after, .. } | Finish::Snooze { after } => Some(*after),
-            _ => None,
-        };
-        // Handler writes commit only with a completion. If the handler returned, its
-        // connection is idle and can be rolled back and reused; if its future was
-        // dropped mid-statement (timeout, panic, hard cancel), dropping the JobTx
-        // closes the connection instead.
-        let returned = matches!(ended_kind, EndedKind::Returned);
-        let mut tx = ctx.tx.take();
-        let staged = std::mem::take(&mut ctx.staged);
-        if matches!(finish, Finish::Completed) && !staged.is_empty() {
-            // Insert the staged follow-ups now, in the transaction FINISH commits: the
-            // enqueue locks they take live for this commit only.
-            match insert_staged(&shared, &mut tx, &staged).await {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, count = staged.len(), "inserting the attempt's follow-up jobs failed");
-                    finish = fail("failed", format!("enqueueing {} follow-up job(s) failed: {e}", staged.len()), None);
+                started = tokio::time::Instant::now();
+                if !shared.hooks.is_empty() {
+                    let i = attempt_info(&job, &lease);
+                    shared.hooks.started(&i);
+                    info = Some(i);
                 }
-            }
-        }
-        if !matches!(finish, Finish::Completed) {
-            if let Some(t) = tx.take() {
-                if returned {
-                    let _ = t.rollback().await;
-                }
-            }
-        }
-        drop(ctx);
-
-        let mut delay = Duration::from_millis(50);
-        let mut permanent = 0;
-        loop {
-            let with_tx = tx.is_some();
-            let result = tokio::select! {
-                biased;
-                _ = lease.token.cancelled() => return AttemptReport::Stopped,
-                r = shared.store.finish(tx.take(), &job, &lease.fence, &finish, ctl.claim_next.load(Ordering::Acquire)) => r,
-            };
-            match result {
-                Ok(Finished::Recorded(next)) => {
-                    let outcome = attempt_outcome(&finish);
-                    metrics::counter!("warden_attempts_total", "kind" => kind_label.clone(), "outcome" => outcome).increment(1);
-                    match &finish {
-                        Finish::Completed => metrics::counter!("warden_jobs_completed_total", "kind" => kind_label).increment(1),
-                        Finish::Retry { .. } => metrics::counter!("warden_retries_total", "kind" => kind_label).increment(1),
-                        Finish::Discard { .. } => metrics::counter!("warden_discards_total", "kind" => kind_label).increment(1),
-                        Finish::Cancelled { .. } => metrics::counter!("warden_cancels_total", "kind" => kind_label).increment(1),
-                        Finish::Snooze { .. } => metrics::counter!("warden_snoozes_total", "kind" => kind_label).increment(1),
-                        Finish::Interrupted { .. } => metrics::counter!("warden_interrupted_total", "kind" => kind_label).increment(1),
-                    }
-                    if !matches!(finish, Finish::Completed | Finish::Snooze { .. }) {
-                        tracing::info!(outcome, "attempt finished");
-                        metrics::counter!("warden_errors_total", "kind" => job.kind.clone()).increment(1);
-                    }
-                    return AttemptReport::Finished { next, wake_in, lease, reclaim: false };
-                }
-                Ok(Finished::NotRunning) => {
-                    // Not a fence failure: the lease holds, but the job no longer runs at
-                    // this epoch — an earlier try of this finish committed and its reply
-                    // was lost. Claim again: that adopts whatever the earlier try claimed.
-                    tracing::info!("finish found its job already finished (an earlier try committed); claiming again");
-                    metrics::counter!("warden_finish_in_doubt_total").increment(1);
-                    return AttemptReport::Finished { next: None, wake_in: None, lease, reclaim: true };
-                }
-                Err(Error::Fenced { .. }) => {
-                    tracing::warn!("finish rejected by the lease fence: this node no longer owns the partition");
-                    metrics::counter!("warden_fenced_writes_total").increment(1);
-                    return AttemptReport::Stopped;
-                }
-                Err(e) if e.is_permanent() => {
-                    // The same statement would fail the same way: record a plain failure
-                    // instead (text and delays are already made storable; this is the
-                    // last line), then give up on the job with constant text. If not even
-                    // that can be stored, the job stays claimed here; the next claim
-                    // adopts it and counts an attempt, so this ends after max_attempts.
-                    tracing::error!(error = %e, "the attempt's outcome cannot be recorded; recording a failure instead");
-                    metrics::counter!("warden_finish_permanent_errors_total").increment(1);
-                    permanent += 1;
-                    if permanent > RECORD_TRIES {
-                        tracing::error!("no outcome can be recorded for this attempt; leaving it to be adopted");
-                        return AttemptReport::Unrecordable;
-                    }
-                    finish = if permanent == 1 && !exhausted {
-                        Finish::Retry {
-                            after: options.backoff.delay(job.attempt, &mut fastrand::Rng::new()),
-                            outcome: "failed",
-                            error: format!("the attempt's outcome could not be recorded: {e}"),
+                match run_handler(&shared, &job, &lease, &ctl, &*h).await {
+                    Ok(run) => run,
+                    Err(why) => {
+                        let report = lost(&ctl, &kind, why);
+                        if let Some(i) = &info {
+                            shared.hooks.finished(i, &AttemptOutcome::NotRecorded, started.elapsed());
                         }
-                    } else {
-                        Finish::Discard { outcome: "failed", error: UNRECORDABLE.into() }
-                    };
-                    tokio::select! {
-                        biased;
-                        _ = lease.token.cancelled() => return AttemptReport::Stopped,
-                        _ = tokio::time::sleep(delay) => {}
+                        return report;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    // Ambiguous (the reply may have been lost after COMMIT): retry; a
-                    // retry that finds the job already finished is `NotRunning` above.
-                    tracing::warn!(error = %e, "could not record the attempt; retrying while the lease holds");
-                    if with_tx {
-                        // The handler's transaction is gone (or its commit is in doubt):
-                        // its writes must be redone, so this attempt counts as failed.
-                        finish = Finish::Retry {
-                            after: Duration::ZERO,
-                            outcome: "failed",
-                            error: format!("completion could not be committed: {e}"),
-                        };
-                    }
-                    tokio::select! {
-                        biased;
-                        _ = lease.token.cancelled() => return AttemptReport::Stopped,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
+        };
+        let took = started.elapsed();
+        metrics::histogram!("warden_processing_seconds", "kind" => kind.clone()).record(took.as_secs_f64());
+
+        // 2. The decision.
+        facts.drain_requested = ctl.interrupt.is_cancelled();
+        facts.cancel_confirmed = run.cancel_confirmed;
+        let returned = run.ended.returned();
+        let mut finish = attempt::decide(run.ended, &facts);
+        let wake_in = attempt::wake_in(&finish);
+
+        // 3. The handler's transaction: staged follow-ups go in with a completion;
+        // anything else rolls it back.
+        let tx = prepare_commit(&shared, &facts, &mut finish, run.tx, &run.staged, returned).await;
+
+        // 4. Record it (and claim the account's next job).
+        let recorded = record(&shared, &job, lease, &ctl, &facts, tx, finish, wake_in).await;
+        if let Some(i) = &info {
+            shared.hooks.finished(i, &hooks::outcome_of(recorded.finish.as_ref()), took);
         }
+        recorded.report
     }
     .instrument(span)
     .await
 }
+
+/// Whether an attempt may start its handler.
+enum Slot {
+    /// Yes (holding this permit while the handler runs, if the node caps attempts).
+    Granted(Option<tokio::sync::OwnedSemaphorePermit>),
+    /// Its partition began draining while it waited: give the job back unrun.
+    Drained,
+    /// Its lease was fenced while it waited.
+    Lost,
+}
+
+/// Take one of the node's execution slots (`ExecConfig::max_concurrent_attempts`),
+/// waiting while all are taken — but never past a drain or a lost lease.
+async fn wait_for_slot(shared: &Shared, lease: &ActiveLease, ctl: &AttemptControl) -> Slot {
+    let Some(slots) = &shared.slots else { return Slot::Granted(None) };
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Slot::Granted(Some(permit));
+    }
+    let waiting_since = tokio::time::Instant::now();
+    metrics::gauge!("warden_attempts_waiting_for_slot").increment(1.0);
+    let slot = tokio::select! {
+        biased;
+        _ = lease.token.cancelled() => Slot::Lost,
+        _ = ctl.interrupt.cancelled() => Slot::Drained,
+        permit = slots.clone().acquire_owned() => match permit {
+            Ok(p) => Slot::Granted(Some(p)),
+            // The semaphore is never closed; if it were, run unbounded rather than stall.
+            Err(_) => Slot::Granted(None),
+        },
+    };
+    metrics::gauge!("warden_attempts_waiting_for_slot").decrement(1.0);
+    metrics::histogram!("warden_attempt_slot_wait_seconds").record(waiting_since.elapsed().as_secs_f64());
+    slot
+}
+
+/// What a handler's run left behind.
+struct HandlerRun {
+    ended: Ended,
+    /// A cancel request was confirmed while it ran.
+    cancel_confirmed: bool,
+    /// The handler's transaction, if it opened one.
+    tx: Option<JobTx>,
+    /// Its staged follow-up jobs.
+    staged: Vec<NewJob>,
+}
+
+/// Run the handler with its timeout, cancellation (polled from the database) and
+/// the lease guard. `Err` names why the lease was lost while it ran: the attempt is
+/// dropped without recording.
+async fn run_handler(
+    shared: &Arc<Shared>,
+    job: &JobRow,
+    lease: &ActiveLease,
+    ctl: &AttemptControl,
+    handler: &dyn ErasedHandler,
+) -> std::result::Result<HandlerRun, &'static str> {
+    let cancel = CancellationToken::new(); // a confirmed cancel request
+    let timeout = Duration::from_millis(job.timeout_ms.max(1) as u64);
+    let mut ctx = JobContext {
+        job: job.clone(),
+        fence: FencingToken { partition: lease.fence.partition, epoch: lease.fence.epoch },
+        cancel: ctl.stop.clone(),
+        validity: lease.validity.clone(),
+        store: shared.store.clone(),
+        tx: None,
+        staged: Vec::new(),
+        tx_idle_timeout: timeout + lease_ttl(shared),
+    };
+    let ended = {
+        let call = AssertUnwindSafe(handler.call(&mut ctx, job.args.clone())).catch_unwind();
+        let mut call = std::pin::pin!(call);
+        let validity = lease.validity.clone();
+        // Every poll of the handler first checks the lease window.
+        let guarded = std::future::poll_fn(|cx| {
+            if !validity.is_valid() {
+                return std::task::Poll::Ready(None);
+            }
+            call.as_mut().poll(cx).map(Some)
+        });
+        let grace = shared.config.cancel_grace;
+        let cancel_hard = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        let poll_cancel = poll_cancel(shared, job.id, &cancel, &ctl.stop, &ctl.check_cancel);
+        tokio::select! {
+            biased;
+            _ = lease.token.cancelled() => return Err("lease fenced"),
+            r = guarded => match r {
+                None => return Err("lease window closed while the handler ran"),
+                Some(Ok(Ok(outcome))) => Ended::Returned(outcome),
+                Some(Ok(Err(CallError::BadArgs(msg)))) => Ended::BadArgs(msg),
+                Some(Ok(Err(CallError::Failed(e)))) => Ended::Failed(e.to_string()),
+                Some(Err(panic)) => Ended::Panicked(attempt::panic_message(&panic)),
+            },
+            _ = ctl.abort.cancelled() => Ended::DrainTimedOut,
+            _ = tokio::time::sleep(timeout) => Ended::TimedOut,
+            _ = cancel_hard => Ended::CancelledHard,
+            _ = poll_cancel => unreachable!("poll_cancel never completes"),
+        }
+    };
+    Ok(HandlerRun {
+        ended,
+        cancel_confirmed: cancel.is_cancelled(),
+        tx: ctx.tx.take(),
+        staged: std::mem::take(&mut ctx.staged),
+    })
+}
+
+/// Get the handler's transaction ready for the finish: with a completion, insert
+/// its staged follow-ups in it (the enqueue locks they take live for that commit
+/// only; if that fails, the attempt fails); with anything else, roll it back. If the
+/// handler returned, its connection is idle and can be rolled back and reused; if its
+/// future was dropped mid-statement (timeout, panic, hard cancel), dropping the
+/// `JobTx` closes the connection instead.
+async fn prepare_commit(
+    shared: &Shared,
+    facts: &AttemptFacts,
+    finish: &mut Finish,
+    mut tx: Option<JobTx>,
+    staged: &[NewJob],
+    returned: bool,
+) -> Option<JobTx> {
+    if matches!(finish, Finish::Completed) && !staged.is_empty() {
+        if let Err(e) = insert_staged(shared, &mut tx, staged).await {
+            tracing::warn!(error = %e, count = staged.len(), "inserting the attempt's follow-up jobs failed");
+            *finish = attempt::follow_ups_failed(facts, staged.len(), &e.to_string());
+        }
+    }
+    if !matches!(finish, Finish::Completed) {
+        if let Some(t) = tx.take() {
+            if returned {
+                let _ = t.rollback().await;
+            }
+        }
+    }
+    tx
+}
+
+/// Record the finish (fenced), claiming the account's next job unless draining.
+/// Retries while the lease holds: an ambiguous failure as is (a retry that finds the
+/// job already finished is `NotRunning`), one that fails for good with a plainer
+/// outcome (see [`attempt::unrecordable`]).
+#[allow(clippy::too_many_arguments)]
+async fn record(
+    shared: &Shared,
+    job: &JobRow,
+    lease: ActiveLease,
+    ctl: &AttemptControl,
+    facts: &AttemptFacts,
+    mut tx: Option<JobTx>,
+    mut finish: Finish,
+    wake_in: Option<Duration>,
+) -> Recorded {
+    let kind = &job.kind;
+    let mut permanent = 0;
+    let mut tries = 0;
+    loop {
+        let with_tx = tx.is_some();
+        let result = tokio::select! {
+            biased;
+            _ = lease.token.cancelled() => return Recorded::nothing(AttemptReport::Stopped),
+            r = shared.store.finish(tx.take(), job, &lease.fence, &finish, ctl.claim_next.load(Ordering::Acquire)) => r,
+        };
+        match result {
+            Ok(Finished::Recorded(next)) => {
+                count_recorded(kind, &finish);
+                let report = AttemptReport::Finished { next, wake_in, lease, reclaim: false };
+                return Recorded { report, finish: Some(finish) };
+            }
+            Ok(Finished::NotRunning) => {
+                // Not a fence failure: the lease holds, but the job no longer runs at
+                // this epoch — an earlier try of this finish committed and its reply
+                // was lost. Claim again: that adopts whatever the earlier try claimed.
+                tracing::info!("finish found its job already finished (an earlier try committed); claiming again");
+                metrics::counter!("warden_finish_in_doubt_total").increment(1);
+                let report = AttemptReport::Finished { next: None, wake_in: None, lease, reclaim: true };
+                return Recorded { report, finish: Some(finish) };
+            }
+            Err(Error::Fenced { .. }) => {
+                tracing::warn!("finish rejected by the lease fence: this node no longer owns the partition");
+                metrics::counter!("warden_fenced_writes_total").increment(1);
+                return Recorded::nothing(AttemptReport::Stopped);
+            }
+            Err(e) if e.is_permanent() => {
+                // The same statement would fail the same way: record a plain failure
+                // instead (text and delays are already made storable; this is the
+                // last line), then give up on the job with constant text. If not even
+                // that can be stored, the job stays claimed here; the next claim
+                // adopts it and counts an attempt, so this ends after max_attempts.
+                tracing::error!(error = %e, "the attempt's outcome cannot be recorded; recording a failure instead");
+                metrics::counter!("warden_finish_permanent_errors_total").increment(1);
+                permanent += 1;
+                if permanent > RECORD_TRIES {
+                    tracing::error!("no outcome can be recorded for this attempt; leaving it to be adopted");
+                    return Recorded::nothing(AttemptReport::Unrecordable);
+                }
+                finish = attempt::unrecordable(facts, permanent == 1, &e.to_string());
+            }
+            Err(e) => {
+                // Ambiguous (the reply may have been lost after COMMIT): retry; a
+                // retry that finds the job already finished is `NotRunning` above.
+                tracing::warn!(error = %e, "could not record the attempt; retrying while the lease holds");
+                if with_tx {
+                    // The handler's transaction is gone (or its commit is in doubt):
+                    // its writes must be redone, so this attempt counts as failed.
+                    finish = attempt::uncommitted(&e.to_string());
+                }
+            }
+        }
+        tries += 1;
+        tokio::select! {
+            biased;
+            _ = lease.token.cancelled() => return Recorded::nothing(AttemptReport::Stopped),
+            _ = tokio::time::sleep(FINISH_RETRY.without_jitter(tries)) => {}
+        }
+    }
+}
+
+/// How recording an attempt ended.
+struct Recorded {
+    /// For the actor.
+    report: AttemptReport,
+    /// What was recorded (`None` if nothing was).
+    finish: Option<Finish>,
+}
+
+impl Recorded {
+    fn nothing(report: AttemptReport) -> Self {
+        Self { report, finish: None }
+    }
+}
+
+/// Count a recorded attempt in the metrics.
+fn count_recorded(kind: &str, finish: &Finish) {
+    let outcome = attempt::outcome_label(finish);
+    let kind = kind.to_string();
+    metrics::counter!("warden_attempts_total", "kind" => kind.clone(), "outcome" => outcome).increment(1);
+    let total = match finish {
+        Finish::Completed => "warden_jobs_completed_total",
+        Finish::Retry { .. } => "warden_retries_total",
+        Finish::Discard { .. } => "warden_discards_total",
+        Finish::Cancelled { .. } => "warden_cancels_total",
+        Finish::Snooze { .. } => "warden_snoozes_total",
+        Finish::Interrupted { .. } => "warden_interrupted_total",
+    };
+    metrics::counter!(total, "kind" => kind.clone()).increment(1);
+    if !matches!(finish, Finish::Completed | Finish::Snooze { .. }) {
+        tracing::info!(outcome, "attempt finished");
+        metrics::counter!("warden_errors_total", "kind" => kind).increment(1);
+    }
+}
+
+/// The least time between two reads of a running job's cancel request.
+const CANCEL_READ_SPACING: Duration = Duration::from_millis(50);
 
 /// Poll the database for a cancel request while an attempt runs (the NOTIFY is only
 /// the fast path, and only a hint: `check` makes it re-read now, it never cancels by
@@ -806,30 +937,10 @@ async fn poll_cancel(
             stop.cancel();
             break;
         }
-        // However many notifications arrive, at most one read per 50 ms.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // However many notifications arrive, at most one read per CANCEL_READ_SPACING.
+        tokio::time::sleep(CANCEL_READ_SPACING).await;
     }
     std::future::pending::<()>().await
-}
-
-fn attempt_outcome(f: &Finish) -> &'static str {
-    match f {
-        Finish::Completed => "completed",
-        Finish::Retry { outcome, .. } | Finish::Discard { outcome, .. } => outcome,
-        Finish::Snooze { .. } => "snoozed",
-        Finish::Cancelled { .. } => "cancelled",
-        Finish::Interrupted { .. } => "interrupted",
-    }
-}
-
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".into()
-    }
 }
 
 struct Entry {
@@ -845,11 +956,27 @@ pub struct AccountActors {
     spawned: AtomicU64,
     /// Jobs with an attempt task running here (see `Store::running_here`).
     in_flight: Mutex<HashSet<i64>>,
-    /// Jobs whose outcome could not be recorded: (not before, failures so far).
-    held_back: Mutex<HashMap<i64, (tokio::time::Instant, u32)>>,
+    /// Jobs whose outcome could not be recorded, kept from adoption for a while.
+    held_back: Mutex<HashMap<i64, HeldBack>>,
     /// Permits for the first claims of actors spawned for NOTIFY hints.
     hint_claims: Arc<tokio::sync::Semaphore>,
+    /// The number of live actors, for those waiting until none is left.
+    live: tokio::sync::watch::Sender<usize>,
 }
+
+/// A job whose outcome could not be recorded (see [`AccountActors::hold_back`]).
+struct HeldBack {
+    /// Not adopted before this.
+    until: tokio::time::Instant,
+    /// Unrecordable outcomes so far.
+    strikes: u32,
+}
+
+/// How long a job with an unrecordable outcome is kept from adoption, by strikes.
+const HOLD_BACK: Backoff = Backoff::doubling(Duration::from_secs(2), Duration::from_secs(300));
+
+/// Held-back jobs remembered before the expired ones are forgotten.
+const MAX_HELD_BACK: usize = 10_000;
 
 /// First claims of actors spawned for NOTIFY hints running at once: a flood of
 /// wake-ups for made-up accounts may use this many executor connections, not the whole
@@ -865,6 +992,7 @@ impl AccountActors {
             spawned: AtomicU64::new(0),
             in_flight: Mutex::new(HashSet::new()),
             hint_claims: Arc::new(tokio::sync::Semaphore::new(HINT_CLAIMS)),
+            live: tokio::sync::watch::channel(0).0,
             held_back: Mutex::new(HashMap::new()),
         })
     }
@@ -875,6 +1003,18 @@ impl AccountActors {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The map's size changed (called under its lock, so updates are in order).
+    fn live_changed(&self, len: usize) {
+        metrics::gauge!("warden_active_actors").set(len as f64);
+        self.live.send_replace(len);
+    }
+
+    /// Wait until no actor is left, or `deadline`; true if none is left.
+    pub async fn wait_until_empty(&self, deadline: tokio::time::Instant) -> bool {
+        let mut live = self.live.subscribe();
+        tokio::time::timeout_at(deadline, live.wait_for(|n| *n == 0)).await.is_ok() || self.is_empty()
     }
 
     /// The cluster's partition count.
@@ -889,6 +1029,17 @@ impl AccountActors {
 
     pub fn count_in_partition(&self, partition: u32) -> usize {
         self.map.lock().unwrap().values().filter(|e| e.partition == partition).count()
+    }
+
+    /// Partitions with at least one live actor here.
+    pub fn partitions_with_actors(&self) -> std::collections::BTreeSet<u32> {
+        self.map.lock().unwrap().values().map(|e| e.partition).collect()
+    }
+
+    /// Of these jobs, those with an attempt running here or held back from adoption
+    /// (see [`AccountActors::is_in_flight`], [`AccountActors::is_held_back`]).
+    pub fn busy_jobs(&self, job_ids: &[i64]) -> HashSet<i64> {
+        job_ids.iter().copied().filter(|id| self.is_in_flight(*id) || self.is_held_back(*id)).collect()
     }
 
     /// Wake the account's actor (coalesced), spawning it if there is none.
@@ -956,7 +1107,7 @@ impl AccountActors {
                 return true;
             }
             map.insert(account.clone(), Entry { actor: actor.clone(), partition, wake_flag });
-            metrics::gauge!("warden_active_actors").set(map.len() as f64);
+            self.live_changed(map.len());
         }
         self.spawned.fetch_add(1, Ordering::Relaxed);
         let _ = actor.send_message(AccountMsg::Wake);
@@ -969,7 +1120,7 @@ impl AccountActors {
                 if map.get(&account).is_some_and(|e| e.actor.get_id() == id) {
                     map.remove(&account);
                 }
-                metrics::gauge!("warden_active_actors").set(map.len() as f64);
+                me.live_changed(map.len());
                 !map.values().any(|e| e.partition == partition)
             };
             // The last actor of a partition being handed off is gone: release it now.
@@ -986,22 +1137,22 @@ impl AccountActors {
     }
 
     /// Keep the orphan scan away from a job whose outcome could not be recorded, for
-    /// 1 s, 2 s, 4 s, … up to 5 min on repeated failures: it is retried (and its
-    /// attempts counted on adoption) without becoming a hot loop.
+    /// 2 s, 4 s, 8 s, … up to 5 min on repeated failures ([`HOLD_BACK`]): it is
+    /// retried (and its attempts counted on adoption) without becoming a hot loop.
     fn hold_back(&self, job_id: i64) {
         let now = tokio::time::Instant::now();
         let mut held = self.held_back.lock().unwrap();
-        if held.len() >= 10_000 {
-            held.retain(|_, (until, _)| *until > now);
+        if held.len() >= MAX_HELD_BACK {
+            held.retain(|_, h| h.until > now);
         }
-        let strikes = held.get(&job_id).map_or(0, |(_, n)| *n) + 1;
-        let delay = Duration::from_secs(1 << strikes.min(9)).min(Duration::from_secs(300));
-        held.insert(job_id, (now + delay, strikes));
+        let strikes = held.get(&job_id).map_or(0, |h| h.strikes) + 1;
+        let until = now + HOLD_BACK.without_jitter(strikes.min(64) as i32);
+        held.insert(job_id, HeldBack { until, strikes });
     }
 
     /// Is this job held back from adoption for now (see `hold_back`)?
     pub fn is_held_back(&self, job_id: i64) -> bool {
-        self.held_back.lock().unwrap().get(&job_id).is_some_and(|(until, _)| *until > tokio::time::Instant::now())
+        self.held_back.lock().unwrap().get(&job_id).is_some_and(|h| h.until > tokio::time::Instant::now())
     }
 
     /// Is there a live actor for this account here?
@@ -1040,7 +1191,7 @@ impl AccountActors {
         }
         if map.get(account).is_some_and(|e| e.actor.get_id() == id) {
             map.remove(account);
-            metrics::gauge!("warden_active_actors").set(map.len() as f64);
+            self.live_changed(map.len());
         }
         true
     }

@@ -58,12 +58,27 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// Doubling from `base` up to `max`, without jitter: the shape of the runtime's own
+    /// retries of failed statements and reconnects (see their named constants).
+    pub const fn doubling(base: Duration, max: Duration) -> Self {
+        Self { base, max, jitter: 0.0 }
+    }
+
     /// Delay before retrying after failed attempt number `attempt` (1-based).
     pub fn delay(&self, attempt: i32, rng: &mut fastrand::Rng) -> Duration {
+        self.delay_with_draw(attempt, rng.f64())
+    }
+
+    /// [`Backoff::delay`] with the jitter's uniform draw in `[0, 1)` given (pure).
+    pub fn delay_with_draw(&self, attempt: i32, draw: f64) -> Duration {
+        let factor = 1.0 + self.jitter * (draw * 2.0 - 1.0);
+        self.without_jitter(attempt).mul_f64(factor.max(0.0))
+    }
+
+    /// `base · 2^(attempt−1)`, capped at `max` (attempt 1-based; the jitter ignored).
+    pub fn without_jitter(&self, attempt: i32) -> Duration {
         let exp = (attempt.max(1) - 1).min(32) as u32;
-        let raw = self.base.saturating_mul(1u32.checked_shl(exp).unwrap_or(u32::MAX)).min(self.max);
-        let factor = 1.0 + self.jitter * (rng.f64() * 2.0 - 1.0);
-        raw.mul_f64(factor.max(0.0))
+        self.base.saturating_mul(1u32.checked_shl(exp).unwrap_or(u32::MAX)).min(self.max)
     }
 }
 

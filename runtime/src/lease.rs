@@ -25,6 +25,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Shortest lease TTL accepted.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+
 /// Lease timing. `renew_interval` < `ttl − safety_margin` so that a single slow
 /// renewal does not fence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +52,7 @@ impl Default for LeaseConfig {
 
 impl LeaseConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.ttl < Duration::from_millis(300) {
+        if self.ttl < MIN_LEASE_TTL {
             return Err(format!("lease_ttl must be at least 300ms, got {:?}", self.ttl));
         }
         if self.safety_margin.is_zero() || self.safety_margin >= self.ttl {
@@ -92,6 +95,8 @@ pub struct LeaseTable {
     held: Mutex<HashMap<u32, Held>>,
     /// Origin of every [`LeaseValidity`] deadline.
     base: Instant,
+    /// How many leases are held, for those waiting until none is.
+    count: watch::Sender<usize>,
 }
 
 /// A usable lease: the fence to write under, the token that fires when the keeper
@@ -148,7 +153,7 @@ impl LeaseValidity {
 
 impl LeaseTable {
     pub fn new(owner: Arc<str>) -> Self {
-        Self { owner, held: Mutex::new(HashMap::new()), base: Instant::now() }
+        Self { owner, held: Mutex::new(HashMap::new()), base: Instant::now(), count: watch::channel(0).0 }
     }
 
     pub fn owner(&self) -> &Arc<str> {
@@ -186,6 +191,7 @@ impl LeaseTable {
                 old.token.cancel();
             }
         }
+        self.count.send_replace(held.len());
     }
 
     /// Extend the validity of renewed partitions.
@@ -226,9 +232,20 @@ impl LeaseTable {
         self.len() == 0
     }
 
+    /// Wait until no lease is held, or `deadline`; true if none is.
+    pub async fn wait_until_empty(&self, deadline: Instant) -> bool {
+        let mut count = self.count.subscribe();
+        tokio::time::timeout_at(deadline, count.wait_for(|n| *n == 0)).await.is_ok() || self.is_empty()
+    }
+
     /// Stop acting on `partition`: forget it and abort everything running under it.
     pub fn fence(&self, partition: u32) -> Option<GrantedLease> {
-        let h = self.held.lock().unwrap().remove(&partition)?;
+        let h = {
+            let mut held = self.held.lock().unwrap();
+            let h = held.remove(&partition)?;
+            self.count.send_replace(held.len());
+            h
+        };
         h.validity.close();
         h.token.cancel();
         Some(GrantedLease { partition, epoch: h.epoch })
@@ -257,6 +274,10 @@ impl LeaseTable {
         self.held.lock().unwrap().values().map(|h| h.valid_until).min()
     }
 }
+
+/// After a renewal that failed (not one that timed out), try again this soon (or at
+/// the renew interval, if shorter): the window is still open, and every try counts.
+pub const RENEW_RETRY: Duration = Duration::from_millis(250);
 
 /// Told which partitions were just fenced (to stop their actors).
 pub type OnFence = Arc<dyn Fn(&[u32]) + Send + Sync>;
@@ -328,7 +349,7 @@ pub async fn keep_leases(
                 Ok(Err(e)) => {
                     metrics::counter!("warden_lease_renewals_total", "result" => "error").increment(1);
                     tracing::warn!(error = %e, "lease renewal failed; retrying");
-                    next_renew = Instant::now() + config.renew_interval.min(Duration::from_millis(250));
+                    next_renew = Instant::now() + config.renew_interval.min(RENEW_RETRY);
                 }
                 Err(_) => {
                     metrics::counter!("warden_lease_renewals_total", "result" => "timeout").increment(1);

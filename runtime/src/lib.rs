@@ -19,9 +19,16 @@
 //! - [`client`] — enqueue (also inside the caller's transaction), get, cancel, retry.
 //! - [`lease`] — the node's lease table and the keeper that renews and self-fences.
 //! - [`account_actor`] — one ractor actor per active account; attempt execution.
-//! - [`enforcer`] — `tick + run_once()`: leases ↔ placement, actors for due work.
+//! - [`attempt`] — the attempt's outcome decided, pure: how a handler's run ended →
+//!   the finish to record (retry, discard, interruption, …).
+//! - [`hooks`] — in-process hooks on attempt start and finish, for embedders.
+//! - [`enforcer`] — `tick + run_once()`: leases ↔ placement, actors for due work; its
+//!   plan is pure ([`enforcer::plan_leases`]).
 //! - [`wakeup`] — LISTEN/NOTIFY routing with rescan after reconnect.
 //! - [`node`] — configuration, builder, lifecycle and graceful shutdown.
+//! - [`ownership_diff`] — the ownership stream's diffs, pure: the lease owners and
+//!   member states a watcher saw vs now → the changes to send (the `warden` crate's
+//!   gRPC API turns them into events).
 //! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
 //!   node at a time).
 //! - [`history`] — the checker of the serial guarantee over the attempts table
@@ -39,14 +46,17 @@
 //! types; `warden-cli` (`runtime/cli`) the `warden` command.
 
 pub mod account_actor;
+pub mod attempt;
 pub mod client;
 pub mod enforcer;
 pub mod error;
 pub mod handler;
 pub mod history;
+pub mod hooks;
 pub mod job;
 pub mod lease;
 pub mod node;
+pub mod ownership_diff;
 pub mod retention;
 pub mod schema;
 pub mod store;
@@ -57,6 +67,7 @@ pub use async_trait::async_trait;
 pub use client::Client;
 pub use error::{Error, Result};
 pub use handler::{Backoff, FencingToken, Handler, HandlerError, HandlerResult, JobContext, JobOptions, Outcome};
+pub use hooks::{AttemptInfo, AttemptOutcome};
 pub use job::{CancelResult, Enqueued, JobRow, JobState, Lane, NewJob};
 pub use node::{shutdown_signal, ClusterOptions, Node, NodeBuilder, NodeConfig};
 pub use sqlx;

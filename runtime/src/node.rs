@@ -18,6 +18,7 @@ use crate::client::Client;
 use crate::enforcer::{self, EnforceReport, Enforcer};
 use crate::error::{Error, Result};
 use crate::handler::{Handler, Registry};
+use crate::hooks::{AttemptInfo, AttemptOutcome, Hooks};
 use crate::lease::{self, LeaseConfig, LeaseTable};
 use crate::retention::{self, Pruner, RetentionConfig};
 use crate::store::{self, AdminStore, PgAdminStore, PgStore, Store};
@@ -29,6 +30,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warden_cluster::ring::RingConfig;
 use warden_cluster::{MemberState, Membership, PartitionCount, Placement, RingPlacement, SingleNode};
+
+/// Connections of the control plane's pool (lease renewal, enforcer, listener): the
+/// listener keeps one for itself, the rest are shared (3 in all timed out after cuts
+/// and restarts).
+pub const CONTROL_POOL_CONNECTIONS: u32 = 5;
+
+/// Shortest `enforcer_interval` accepted.
+pub const MIN_ENFORCER_INTERVAL: Duration = Duration::from_millis(10);
+
+/// What a graceful leave allows for the handoff's release and NOTIFY (see
+/// [`Node::shutdown_budget`]).
+pub const HANDOFF_RELEASE_BUDGET: Duration = Duration::from_secs(1);
+
+/// The longest a joining node waits for its executor pool to open every connection.
+pub const WARM_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a node is configured with. `Default` is a sane single-node setup.
 #[derive(Debug, Clone)]
@@ -55,7 +71,7 @@ impl Default for NodeConfig {
             lease: LeaseConfig::default(),
             exec: ExecConfig::default(),
             enforcer_interval: Duration::from_secs(1),
-            due_scan_limit: 10_000,
+            due_scan_limit: enforcer::DUE_SCAN_LIMIT,
             retention: RetentionConfig::default(),
         }
     }
@@ -69,11 +85,14 @@ impl NodeConfig {
         }
         self.lease.validate().map_err(Error::Config)?;
         self.retention.validate().map_err(Error::Config)?;
-        if self.enforcer_interval < Duration::from_millis(10) {
+        if self.enforcer_interval < MIN_ENFORCER_INTERVAL {
             return Err(Error::Config("enforcer_interval must be at least 10ms".into()));
         }
         if self.exec.max_actors == 0 || self.due_scan_limit <= 0 {
             return Err(Error::Config("max_actors and due_scan_limit must be positive".into()));
+        }
+        if self.exec.max_concurrent_attempts == Some(0) {
+            return Err(Error::Config("max_concurrent_attempts must be positive (or unset)".into()));
         }
         if self.exec.idle_timeout.is_zero() || self.exec.cancel_poll_interval.is_zero() {
             return Err(Error::Config("idle_timeout and cancel_poll_interval must be positive".into()));
@@ -102,14 +121,21 @@ impl Default for ClusterOptions {
     }
 }
 
+/// A cluster member's wiring: its membership and how it turns into ownership.
+struct ClusterWiring {
+    membership: Arc<dyn Membership>,
+    options: ClusterOptions,
+}
+
 /// Builds a node: configuration, handlers, placement.
 pub struct NodeBuilder {
     config: NodeConfig,
     registry: Registry,
     placement: Arc<dyn Placement>,
-    cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
+    cluster: Option<ClusterWiring>,
     store_layer: Option<StoreLayer>,
     client_pool: Option<PgPool>,
+    hooks: Hooks,
 }
 
 /// Connections of the node's enqueue pool ([`Node::client`]) when the builder is not
@@ -129,6 +155,7 @@ impl NodeBuilder {
             cluster: None,
             store_layer: None,
             client_pool: None,
+            hooks: Hooks::default(),
         }
     }
 
@@ -142,7 +169,7 @@ impl NodeBuilder {
     /// Run as a cluster member: partitions are placed on the ring of active members
     /// seen through `membership`. The membership's node id must equal `node_id`.
     pub fn cluster(mut self, membership: Arc<dyn Membership>, options: ClusterOptions) -> Self {
-        self.cluster = Some((membership, options));
+        self.cluster = Some(ClusterWiring { membership, options });
         self
     }
 
@@ -150,6 +177,23 @@ impl NodeBuilder {
     pub fn register<H: Handler>(mut self, handler: H) -> Result<Self> {
         self.registry.register(handler)?;
         Ok(self)
+    }
+
+    /// Call `hook` right before every handler runs (see [`crate::hooks`]): cheap, on
+    /// the attempt's task; a panic in it is caught and logged.
+    pub fn on_attempt_start(mut self, hook: impl Fn(&AttemptInfo) + Send + Sync + 'static) -> Self {
+        self.hooks.add_start(Arc::new(hook));
+        self
+    }
+
+    /// Call `hook` once for every attempt whose handler ran, after its outcome is
+    /// recorded, with how long the handler ran (see [`crate::hooks`]).
+    pub fn on_attempt_finish(
+        mut self,
+        hook: impl Fn(&AttemptInfo, &AttemptOutcome, Duration) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.add_finish(Arc::new(hook));
+        self
     }
 
     /// Wrap the store the account actors use (claims, finishes, unclaims, cancel
@@ -171,7 +215,7 @@ impl NodeBuilder {
     pub async fn start(self, pool: PgPool) -> Result<Node> {
         let config = self.config;
         config.validate()?;
-        if let Some((m, _)) = &self.cluster {
+        if let Some(ClusterWiring { membership: m, .. }) = &self.cluster {
             if m.node_id() != config.node_id {
                 return Err(Error::Config(format!(
                     "membership node id {:?} differs from node_id {:?}",
@@ -196,7 +240,7 @@ impl NodeBuilder {
         // The listener keeps one of these connections for itself; renewals, heartbeats
         // and the enforcer share the rest (3 in all timed out after cuts and restarts).
         let control_pool = PgPoolOptions::new()
-            .max_connections(5)
+            .max_connections(CONTROL_POOL_CONNECTIONS)
             .acquire_timeout(config.lease.valid_for())
             .test_before_acquire(false)
             .connect_lazy_with((*pool.connect_options()).clone());
@@ -216,6 +260,8 @@ impl NodeBuilder {
             node_id: config.node_id.as_str().into(),
             poke_enforcer: poke.clone(),
             lease_ttl: config.lease.ttl,
+            hooks: self.hooks,
+            slots: Shared::slots_for(&config.exec),
         });
         let actors = AccountActors::new(shared);
         let shutdown = CancellationToken::new();
@@ -228,9 +274,9 @@ impl NodeBuilder {
             node_id: config.node_id.clone(),
             started_at: chrono::Utc::now(),
             schema: crate::schema::binary_version(),
-            ring: self.cluster.as_ref().map(|(_, o)| o.ring.fingerprint()).unwrap_or_else(|| "single".into()),
+            ring: self.cluster.as_ref().map(|c| c.options.ring.fingerprint()).unwrap_or_else(|| "single".into()),
         };
-        if let Some((membership, options)) = &self.cluster {
+        if let Some(ClusterWiring { membership, options }) = &self.cluster {
             membership.set_versions(&options.ring.fingerprint(), crate::schema::binary_version()).await;
             let rp = RingPlacement::new(config.node_id.clone());
             tracker.spawn(warden_cluster::placement::run_ring(
@@ -357,7 +403,7 @@ struct NodeInner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     stopped: tokio::sync::Mutex<bool>,
-    cluster: Option<(Arc<dyn Membership>, ClusterOptions)>,
+    cluster: Option<ClusterWiring>,
     ring: Option<Arc<RingPlacement>>,
 }
 
@@ -414,7 +460,7 @@ impl Node {
 
     /// The membership seam (cluster mode only).
     pub fn membership(&self) -> Option<&Arc<dyn Membership>> {
-        self.inner.cluster.as_ref().map(|(m, _)| m)
+        self.inner.cluster.as_ref().map(|c| &c.membership)
     }
 
     /// Partitions this node holds (usable or draining), with epochs.
@@ -452,7 +498,7 @@ impl Node {
     pub fn shutdown_budget(&self) -> Duration {
         let drain = self.inner.config.exec.drain_timeout;
         match &self.inner.cluster {
-            Some((_, options)) => options.settle_delay * 2 + drain + Duration::from_secs(1),
+            Some(c) => c.options.settle_delay * 2 + drain + HANDOFF_RELEASE_BUDGET,
             None => drain,
         }
     }
@@ -482,7 +528,7 @@ impl Node {
         *stopped = true;
         let drain = self.inner.config.exec.drain_timeout;
         let deadline = tokio::time::Instant::now() + self.shutdown_budget();
-        if let Some((membership, _)) = &self.inner.cluster {
+        if let Some(ClusterWiring { membership, .. }) = &self.inner.cluster {
             // Graceful leave: announce it (peers drop us from the ring at once), let the
             // ring move our partitions away through the normal handoff (drain → release
             // → NOTIFY). What is still held when only a drain's worth of the budget is
@@ -490,9 +536,7 @@ impl Node {
             tracing::info!(node = %self.inner.owner, "leaving: handing off every partition");
             membership.set_state(MemberState::Leaving).await;
             let leave_by = deadline.checked_sub(drain).unwrap_or(deadline);
-            while !self.inner.leases.is_empty() && tokio::time::Instant::now() < leave_by {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            self.inner.leases.wait_until_empty(leave_by).await;
         }
         tracing::info!(node = %self.inner.owner, "shutting down: draining and releasing");
         self.inner.shutdown.cancel();
@@ -500,7 +544,7 @@ impl Node {
         let released = self.inner.enforcer.release_all(left).await;
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
-        if let Some((membership, _)) = &self.inner.cluster {
+        if let Some(ClusterWiring { membership, .. }) = &self.inner.cluster {
             membership.shutdown().await;
         }
         released.map(|_| ())
@@ -541,9 +585,9 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Open every executor connection now (bounded by 5 s), so the first jobs after a
-/// join do not pay for connection set-up. Failures are only logged: the pool
-/// connects lazily anyway.
+/// Open every executor connection now (bounded by [`WARM_UP_TIMEOUT`]), so the first
+/// jobs after a join do not pay for connection set-up. Failures are only logged: the
+/// pool connects lazily anyway.
 async fn warm_up(pool: &PgPool) {
     let n = pool.options().get_max_connections();
     let mut opening = tokio::task::JoinSet::new();
@@ -560,7 +604,7 @@ async fn warm_up(pool: &PgPool) {
             }
         }
     };
-    match tokio::time::timeout(Duration::from_secs(5), collect).await {
+    match tokio::time::timeout(WARM_UP_TIMEOUT, collect).await {
         Ok(()) => tracing::debug!(connections = open.len(), "executor pool warmed up"),
         Err(_) => tracing::warn!(connections = open.len(), "executor pool warm-up timed out; joining anyway"),
     }

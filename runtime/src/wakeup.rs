@@ -31,8 +31,15 @@ pub const MAX_PENDING_WAKES: usize = 4096;
 /// The bounded, deduplicated queue between the listener and the task that wakes actors.
 #[derive(Default)]
 struct WakeQueue {
-    inner: Mutex<(VecDeque<(u32, String)>, HashSet<(u32, String)>)>,
+    inner: Mutex<PendingWakes>,
     ready: Notify,
+}
+
+/// Queued (partition, account) wake-ups, in order and as a set.
+#[derive(Default)]
+struct PendingWakes {
+    order: VecDeque<(u32, String)>,
+    queued: HashSet<(u32, String)>,
 }
 
 impl WakeQueue {
@@ -40,14 +47,14 @@ impl WakeQueue {
     fn push(&self, partition: u32, account: &str) -> bool {
         let mut q = self.inner.lock().unwrap();
         let key = (partition, account.to_string());
-        if q.1.contains(&key) {
+        if q.queued.contains(&key) {
             return true;
         }
-        if q.0.len() >= MAX_PENDING_WAKES {
+        if q.order.len() >= MAX_PENDING_WAKES {
             return false;
         }
-        q.1.insert(key.clone());
-        q.0.push_back(key);
+        q.queued.insert(key.clone());
+        q.order.push_back(key);
         drop(q);
         self.ready.notify_one();
         true
@@ -55,8 +62,8 @@ impl WakeQueue {
 
     fn pop(&self) -> Option<(u32, String)> {
         let mut q = self.inner.lock().unwrap();
-        let key = q.0.pop_front()?;
-        q.1.remove(&key);
+        let key = q.order.pop_front()?;
+        q.queued.remove(&key);
         Some(key)
     }
 }
@@ -92,8 +99,12 @@ pub fn parse(channel: &str, payload: &str, partitions: PartitionCount) -> Option
         _ => None,
     }
 }
+use crate::handler::Backoff;
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// Reconnects of the listener after failures in a row: 100 ms doubling to 2 s.
+const RECONNECT: Backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(2));
 use tokio_util::sync::CancellationToken;
 
 pub async fn listen(
@@ -107,21 +118,21 @@ pub async fn listen(
     let queue = Arc::new(WakeQueue::default());
     let waker = tokio::spawn(wake_actors(queue.clone(), leases.clone(), actors.clone(), shutdown.clone()));
     let partitions = actors.partitions();
-    let mut backoff = Duration::from_millis(100);
+    let mut failures = 0;
     loop {
         let mut listener = match connect(&pool).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "wake-up listener could not connect; retrying");
+                failures = (failures + 1).min(64);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(RECONNECT.without_jitter(failures)) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        failures = 0;
         // Anything sent while we were not listening is lost: rescan everything.
         rescan.notify_one();
         loop {

@@ -19,6 +19,7 @@ use chrono::Utc;
 use warden_proto::convert::{attempt as attempt_pb, job as job_pb, new_job, status, unix_ms as ms};
 use warden_runtime::job::CancelResult;
 use warden_runtime::node::Node;
+use warden_runtime::ownership_diff::{Holder, MemberChange, OwnershipChange};
 use warden_runtime::store::{self, AdminStore, PgAdminStore};
 use warden_runtime::Error;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -472,67 +473,37 @@ fn event(kind: &str) -> pb::OwnershipEvent {
     pb::OwnershipEvent { at_unix_ms: Utc::now().timestamp_millis(), kind: kind.into(), ..Default::default() }
 }
 
-/// Held partitions: partition → (owner node id, epoch), unexpired leases only.
-pub type Owners = BTreeMap<u32, (String, i64)>;
+/// Held partitions, unexpired leases only.
+pub use crate::ownership_diff::Owners;
 
-/// The ownership events that turn `old` into `new` (pure).
+/// The ownership events that turn `old` into `new` (see [`crate::ownership_diff`]).
 pub fn ownership_events(old: &Owners, new: &Owners) -> Vec<pb::OwnershipEvent> {
-    let mut out = Vec::new();
-    for (p, (owner, epoch)) in new {
-        match old.get(p) {
-            None => out.push(pb::OwnershipEvent {
-                partition: *p,
-                to_owner: owner.clone(),
-                epoch: *epoch,
-                ..event("acquired")
-            }),
-            Some((old_owner, _)) if old_owner != owner => out.push(pb::OwnershipEvent {
-                partition: *p,
-                from_owner: old_owner.clone(),
-                to_owner: owner.clone(),
-                epoch: *epoch,
-                ..event("moved")
-            }),
-            Some((_, old_epoch)) if old_epoch != epoch => out.push(pb::OwnershipEvent {
-                partition: *p,
-                to_owner: owner.clone(),
-                epoch: *epoch,
-                ..event("acquired")
-            }),
-            _ => {}
-        }
-    }
-    for (p, (owner, epoch)) in old {
-        if !new.contains_key(p) {
-            out.push(pb::OwnershipEvent {
-                partition: *p,
-                from_owner: owner.clone(),
-                epoch: *epoch,
-                ..event("released")
-            });
-        }
-    }
-    out
+    crate::ownership_diff::ownership_changes(old, new)
+        .into_iter()
+        .map(|c| match c {
+            OwnershipChange::Acquired { partition, to, epoch } => {
+                pb::OwnershipEvent { partition, to_owner: to, epoch, ..event("acquired") }
+            }
+            OwnershipChange::Moved { partition, from, to, epoch } => {
+                pb::OwnershipEvent { partition, from_owner: from, to_owner: to, epoch, ..event("moved") }
+            }
+            OwnershipChange::Released { partition, from, epoch } => {
+                pb::OwnershipEvent { partition, from_owner: from, epoch, ..event("released") }
+            }
+        })
+        .collect()
 }
 
-/// The member events that turn `old` into `new` (node id → state; pure).
+/// The member events that turn `old` into `new` (node id → state; see [`crate::ownership_diff`]).
 pub fn member_events(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<pb::OwnershipEvent> {
-    let mut out = Vec::new();
-    for (id, st) in new {
-        match old.get(id) {
-            None => out.push(pb::OwnershipEvent { node_id: id.clone(), state: st.clone(), ..event("member_joined") }),
-            Some(o) if o != st => {
-                out.push(pb::OwnershipEvent { node_id: id.clone(), state: st.clone(), ..event("member_state") })
-            }
-            _ => {}
-        }
-    }
-    for id in old.keys() {
-        if !new.contains_key(id) {
-            out.push(pb::OwnershipEvent { node_id: id.clone(), ..event("member_left") });
-        }
-    }
-    out
+    crate::ownership_diff::member_changes(old, new)
+        .into_iter()
+        .map(|c| match c {
+            MemberChange::Joined { node_id, state } => pb::OwnershipEvent { node_id, state, ..event("member_joined") },
+            MemberChange::State { node_id, state } => pb::OwnershipEvent { node_id, state, ..event("member_state") },
+            MemberChange::Left { node_id } => pb::OwnershipEvent { node_id, ..event("member_left") },
+        })
+        .collect()
 }
 
 /// One lease poller for every ownership stream of a node. It runs only while at least
@@ -598,7 +569,8 @@ impl OwnershipHub {
                         .filter_map(|l| {
                             let owner = l.owner_node?;
                             (l.lease_expires_at? > now).then(|| {
-                                (l.partition as u32, (owner.split('/').next().unwrap_or_default().to_string(), l.epoch))
+                                let node_id = owner.split('/').next().unwrap_or_default().to_string();
+                                (l.partition as u32, Holder { node_id, epoch: l.epoch })
                             })
                         })
                         .collect();
@@ -921,7 +893,7 @@ mod tests {
     use super::*;
 
     fn owners(v: &[(u32, &str, i64)]) -> Owners {
-        v.iter().map(|(p, o, e)| (*p, (o.to_string(), *e))).collect()
+        v.iter().map(|(p, o, e)| (*p, Holder { node_id: o.to_string(), epoch: *e })).collect()
     }
 
     fn kinds(events: &[pb::OwnershipEvent]) -> Vec<(String, u32)> {
