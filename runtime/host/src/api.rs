@@ -47,6 +47,17 @@ const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// How long a new ownership stream waits for the shared poller's first lease read.
 const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+/// Default period of the one lease poll feeding every ownership stream.
+pub const DEFAULT_WATCH_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Shortest accepted watch poll period.
+pub const MIN_WATCH_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Idle API database connections are closed after this long.
+const API_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 keepalive: a ping this often, and a connection whose ping is not answered in
+/// [`HTTP2_KEEPALIVE_TIMEOUT`] is closed (a vanished client's watch streams give their
+/// slots back within ~40 s).
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Rate-limit tokens a call that reads many rows costs (an ordinary call costs 1).
 pub const HEAVY_CALL_COST: f64 = 10.0;
@@ -93,7 +104,7 @@ impl Default for ApiLimits {
             max_calls_per_second: 200,
             admission_wait: Duration::from_millis(100),
             max_watch_streams: 64,
-            watch_poll_interval: Duration::from_millis(200),
+            watch_poll_interval: DEFAULT_WATCH_POLL_INTERVAL,
             stats_partition_cap: store::DEFAULT_PARTITION_COUNT_CAP,
         }
     }
@@ -107,7 +118,7 @@ impl ApiLimits {
         if self.statement_timeout < Duration::from_millis(1) || self.acquire_timeout.is_zero() {
             return Err("API statement_timeout and acquire_timeout must be positive".into());
         }
-        if self.watch_poll_interval < Duration::from_millis(10) {
+        if self.watch_poll_interval < MIN_WATCH_POLL_INTERVAL {
             return Err("API watch_poll_interval must be at least 10ms".into());
         }
         if self.stats_partition_cap <= 0 {
@@ -179,7 +190,7 @@ impl Api {
             .min_connections(0)
             .acquire_timeout(limits.acquire_timeout)
             .test_before_acquire(false)
-            .idle_timeout(Some(Duration::from_secs(60)))
+            .idle_timeout(Some(API_POOL_IDLE_TIMEOUT))
             .connect_lazy_with(options);
         let client = node.client().on_pool(pool.clone());
         let ownership = OwnershipHub::new(pool.clone(), limits.watch_poll_interval);
@@ -876,8 +887,8 @@ pub async fn serve_api(
         .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // A vanished client's watch streams give their slots back within ~40 s.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .timeout(REQUEST_TIMEOUT)
         .add_service(cluster)
         .add_service(jobs)

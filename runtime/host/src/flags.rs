@@ -53,6 +53,10 @@ pub struct HostFlags {
     /// Account actor idle timeout in milliseconds.
     #[arg(long, env = "WARDEN_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
     pub idle_timeout_ms: u64,
+    /// Handlers running at once on this node, over all accounts (default: no cap
+    /// beyond the executor pool). Jobs past it wait for a slot, claimed.
+    #[arg(long, env = "WARDEN_MAX_CONCURRENT_ATTEMPTS")]
+    pub max_concurrent_attempts: Option<usize>,
     /// Max database connections of the executor pool.
     #[arg(long, env = "WARDEN_MAX_CONNECTIONS", default_value_t = 16)]
     pub max_connections: u32,
@@ -147,6 +151,7 @@ impl HostFlags {
             exec: ExecConfig {
                 idle_timeout: Duration::from_millis(self.idle_timeout_ms),
                 drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+                max_concurrent_attempts: self.max_concurrent_attempts,
                 ..Default::default()
             },
             enforcer_interval: Duration::from_millis(self.enforcer_interval_ms),
@@ -307,6 +312,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--gossip-secret-file"), "{e}");
+        let e = format!("{:#}", parse(&["--max-concurrent-attempts", "0"]).unwrap_err());
+        assert!(e.contains("max_concurrent_attempts"), "{e}");
         let e = parse(&["--max-connections", "1"]).unwrap_err().to_string();
         assert!(e.contains("--max-connections"), "{e}");
         let e = format!("{:#}", parse(&["--lease-ttl-ms", "10"]).unwrap_err());
