@@ -501,3 +501,12 @@ async fn schema_reset_never_drops_a_lease_acquired_while_it_checks() {
         "reset dropped the schema under a lease acquired while it checked: {outcome:?}, schema left: {schema_left}"
     );
 }
+
+/// `wait_finished` with "no limit" (`Duration::MAX`) waits; it must not panic
+/// computing its deadline (`Instant + Duration::MAX` overflows).
+#[tokio::test]
+async fn wait_finished_accepts_an_unbounded_timeout() {
+    let (_db, _store, client) = setup(4).await;
+    let r = tokio::spawn(async move { client.wait_finished(&[424242], Duration::MAX).await }).await;
+    assert!(matches!(r, Ok(Err(Error::JobNotFound(424242)))), "{r:?}");
+}
