@@ -467,3 +467,46 @@ async fn renewal_is_not_blocked_by_fenced_work_but_takeover_is() {
     assert_eq!(granted.len(), 1);
     assert_eq!(granted[0].epoch, f.epoch + 1);
 }
+
+/// `schema::reset` refuses while a lease is held. A lease taken while the reset
+/// runs — after it counted the live leases, before its DROP — must not be dropped
+/// from under its node: the check and the drop have to be one atomic step.
+/// (Found in review: the count ran in autocommit, so an acquisition in flight was
+/// invisible to it, and the DROP then waited for that acquisition's commit and
+/// dropped the schema under a node that had just started executing.)
+#[tokio::test]
+async fn schema_reset_never_drops_a_lease_acquired_while_it_checks() {
+    let (db, _store, _client) = setup(4).await;
+    // A node acquiring a lease: its transaction has written the lease, not yet committed.
+    let mut node = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE warden.leases SET owner_node = 'node-a', epoch = epoch + 1,
+                lease_expires_at = now() + interval '1 hour' WHERE partition = 0",
+    )
+    .execute(&mut *node)
+    .await
+    .unwrap();
+    let pool = db.pool.clone();
+    let reset = tokio::spawn(async move { warden_runtime::schema::reset(&pool, false).await });
+    // Let the reset reach its check (and block behind the acquisition), then commit it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.commit().await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), reset).await.unwrap().unwrap();
+    let schema_left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'warden')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, Err(Error::Conflict(_))) && schema_left,
+        "reset dropped the schema under a lease acquired while it checked: {outcome:?}, schema left: {schema_left}"
+    );
+}
+
+/// `wait_finished` with "no limit" (`Duration::MAX`) waits; it must not panic
+/// computing its deadline (`Instant + Duration::MAX` overflows).
+#[tokio::test]
+async fn wait_finished_accepts_an_unbounded_timeout() {
+    let (_db, _store, client) = setup(4).await;
+    let r = tokio::spawn(async move { client.wait_finished(&[424242], Duration::MAX).await }).await;
+    assert!(matches!(r, Ok(Err(Error::JobNotFound(424242)))), "{r:?}");
+}

@@ -121,7 +121,9 @@ impl Client {
                 job_ids.len()
             )));
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        // `Duration::MAX` (no limit) would overflow the deadline: cap it at a century.
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let mut poll = WAIT_POLL_MIN;
         loop {
             let rows = self.store.get_jobs(job_ids).await?;

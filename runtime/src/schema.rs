@@ -338,20 +338,27 @@ pub async fn reset(pool: &PgPool, force: bool) -> Result<ResetReport> {
     let result = async {
         sqlx::query("SET statement_timeout = 0").execute(&mut conn).await?;
         sqlx::query("SELECT pg_advisory_lock($1, 0)").bind(MIGRATION_LOCK_CLASS).execute(&mut conn).await?;
+        // One transaction: the lease check and the drop are one step (a lease taken
+        // in between would otherwise be dropped from under its node), and a failure
+        // part-way leaves everything as it was.
+        let mut tx = conn.begin().await?;
         let exists: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'warden')")
-                .fetch_one(&mut conn)
+                .fetch_one(&mut *tx)
                 .await?;
         let (mut jobs, mut live_leases) = (0i64, 0i64);
         if exists {
             let has = |t: &'static str| {
                 sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL").bind(t)
             };
-            if has("warden.leases").fetch_one(&mut conn).await? {
+            if has("warden.leases").fetch_one(&mut *tx).await? {
+                // Wait for every acquisition in flight, and hold off new ones until
+                // the drop commits (they then find no schema).
+                sqlx::query("LOCK TABLE warden.leases IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await?;
                 live_leases = sqlx::query_scalar(
                     "SELECT count(*) FROM warden.leases WHERE owner_node IS NOT NULL AND lease_expires_at > now()",
                 )
-                .fetch_one(&mut conn)
+                .fetch_one(&mut *tx)
                 .await?;
             }
             if live_leases > 0 && !force {
@@ -360,12 +367,13 @@ pub async fn reset(pool: &PgPool, force: bool) -> Result<ResetReport> {
                      stop every node first (or force the reset)"
                 )));
             }
-            if has("warden.jobs").fetch_one(&mut conn).await? {
-                jobs = sqlx::query_scalar("SELECT count(*) FROM warden.jobs").fetch_one(&mut conn).await?;
+            if has("warden.jobs").fetch_one(&mut *tx).await? {
+                jobs = sqlx::query_scalar("SELECT count(*) FROM warden.jobs").fetch_one(&mut *tx).await?;
             }
-            sqlx::query("DROP SCHEMA warden CASCADE").execute(&mut conn).await?;
+            sqlx::query("DROP SCHEMA warden CASCADE").execute(&mut *tx).await?;
         }
-        let legacy_rows = forget_legacy_history_on(&mut conn).await?;
+        let legacy_rows = forget_legacy_history_on(&mut *tx).await?;
+        tx.commit().await?;
         Ok(ResetReport { jobs, live_leases, legacy_rows })
     }
     .await;

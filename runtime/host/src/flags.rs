@@ -20,7 +20,8 @@ use warden_runtime::{NodeConfig, PartitionCount};
 pub const MIN_GOSSIP_SECRET_CHARS: usize = 16;
 
 /// Every flag of a production node. Defaults are the library's defaults.
-#[derive(Debug, Clone, clap::Args)]
+/// `Debug` shows the database URL's host only and never the API token.
+#[derive(Clone, clap::Args)]
 pub struct HostFlags {
     /// Stable node id (e.g. the pod name).
     #[arg(long, env = "WARDEN_NODE_ID", default_value = "node-1")]
@@ -133,6 +134,47 @@ pub struct HostFlags {
     /// How often the pruner runs, in milliseconds.
     #[arg(long, env = "WARDEN_RETENTION_INTERVAL_MS", default_value_t = 60_000)]
     pub retention_interval_ms: u64,
+}
+
+impl std::fmt::Debug for HostFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostFlags")
+            .field("node_id", &self.node_id)
+            .field("database_url", &crate::host::redacted_url(&self.database_url))
+            .field("database_wait_secs", &self.database_wait_secs)
+            .field("partitions", &self.partitions)
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .field("lease_renew_ms", &self.lease_renew_ms)
+            .field("lease_margin_ms", &self.lease_margin_ms)
+            .field("drain_timeout_ms", &self.drain_timeout_ms)
+            .field("enforcer_interval_ms", &self.enforcer_interval_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("max_connections", &self.max_connections)
+            .field("enqueue_max_connections", &self.enqueue_max_connections)
+            .field("admin_addr", &self.admin_addr)
+            .field("gossip_listen", &self.gossip_listen)
+            .field("gossip_advertise", &self.gossip_advertise)
+            .field("seeds", &self.seeds)
+            .field("gossip_interval_ms", &self.gossip_interval_ms)
+            .field("cluster_id", &self.cluster_id)
+            .field("gossip_secret_file", &self.gossip_secret_file)
+            .field("settle_delay_ms", &self.settle_delay_ms)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("api_token_file", &self.api_token_file)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("api_max_connections", &self.api_max_connections)
+            .field("api_max_in_flight", &self.api_max_in_flight)
+            .field("api_max_calls_per_second", &self.api_max_calls_per_second)
+            .field("api_max_watch_streams", &self.api_max_watch_streams)
+            .field("api_statement_timeout_ms", &self.api_statement_timeout_ms)
+            .field("retention_hours", &self.retention_hours)
+            .field("retention_batch", &self.retention_batch)
+            .field("retention_interval_ms", &self.retention_interval_ms)
+            .finish()
+    }
 }
 
 impl HostFlags {
@@ -296,6 +338,27 @@ mod tests {
         assert_eq!(d.node.exec.drain_timeout, c.node.exec.drain_timeout);
         assert_eq!(d.node.retention.period, c.node.retention.period);
         assert_eq!(d.enqueue_max_connections, c.enqueue_max_connections);
+    }
+
+    #[test]
+    fn debug_output_hides_the_database_password_and_the_api_token() {
+        let flags = Cli::try_parse_from([
+            "node",
+            "--database-url",
+            "postgres://warden:hunter2-db@db.internal:5432/warden",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--api-token",
+            "s3cret-api-token",
+        ])
+        .unwrap()
+        .warden;
+        let shown = format!("{flags:?}");
+        assert!(!shown.contains("hunter2-db"), "database password in HostFlags' Debug: {shown}");
+        assert!(!shown.contains("s3cret-api-token"), "API token in HostFlags' Debug: {shown}");
+        assert!(shown.contains("db.internal"), "{shown}");
+        let shown = format!("{:?}", flags.config().unwrap());
+        assert!(!shown.contains("hunter2-db") && !shown.contains("s3cret-api-token"), "{shown}");
     }
 
     #[test]

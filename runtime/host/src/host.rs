@@ -87,13 +87,20 @@ impl std::fmt::Debug for ApiConfig {
     }
 }
 
+/// A database URL for `Debug` and logs: it may carry a password (in its user
+/// info or its query), so show where, not who.
+pub(crate) fn redacted_url(url: &str) -> String {
+    match url.rsplit_once('@') {
+        Some((_, host)) => format!("postgres://…@{}", host.split('?').next().unwrap_or_default()),
+        None => "<redacted>".to_string(),
+    }
+}
+
 impl std::fmt::Debug for HostConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL may carry a password: show where, not who.
-        let url = self.database_url.rsplit_once('@').map(|(_, host)| format!("postgres://…@{host}"));
         f.debug_struct("HostConfig")
             .field("node", &self.node)
-            .field("database_url", &url.as_deref().unwrap_or("<redacted>"))
+            .field("database_url", &redacted_url(&self.database_url))
             .field("store", &self.store)
             .field("enqueue_max_connections", &self.enqueue_max_connections)
             .field("cluster", &self.cluster)
