@@ -53,8 +53,10 @@ async fn a_host_configured_in_code_serves_admin_and_grpc_and_stops_in_order() {
     assert!(ran_setup.load(std::sync::atomic::Ordering::SeqCst), "set-up ran before the node started");
     let admin = host.admin_addr().unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
-    eventually(Duration::from_secs(10), "ready", || async { (http_get(admin, "/readyz").await.0 == 200).then_some(()) })
-        .await;
+    eventually(Duration::from_secs(10), "ready", || async {
+        (http_get(admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
     // The node's enqueue pool is its own (not the executor's).
     assert_eq!(host.node().client().pool().options().get_max_connections(), 4);
     host.node().client().enqueue_many(&audit_jobs(4, 5, 0)).await.unwrap();

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use warden_cluster::membership::ChannelTransport;
 use warden_cluster::{GossipConfig, GossipMembership};
-use warden_tests::workload::{self, Audit, AuditArgs};
 use warden_runtime::node::ClusterOptions;
 use warden_runtime::{history, NewJob, Node};
+use warden_tests::workload::{self, Audit, AuditArgs};
 use warden_tests::{count_state, eventually, owners, TestDb};
 
 const P: u32 = 32;

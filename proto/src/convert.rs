@@ -127,4 +127,3 @@ pub fn new_job(j: Option<pb::NewJob>) -> Result<NewJob, Status> {
     job.validate().map_err(status)?;
     Ok(job)
 }
-

@@ -342,15 +342,12 @@ pub async fn reset(pool: &PgPool, force: bool) -> Result<ResetReport> {
         // in between would otherwise be dropped from under its node), and a failure
         // part-way leaves everything as it was.
         let mut tx = conn.begin().await?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'warden')")
-                .fetch_one(&mut *tx)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'warden')")
+            .fetch_one(&mut *tx)
+            .await?;
         let (mut jobs, mut live_leases) = (0i64, 0i64);
         if exists {
-            let has = |t: &'static str| {
-                sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL").bind(t)
-            };
+            let has = |t: &'static str| sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL").bind(t);
             if has("warden.leases").fetch_one(&mut *tx).await? {
                 // Wait for every acquisition in flight, and hold off new ones until
                 // the drop commits (they then find no schema).

@@ -119,7 +119,6 @@ impl Handler for Noop {
 // Databases
 // ---------------------------------------------------------------------------
 
-
 /// The URL for display, without its password.
 fn redact(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else {

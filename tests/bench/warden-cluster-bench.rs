@@ -17,9 +17,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use warden_runtime::{Client, NewJob};
 use warden_tests::workload::AuditArgs;
 use warden_tests::{free_udp_port as free_udp, NodeProc, TestDb};
-use warden_runtime::{Client, NewJob};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -204,7 +204,6 @@ async fn failover_run(args: &Args, run: usize) -> anyhow::Result<f64> {
     drop(nodes);
     Ok((resumed_at - killed_at).num_milliseconds() as f64 / 1000.0)
 }
-
 
 struct ScaleOut {
     moved: usize,

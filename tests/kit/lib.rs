@@ -192,7 +192,8 @@ impl NodeProc {
             .args(extra)
             .env(
                 "RUST_LOG",
-                std::env::var("NODE_LOG").unwrap_or_else(|_| "warn,warden=info,warden_runtime=info,warden_cluster=info".into()),
+                std::env::var("NODE_LOG")
+                    .unwrap_or_else(|_| "warn,warden=info,warden_runtime=info,warden_cluster=info".into()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

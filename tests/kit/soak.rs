@@ -1368,8 +1368,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
         checks_started.elapsed().as_millis()
     );
     if report.audit.run_overlaps_db_clock > 0 {
-        report.run_overlap_examples =
-            crate::workload::run_overlap_examples(&pool, 5).await.unwrap_or_default();
+        report.run_overlap_examples = crate::workload::run_overlap_examples(&pool, 5).await.unwrap_or_default();
     }
     for m in h.members.values() {
         if let Some(p) = &m.proc_ {

@@ -5,8 +5,8 @@
 use anyhow::Context;
 use clap::Parser;
 use std::time::{Duration, Instant};
-use warden_examples::billing::{self, Purchase};
 use warden::{history, NewJob, Node, NodeConfig};
+use warden_examples::billing::{self, Purchase};
 
 #[derive(Debug, Parser)]
 #[command(name = "warden-demo", about = "Run a Warden node through a billing workload and check the guarantee")]
@@ -34,9 +34,8 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--accounts and --purchases must be at least 1");
     }
 
-    let pool = warden::store::connect(&args.database_url, &Default::default())
-        .await
-        .context("connecting to the database")?;
+    let pool =
+        warden::store::connect(&args.database_url, &Default::default()).await.context("connecting to the database")?;
     billing::migrate(&pool).await?;
     let faults = billing::Faults::default();
     let node = Node::builder(NodeConfig { node_id: "demo-node".into(), ..Default::default() })

@@ -293,10 +293,7 @@ async fn schema_cmd(database_url: &str, cmd: SchemaCmd, json_out: bool) -> Resul
             }
             let r = warden_runtime::schema::reset(&pool, force).await.map_err(schema_err)?;
             if json_out {
-                println!(
-                    "{}",
-                    json!({"jobs": r.jobs, "live_leases": r.live_leases, "legacy_rows": r.legacy_rows})
-                );
+                println!("{}", json!({"jobs": r.jobs, "live_leases": r.live_leases, "legacy_rows": r.legacy_rows}));
             } else {
                 println!(
                     "dropped Warden's schema ({} jobs, {} live leases); removed {} legacy history rows",

@@ -156,7 +156,6 @@ async fn tls_on_the_grpc_port_works_from_the_cli() {
     node.shutdown().await.unwrap();
 }
 
-
 #[tokio::test]
 async fn the_cli_pages_a_jobs_attempts() {
     let db = TestDb::new().await;

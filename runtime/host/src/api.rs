@@ -16,12 +16,6 @@
 //! partition, attempts and job lists come in pages.
 
 use chrono::Utc;
-use warden_proto::convert::{attempt as attempt_pb, job as job_pb, new_job, status, unix_ms as ms};
-use warden_runtime::job::CancelResult;
-use warden_runtime::node::Node;
-use warden_runtime::ownership_diff::{Holder, MemberChange, OwnershipChange};
-use warden_runtime::store::{self, AdminStore, PgAdminStore};
-use warden_runtime::Error;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -31,6 +25,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use warden_proto::convert::{attempt as attempt_pb, job as job_pb, new_job, status, unix_ms as ms};
+use warden_runtime::job::CancelResult;
+use warden_runtime::node::Node;
+use warden_runtime::ownership_diff::{Holder, MemberChange, OwnershipChange};
+use warden_runtime::store::{self, AdminStore, PgAdminStore};
+use warden_runtime::Error;
 
 pub use warden_proto::pb;
 

@@ -265,7 +265,8 @@ impl HostFlags {
                 }
                 let tls = match (&self.tls_cert, &self.tls_key) {
                     (Some(cert), Some(key)) => Some(crate::api::Tls {
-                        cert_pem: std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?,
+                        cert_pem: std::fs::read(cert)
+                            .with_context(|| format!("reading --tls-cert {}", cert.display()))?,
                         key_pem: std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?,
                     }),
                     _ => None,
@@ -282,7 +283,9 @@ impl HostFlags {
                 Some(ApiConfig { listen, token, tls, limits })
             }
         };
-        if self.grpc_listen.is_none() && (self.api_token.is_some() || self.api_token_file.is_some() || self.tls_cert.is_some()) {
+        if self.grpc_listen.is_none()
+            && (self.api_token.is_some() || self.api_token_file.is_some() || self.tls_cert.is_some())
+        {
             bail!("--api-token/--api-token-file/--tls-cert need --grpc-listen (the gRPC API is off without it)");
         }
         Ok(HostConfig {
@@ -299,8 +302,8 @@ impl HostFlags {
 }
 
 fn read_secret(path: &Path) -> anyhow::Result<String> {
-    let secret = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --gossip-secret-file {}", path.display()))?;
+    let secret =
+        std::fs::read_to_string(path).with_context(|| format!("reading --gossip-secret-file {}", path.display()))?;
     let secret = secret.trim();
     if secret.chars().count() < MIN_GOSSIP_SECRET_CHARS {
         bail!("the gossip secret in {} must be at least {MIN_GOSSIP_SECRET_CHARS} characters", path.display());
@@ -367,9 +370,8 @@ mod tests {
         assert!(e.contains("--partitions"), "{e}");
         let e = parse(&["--api-token", "x"]).unwrap_err().to_string();
         assert!(e.contains("--grpc-listen"), "{e}");
-        let e = parse(&["--grpc-listen", "127.0.0.1:0", "--api-token-file", "/nonexistent/token"])
-            .unwrap_err()
-            .to_string();
+        let e =
+            parse(&["--grpc-listen", "127.0.0.1:0", "--api-token-file", "/nonexistent/token"]).unwrap_err().to_string();
         assert!(e.contains("--api-token-file"), "{e}");
         let e = parse(&["--gossip-listen", "127.0.0.1:0", "--gossip-secret-file", "/nonexistent/s"])
             .unwrap_err()

@@ -213,9 +213,10 @@ impl Host {
             .context("opening the enqueue pool")?;
             builder = builder.client_pool(client_pool);
             if let Some(cluster) = &config.cluster {
-                let membership = GossipMembership::start(cluster.gossip.clone(), &warden_cluster::membership::UdpTransport)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("starting gossip on {}: {e}", cluster.gossip.listen_addr))?;
+                let membership =
+                    GossipMembership::start(cluster.gossip.clone(), &warden_cluster::membership::UdpTransport)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("starting gossip on {}: {e}", cluster.gossip.listen_addr))?;
                 builder = builder.cluster(membership, cluster.options.clone());
             }
             let node = builder.start(pool).await.context("starting the node")?;
