@@ -9,6 +9,15 @@ use warden_tests::{audit_node as node_on, eventually, serve_api_of as serve, Tes
 
 const CLI: &str = env!("CARGO_BIN_EXE_warden");
 
+/// A finished CLI process as (exit code, stdout, stderr).
+fn outcome(out: std::process::Output) -> (i32, String, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 /// Run the CLI binary (async: the server under test runs on this test's runtime).
 async fn cli(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = tokio::process::Command::new(CLI)
@@ -20,11 +29,7 @@ async fn cli(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (i32, Str
         .output()
         .await
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    outcome(out)
 }
 
 #[tokio::test]
@@ -122,12 +127,7 @@ async fn tls_on_the_grpc_port_works_from_the_cli() {
     let server = api::serve_with(listener, node.clone(), Auth::new(Some("t".into())), Some(tls), stop.clone());
     tokio::spawn(async move { server.await.expect("TLS server runs") });
     let run = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new(CLI).args(&args).env_remove("WARDEN_API_TOKEN").output().await.unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        outcome(tokio::process::Command::new(CLI).args(&args).env_remove("WARDEN_API_TOKEN").output().await.unwrap())
     };
     let https = format!("https://127.0.0.1:{port}");
     let ca = ca.to_str().unwrap().to_string();
@@ -193,11 +193,7 @@ async fn schema(url: &str, args: &[&str]) -> (i32, String, String) {
         .output()
         .await
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    outcome(out)
 }
 
 #[tokio::test]

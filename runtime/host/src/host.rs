@@ -225,9 +225,7 @@ impl Host {
         let node = match started.await {
             Ok(node) => node,
             Err(e) => {
-                admin_stop.cancel();
-                tasks.close();
-                tasks.wait().await;
+                stop_started(&tasks, &admin_stop).await;
                 return Err(e);
             }
         };
@@ -240,9 +238,7 @@ impl Host {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = node.shutdown().await;
-                    admin_stop.cancel();
-                    tasks.close();
-                    tasks.wait().await;
+                    stop_started(&tasks, &admin_stop).await;
                     return Err(e).with_context(|| format!("binding the gRPC address {}", api.listen));
                 }
             };
@@ -318,6 +314,13 @@ impl RunningHost {
         tracing::info!("node stopped cleanly");
         Ok(())
     }
+}
+
+/// A failed start stops what it had started (the admin server) and awaits it.
+async fn stop_started(tasks: &TaskTracker, admin_stop: &CancellationToken) {
+    admin_stop.cancel();
+    tasks.close();
+    tasks.wait().await;
 }
 
 async fn stop_within<T>(mut task: tokio::task::JoinHandle<T>, budget: Duration, what: &str) {
