@@ -771,3 +771,44 @@ async fn jobs_waiting_for_an_execution_slot_are_given_back_unrun_on_drain() {
     let outcomes: Vec<String> = c.attempts(busy.id).await.unwrap().into_iter().map(|a| a.outcome).collect();
     assert_eq!(outcomes, ["interrupted"]);
 }
+
+/// The scaling signal: with every slot busy, `saturation()` climbs to 1 and the
+/// readiness of a single node is Ready once it holds every partition; accounts
+/// waiting behind the full slots show as claimed-and-waiting, the rest as runnable.
+#[tokio::test]
+async fn saturation_follows_busy_slots_and_readiness_follows_the_lifecycle() {
+    use warden_runtime::node::NodeReadiness;
+    const CAP: usize = 2;
+    let db = TestDb::new().await;
+    let mut cfg = config();
+    cfg.exec.max_concurrent_attempts = Some(CAP);
+    let gauge = Gauge::default();
+    let node =
+        builder(&db, cfg).await.register(Capped(gauge.clone())).unwrap().start(db.node_pool().await).await.unwrap();
+    assert_eq!(node.readiness(), NodeReadiness::Ready, "a single node holds every partition once started");
+    assert_eq!(node.saturation().slots, CAP);
+    // Idle: nothing busy.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = node.saturation();
+    assert_eq!((idle.busy, idle.saturation), (0, 0.0), "{idle:?}");
+    assert_eq!(idle.runnable_accounts, Some(0), "{idle:?}");
+    // 8 accounts with 5 s jobs: both slots busy for seconds, 6 accounts behind them.
+    let jobs: Vec<NewJob> = (0..8).map(|a| NewJob::new(format!("sat-{a}"), "capped", 5000u64).unwrap()).collect();
+    node.client().enqueue_many(&jobs).await.unwrap();
+    eventually(Duration::from_secs(10), "both slots busy for a while", || async {
+        let s = node.saturation();
+        (s.busy == CAP && s.saturation > 0.15).then_some(())
+    })
+    .await;
+    let busy = node.saturation();
+    assert!(busy.saturation <= 1.0, "{busy:?}");
+    assert!(busy.cpu.is_some(), "{busy:?}");
+    // The six accounts behind the two slots are claimed and waiting: they count as
+    // runnable accounts waiting for a slot (at the next count, every 5 s).
+    eventually(Duration::from_secs(10), "six accounts waiting for a slot", || async {
+        (node.saturation().runnable_accounts == Some(6)).then_some(())
+    })
+    .await;
+    node.shutdown().await.unwrap();
+    assert_eq!(node.readiness(), NodeReadiness::Stopping);
+}

@@ -510,3 +510,64 @@ async fn wait_finished_accepts_an_unbounded_timeout() {
     let r = tokio::spawn(async move { client.wait_finished(&[424242], Duration::MAX).await }).await;
     assert!(matches!(r, Ok(Err(Error::JobNotFound(424242)))), "{r:?}");
 }
+
+/// The autoscaling count (`AdminStore::runnable_accounts`, the KEDA query): an account
+/// counts once when a free slot would start one of its jobs now.
+#[tokio::test]
+async fn runnable_accounts_counts_accounts_a_free_slot_would_start() {
+    use warden_runtime::store::{AdminStore, PgAdminStore};
+    use warden_runtime::Lane;
+    let (db, _s, client) = setup(16).await;
+    let admin = PgAdminStore::from(&db.pool);
+    let runnable = |ps: Option<Vec<u32>>, cap: i64| {
+        let admin = &admin;
+        async move { admin.runnable_accounts(ps.as_deref(), cap).await.unwrap() }
+    };
+    assert_eq!(runnable(None, 1000).await.total(), 0);
+    let job = |account: &str| NewJob::new(account, "k", &serde_json::json!({})).unwrap();
+    // due-1: two due serial jobs → one account.
+    client.enqueue(job("due-1")).await.unwrap();
+    client.enqueue(job("due-1")).await.unwrap();
+    // busy: its head is running, the next one waits for it → not runnable.
+    let head = client.enqueue(job("busy")).await.unwrap().id;
+    client.enqueue(job("busy")).await.unwrap();
+    sqlx::query("UPDATE warden.jobs SET state = 'running' WHERE id = $1").bind(head).execute(&db.pool).await.unwrap();
+    // later: only a future job → not runnable.
+    client.enqueue(job("later").run_at(chrono::Utc::now() + chrono::Duration::hours(1))).await.unwrap();
+    // mixed: serial head running, but a due unordered job → runnable.
+    let head = client.enqueue(job("mixed")).await.unwrap().id;
+    sqlx::query("UPDATE warden.jobs SET state = 'running' WHERE id = $1").bind(head).execute(&db.pool).await.unwrap();
+    client.enqueue(job("mixed").lane(Lane::Unordered)).await.unwrap();
+    // backoff: a retryable head not yet due blocks the account.
+    let head = client.enqueue(job("backoff")).await.unwrap().id;
+    client.enqueue(job("backoff")).await.unwrap();
+    sqlx::query("UPDATE warden.jobs SET state = 'retryable', due_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(head)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // retry-due: a retryable head that is due → runnable.
+    let head = client.enqueue(job("retry-due")).await.unwrap().id;
+    sqlx::query("UPDATE warden.jobs SET state = 'retryable' WHERE id = $1").bind(head).execute(&db.pool).await.unwrap();
+    // done: finished jobs never count.
+    let done = client.enqueue(job("done")).await.unwrap().id;
+    sqlx::query("UPDATE warden.jobs SET state = 'completed', finished_at = now() WHERE id = $1")
+        .bind(done)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let all = runnable(None, 1000).await;
+    assert_eq!(all.runnable, 3, "due-1, mixed, retry-due: {all:?}");
+    assert_eq!(all.running, 2, "busy, mixed: {all:?}");
+    assert_eq!(all.total(), 5);
+    let capped = runnable(None, 2).await;
+    assert_eq!((capped.runnable, capped.running), (2, 2), "capped");
+    let p = PartitionCount::new(16).unwrap();
+    let of = |a: &str| warden_runtime::partition_of(a, p);
+    let in_one = |q: u32| ["due-1", "mixed", "retry-due"].iter().filter(|a| of(a) == q).count() as i64;
+    assert_eq!(runnable(Some(vec![of("due-1")]), 1000).await.runnable, in_one(of("due-1")));
+    let quiet: Vec<u32> =
+        (0..16).filter(|q| !["due-1", "mixed", "retry-due", "busy"].iter().any(|a| of(a) == *q)).collect();
+    assert_eq!(runnable(Some(quiet), 1000).await.total(), 0);
+}

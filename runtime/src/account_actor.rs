@@ -103,12 +103,20 @@ pub(crate) struct Shared {
     pub hooks: Hooks,
     /// Execution slots, if the node caps concurrent attempts.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Busy-slot accounting (see [`crate::saturation`]).
+    pub meter: Arc<crate::saturation::SlotMeter>,
 }
 
 impl Shared {
     /// Execution slots for `config` (see `ExecConfig::max_concurrent_attempts`).
     pub fn slots_for(config: &ExecConfig) -> Option<Arc<tokio::sync::Semaphore>> {
         config.max_concurrent_attempts.map(|n| Arc::new(tokio::sync::Semaphore::new(n)))
+    }
+
+    /// The busy-slot meter for `config`: its slots are `max_concurrent_attempts`,
+    /// else `max_actors` (the only other bound on concurrent handlers).
+    pub fn meter_for(config: &ExecConfig) -> Arc<crate::saturation::SlotMeter> {
+        Arc::new(crate::saturation::SlotMeter::new(config.max_concurrent_attempts.unwrap_or(config.max_actors)))
     }
 }
 
@@ -619,6 +627,8 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
                     return lost(&ctl, &kind, "lease window closed before the handler started");
                 }
                 started = tokio::time::Instant::now();
+                // Busy until the handler returns (the saturation signal).
+                let _busy = shared.meter.start();
                 if !shared.hooks.is_empty() {
                     let i = attempt_info(&job, &lease);
                     shared.hooks.started(&i);
@@ -679,6 +689,7 @@ async fn wait_for_slot(shared: &Shared, lease: &ActiveLease, ctl: &AttemptContro
         return Slot::Granted(Some(permit));
     }
     let waiting_since = tokio::time::Instant::now();
+    let _waiting = shared.meter.wait();
     metrics::gauge!("warden_attempts_waiting_for_slot").increment(1.0);
     let slot = tokio::select! {
         biased;

@@ -31,6 +31,8 @@
 //!   gRPC API turns them into events).
 //! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
 //!   node at a time).
+//! - [`saturation`] — the scaling signal: busy execution slots / slots and CPU,
+//!   averaged over a window, and runnable accounts waiting (`warden_saturation`, …).
 //! - [`history`] — the checker of the serial guarantee over the attempts table
 //!   (its figures come from [`store::AdminStore::history_report`]).
 //! - [`telemetry`] — metric names.
@@ -58,6 +60,7 @@ pub mod lease;
 pub mod node;
 pub mod ownership_diff;
 pub mod retention;
+pub mod saturation;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

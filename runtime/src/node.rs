@@ -21,8 +21,10 @@ use crate::handler::{Handler, Registry};
 use crate::hooks::{AttemptInfo, AttemptOutcome, Hooks};
 use crate::lease::{self, LeaseConfig, LeaseTable};
 use crate::retention::{self, Pruner, RetentionConfig};
-use crate::store::{self, AdminStore, PgAdminStore, PgStore, Store};
+use crate::saturation::{self, Saturation};
+use crate::store::{self, AdminStore, PgAdminStore, PgStore, SlotDemand, Store};
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -250,6 +252,7 @@ impl NodeBuilder {
         let leases = Arc::new(LeaseTable::new(owner.clone()));
         let poke = Arc::new(Notify::new());
         let rescan = Arc::new(Notify::new());
+        let meter = Shared::meter_for(&config.exec);
         let shared = Arc::new(Shared {
             store: store.clone(),
             producer: Some(Arc::new(PgStore::new(pool.clone(), partitions))),
@@ -262,6 +265,7 @@ impl NodeBuilder {
             lease_ttl: config.lease.ttl,
             hooks: self.hooks,
             slots: Shared::slots_for(&config.exec),
+            meter: meter.clone(),
         });
         let actors = AccountActors::new(shared);
         let shutdown = CancellationToken::new();
@@ -270,6 +274,8 @@ impl NodeBuilder {
         let mut ring = None;
         let (proven_tx, proven_rx) = watch::channel(None);
         let (db_ok_tx, mut db_ok_rx) = watch::channel(true);
+        let db_ok = db_ok_rx.clone();
+        let status = Arc::new(Status::default());
         let member = store::MemberInfo {
             node_id: config.node_id.clone(),
             started_at: chrono::Utc::now(),
@@ -304,27 +310,38 @@ impl NodeBuilder {
             // and once the executor pool is connected: partitions handed to us must
             // not wait for connection set-up on their first jobs (it measured as most
             // of a moved partition's pause on a loaded machine).
-            let (m, delay, stop, warm_pool) =
-                (membership.clone(), options.settle_delay, shutdown.clone(), pool.clone());
+            let (m, delay, stop, warm_pool, st) =
+                (membership.clone(), options.settle_delay, shutdown.clone(), pool.clone(), status.clone());
             tracker.spawn(async move {
                 let ready = async {
                     tokio::join!(tokio::time::sleep(delay), warm_up(&warm_pool));
                 };
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = ready => m.set_state(MemberState::Active).await,
+                    _ = ready => {
+                        // Not once the node is leaving: a leave announced meanwhile stands.
+                        if !st.leaving.load(Ordering::Acquire) {
+                            m.set_state(MemberState::Active).await;
+                            st.active.store(true, Ordering::Release);
+                        }
+                    }
                 }
             });
             tracker.spawn(publish_load(
                 membership.clone(),
                 leases.clone(),
                 actors.clone(),
+                status.clone(),
                 options.load_interval,
                 shutdown.clone(),
             ));
             placement = rp.clone();
             ring = Some(rp);
+        } else {
+            // A single node is a member of nothing: active from the start.
+            status.active.store(true, Ordering::Release);
         }
+        let readiness_placement = placement.clone();
         let enforcer = Arc::new(Enforcer {
             store: control.clone(),
             leases: leases.clone(),
@@ -372,6 +389,14 @@ impl NodeBuilder {
                 .connect_lazy_with((*pool.connect_options()).clone())
         });
         tracker.spawn(retention::run(pruner, shutdown.clone()));
+        status.saturation.lock().unwrap_or_else(|e| e.into_inner()).slots = meter.slots();
+        tracker.spawn(measure_saturation(
+            meter,
+            PgAdminStore::from(&control_pool_for_counts(&pool)),
+            leases.clone(),
+            status.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(node = %owner, partitions = partitions.get(), kinds = ?registry.kinds(), "node started");
         Ok(Node {
             inner: Arc::new(NodeInner {
@@ -387,6 +412,9 @@ impl NodeBuilder {
                 stopped: tokio::sync::Mutex::new(false),
                 cluster: self.cluster,
                 ring,
+                placement: readiness_placement,
+                status,
+                db_ok,
             }),
         })
     }
@@ -405,6 +433,54 @@ struct NodeInner {
     stopped: tokio::sync::Mutex<bool>,
     cluster: Option<ClusterWiring>,
     ring: Option<Arc<RingPlacement>>,
+    /// What the enforcer follows (readiness compares it with the held leases).
+    placement: Arc<dyn Placement>,
+    status: Arc<Status>,
+    /// Whether the lease keeper reaches the database.
+    db_ok: watch::Receiver<bool>,
+}
+
+/// Lifecycle flags and the latest saturation figures.
+#[derive(Default)]
+struct Status {
+    /// Announced `active` in gossip (a single node: from the start).
+    active: AtomicBool,
+    /// A graceful shutdown began.
+    leaving: AtomicBool,
+    /// Has held everything the placement assigns it since it last became active or
+    /// regained the database (the readiness latch).
+    caught_up: AtomicBool,
+    saturation: std::sync::Mutex<Saturation>,
+}
+
+/// Why a node is or is not ready to serve (`/readyz`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeReadiness {
+    /// Active, and has held every partition the ring assigns it (latched: later
+    /// rebalances do not make it unready while it acquires what moved to it).
+    Ready,
+    /// Not yet active in the cluster, or no ring yet.
+    Starting,
+    /// Active, but still acquiring `missing` of the partitions assigned to it.
+    CatchingUp { missing: usize },
+    /// The lease keeper cannot reach the database.
+    DatabaseLost,
+    /// Leaving or stopped.
+    Stopping,
+}
+
+impl std::fmt::Display for NodeReadiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeReadiness::Ready => write!(f, "ready"),
+            NodeReadiness::Starting => write!(f, "not ready: starting (joining the cluster)"),
+            NodeReadiness::CatchingUp { missing } => {
+                write!(f, "not ready: acquiring {missing} assigned partition(s)")
+            }
+            NodeReadiness::DatabaseLost => write!(f, "not ready: the database is unreachable"),
+            NodeReadiness::Stopping => write!(f, "not ready: leaving"),
+        }
+    }
 }
 
 /// A running node. Cheap to clone.
@@ -485,9 +561,45 @@ impl Node {
         self.inner.enforcer.run_once().await
     }
 
-    /// Ready when the node holds at least one partition.
+    /// Ready: see [`NodeReadiness::Ready`].
     pub fn is_ready(&self) -> bool {
-        !self.inner.shutdown.is_cancelled() && !self.inner.leases.is_empty()
+        self.readiness() == NodeReadiness::Ready
+    }
+
+    /// Whether the node is ready, and if not why: active in the cluster, reaching
+    /// the database, and holding every partition the ring assigns it (latched once
+    /// reached, until the node leaves or loses the database). A node the ring
+    /// assigns nothing (more nodes than partitions) is ready once active.
+    pub fn readiness(&self) -> NodeReadiness {
+        let st = &self.inner.status;
+        if self.inner.shutdown.is_cancelled() || st.leaving.load(Ordering::Acquire) {
+            return NodeReadiness::Stopping;
+        }
+        if !*self.inner.db_ok.borrow() {
+            st.caught_up.store(false, Ordering::Release);
+            return NodeReadiness::DatabaseLost;
+        }
+        if !st.active.load(Ordering::Acquire) {
+            return NodeReadiness::Starting;
+        }
+        if st.caught_up.load(Ordering::Acquire) {
+            return NodeReadiness::Ready;
+        }
+        let Some(desired) = self.inner.placement.desired(self.inner.config.partitions) else {
+            return NodeReadiness::Starting;
+        };
+        let missing = desired.partitions.iter().filter(|p| self.inner.leases.current(**p).is_none()).count();
+        if missing > 0 {
+            return NodeReadiness::CatchingUp { missing };
+        }
+        st.caught_up.store(true, Ordering::Release);
+        NodeReadiness::Ready
+    }
+
+    /// The node's saturation figures (see [`crate::saturation`]), updated every
+    /// [`crate::saturation::TICK`].
+    pub fn saturation(&self) -> Saturation {
+        *self.inner.status.saturation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The most a graceful [`Node::shutdown`] takes before its tasks stop (plus the
@@ -534,6 +646,7 @@ impl Node {
             // → NOTIFY). What is still held when only a drain's worth of the budget is
             // left is drained and released below, within the same budget.
             tracing::info!(node = %self.inner.owner, "leaving: handing off every partition");
+            self.inner.status.leaving.store(true, Ordering::Release);
             membership.set_state(MemberState::Leaving).await;
             let leave_by = deadline.checked_sub(drain).unwrap_or(deadline);
             self.inner.leases.wait_until_empty(leave_by).await;
@@ -556,14 +669,94 @@ async fn publish_load(
     membership: Arc<dyn Membership>,
     leases: Arc<LeaseTable>,
     actors: Arc<AccountActors>,
+    status: Arc<Status>,
     every: Duration,
     stop: CancellationToken,
 ) {
     loop {
-        membership.set_load(&[("partitions", leases.len().to_string()), ("actors", actors.len().to_string())]).await;
+        let saturation = status.saturation.lock().unwrap_or_else(|e| e.into_inner()).saturation;
+        membership
+            .set_load(&[
+                ("partitions", leases.len().to_string()),
+                ("actors", actors.len().to_string()),
+                ("saturation", format!("{saturation:.3}")),
+            ])
+            .await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// A one-connection pool for the runnable-accounts count: never an executor
+/// connection, and lazily connected (a node that never counts opens none).
+fn control_pool_for_counts(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
+/// Update the saturation gauges every [`saturation::TICK`] and count the runnable
+/// accounts of the held partitions every [`saturation::RUNNABLE_EVERY`].
+async fn measure_saturation(
+    meter: Arc<saturation::SlotMeter>,
+    admin: PgAdminStore,
+    leases: Arc<LeaseTable>,
+    status: Arc<Status>,
+    stop: CancellationToken,
+) {
+    let cores = saturation::available_cores();
+    let mut window = saturation::Window::new(saturation::WINDOW, cores);
+    let mut last_count: Option<std::time::Instant> = None;
+    let mut demand: Option<SlotDemand> = None;
+    metrics::gauge!("warden_execution_slots").set(meter.slots() as f64);
+    loop {
+        let now = std::time::Instant::now();
+        let busy_seconds = meter.busy_seconds(now);
+        let (sat, cpu) = window.push(now, busy_seconds, saturation::process_cpu_seconds(), meter.slots());
+        if last_count.is_none_or(|t| now.duration_since(t) >= saturation::RUNNABLE_EVERY) {
+            last_count = Some(now);
+            let held: Vec<u32> = leases.held().iter().map(|l| l.partition).collect();
+            demand = if held.is_empty() {
+                Some(SlotDemand::default())
+            } else {
+                match tokio::time::timeout(
+                    saturation::RUNNABLE_EVERY,
+                    admin.runnable_accounts(Some(&held), saturation::RUNNABLE_CAP),
+                )
+                .await
+                {
+                    Ok(Ok(d)) => Some(d),
+                    // A stale count is worse than none: the figure says unknown.
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "counting runnable accounts failed");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            };
+        }
+        // Waiting for a slot: due and unclaimed in our partitions, plus claimed here
+        // and waiting for one of our slots.
+        let waiting_here = meter.waiting();
+        let runnable = demand.map(|d| d.runnable + waiting_here as i64);
+        if let Some(n) = runnable {
+            metrics::gauge!("warden_runnable_accounts").set(n as f64);
+        }
+        let busy = meter.busy();
+        metrics::gauge!("warden_execution_slots_busy").set(busy as f64);
+        metrics::counter!("warden_execution_busy_seconds_total").absolute(busy_seconds as u64);
+        metrics::gauge!("warden_saturation").set(sat);
+        if let Some(c) = cpu {
+            metrics::gauge!("warden_process_cpu_ratio").set(c);
+        }
+        *status.saturation.lock().unwrap_or_else(|e| e.into_inner()) =
+            Saturation { slots: meter.slots(), busy, saturation: sat, cpu, runnable_accounts: runnable };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(saturation::TICK) => {}
         }
     }
 }

@@ -1,11 +1,14 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (liveness: the
-//! process serves HTTP) and `/readyz` (readiness: the node is started, active and
-//! holds partitions). It starts before the database is reachable, so an orchestrator
+//! process serves HTTP) and `/readyz` (readiness: the node is started, active in the
+//! cluster, reaches the database and has acquired every partition the ring assigns
+//! it — latched once reached, so later rebalances do not flap it; 503 with the
+//! reason otherwise, and from the moment a graceful shutdown begins). It starts before the database is reachable, so an orchestrator
 //! sees a live but not-ready process while the node waits for PostgreSQL.
 
 use axum::{http::StatusCode, routing::get, Router};
 use std::sync::{Arc, OnceLock};
 use tokio_util::sync::CancellationToken;
+use warden_runtime::node::NodeReadiness;
 use warden_runtime::Node;
 
 /// What `/readyz` reads: empty until the node has started.
@@ -25,12 +28,14 @@ impl Readiness {
         let _ = self.0.set(node);
     }
 
-    /// `Ok` when ready, else why not.
-    pub fn check(&self) -> Result<(), &'static str> {
+    /// `Ok` when ready, else why not (see [`warden_runtime::node::Readiness`]).
+    pub fn check(&self) -> Result<(), String> {
         match self.0.get() {
-            None => Err("not ready: starting (waiting for the database or joining)"),
-            Some(node) if node.is_ready() => Ok(()),
-            Some(_) => Err("not ready: no partitions held"),
+            None => Err("not ready: starting (waiting for the database)".into()),
+            Some(node) => match node.readiness() {
+                NodeReadiness::Ready => Ok(()),
+                why => Err(why.to_string()),
+            },
         }
     }
 }
@@ -52,7 +57,7 @@ pub fn router(readiness: Readiness, metrics: Option<metrics_exporter_prometheus:
                 let state = readiness.check();
                 async move {
                     match state {
-                        Ok(()) => (StatusCode::OK, "ready"),
+                        Ok(()) => (StatusCode::OK, "ready".to_string()),
                         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                     }
                 }

@@ -13,6 +13,11 @@ use warden_runtime::account_actor::ExecConfig;
 use warden_runtime::lease::LeaseConfig;
 use warden_runtime::node::ClusterOptions;
 use warden_runtime::retention::RetentionConfig;
+
+/// The default execution slots per node (`--max-concurrent-attempts`): twice the
+/// default executor pool (16), since handlers hold a connection only while they use
+/// their transaction.
+pub const DEFAULT_EXECUTION_SLOTS: usize = 32;
 use warden_runtime::store::StoreConfig;
 use warden_runtime::{NodeConfig, PartitionCount};
 
@@ -54,10 +59,12 @@ pub struct HostFlags {
     /// Account actor idle timeout in milliseconds.
     #[arg(long, env = "WARDEN_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
     pub idle_timeout_ms: u64,
-    /// Handlers running at once on this node, over all accounts (default: no cap
-    /// beyond the executor pool). Jobs past it wait for a slot, claimed.
-    #[arg(long, env = "WARDEN_MAX_CONCURRENT_ATTEMPTS")]
-    pub max_concurrent_attempts: Option<usize>,
+    /// Execution slots: handlers running at once on this node, over all accounts.
+    /// Jobs past it wait for a slot, claimed. `warden_saturation` is busy slots /
+    /// this, the autoscaling signal; size it to what one node's resources (CPU, the
+    /// executor pool, upstream sessions) can run at once.
+    #[arg(long, env = "WARDEN_MAX_CONCURRENT_ATTEMPTS", default_value_t = DEFAULT_EXECUTION_SLOTS)]
+    pub max_concurrent_attempts: usize,
     /// Max database connections of the executor pool.
     #[arg(long, env = "WARDEN_MAX_CONNECTIONS", default_value_t = 16)]
     pub max_connections: u32,
@@ -193,7 +200,7 @@ impl HostFlags {
             exec: ExecConfig {
                 idle_timeout: Duration::from_millis(self.idle_timeout_ms),
                 drain_timeout: Duration::from_millis(self.drain_timeout_ms),
-                max_concurrent_attempts: self.max_concurrent_attempts,
+                max_concurrent_attempts: Some(self.max_concurrent_attempts),
                 ..Default::default()
             },
             enforcer_interval: Duration::from_millis(self.enforcer_interval_ms),

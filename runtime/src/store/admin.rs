@@ -12,6 +12,25 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::time::Duration;
 
+/// Accounts that could use an execution slot now (see
+/// [`AdminStore::runnable_accounts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct SlotDemand {
+    /// Accounts whose next job is due and not claimed: a free slot would start it
+    /// now (a due unordered job, or a due serial head that is not running).
+    pub runnable: i64,
+    /// Accounts with a claimed job (running, or claimed and waiting for a slot).
+    pub running: i64,
+}
+
+impl SlotDemand {
+    /// The demand in slots: `running + runnable` (never the queue length — a backlog
+    /// of one account can use only one slot).
+    pub fn total(&self) -> i64 {
+        self.running + self.runnable
+    }
+}
+
 /// The admin storage seam.
 ///
 /// Partition routing: these queries read the whole cluster (every partition); a
@@ -37,6 +56,10 @@ pub trait AdminStore: Send + Sync + 'static {
     /// Queue depth per partition, counted up to `cap` unfinished jobs each (see
     /// [`QueueDepth`]).
     async fn queue_depth(&self, cap: i64) -> Result<QueueDepth>;
+    /// Accounts that could use an execution slot in `partitions` (every partition
+    /// when `None`), each count capped at `cap`: see [`SlotDemand`]. The autoscaling
+    /// figures; the KEDA query in `deploy/k8s` is the same SQL.
+    async fn runnable_accounts(&self, partitions: Option<&[u32]>, cap: i64) -> Result<SlotDemand>;
     /// Age of the oldest due, not yet started job: one index probe per partition,
     /// never a scan of the backlog.
     async fn oldest_due_age(&self) -> Result<Option<Duration>>;

@@ -48,7 +48,7 @@ pub mod pg;
 
 pub use admin::{
     AccountQueue, AdminStore, HistoryReport, JobFilter, JobPage, PartitionDepth, PruneCursor, Pruned, QueueDepth,
-    ACCOUNT_COUNT_CAP, DEFAULT_PARTITION_COUNT_CAP, FINISHED_COUNT_CAP, FINISHED_STATES, LIST_SCAN_WINDOW,
+    SlotDemand, ACCOUNT_COUNT_CAP, DEFAULT_PARTITION_COUNT_CAP, FINISHED_COUNT_CAP, FINISHED_STATES, LIST_SCAN_WINDOW,
     UNFINISHED_STATES,
 };
 pub use enqueue::{KindDefault, KindDefaults, ProducerStore};

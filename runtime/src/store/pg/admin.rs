@@ -7,7 +7,7 @@ use crate::handler::Registry;
 use crate::job::{AttemptRow, JobRow};
 use crate::store::admin::{
     AccountQueue, AdminStore, HistoryReport, JobFilter, JobPage, PartitionDepth, PruneCursor, Pruned, QueueDepth,
-    ACCOUNT_COUNT_CAP, FINISHED_COUNT_CAP, LIST_SCAN_WINDOW, UNFINISHED_STATES,
+    SlotDemand, ACCOUNT_COUNT_CAP, FINISHED_COUNT_CAP, LIST_SCAN_WINDOW, UNFINISHED_STATES,
 };
 use crate::store::{ms, LeaseRow};
 use async_trait::async_trait;
@@ -17,6 +17,9 @@ use std::time::Duration;
 /// Advisory lock class of the retention pruner ("WARD" + 10): one node prunes at a
 /// time; the others skip the round.
 pub const RETENTION_LOCK_CLASS: i32 = ENQUEUE_LOCK_CLASS + 10;
+
+/// See [`AdminStore::runnable_accounts`]: $1 partitions (NULL: all), $2 cap.
+pub const RUNNABLE_ACCOUNTS_SQL: &str = include_str!("../sql/runnable_accounts.sql");
 
 const LEASES_SQL: &str = "SELECT partition, owner_node, epoch, lease_expires_at FROM warden.leases ORDER BY partition";
 
@@ -241,6 +244,13 @@ impl AdminStore for PgAdminStore {
         }
         let estimates: Vec<(String, i64)> = sqlx::query_as(FINISHED_ESTIMATES_SQL).fetch_all(&self.pool).await?;
         Ok(QueueDepth { cap, partitions, finished: estimates, finished_estimated: true })
+    }
+
+    async fn runnable_accounts(&self, partitions: Option<&[u32]>, cap: i64) -> Result<SlotDemand> {
+        let partitions: Option<Vec<i32>> = partitions.map(|ps| ps.iter().map(|p| *p as i32).collect());
+        let (runnable, running): (i64, i64) =
+            sqlx::query_as(RUNNABLE_ACCOUNTS_SQL).bind(partitions).bind(cap).fetch_one(&self.pool).await?;
+        Ok(SlotDemand { runnable, running })
     }
 
     async fn oldest_due_age(&self) -> Result<Option<Duration>> {
