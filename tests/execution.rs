@@ -172,6 +172,7 @@ async fn many_accounts_run_in_order_without_overlap_under_load() {
                 seq,
                 sleep_ms: fastrand::u64(0..3),
                 fail_times: if fastrand::u8(..) < 20 { 1 } else { 0 },
+                ..Default::default()
             };
             jobs.push(NewJob::new(format!("acct-{a}"), "audit", args).unwrap());
         }

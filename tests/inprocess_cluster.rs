@@ -58,7 +58,12 @@ async fn a_gossip_partition_never_yields_two_owners() {
     for seq in 0..30 {
         for a in 0..40 {
             jobs.push(
-                NewJob::new(format!("acct-{a}"), "audit", AuditArgs { seq, sleep_ms: 5, fail_times: 0 }).unwrap(),
+                NewJob::new(
+                    format!("acct-{a}"),
+                    "audit",
+                    AuditArgs { seq, sleep_ms: 5, fail_times: 0, ..Default::default() },
+                )
+                .unwrap(),
             );
         }
     }

@@ -173,7 +173,7 @@ async fn a_node_prunes_finished_jobs_in_the_background() {
     let later = warden_runtime::NewJob::new(
         "later",
         "audit",
-        warden_tests::workload::AuditArgs { seq: 0, sleep_ms: 0, fail_times: 0 },
+        warden_tests::workload::AuditArgs { seq: 0, sleep_ms: 0, fail_times: 0, ..Default::default() },
     )
     .unwrap()
     .delay(DAY);

@@ -117,7 +117,11 @@ async fn load(client: &Client, accounts: usize, per_account: i64, sleep_ms: u64)
     let mut batch = Vec::new();
     for seq in 0..per_account {
         for a in 0..accounts {
-            batch.push(NewJob::new(format!("acct-{a}"), "audit", AuditArgs { seq, sleep_ms, fail_times: 0 })?);
+            batch.push(NewJob::new(
+                format!("acct-{a}"),
+                "audit",
+                AuditArgs { seq, sleep_ms, fail_times: 0, ..Default::default() },
+            )?);
             if batch.len() == 5000 {
                 client.enqueue_many(&batch).await?;
                 batch.clear();
@@ -324,7 +328,7 @@ async fn steady_load(
             batch.push(NewJob::new(
                 format!("acct-{a}"),
                 "audit",
-                AuditArgs { seq: seqs[a], sleep_ms: 5, fail_times: 0 },
+                AuditArgs { seq: seqs[a], sleep_ms: 5, fail_times: 0, ..Default::default() },
             )?);
             seqs[a] += 1;
         }

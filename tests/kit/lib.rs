@@ -26,6 +26,7 @@
 pub mod conformance;
 pub mod gossip_net;
 pub mod model_store;
+pub mod rollout;
 pub mod soak;
 pub mod workload;
 
@@ -525,7 +526,7 @@ pub fn audit_jobs(accounts: usize, per_account: i64, sleep_ms: u64) -> Vec<warde
     let mut jobs = Vec::new();
     for seq in 0..per_account {
         for a in 0..accounts {
-            let args = crate::workload::AuditArgs { seq, sleep_ms, fail_times: 0 };
+            let args = crate::workload::AuditArgs { seq, sleep_ms, fail_times: 0, ..Default::default() };
             jobs.push(warden_runtime::NewJob::new(format!("acct-{a}"), "audit", args).unwrap());
         }
     }

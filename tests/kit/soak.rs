@@ -1142,6 +1142,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
                     seq: seqs[a],
                     sleep_ms,
                     fail_times: if wrng.u8(..) < 15 { 1 } else { 0 },
+                    ..Default::default()
                 };
                 batch.push((a, warden_runtime::NewJob::new(format!("acct-{a}"), "audit", args).unwrap()));
             }
@@ -1172,7 +1173,12 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
                 while !stop.is_cancelled() {
                     tokio::time::sleep(Duration::from_millis(rng.u64(10..60))).await;
                     let Ok(mut tx) = pool.begin().await else { continue };
-                    let args = crate::workload::AuditArgs { seq: 0, sleep_ms: rng.u64(0..10), fail_times: 0 };
+                    let args = crate::workload::AuditArgs {
+                        seq: 0,
+                        sleep_ms: rng.u64(0..10),
+                        fail_times: 0,
+                        ..Default::default()
+                    };
                     let job = warden_runtime::NewJob::new(format!("race-{}", rng.usize(..4)), "audit", args).unwrap();
                     if c.enqueue_in(&mut tx, job).await.is_err() {
                         continue;

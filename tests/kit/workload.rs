@@ -14,9 +14,10 @@
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use warden_runtime::{async_trait, Backoff, Handler, HandlerResult, JobContext, JobOptions, Outcome};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AuditArgs {
     pub seq: i64,
     /// How long the handler works.
@@ -25,6 +26,10 @@ pub struct AuditArgs {
     /// Fail the first `fail_times` attempts.
     #[serde(default)]
     pub fail_times: i32,
+    /// Finish the work even when asked to stop (a handoff's drain): a short job
+    /// that completes within the drain instead of being interrupted and run again.
+    #[serde(default)]
+    pub finish_on_stop: bool,
     // Unknown fields (padding, say) are ignored: no `deny_unknown_fields`.
 }
 
@@ -129,7 +134,7 @@ impl Audit {
             // A well-behaved handler: it stops early when asked to (a cancel request,
             // or its partition being handed off). So a cancel the runtime wrongly
             // believes (a spoofed NOTIFY) shows as a cancelled job.
-            let stop = ctx.cancellation().clone();
+            let stop = if a.finish_on_stop { CancellationToken::new() } else { ctx.cancellation().clone() };
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(a.sleep_ms)) => {}
                 _ = stop.cancelled() => return Err("stopped early: asked to stop (cancel or handoff)".into()),
