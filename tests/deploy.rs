@@ -317,7 +317,10 @@ fn host_flags(env: &[(String, String)]) -> warden::HostFlags {
         } else if let Some((_, why)) = PENDING_FLAGS.iter().find(|(p, _)| p == k) {
             eprintln!("deploy: {k} is not a HostFlags argument yet (pending: {why}); passed over");
         } else {
-            assert!(!k.starts_with("WARDEN_"), "{k} is set in the manifests but no warden::HostFlags argument reads it");
+            assert!(
+                !k.starts_with("WARDEN_"),
+                "{k} is set in the manifests but no warden::HostFlags argument reads it"
+            );
         }
     }
     let cmd = warden::HostFlags::augment_args(clap::Command::new("warden-node")).mut_args(|a| a.env(None::<&str>));
@@ -379,8 +382,11 @@ fn kubernetes_validate() -> Option<PathBuf> {
 /// CRD kinds, which must be reported as having no schema (and nothing else may be).
 fn validate_file(deps: &Path, file: &Path, docs: &[J]) -> Result<(), String> {
     for version in KUBERNETES_VERSIONS {
-        let out =
-            validator(deps).args(["--strict", "-k", version]).arg(file).output().map_err(|e| format!("validator: {e}"))?;
+        let out = validator(deps)
+            .args(["--strict", "-k", version])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("validator: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let report = format!("{} (k8s {version}):\n{stdout}{}", file.display(), String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
@@ -396,7 +402,10 @@ fn validate_file(deps: &Path, file: &Path, docs: &[J]) -> Result<(), String> {
                 stdout.lines().any(|l| l.starts_with("INFO") && l.contains(&passed))
             };
             if !ok {
-                return Err(format!("{k}/{n} not reported as {}: {report}", if CRD_KINDS.contains(&k) { "a CRD" } else { "passed" }));
+                return Err(format!(
+                    "{k}/{n} not reported as {}: {report}",
+                    if CRD_KINDS.contains(&k) { "a CRD" } else { "passed" }
+                ));
             }
         }
         let others: Vec<&str> =
@@ -419,7 +428,8 @@ fn manifests_pass_kubernetes_validate_strict() {
 
     // The validator must really be strict: a field no schema has fails.
     let bogus = dir.join("bogus.yaml");
-    let bogus_yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: 1}]\n  publishNotReady: true\n";
+    let bogus_yaml =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: 1}]\n  publishNotReady: true\n";
     std::fs::write(&bogus, bogus_yaml).unwrap();
     assert!(
         validate_file(&deps, &bogus, &parse_docs(bogus_yaml, "bogus")).is_err(),
@@ -459,13 +469,22 @@ fn every_selector_and_target_matches_the_warden_pods() {
         assert!(selects(&pdb["spec"]["selector"], labels, &at("PDB")), "{}", at("PDB selector"));
         assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{}", at("PDB maxUnavailable"));
         let np = the(docs, "NetworkPolicy");
-        assert!(selects(&np["spec"]["podSelector"], labels, &at("NetworkPolicy")), "{}", at("NetworkPolicy podSelector"));
+        assert!(
+            selects(&np["spec"]["podSelector"], labels, &at("NetworkPolicy")),
+            "{}",
+            at("NetworkPolicy podSelector")
+        );
         for c in arr(&deploy["spec"]["template"]["spec"]["topologySpreadConstraints"]) {
             assert!(selects(&c["labelSelector"], labels, &at("topology spread")), "{}", at("topology spread selector"));
         }
         for hpa in all_of(docs, "HorizontalPodAutoscaler") {
             let t = &hpa["spec"]["scaleTargetRef"];
-            assert_eq!((t["apiVersion"].as_str(), t["kind"].as_str()), (Some("apps/v1"), Some("Deployment")), "{}", at("HPA"));
+            assert_eq!(
+                (t["apiVersion"].as_str(), t["kind"].as_str()),
+                (Some("apps/v1"), Some("Deployment")),
+                "{}",
+                at("HPA")
+            );
             assert_eq!(t["name"].as_str(), Some(name(deploy)), "{}", at("HPA scaleTargetRef"));
         }
         for so in all_of(docs, "ScaledObject") {
@@ -474,7 +493,8 @@ fn every_selector_and_target_matches_the_warden_pods() {
             assert_eq!(t["name"].as_str(), Some(name(deploy)), "{}", at("ScaledObject scaleTargetRef"));
         }
         // An autoscaler owns the replica count: a re-apply must not reset it.
-        let autoscaled = !all_of(docs, "HorizontalPodAutoscaler").is_empty() || !all_of(docs, "ScaledObject").is_empty();
+        let autoscaled =
+            !all_of(docs, "HorizontalPodAutoscaler").is_empty() || !all_of(docs, "ScaledObject").is_empty();
         assert_eq!(deploy["spec"].get("replicas").is_none(), autoscaled, "{}", at("spec.replicas iff not autoscaled"));
         assert!(
             all_of(docs, "HorizontalPodAutoscaler").is_empty() || all_of(docs, "ScaledObject").is_empty(),
@@ -577,24 +597,28 @@ fn every_port_is_the_one_the_node_listens_on() {
             "{}",
             at("gossip egress to Warden pods")
         );
-        let ports_in: BTreeSet<(i64, String)> = ingress.iter().flat_map(|r| rule_ports(r)).collect();
+        let ports_in: BTreeSet<(i64, String)> = ingress.iter().flat_map(&rule_ports).collect();
         let expected: BTreeSet<(i64, String)> =
             [(gossip, "UDP".into()), (grpc, "TCP".into()), (admin, "TCP".into())].into();
         assert_eq!(ports_in, expected, "{}", at("NetworkPolicy ingress ports"));
         let grpc_rule = ingress.iter().find(|r| rule_ports(r) == vec![(grpc, "TCP".to_string())]).unwrap();
         assert!(!from_warden(grpc_rule, "from"), "{}", at("gRPC ingress is for labelled clients"));
         assert!(
-            arr(&grpc_rule["from"]).iter().all(|p| obj(&p["podSelector"]["matchLabels"]).contains_key("warden.dev/grpc-client")),
+            arr(&grpc_rule["from"])
+                .iter()
+                .all(|p| obj(&p["podSelector"]["matchLabels"]).contains_key("warden.dev/grpc-client")),
             "{}",
             at("gRPC ingress from pods labelled warden.dev/grpc-client")
         );
         let admin_rule = ingress.iter().find(|r| rule_ports(r) == vec![(admin, "TCP".to_string())]).unwrap();
         assert!(
-            arr(&admin_rule["from"]).iter().all(|p| p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"),
+            arr(&admin_rule["from"])
+                .iter()
+                .all(|p| p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"),
             "{}",
             at("admin ingress from the monitoring namespace only")
         );
-        let ports_out: BTreeSet<(i64, String)> = egress.iter().flat_map(|r| rule_ports(r)).collect();
+        let ports_out: BTreeSet<(i64, String)> = egress.iter().flat_map(&rule_ports).collect();
         let expected: BTreeSet<(i64, String)> =
             [(53, "UDP".into()), (53, "TCP".into()), (gossip, "UDP".into()), (5432, "TCP".into())].into();
         assert_eq!(ports_out, expected, "{}", at("NetworkPolicy egress ports"));
@@ -746,9 +770,9 @@ fn the_grace_period_covers_prestop_and_the_shutdown_budget() {
             + warden_runtime::node::HANDOFF_RELEASE_BUDGET;
         let pre_stop = match c["lifecycle"].get("preStop") {
             None => Duration::ZERO,
-            Some(p) => Duration::from_secs(
-                int(&p["sleep"]["seconds"], "preStop: only a sleep action is modelled here") as u64,
-            ),
+            Some(p) => {
+                Duration::from_secs(int(&p["sleep"]["seconds"], "preStop: only a sleep action is modelled here") as u64)
+            }
         };
         let grace = Duration::from_secs(int(
             &deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
@@ -768,7 +792,8 @@ fn the_grace_period_covers_prestop_and_the_shutdown_budget() {
         assert_eq!(p("livenessProbe")["httpGet"]["path"], "/healthz", "{}", b.name);
         assert_eq!(p("startupProbe")["httpGet"]["path"], "/healthz", "{}", b.name);
         assert_eq!(p("readinessProbe")["httpGet"]["path"], "/readyz", "{}", b.name);
-        let tolerance = |probe: &J| int(&probe["periodSeconds"], "period") * int(&probe["failureThreshold"], "threshold");
+        let tolerance =
+            |probe: &J| int(&probe["periodSeconds"], "period") * int(&probe["failureThreshold"], "threshold");
         assert!(
             tolerance(p("livenessProbe")) > tolerance(p("readinessProbe")),
             "{}: liveness must tolerate longer than readiness",
@@ -789,7 +814,9 @@ async fn probe_and_scrape_paths_exist_on_the_admin_server() {
         for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
             paths.insert(c[probe]["httpGet"]["path"].as_str().unwrap().to_string());
         }
-        paths.insert(deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"].as_str().unwrap().into());
+        paths.insert(
+            deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"].as_str().unwrap().into(),
+        );
     }
     for ep in arr(&load_one("monitoring/podmonitor.yaml")["spec"]["podMetricsEndpoints"]) {
         paths.insert(ep["path"].as_str().unwrap().into());
@@ -799,8 +826,7 @@ async fn probe_and_scrape_paths_exist_on_the_admin_server() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server =
-        tokio::spawn(warden::admin::serve(listener, warden::admin::Readiness::default(), None, stop.clone()));
+    let server = tokio::spawn(warden::admin::serve(listener, warden::admin::Readiness::default(), None, stop.clone()));
     let get = |path: String| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -839,7 +865,11 @@ fn autoscaling_fits_the_database_connection_budget_and_uses_the_served_metric() 
             .into_iter()
             .map(|h| (h, int(&h["spec"]["minReplicas"], "minReplicas"), int(&h["spec"]["maxReplicas"], "maxReplicas")))
             .chain(all_of(&b.docs, "ScaledObject").into_iter().map(|s| {
-                (s, int(&s["spec"]["minReplicaCount"], "minReplicaCount"), int(&s["spec"]["maxReplicaCount"], "maxReplicaCount"))
+                (
+                    s,
+                    int(&s["spec"]["minReplicaCount"], "minReplicaCount"),
+                    int(&s["spec"]["maxReplicaCount"], "maxReplicaCount"),
+                )
             }))
             .collect();
         for (scaler, min, max) in scalers {
@@ -878,9 +908,14 @@ fn autoscaling_fits_the_database_connection_budget_and_uses_the_served_metric() 
                 let metric = pods[0]["pods"]["metric"]["name"].as_str().unwrap();
                 assert_eq!(metric, "warden_saturation", "{at}");
                 let target = pods[0]["pods"]["target"]["averageValue"].as_str().unwrap();
-                assert!(target.ends_with('m') && target[..target.len() - 1].parse::<u32>().is_ok_and(|m| m < 1000),
-                    "{at}: saturation target {target} must be below 1 (in milli-units)");
-                assert!(metrics.iter().any(|m| m["type"] == "Resource" && m["resource"]["name"] == "cpu"), "{at}: CPU too");
+                assert!(
+                    target.ends_with('m') && target[..target.len() - 1].parse::<u32>().is_ok_and(|m| m < 1000),
+                    "{at}: saturation target {target} must be below 1 (in milli-units)"
+                );
+                assert!(
+                    metrics.iter().any(|m| m["type"] == "Resource" && m["resource"]["name"] == "cpu"),
+                    "{at}: CPU too"
+                );
                 // The adapter serves that name, from series carrying the labels that
                 // the scrape config sets.
                 let rule = arr(&adapter["rules"])
@@ -889,7 +924,10 @@ fn autoscaling_fits_the_database_connection_budget_and_uses_the_served_metric() 
                     .unwrap_or_else(|| panic!("{at}: no prometheus-adapter rule serves {metric}"));
                 let series = rule["seriesQuery"].as_str().unwrap();
                 assert!(series.starts_with(&format!("{metric}{{")), "{at}: adapter seriesQuery {series}");
-                assert!(format!("^{metric}$") == rule["name"]["matches"].as_str().unwrap(), "{at}: adapter name.matches");
+                assert!(
+                    format!("^{metric}$") == rule["name"]["matches"].as_str().unwrap(),
+                    "{at}: adapter name.matches"
+                );
                 for (label, resource) in [("namespace", "namespace"), ("pod", "pod")] {
                     assert_eq!(rule["resources"]["overrides"][label]["resource"], resource, "{at}: adapter {label}");
                     let meta = format!("__meta_kubernetes_{}", if label == "pod" { "pod_name" } else { "namespace" });
@@ -944,27 +982,67 @@ fn crd_resources_use_only_known_fields() {
                 let spec = &d["spec"];
                 known(
                     spec,
-                    &["scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount",
-                      "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers"],
+                    &[
+                        "scaleTargetRef",
+                        "pollingInterval",
+                        "cooldownPeriod",
+                        "initialCooldownPeriod",
+                        "idleReplicaCount",
+                        "minReplicaCount",
+                        "maxReplicaCount",
+                        "fallback",
+                        "advanced",
+                        "triggers",
+                    ],
                     "ScaledObject.spec",
                 );
-                known(&spec["scaleTargetRef"], &["apiVersion", "kind", "name", "envSourceContainerName"], "scaleTargetRef");
-                known(&spec["advanced"], &["horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount", "scalingModifiers"], "advanced");
-                known(&spec["advanced"]["horizontalPodAutoscalerConfig"], &["name", "behavior"], "horizontalPodAutoscalerConfig");
+                known(
+                    &spec["scaleTargetRef"],
+                    &["apiVersion", "kind", "name", "envSourceContainerName"],
+                    "scaleTargetRef",
+                );
+                known(
+                    &spec["advanced"],
+                    &["horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount", "scalingModifiers"],
+                    "advanced",
+                );
+                known(
+                    &spec["advanced"]["horizontalPodAutoscalerConfig"],
+                    &["name", "behavior"],
+                    "horizontalPodAutoscalerConfig",
+                );
                 for t in arr(&spec["triggers"]) {
-                    known(t, &["type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"], "trigger");
+                    known(
+                        t,
+                        &["type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"],
+                        "trigger",
+                    );
                     known(&t["authenticationRef"], &["name", "kind"], "authenticationRef");
                     known(
                         &t["metadata"],
-                        &["query", "targetQueryValue", "activationTargetQueryValue", "connectionFromEnv", "host", "port",
-                          "userName", "dbName", "sslmode", "passwordFromEnv"],
+                        &[
+                            "query",
+                            "targetQueryValue",
+                            "activationTargetQueryValue",
+                            "connectionFromEnv",
+                            "host",
+                            "port",
+                            "userName",
+                            "dbName",
+                            "sslmode",
+                            "passwordFromEnv",
+                        ],
                         "postgresql trigger metadata",
                     );
                 }
             }
             "TriggerAuthentication" => {
                 assert_eq!(d["apiVersion"], "keda.sh/v1alpha1");
-                known(&d["spec"], &["secretTargetRef", "env", "configMapTargetRef", "podIdentity", "hashiCorpVault"], "TriggerAuthentication.spec");
+                known(
+                    &d["spec"],
+                    &["secretTargetRef", "env", "configMapTargetRef", "podIdentity", "hashiCorpVault"],
+                    "TriggerAuthentication.spec",
+                );
                 for r in arr(&d["spec"]["secretTargetRef"]) {
                     known(r, &["parameter", "name", "key"], "secretTargetRef");
                 }
@@ -973,11 +1051,31 @@ fn crd_resources_use_only_known_fields() {
                 assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1");
                 known(
                     &d["spec"],
-                    &["selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels", "sampleLimit"],
+                    &[
+                        "selector",
+                        "namespaceSelector",
+                        "podMetricsEndpoints",
+                        "jobLabel",
+                        "podTargetLabels",
+                        "sampleLimit",
+                    ],
                     "PodMonitor.spec",
                 );
                 for ep in arr(&d["spec"]["podMetricsEndpoints"]) {
-                    known(ep, &["port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings", "honorLabels"], "podMetricsEndpoint");
+                    known(
+                        ep,
+                        &[
+                            "port",
+                            "path",
+                            "interval",
+                            "scrapeTimeout",
+                            "scheme",
+                            "relabelings",
+                            "metricRelabelings",
+                            "honorLabels",
+                        ],
+                        "podMetricsEndpoint",
+                    );
                 }
             }
             other => unreachable!("{other}"),
@@ -1015,9 +1113,12 @@ async fn the_keda_query_counts_accounts_that_can_use_a_slot() {
         }
     };
     const RUNNING: &str = "UPDATE warden.jobs SET state = 'running', attempt = 1, attempted_at = now() WHERE id = $1";
-    const BACKING_OFF: &str = "UPDATE warden.jobs SET state = 'retryable', attempt = 1, due_at = now() + interval '1 hour' WHERE id = $1";
-    const COMPLETED: &str = "UPDATE warden.jobs SET state = 'completed', attempt = 1, finished_at = now() WHERE id = $1";
-    const DISCARDED: &str = "UPDATE warden.jobs SET state = 'discarded', attempt = 1, finished_at = now() WHERE id = $1";
+    const BACKING_OFF: &str =
+        "UPDATE warden.jobs SET state = 'retryable', attempt = 1, due_at = now() + interval '1 hour' WHERE id = $1";
+    const COMPLETED: &str =
+        "UPDATE warden.jobs SET state = 'completed', attempt = 1, finished_at = now() WHERE id = $1";
+    const DISCARDED: &str =
+        "UPDATE warden.jobs SET state = 'discarded', attempt = 1, finished_at = now() WHERE id = $1";
 
     // waiting: one due serial job.
     enqueue(job("waiting")).await;
@@ -1055,7 +1156,8 @@ async fn the_keda_query_counts_accounts_that_can_use_a_slot() {
     // The waiting part is exactly what the executor's own scan finds runnable.
     let store = PgStore::new(db.pool.clone(), partitions);
     let all: Vec<u32> = (0..p.get()).collect();
-    let due: BTreeSet<String> = store.due_accounts(&all, 10_000).await.unwrap().into_iter().map(|d| d.account).collect();
+    let due: BTreeSet<String> =
+        store.due_accounts(&all, 10_000).await.unwrap().into_iter().map(|d| d.account).collect();
     assert_eq!(due, waiting.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(), "the executor's due scan");
 
     // Nothing running, nothing due: 0 (KEDA's activation threshold is 0).
