@@ -315,7 +315,8 @@ fn host_flags(env: &[(String, String)]) -> warden::HostFlags {
         if let Some(long) = flags.get(k) {
             argv.push(format!("--{long}={v}"));
         } else if let Some((_, why)) = PENDING_FLAGS.iter().find(|(p, _)| p == k) {
-            eprintln!("deploy: {k} is not a HostFlags argument yet (pending: {why}); passed over");
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("deploy: {k} is not a HostFlags argument yet (pending: {why}); passed over"));
         } else {
             assert!(
                 !k.starts_with("WARDEN_"),
