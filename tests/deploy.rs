@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use warden_runtime::store::{self, PgStore, Store};
+use warden_runtime::store::{self, AdminStore, PgAdminStore, PgStore, Store};
 use warden_runtime::{Client, Lane, NewJob, PartitionCount};
 use warden_tests::TestDb;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -671,7 +671,7 @@ fn every_warden_variable_is_a_host_flag_and_the_environment_is_a_valid_node_conf
         assert_eq!(f.node_id, POD_NAME, "{}: node id from the pod name", b.name);
         assert!(f.gossip_listen.is_some() && f.admin_addr.is_some() && f.grpc_listen.is_some(), "{}", b.name);
         assert!(f.api_token_file.is_some() && f.api_token.is_none(), "{}: API token from a mounted file", b.name);
-        assert_eq!(f.max_concurrent_attempts, Some(32), "{}: 32 execution slots per node", b.name);
+        assert_eq!(f.max_concurrent_attempts, 32, "{}: 32 execution slots per node", b.name);
         // The node version comes from the pod-template-hash label (downward API).
         let version = arr(&c["env"]).iter().find(|e| e["name"] == "WARDEN_NODE_VERSION").expect("WARDEN_NODE_VERSION");
         assert_eq!(version["valueFrom"]["fieldRef"]["fieldPath"], "metadata.labels['pod-template-hash']");
@@ -861,7 +861,7 @@ fn autoscaling_fits_the_database_connection_budget_and_uses_the_served_metric() 
         let f = host_flags(&pod_env(container(deploy)));
         let per_node = connections_per_node(&f);
         let surge = int(&deploy["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "maxSurge (a number)");
-        let slots = f.max_concurrent_attempts.expect("execution slots set") as i64;
+        let slots = f.max_concurrent_attempts as i64;
         let scalers: Vec<(&J, i64, i64)> = all_of(&b.docs, "HorizontalPodAutoscaler")
             .into_iter()
             .map(|h| (h, int(&h["spec"]["minReplicas"], "minReplicas"), int(&h["spec"]["maxReplicas"], "maxReplicas")))
@@ -1087,10 +1087,11 @@ fn crd_resources_use_only_known_fields() {
 
 // ----- the KEDA query against PostgreSQL --------------------------------------------
 
-/// Seeds one account per case and runs the ScaledObject's query as shipped: it counts
-/// accounts running a job plus runnable accounts waiting (a due unordered job, or a
-/// due serial head that is not running), each once; and its runnable part agrees with
-/// the executor's own due-accounts scan over every partition.
+/// Seeds one account per case and runs the ScaledObject's query as shipped: the demand
+/// in slots, accounts running a job plus runnable accounts (a due unordered job, or a
+/// due serial head that is not running). It must equal the node's own count
+/// (`AdminStore::runnable_accounts` over every partition, the `SlotDemand::total` the
+/// docs promise), and the runnable accounts must be exactly the executor's due scan.
 #[tokio::test]
 async fn the_keda_query_counts_accounts_that_can_use_a_slot() {
     let so = load_one("overlays/keda/scaledobject.yaml");
@@ -1127,7 +1128,7 @@ async fn the_keda_query_counts_accounts_that_can_use_a_slot() {
     let head = enqueue(job("busy")).await;
     enqueue(job("busy")).await;
     set(head, RUNNING).await;
-    // busy-and-unordered: serial head running and a due unordered job: counted once.
+    // busy-and-unordered: serial head running and a due unordered job: two slots' worth.
     let head = enqueue(job("busy-and-unordered")).await;
     set(head, RUNNING).await;
     enqueue(job("busy-and-unordered").lane(Lane::Unordered)).await;
@@ -1151,8 +1152,10 @@ async fn the_keda_query_counts_accounts_that_can_use_a_slot() {
     let demand: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query.clone())).fetch_one(&db.pool).await.unwrap();
     let busy = ["busy", "busy-and-unordered", "unordered-running"];
     let waiting = ["waiting", "busy-and-unordered", "after-discard"];
-    let expected: BTreeSet<&str> = busy.iter().chain(waiting.iter()).copied().collect();
-    assert_eq!(demand, expected.len() as i64, "KEDA query: expected {expected:?}");
+    assert_eq!(demand, (busy.len() + waiting.len()) as i64, "KEDA query: running {busy:?} + runnable {waiting:?}");
+    let node_count = PgAdminStore::from(&db.pool).runnable_accounts(None, 10_000).await.unwrap();
+    assert_eq!((node_count.running, node_count.runnable), (busy.len() as i64, waiting.len() as i64));
+    assert_eq!(demand, node_count.total(), "the KEDA query and AdminStore::runnable_accounts disagree");
 
     // The waiting part is exactly what the executor's own scan finds runnable.
     let store = PgStore::new(db.pool.clone(), partitions);
