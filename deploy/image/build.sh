@@ -10,7 +10,8 @@
 #
 #   --profile   cargo profile to build (default: release; the CI smoke uses debug)
 #   --image     image name (default: localhost/warden-node:dev)
-#   --binary    use this already-built binary instead of running cargo
+#   --binary    use this already-built binary instead of running cargo (--profile,
+#               --package and --bin are then ignored)
 #   --package / --bin   the node crate and binary to build (default: warden-examples /
 #               warden-node); installed as /usr/local/bin/warden-node either way
 #
@@ -40,6 +41,7 @@ done
 command -v buildah >/dev/null || { echo "build.sh: buildah not found (apt-get install buildah)" >&2; exit 1; }
 
 t0=$(date +%s.%N)
+t1=$t0
 if [ -z "$binary" ]; then
     case "$profile" in
         release) dir=release ;;
@@ -49,9 +51,9 @@ if [ -z "$binary" ]; then
     # shellcheck disable=SC2086 # WARDEN_CARGO may be a command with arguments
     (cd "$repo" && ${WARDEN_CARGO:-cargo} build --locked --profile "$profile" -p "$package" --bin "$bin")
     binary="${CARGO_TARGET_DIR:-$repo/target}/$dir/$bin"
+    t1=$(date +%s.%N)
 fi
 [ -x "$binary" ] || { echo "build.sh: no executable at $binary" >&2; exit 1; }
-t1=$(date +%s.%N)
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/warden-image.XXXXXX")"
 ctr=
@@ -99,4 +101,5 @@ bin_mib=$(($(stat -c %s "$work/rootfs/usr/local/bin/warden-node") / 1024 / 1024)
 echo "build.sh: built $image from $binary"
 echo "build.sh: image size $(buildah images --format '{{.Size}}' "$image" | head -1)" \
     "(rootfs ${rootfs_mib} MiB, of which the binary ${bin_mib} MiB with debug info stripped)"
-echo "build.sh: cargo $(secs "$t0" "$t1")s, image $(secs "$t1" "$t2")s"
+if [ "$t1" != "$t0" ]; then echo "build.sh: cargo $(secs "$t0" "$t1")s"; fi
+echo "build.sh: image $(secs "$t1" "$t2")s"

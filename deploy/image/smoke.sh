@@ -60,7 +60,7 @@ failed=""
 now() { date +%s.%N; }
 secs() { awk "BEGIN { printf \"%.1f\", $2 - $1 }"; }
 log() { printf '[smoke %6ss] %s\n' "$(secs "$t_start" "$(now)")" "$*" >&2; }
-timing() { timings+=("$(printf '%-44s %s' "$1" "$2")"); log "$1: $2"; }
+timing() { timings+=("$(printf '%-50s %s' "$1" "$2")"); log "$1: $2"; }
 fail() {
     failed="$*"
     log "FAIL: $*"
@@ -130,7 +130,7 @@ cleanup() {
     echo
     echo "================ Warden image smoke test: timings"
     for t in "${timings[@]}"; do echo "  $t"; done
-    printf '  %-44s %ss\n' "total" "$(secs "$t_start" "$(now)")"
+    printf '  %-50s %ss\n' "total" "$(secs "$t_start" "$(now)")"
     if [ -z "$failed" ]; then
         echo "================ PASS"
     else
@@ -143,19 +143,22 @@ trap cleanup EXIT
 trap 'failed="interrupted"; exit 130' INT TERM
 
 # ---------------------------------------------------------------- image and CLI
-t=$(now)
-build_log="$work/build.log"
-"$repo/deploy/image/build.sh" --profile "$profile" --image "$image" 2>&1 | tee "$build_log" | grep '^build.sh:' >&2 \
-    || { tail -40 "$build_log" >&2; fail "deploy/image/build.sh failed"; }
-timing "image build (cargo $profile + buildah)" "$(secs "$t" "$(now)")s"
-timing "image size" "$(podman image inspect --format '{{.Size}}' "$image" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
-
+# One cargo run for the node and the CLI (one feature resolution, one lock wait), then
+# build.sh packs the node binary.
 t=$(now)
 # shellcheck disable=SC2086 # WARDEN_CARGO may be a command with arguments
-${WARDEN_CARGO:-cargo} build --locked --profile "$cargo_profile" -p warden-cli --bin warden >"$work/cli.log" 2>&1 \
-    || { tail -40 "$work/cli.log" >&2; fail "building the warden CLI failed"; }
+${WARDEN_CARGO:-cargo} build --locked --profile "$cargo_profile" \
+    -p warden-examples --bin warden-node -p warden-cli --bin warden >"$work/cargo.log" 2>&1 \
+    || { tail -40 "$work/cargo.log" >&2; fail "cargo build of warden-node and warden failed"; }
+node_bin="${CARGO_TARGET_DIR:-$repo/target}/$profile/warden-node"
 cli="${CARGO_TARGET_DIR:-$repo/target}/$profile/warden"
-timing "CLI build" "$(secs "$t" "$(now)")s"
+timing "cargo build --profile $cargo_profile (node + CLI)" "$(secs "$t" "$(now)")s"
+t=$(now)
+"$repo/deploy/image/build.sh" --binary "$node_bin" --image "$image" >"$work/build.log" 2>&1 \
+    || { tail -40 "$work/build.log" >&2; fail "deploy/image/build.sh failed"; }
+grep '^build.sh:' "$work/build.log" >&2 || true
+timing "image build (build.sh: rootfs + buildah commit)" "$(secs "$t" "$(now)")s"
+timing "image size" "$(podman image inspect --format '{{.Size}}' "$image" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
 
 # The image must match the Dockerfile's runtime stage (the one users build).
 podman image inspect --format '{{json .Config}}' "$image" >"$work/config.json"
@@ -296,14 +299,18 @@ done
 warden 1 ring | sed 's/^/    /' >&2
 
 # ---------------------------------------------------------------- jobs
-# Wave w: $jobs charges over $accounts accounts; the first three through the gRPC API of
-# each node (CLI), the rest in one SQL statement (warden.enqueue).
+# Wave w: $jobs charges over $accounts accounts; the first three through the gRPC API
+# (the CLI) of the running nodes given, round robin, the rest in one SQL statement
+# (warden.enqueue).
 enqueue_wave() {
-    local w=$1 base=$(( $1 * 1000000 )) i
+    local w=$1 base=$(( $1 * 1000000 )) i node
+    shift
+    local via=("$@")
     for i in 1 2 3; do
-        warden "$i" jobs enqueue "smoke-$(( (base + i) % accounts ))" charge \
+        node="${via[$(( (i - 1) % ${#via[@]} ))]}"
+        warden "$node" jobs enqueue "smoke-$(( (base + i) % accounts ))" charge \
             --args "{\"purchase\": $((base + i)), \"amount_cents\": 500}" >/dev/null \
-            || fail "warden jobs enqueue through n$i failed"
+            || fail "warden jobs enqueue through n$node failed"
     done
     sql "SELECT count(warden.enqueue('smoke-' || (i % $accounts), 'charge',
                 jsonb_build_object('purchase', i, 'amount_cents', 500)))
@@ -314,7 +321,7 @@ unfinished() { sql "SELECT count(*) FROM warden.jobs WHERE state NOT IN ('comple
 all_finished() { [ "$(unfinished)" = 0 ]; }
 
 t=$(now)
-enqueue_wave 1
+enqueue_wave 1 1 2 3
 wait_for "$JOBS_TIMEOUT" all_finished || fail "$(unfinished) jobs still unfinished ${JOBS_TIMEOUT}s after wave 1"
 timing "wave 1: $jobs charge->invoice->notify chains" "$(secs "$t" "$(now)")s"
 ran_on="$(sql "SELECT string_agg(n || '=' || c, ' ' ORDER BY n) FROM (SELECT split_part(node, '/', 1) AS n, count(*) AS c FROM warden.attempts GROUP BY 1) s")"
@@ -324,7 +331,7 @@ for i in 1 2 3; do [[ " $ran_on" == *" n$i="* ]] || fail "n$i ran no attempt in 
 # ---------------------------------------------------------------- SIGTERM one container
 # A second wave goes in just before, so n2 drains and hands off under load.
 victim="warden-smoke-$$-n2"
-enqueue_wave 2
+enqueue_wave 2 1 2 3
 t=$(now)
 podman kill --signal TERM "$victim" >/dev/null
 code="$(timeout "$STOP_TIMEOUT" podman wait "$victim")" || fail "n2 did not exit within ${STOP_TIMEOUT}s of SIGTERM"
@@ -339,11 +346,11 @@ for line in "leaving: handing off every partition" "shutting down: draining and 
 done
 log "n2 exited 0; its log shows leaving -> handoff (ownership: released) -> node stopped cleanly"
 wait_for "$RING_TIMEOUT" ring_is 1 n1,n3 || fail "n1 and n3 did not own every partition within ${RING_TIMEOUT}s of n2's exit"
-timing "n2 exit -> ring of 2, every partition stable" "$(secs "$t" "$(now)")s"
+timing "SIGTERM -> ring of 2, every partition stable" "$(secs "$t" "$(now)")s"
 warden 3 ring | sed 's/^/    /' >&2
 
 t=$(now)
-enqueue_wave 3
+enqueue_wave 3 1 3
 wait_for "$JOBS_TIMEOUT" all_finished || fail "$(unfinished) jobs still unfinished ${JOBS_TIMEOUT}s after wave 3 (2 nodes)"
 timing "waves 2 (rest) + 3 on the remaining 2 nodes" "$(secs "$t" "$(now)")s"
 late="$(sql "SELECT count(*) FROM warden.attempts WHERE node LIKE 'n2/%' AND started_at >= '$exited_at'")"
