@@ -13,6 +13,8 @@
 #                 unless --keep-image
 #   --jobs        charges per wave (default 300; each is followed by invoice and notify)
 #   --accounts    accounts the charges are spread over (default 50)
+#   --use-image   test this existing image instead of building one with build.sh (e.g.
+#                 one built from the Dockerfile); it is kept
 #
 # Needs root (podman with runc, host network), DATABASE_URL (a PostgreSQL on this
 # machine the containers reach over 127.0.0.1; the test makes and drops its own
@@ -30,6 +32,7 @@ image=localhost/warden-node:smoke
 jobs=300
 accounts=50
 keep_image=0
+use_image=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
@@ -37,6 +40,7 @@ while [ $# -gt 0 ]; do
         --jobs) jobs="${2:?--jobs needs a value}"; shift 2 ;;
         --accounts) accounts="${2:?--accounts needs a value}"; shift 2 ;;
         --keep-image) keep_image=1; shift ;;
+        --use-image) image="${2:?--use-image needs a value}"; use_image=1; keep_image=1; shift 2 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "smoke: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -146,18 +150,26 @@ trap 'failed="interrupted"; exit 130' INT TERM
 # One cargo run for the node and the CLI (one feature resolution, one lock wait), then
 # build.sh packs the node binary.
 t=$(now)
+targets=(-p warden-cli --bin warden)
+[ "$use_image" = 1 ] || targets=(-p warden-examples --bin warden-node "${targets[@]}")
 # shellcheck disable=SC2086 # WARDEN_CARGO may be a command with arguments
-${WARDEN_CARGO:-cargo} build --locked --profile "$cargo_profile" \
-    -p warden-examples --bin warden-node -p warden-cli --bin warden >"$work/cargo.log" 2>&1 \
-    || { tail -40 "$work/cargo.log" >&2; fail "cargo build of warden-node and warden failed"; }
+${WARDEN_CARGO:-cargo} build --locked --profile "$cargo_profile" "${targets[@]}" >"$work/cargo.log" 2>&1 \
+    || { tail -40 "$work/cargo.log" >&2; fail "cargo build ${targets[*]} failed"; }
 node_bin="${CARGO_TARGET_DIR:-$repo/target}/$profile/warden-node"
 cli="${CARGO_TARGET_DIR:-$repo/target}/$profile/warden"
-timing "cargo build --profile $cargo_profile (node + CLI)" "$(secs "$t" "$(now)")s"
-t=$(now)
-"$repo/deploy/image/build.sh" --binary "$node_bin" --image "$image" >"$work/build.log" 2>&1 \
-    || { tail -40 "$work/build.log" >&2; fail "deploy/image/build.sh failed"; }
-grep '^build.sh:' "$work/build.log" >&2 || true
-timing "image build (build.sh: rootfs + buildah commit)" "$(secs "$t" "$(now)")s"
+what="node + CLI"
+[ "$use_image" = 0 ] || what="CLI"
+timing "cargo build --profile $cargo_profile ($what)" "$(secs "$t" "$(now)")s"
+if [ "$use_image" = 1 ]; then
+    podman image exists "$image" || fail "no image $image"
+    log "testing the existing image $image"
+else
+    t=$(now)
+    "$repo/deploy/image/build.sh" --binary "$node_bin" --image "$image" >"$work/build.log" 2>&1 \
+        || { tail -40 "$work/build.log" >&2; fail "deploy/image/build.sh failed"; }
+    grep '^build.sh:' "$work/build.log" >&2 || true
+    timing "image build (build.sh: rootfs + buildah commit)" "$(secs "$t" "$(now)")s"
+fi
 timing "image size" "$(podman image inspect --format '{{.Size}}' "$image" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
 
 # The image must match the Dockerfile's runtime stage (the one users build).
