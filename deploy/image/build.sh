@@ -73,10 +73,12 @@ ctr="$(buildah from scratch)"
 # Contents of rootfs/ into /, modes kept, every file owned by root.
 buildah copy --quiet "$ctr" "$work/rootfs/" / >/dev/null
 # Keep in step with the runtime stage of deploy/image/Dockerfile (smoke.sh compares them).
+# PATH: the default Docker and Buildah give every image built FROM scratch.
 buildah config \
     --user 65532:65532 \
     --workingdir / \
     --entrypoint '["/usr/local/bin/warden-node"]' \
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env WARDEN_ADMIN_ADDR=0.0.0.0:9090 \
     --env NO_COLOR=1 \
     --port 9090/tcp --port 7070/tcp --port 7946/udp \
