@@ -15,7 +15,7 @@
 #   /tmp                         empty, 1777 (the node writes no files; for handlers that do)
 #
 # Nothing else: no shell, no package manager, no CA bundle (the node's PostgreSQL
-# client is built without TLS, and its gRPC TLS reads the files you mount).
+# TLS is rustls with Mozilla's roots compiled in; its gRPC TLS reads the files you mount).
 set -euo pipefail
 
 bin="${1:?usage: rootfs.sh BINARY DEST}"
