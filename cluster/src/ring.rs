@@ -299,7 +299,7 @@ pub fn place(members: &[String], partitions: PartitionCount, config: &RingConfig
 }
 
 /// `max(⌈P/N⌉, ⌊(1+ε)·P/N⌋)`, at most P.
-fn load_cap(p: u32, n: usize, epsilon: f64) -> u32 {
+pub(crate) fn load_cap(p: u32, n: usize, epsilon: f64) -> u32 {
     let n = n as u64;
     let ceil = (p as u64).div_ceil(n) as u32;
     // Negative and NaN ε (for which `ε > 0` is false) mean no slack.
@@ -434,6 +434,16 @@ impl Ring {
     /// The next member on partition `q`'s walk that it has not asked yet, and the
     /// clockwise distance from `q` to that member's nearest point.
     fn next_member(&self, q: u32, p: u32, start: usize, steps: &mut usize) -> Candidate {
+        match self.try_next_member(q, p, start, steps) {
+            Some(c) => c,
+            // Unreachable: a partition turned away by all N members would mean all N
+            // hold `cap` others, i.e. N·cap + 1 ≤ P partitions, but `cap ≥ ⌈P/N⌉`.
+            None => unreachable!("partition {q} was turned away by every member"),
+        }
+    }
+
+    /// [`Ring::next_member`], `None` once the walk has met every member.
+    fn try_next_member(&self, q: u32, p: u32, start: usize, steps: &mut usize) -> Option<Candidate> {
         let from = partition_position(q, p);
         let len = self.points.len();
         while *steps < len {
@@ -444,12 +454,10 @@ impl Ring {
             let mine = &self.by_member[v.member as usize];
             let nearest = mine[mine.partition_point(|k| *k < from) % mine.len()];
             if nearest == v.position {
-                return Candidate { member: v.member, distance: v.position.wrapping_sub(from) };
+                return Some(Candidate { member: v.member, distance: v.position.wrapping_sub(from) });
             }
         }
-        // Unreachable: a partition turned away by all N members would mean all N hold
-        // `cap` others, i.e. N·cap + 1 ≤ P partitions, but `cap ≥ ⌈P/N⌉`.
-        unreachable!("partition {q} was turned away by every member");
+        None
     }
 }
 
@@ -464,6 +472,21 @@ fn hashring_of(points: Vec<VNode>) -> HashRing<VNode, IdentityBuild> {
     let mut ring = HashRing::with_hasher(IdentityBuild);
     ring.batch_add(points);
     ring
+}
+
+/// Every partition's whole walk over sorted, deduplicated `members`: (member index,
+/// clockwise distance) in the order the partition meets them. For experiments with
+/// other preference lists (see `crate::rollout`'s figures).
+#[cfg(test)]
+pub(crate) fn walks(members: &[String], p: u32, config: &RingConfig) -> Vec<Vec<(u32, u64)>> {
+    let ring = Ring::new(members, config.vnodes_per_member);
+    (0..p)
+        .map(|q| {
+            let (start, mut steps) = (ring.first_at_or_after(partition_position(q, p)), 0);
+            std::iter::from_fn(|| ring.try_next_member(q, p, start, &mut steps).map(|c| (c.member, c.distance)))
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]
