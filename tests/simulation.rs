@@ -94,6 +94,8 @@ fn members(ids: &[String]) -> Vec<Member> {
             db_ok: true,
             ring: None,
             schema: None,
+            version: None,
+            started_us: None,
         })
         .collect()
 }

@@ -14,6 +14,9 @@
 //! - [`ring`] — the pure placement function: consistent-hash ring (`hashring`, virtual
 //!   nodes) with bounded loads, solved as a deferred-acceptance matching, from (active
 //!   members, P) to an owner per partition.
+//! - [`rollout`] — rolling deploys: the version group a rollout heads for
+//!   ([`rollout::target_version`], from the `version`/`started` gossip keys), and the
+//!   measured reasons why placement stays the plain ring during one.
 //! - [`placement`] — what this node should hold: [`SingleNode`], or the ring over the
 //!   active members with a settle delay ([`RingPlacement`], [`Settler`]).
 
@@ -22,6 +25,7 @@ pub mod membership;
 pub mod partition;
 pub mod placement;
 pub mod ring;
+pub mod rollout;
 
 pub use error::{ConfigError, Error};
 pub use membership::{GossipConfig, GossipMembership, Member, MemberState, Membership};

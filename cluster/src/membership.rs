@@ -10,7 +10,8 @@
 //! says so at once, and is dropped from the ring without waiting for the settle
 //! delay), `ring` (its ring algorithm and configuration, see
 //! [`crate::ring::RingConfig::fingerprint`]), `schema` (its binary's schema version),
-//! and load figures (`load.*`). Its generation (start time in µs) is part of its
+//! `version` and `started` (its deploy version label and start time, see
+//! [`crate::rollout`]), and load figures (`load.*`). Its generation (start time in µs) is part of its
 //! chitchat id, so a node restarted with the same id is a new generation; the view
 //! keeps only the newest live generation per node id.
 //!
@@ -75,6 +76,13 @@ pub struct Member {
     pub ring: Option<String>,
     /// The member's binary schema version, if it publishes one.
     pub schema: Option<i64>,
+    /// The member's deploy version label (`--node-version`; `""`: unversioned), if it
+    /// publishes one (binaries before this field do not). Opaque: not ordered.
+    pub version: Option<String>,
+    /// When the member's process started, µs since the Unix epoch, if it publishes it
+    /// (with `version`). Unlike `generation` (which a caller may set to any counter),
+    /// always a wall-clock start time, so it compares across nodes.
+    pub started_us: Option<u64>,
 }
 
 /// The membership seam.
@@ -92,6 +100,9 @@ pub trait Membership: Send + Sync + 'static {
     async fn set_db_ok(&self, _ok: bool) {}
     /// Announce this node's ring fingerprint and binary schema version.
     async fn set_versions(&self, _ring: &str, _schema: i64) {}
+    /// Announce this node's deploy version label and start time (µs since the Unix
+    /// epoch); see [`crate::rollout`].
+    async fn set_node_version(&self, _version: &str, _started_us: u64) {}
     /// Stop gossiping (peers then detect this node as dead). Idempotent.
     async fn shutdown(&self);
 }
@@ -196,6 +207,8 @@ const KEY_GRPC: &str = "grpc_addr";
 const KEY_DB: &str = "db";
 const KEY_RING: &str = "ring";
 const KEY_SCHEMA: &str = "schema";
+const KEY_VERSION: &str = "version";
+const KEY_STARTED: &str = "started";
 const LOAD_PREFIX: &str = "load.";
 
 impl GossipMembership {
@@ -287,6 +300,8 @@ fn to_members(nodes: &BTreeMap<ChitchatId, NodeState>) -> Vec<Member> {
             db_ok: state.get(KEY_DB) != Some("lost"),
             ring: state.get(KEY_RING).map(str::to_string),
             schema: state.get(KEY_SCHEMA).and_then(|v| v.parse().ok()),
+            version: state.get(KEY_VERSION).map(str::to_string),
+            started_us: state.get(KEY_STARTED).and_then(|v| v.parse().ok()),
         };
         match by_id.get(&m.node_id) {
             Some(existing) if existing.generation >= m.generation => {}
@@ -326,6 +341,14 @@ impl Membership for GossipMembership {
         let mut c = self.chitchat.lock().await;
         c.self_node_state().set(KEY_RING, ring);
         c.self_node_state().set(KEY_SCHEMA, schema.to_string());
+    }
+
+    async fn set_node_version(&self, version: &str, started_us: u64) {
+        let mut c = self.chitchat.lock().await;
+        // `started` first: a peer that sees `version` then also has the start time
+        // (chitchat sends a node's keys in the order they were set).
+        c.self_node_state().set(KEY_STARTED, started_us.to_string());
+        c.self_node_state().set(KEY_VERSION, version);
     }
 
     async fn set_db_ok(&self, ok: bool) {
@@ -385,6 +408,14 @@ mod tests {
         }
         b.set_state(MemberState::Active).await;
         b.set_load(&[("partitions", "7".into())]).await;
+        b.set_node_version("7d9f8c6b5", 1_700_000_000_000_000).await;
+        wait_for(&c, "b's version", |v| {
+            v.iter().any(|m| {
+                m.node_id == "b" && m.version.as_deref() == Some("7d9f8c6b5") && m.started_us == Some(1_700_000_000_000_000)
+            })
+        })
+        .await;
+        assert!(c.view().borrow().iter().filter(|m| m.node_id != "b").all(|m| m.version.is_none()));
         wait_for(&a, "b active with load", |v| {
             v.iter().any(|m| {
                 m.node_id == "b"

@@ -284,7 +284,11 @@ pub async fn run_ring(
             };
             let standby = effective.is_none();
             let mine = ring.as_ref().map(|r| r.partitions_of(&placement.node_id).len()).unwrap_or(0);
-            tracing::info!(members = ?set, partitions_here = mine, standby, "ownership: ring changed");
+            // Reported only: placement is the plain ring whatever the versions (see
+            // `crate::rollout` for why).
+            let placed: Vec<Member> = members.iter().filter(|m| set.contains(&m.node_id)).cloned().collect();
+            let rollout_target = crate::rollout::target_version(&placed);
+            tracing::info!(members = ?set, partitions_here = mine, standby, ?rollout_target, "ownership: ring changed");
             placement.set(ring, standby);
         }
         let deadline = settler.deadline();
@@ -353,6 +357,8 @@ mod tests {
             db_ok: true,
             ring: None,
             schema: None,
+            version: None,
+            started_us: None,
         };
         let view = vec![m("a", MemberState::Active), m("b", MemberState::Joining), m("c", MemberState::Leaving)];
         assert_eq!(active_ids(&view), ids(&["a"]));
@@ -369,6 +375,8 @@ mod tests {
             db_ok,
             ring: None,
             schema,
+            version: None,
+            started_us: None,
         }
     }
 

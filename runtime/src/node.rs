@@ -111,6 +111,10 @@ pub struct ClusterOptions {
     pub ring: RingConfig,
     /// How often load figures are published in gossip.
     pub load_interval: Duration,
+    /// This node's deploy version label, published in gossip (`version`, with the
+    /// node's start time): opaque, e.g. Kubernetes' `pod-template-hash`; `""` is
+    /// unversioned. See `warden_cluster::rollout`.
+    pub node_version: String,
 }
 
 impl Default for ClusterOptions {
@@ -119,6 +123,7 @@ impl Default for ClusterOptions {
             settle_delay: Duration::from_millis(500),
             ring: RingConfig::default(),
             load_interval: Duration::from_secs(1),
+            node_version: String::new(),
         }
     }
 }
@@ -284,6 +289,7 @@ impl NodeBuilder {
         };
         if let Some(ClusterWiring { membership, options }) = &self.cluster {
             membership.set_versions(&options.ring.fingerprint(), crate::schema::binary_version()).await;
+            membership.set_node_version(&options.node_version, u64::try_from(generation).unwrap_or(u64::MAX)).await;
             let rp = RingPlacement::new(config.node_id.clone());
             tracker.spawn(warden_cluster::placement::run_ring(
                 membership.clone(),

@@ -363,7 +363,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let members: Vec<_> = r.members.iter().map(|m| json!({
                     "node_id": m.node_id, "generation": m.generation, "gossip_addr": m.gossip_addr, "grpc_addr": m.grpc_addr,
                     "state": m.state, "live": m.live, "partitions_held": m.partitions_held, "partitions_desired": m.partitions_desired,
-                    "active_accounts": m.active_accounts, "backlog": m.backlog })).collect();
+                    "active_accounts": m.active_accounts, "backlog": m.backlog, "version": m.version })).collect();
                 println!(
                     "{}",
                     json!({ "members": members, "lease_holders_not_in_gossip": r.lease_holders_not_in_gossip, "answered_by": r.answered_by })

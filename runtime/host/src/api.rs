@@ -356,6 +356,7 @@ impl Cluster for Api {
                         partitions_desired: desired(&mem.node_id),
                         active_accounts: mem.load.get("actors").and_then(|v| v.parse().ok()).unwrap_or(0),
                         backlog: backlog.get(&mem.node_id).copied().unwrap_or(0).max(0) as u64,
+                        version: mem.version.clone().unwrap_or_default(),
                     });
                 }
             }
@@ -372,6 +373,7 @@ impl Cluster for Api {
                     partitions_desired: self.node.config().partitions.get(),
                     active_accounts: self.node.stats().active_actors as u64,
                     backlog: backlog.get(&id).copied().unwrap_or(0).max(0) as u64,
+                    version: String::new(),
                 });
             }
         }

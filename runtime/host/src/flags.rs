@@ -96,6 +96,10 @@ pub struct HostFlags {
     /// gossip together (see `GossipConfig::with_secret`; not cryptographic auth).
     #[arg(long, env = "WARDEN_GOSSIP_SECRET_FILE")]
     pub gossip_secret_file: Option<PathBuf>,
+    /// Deploy version label published in gossip (opaque, not ordered; in Kubernetes the
+    /// pod's `pod-template-hash` label). Empty: unversioned.
+    #[arg(long, env = "WARDEN_NODE_VERSION", default_value = "")]
+    pub node_version: String,
     /// Rebalance only after the member set was stable this long (ms).
     #[arg(long, env = "WARDEN_SETTLE_DELAY_MS", default_value_t = 500)]
     pub settle_delay_ms: u64,
@@ -165,6 +169,7 @@ impl std::fmt::Debug for HostFlags {
             .field("gossip_interval_ms", &self.gossip_interval_ms)
             .field("cluster_id", &self.cluster_id)
             .field("gossip_secret_file", &self.gossip_secret_file)
+            .field("node_version", &self.node_version)
             .field("settle_delay_ms", &self.settle_delay_ms)
             .field("grpc_addr", &self.grpc_addr)
             .field("grpc_listen", &self.grpc_listen)
@@ -247,6 +252,7 @@ impl HostFlags {
                     gossip: g,
                     options: ClusterOptions {
                         settle_delay: Duration::from_millis(self.settle_delay_ms),
+                        node_version: self.node_version.clone(),
                         ..Default::default()
                     },
                 })
@@ -405,12 +411,17 @@ mod tests {
             "t",
             "--settle-delay-ms",
             "900",
+            "--node-version",
+            "7d9f8c6b5",
         ])
         .unwrap();
         let cl = c.cluster.unwrap();
         assert_eq!(cl.gossip.seeds, vec!["a:1".to_string(), "b:2".to_string()]);
         assert_eq!(cl.gossip.grpc_addr.as_deref(), Some("127.0.0.1:7070"));
         assert_eq!(cl.options.settle_delay, Duration::from_millis(900));
+        assert_eq!(cl.options.node_version, "7d9f8c6b5");
+        let unversioned = parse(&["--gossip-listen", "127.0.0.1:7000"]).unwrap();
+        assert_eq!(unversioned.cluster.unwrap().options.node_version, "", "default: unversioned");
         assert_eq!(c.api.unwrap().token.as_deref(), Some("t"));
     }
 }
