@@ -411,7 +411,9 @@ mod tests {
         b.set_node_version("7d9f8c6b5", 1_700_000_000_000_000).await;
         wait_for(&c, "b's version", |v| {
             v.iter().any(|m| {
-                m.node_id == "b" && m.version.as_deref() == Some("7d9f8c6b5") && m.started_us == Some(1_700_000_000_000_000)
+                m.node_id == "b"
+                    && m.version.as_deref() == Some("7d9f8c6b5")
+                    && m.started_us == Some(1_700_000_000_000_000)
             })
         })
         .await;

@@ -139,7 +139,13 @@ mod tests {
     fn the_target_is_the_group_whose_oldest_member_started_last() {
         let v = |id, label, t| member(id, Some(label), Some(t));
         // A rollout from "aaa" to "bbb", two new pods up; an old pod restarted late.
-        let view = vec![v("o1", "aaa", 100), v("o2", "aaa", 900), v("o3", "aaa", 110), v("n1", "bbb", 500), v("n2", "bbb", 600)];
+        let view = vec![
+            v("o1", "aaa", 100),
+            v("o2", "aaa", 900),
+            v("o3", "aaa", 110),
+            v("n1", "bbb", 500),
+            v("n2", "bbb", 600),
+        ];
         assert_eq!(target_version(&view), Some("bbb"));
         // Labels are opaque: a rollback to a label that sorts first is still the target.
         let back = vec![v("n1", "bbb", 500), v("r1", "000", 700)];
@@ -167,9 +173,7 @@ mod tests {
         for _ in 0..200 {
             let labels = ["a", "b", "c", ""];
             let mut view: Vec<Member> = (0..rng.usize(1..12))
-                .map(|i| {
-                    member(&format!("n{i}"), Some(labels[rng.usize(..labels.len())]), Some(rng.u64(..8)))
-                })
+                .map(|i| member(&format!("n{i}"), Some(labels[rng.usize(..labels.len())]), Some(rng.u64(..8))))
                 .collect();
             let t = target_version(&view).map(str::to_string);
             rng.shuffle(&mut view);
@@ -276,11 +280,19 @@ mod tests {
                     Scheme::TargetsFirst => targets.chain(w.iter().filter(|x| old_of(x)).copied()).collect(),
                     Scheme::HomeThenTargets => {
                         let home = *w.iter().find(|x| old_of(x)).unwrap();
-                        [home].into_iter().chain(targets).chain(w.iter().filter(|x| old_of(x) && **x != home).copied()).collect()
+                        [home]
+                            .into_iter()
+                            .chain(targets)
+                            .chain(w.iter().filter(|x| old_of(x) && **x != home).copied())
+                            .collect()
                     }
                     Scheme::FirstIfOld => {
                         if old_of(&w[0]) {
-                            [w[0]].into_iter().chain(targets).chain(w[1..].iter().filter(|x| old_of(x)).copied()).collect()
+                            [w[0]]
+                                .into_iter()
+                                .chain(targets)
+                                .chain(w[1..].iter().filter(|x| old_of(x)).copied())
+                                .collect()
                         } else {
                             targets.chain(w.iter().filter(|x| old_of(x)).copied()).collect()
                         }
