@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
     /// Scenarios (comma-separated): rollout, rollout-versioned, autoscale.
-    #[arg(long, value_delimiter = ',', default_value = "rollout,rollout-versioned,autoscale")]
+    #[arg(long, value_delimiter = ',', default_value = "rollout,autoscale")]
     only: Vec<String>,
     /// Repetitions of each rollout scenario (figures pooled).
     #[arg(long, default_value_t = 2)]
