@@ -49,8 +49,7 @@ const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 
 /// `WARDEN_*` variables the manifests set for flags being added on other branches:
 /// passed over (with a note) until the flag exists, checked like the others after.
-const PENDING_FLAGS: [(&str, &str); 1] =
-    [("WARDEN_NODE_VERSION", "--node-version: the version label published in gossip (version placement)")];
+const PENDING_FLAGS: [(&str, &str); 0] = [];
 
 /// The grace period must exceed preStop + shutdown budget by at least this much: the
 /// process still stops gRPC and admin after the budget, and a slow database stretches

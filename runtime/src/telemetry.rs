@@ -19,6 +19,12 @@
 //! | `warden_retention_pruned_total` | counter: rows deleted by the pruner | table (`jobs`, `attempts`) |
 //! | `warden_retention_batch_seconds`, `warden_retention_run_seconds` | histogram: pruner batch / run time | |
 //! | `warden_api_rejected_total` | counter: API calls refused by a limit | limit |
+//! | `warden_saturation` | gauge 0..1: busy execution slots / slots, mean over 10 s (the autoscaling signal) | |
+//! | `warden_execution_slots`, `warden_execution_slots_busy` | gauge | |
+//! | `warden_execution_busy_seconds_total` | counter: ∫ busy slots dt | |
+//! | `warden_process_cpu_ratio` | gauge 0..1: process CPU / cores, mean over 10 s | |
+//! | `warden_runnable_accounts` | gauge: accounts waiting for a slot in this node's partitions | |
+//! | `warden_attempts_waiting_for_slot` | gauge: claimed attempts waiting for a slot | |
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -56,5 +62,17 @@ pub fn describe() {
     describe_counter!("warden_retention_pruned_total", "Rows deleted by the retention pruner");
     describe_histogram!("warden_retention_batch_seconds", Unit::Seconds, "Retention pruner batch time");
     describe_histogram!("warden_retention_run_seconds", Unit::Seconds, "Retention pruner run time");
+    describe_gauge!("warden_saturation", "Busy execution slots / slots, mean over the last 10 s");
+    describe_gauge!("warden_execution_slots", "Execution slots of this node");
+    describe_gauge!("warden_execution_slots_busy", "Handlers running now");
+    describe_counter!(
+        "warden_execution_busy_seconds_total",
+        "Integral of busy execution slots over time (slot-seconds)"
+    );
+    describe_gauge!("warden_process_cpu_ratio", "Process CPU time / available cores, mean over the last 10 s");
+    describe_gauge!(
+        "warden_runnable_accounts",
+        "Accounts waiting for a slot: due and unclaimed in this node's partitions, or claimed here and waiting"
+    );
     describe_counter!("warden_api_rejected_total", "gRPC API calls refused by a limit (concurrency, streams, pool)");
 }
