@@ -18,10 +18,14 @@
 //! - [`conformance`] — the executor-seam scenarios every store must pass (run against
 //!   PostgreSQL and the model by `tests/conformance.rs`).
 //! - [`soak`] — the seeded fault-injection harness and its scenario steps.
+//! - [`rollout`] — the deploy harness: rolling restarts with a surge node and an
+//!   HPA-like autoscaler on `warden_saturation`, over node processes, with the
+//!   guarantee, per-partition pauses and moves measured (`tests/rollout.rs`,
+//!   `warden-deploy-bench`).
 //!
 //! Binaries: `warden-test-node` (kit/bin), `warden-soak` (kit/bin), and the
-//! benchmarks `warden-bench`, `warden-cluster-bench`, `warden-retention-bench`
-//! (tests/bench).
+//! benchmarks `warden-bench`, `warden-cluster-bench`, `warden-deploy-bench`,
+//! `warden-retention-bench` (tests/bench).
 
 pub mod conformance;
 pub mod gossip_net;
