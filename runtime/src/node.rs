@@ -575,7 +575,9 @@ impl Node {
     /// Whether the node is ready, and if not why: active in the cluster, reaching
     /// the database, and holding every partition the ring assigns it (latched once
     /// reached, until the node leaves or loses the database). A node the ring
-    /// assigns nothing (more nodes than partitions) is ready once active.
+    /// assigns nothing (more nodes than partitions) is ready once a ring that
+    /// includes it is in force (before that, its ring assigns it nothing because it
+    /// is not in it yet).
     pub fn readiness(&self) -> NodeReadiness {
         let st = &self.inner.status;
         if self.inner.shutdown.is_cancelled() || st.leaving.load(Ordering::Acquire) {
@@ -594,6 +596,15 @@ impl Node {
         let Some(desired) = self.inner.placement.desired(self.inner.config.partitions) else {
             return NodeReadiness::Starting;
         };
+        // A node turns active before the ring it computes includes it: until then the
+        // ring assigns it nothing, which says nothing about what it will be assigned.
+        // (A standby node cannot compute the cluster's ring and owns nothing.)
+        if let Some(rp) = &self.inner.ring {
+            let me = self.inner.config.node_id.as_str();
+            if !rp.standby() && !rp.ring().is_some_and(|r| r.members().iter().any(|m| m == me)) {
+                return NodeReadiness::Starting;
+            }
+        }
         let missing = desired.partitions.iter().filter(|p| self.inner.leases.current(**p).is_none()).count();
         if missing > 0 {
             return NodeReadiness::CatchingUp { missing };
