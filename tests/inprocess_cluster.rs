@@ -158,3 +158,42 @@ async fn a_member_that_only_gossips_owns_nothing() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// `/readyz` promises "active and holding every partition the ring assigns it". A
+/// node turns active before any ring that includes it has been computed (its own
+/// ring is still the one without it, which assigns it nothing), so a latch taken
+/// then says ready with nothing held — a Kubernetes rollout would then stop an old
+/// pod before the new one took anything over. Poll readiness as fast as a probe
+/// could and check what the node holds the first time it says ready.
+#[tokio::test]
+async fn a_node_says_ready_only_once_it_holds_what_the_ring_assigns_it() {
+    let db = TestDb::new().await;
+    workload::migrate(&db.pool).await.unwrap();
+    let t = ChannelTransport::with_mtu(65_000);
+    let first_ready = |n: Node| async move {
+        eventually(Duration::from_secs(30), "ready", || {
+            let n = n.clone();
+            async move {
+                let r = n.is_ready();
+                // What a probe would see the moment it gets 200.
+                let held = n.held_partitions().len();
+                let in_ring = n.ring().is_some_and(|r| r.members().iter().any(|m| m == &n.config().node_id));
+                r.then_some((held, in_ring))
+            }
+        })
+        .await
+    };
+    let n1 = start_node(&db, &t, "n1", 7001).await;
+    let (held, in_ring) = first_ready(n1.clone()).await;
+    assert!(in_ring && held == P as usize, "the first node said ready holding {held}/{P} (in its ring: {in_ring})");
+    wait_owners(&db, 1).await;
+    let n2 = start_node(&db, &t, "n2", 7002).await;
+    let (held, in_ring) = first_ready(n2.clone()).await;
+    let assigned = n2.ring().map(|r| r.partitions_of("n2").len()).unwrap_or(0);
+    assert!(
+        in_ring && assigned > 0 && held >= assigned,
+        "the joining node said ready holding {held} of the {assigned} partitions assigned to it (in its ring: {in_ring})"
+    );
+    n2.shutdown().await.unwrap();
+    n1.shutdown().await.unwrap();
+}

@@ -575,7 +575,9 @@ impl Node {
     /// Whether the node is ready, and if not why: active in the cluster, reaching
     /// the database, and holding every partition the ring assigns it (latched once
     /// reached, until the node leaves or loses the database). A node the ring
-    /// assigns nothing (more nodes than partitions) is ready once active.
+    /// assigns nothing (more nodes than partitions) is ready once a ring that
+    /// includes it is in force (before that, its ring assigns it nothing because it
+    /// is not in it yet).
     pub fn readiness(&self) -> NodeReadiness {
         let st = &self.inner.status;
         if self.inner.shutdown.is_cancelled() || st.leaving.load(Ordering::Acquire) {
@@ -594,6 +596,15 @@ impl Node {
         let Some(desired) = self.inner.placement.desired(self.inner.config.partitions) else {
             return NodeReadiness::Starting;
         };
+        // A node turns active before the ring it computes includes it: until then the
+        // ring assigns it nothing, which says nothing about what it will be assigned.
+        // (A standby node cannot compute the cluster's ring and owns nothing.)
+        if let Some(rp) = &self.inner.ring {
+            let me = self.inner.config.node_id.as_str();
+            if !rp.standby() && !rp.ring().is_some_and(|r| r.members().iter().any(|m| m == me)) {
+                return NodeReadiness::Starting;
+            }
+        }
         let missing = desired.partitions.iter().filter(|p| self.inner.leases.current(**p).is_none()).count();
         if missing > 0 {
             return NodeReadiness::CatchingUp { missing };
@@ -697,11 +708,18 @@ async fn publish_load(
 
 /// A one-connection pool for the runnable-accounts count: never an executor
 /// connection, and lazily connected (a node that never counts opens none).
+///
+/// The count's own deadline is enforced by the server too (`statement_timeout`):
+/// dropping a timed-out query on the client does not stop it in PostgreSQL, so with
+/// the executor's 30 s statement timeout a backlog that makes the count slower than
+/// [`saturation::RUNNABLE_EVERY`] piled up one more full scan every 5 s per node.
 fn control_pool_for_counts(pool: &PgPool) -> PgPool {
+    let timeout_ms = saturation::RUNNABLE_EVERY.as_millis().to_string();
     PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with((*pool.connect_options()).clone())
+        // Appended after the pool's own `-c statement_timeout`: the last one wins.
+        .connect_lazy_with((*pool.connect_options()).clone().options([("statement_timeout", timeout_ms)]))
 }
 
 /// Update the saturation gauges every [`saturation::TICK`] and count the runnable
@@ -717,23 +735,25 @@ async fn measure_saturation(
     let mut window = saturation::Window::new(saturation::WINDOW, cores);
     let mut last_count: Option<std::time::Instant> = None;
     let mut demand: Option<SlotDemand> = None;
+    let mut count_every = saturation::RUNNABLE_EVERY;
     metrics::gauge!("warden_execution_slots").set(meter.slots() as f64);
     loop {
         let now = std::time::Instant::now();
         let busy_seconds = meter.busy_seconds(now);
         let (sat, cpu) = window.push(now, busy_seconds, saturation::process_cpu_seconds(), meter.slots());
-        if last_count.is_none_or(|t| now.duration_since(t) >= saturation::RUNNABLE_EVERY) {
+        if last_count.is_none_or(|t| now.duration_since(t) >= count_every) {
             last_count = Some(now);
             let held: Vec<u32> = leases.held().iter().map(|l| l.partition).collect();
             demand = if held.is_empty() {
                 Some(SlotDemand::default())
             } else {
-                match tokio::time::timeout(
+                let counted = tokio::time::timeout(
                     saturation::RUNNABLE_EVERY,
                     admin.runnable_accounts(Some(&held), saturation::RUNNABLE_CAP),
                 )
-                .await
-                {
+                .await;
+                count_every = saturation::runnable_interval(now.elapsed());
+                match counted {
                     Ok(Ok(d)) => Some(d),
                     // A stale count is worse than none: the figure says unknown.
                     Ok(Err(e)) => {
