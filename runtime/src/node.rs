@@ -281,6 +281,20 @@ impl NodeBuilder {
         let (db_ok_tx, mut db_ok_rx) = watch::channel(true);
         let db_ok = db_ok_rx.clone();
         let status = Arc::new(Status::default());
+        // The readiness latch resets whenever the database is lost, even between
+        // probes: the partitions self-fenced meanwhile must be re-acquired first.
+        let (mut lost_rx, st, stop) = (db_ok_rx.clone(), status.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = lost_rx.changed() => if changed.is_err() { return },
+                }
+                if !*lost_rx.borrow_and_update() {
+                    st.caught_up.store(false, Ordering::Release);
+                }
+            }
+        });
         let member = store::MemberInfo {
             node_id: config.node_id.clone(),
             started_at: chrono::Utc::now(),
