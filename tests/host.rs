@@ -6,18 +6,7 @@ use std::time::Duration;
 use warden::api::pb;
 use warden::{Host, HostConfig};
 use warden_tests::workload::{self, Audit};
-use warden_tests::{audit_jobs, count_state, eventually, TestDb};
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    (buf.split_whitespace().nth(1).unwrap().parse().unwrap(), buf)
-}
+use warden_tests::{audit_jobs, count_state, eventually, http_get, TestDb};
 
 fn config(db: &TestDb, id: &str) -> HostConfig {
     let mut c = HostConfig::new(id, db.url.clone());
@@ -52,9 +41,9 @@ async fn a_host_configured_in_code_serves_admin_and_grpc_and_stops_in_order() {
         .unwrap();
     assert!(ran_setup.load(std::sync::atomic::Ordering::SeqCst), "set-up ran before the node started");
     let admin = host.admin_addr().unwrap();
-    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(admin.port(), "/healthz").await.unwrap().0, 200);
     eventually(Duration::from_secs(10), "ready", || async {
-        (http_get(admin, "/readyz").await.0 == 200).then_some(())
+        (http_get(admin.port(), "/readyz").await.unwrap().0 == 200).then_some(())
     })
     .await;
     // The node's enqueue pool is its own (not the executor's).
@@ -117,7 +106,7 @@ async fn an_executor_only_host_runs_jobs_without_http_or_grpc() {
 async fn a_failing_setup_step_stops_the_start_and_frees_the_admin_port() {
     let db = TestDb::new().await;
     let mut c = config(&db, "h3");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = warden_tests::free_tcp_port();
     c.admin_addr = Some(format!("127.0.0.1:{port}").parse().unwrap());
     let err = Host::new(c)
         .setup(|_| async { anyhow::bail!("the application's migration failed") })

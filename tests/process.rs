@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 use warden_runtime::Client;
-use warden_tests::{assert_guarantee, audit_jobs, count_state, eventually, NodeProc, PrivatePg, TestDb};
+use warden_tests::{
+    assert_guarantee, audit_jobs, count_state, eventually, free_tcp_port, http_get, NodeProc, PrivatePg, TestDb,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
 /// Short lease so tests fail over quickly; everything else default.
@@ -97,22 +99,10 @@ async fn database_outage_pauses_execution_and_resumes_without_loss_or_duplicates
 }
 
 /// Minimal HTTP GET against the node's admin port.
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, buf)
-}
-
 #[tokio::test]
 async fn admin_port_serves_metrics_health_and_readiness() {
     let db = TestDb::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_tcp_port();
     let addr = format!("127.0.0.1:{port}");
     let mut args = FAST.to_vec();
     args.extend(["--admin-addr", &addr]);
@@ -123,11 +113,11 @@ async fn admin_port_serves_metrics_health_and_readiness() {
         (count_state(&db.pool, "completed").await == 20).then_some(())
     })
     .await;
-    assert_eq!(http_get(port, "/healthz").await.0, 200);
-    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    assert_eq!(http_get(port, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(port, "/readyz").await.unwrap().0, 200);
     // Lease renewals happen every TTL/4: poll until the first one is counted.
     let body = eventually(Duration::from_secs(10), "renewals in /metrics", || async {
-        let (status, body) = http_get(port, "/metrics").await;
+        let (status, body) = http_get(port, "/metrics").await.unwrap();
         assert_eq!(status, 200);
         body.contains("warden_lease_renewals_total").then_some(body)
     })
@@ -168,7 +158,7 @@ async fn nodes_started_together_on_a_fresh_database_all_come_up() {
 async fn a_node_started_before_its_database_waits_live_but_not_ready() {
     let pg = PrivatePg::start();
     pg.stop();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_tcp_port();
     let url = pg.url();
     let starting = tokio::spawn(async move {
         let admin = format!("127.0.0.1:{port}");
@@ -177,11 +167,8 @@ async fn a_node_started_before_its_database_waits_live_but_not_ready() {
         NodeProc::start(BIN, &url, "node-a", &args).await
     });
     let body = eventually(Duration::from_secs(20), "admin port up while the database is down", || async {
-        let (h, _) = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(_) => http_get(port, "/healthz").await,
-            Err(_) => return None,
-        };
-        let (r, body) = http_get(port, "/readyz").await;
+        let Ok((h, _)) = http_get(port, "/healthz").await else { return None };
+        let (r, body) = http_get(port, "/readyz").await.unwrap();
         (h == 200 && r == 503).then_some(body)
     })
     .await;
@@ -191,8 +178,10 @@ async fn a_node_started_before_its_database_waits_live_but_not_ready() {
     pg.restart();
     let mut node = tokio::time::timeout(Duration::from_secs(60), starting).await.expect("started").unwrap();
     assert!(node.log_contains("database not reachable yet; retrying"), "the wait is logged");
-    eventually(Duration::from_secs(10), "ready", || async { (http_get(port, "/readyz").await.0 == 200).then_some(()) })
-        .await;
+    eventually(Duration::from_secs(10), "ready", || async {
+        (http_get(port, "/readyz").await.unwrap().0 == 200).then_some(())
+    })
+    .await;
     node.signal(libc::SIGTERM);
     let status = node.wait_exit(Duration::from_secs(30)).await.expect("exits after SIGTERM");
     assert!(status.success(), "{status}");

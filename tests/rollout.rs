@@ -1,24 +1,10 @@
 //! The autoscaling and rollout harness's smoke runs (the full figures come from
 //! `warden-deploy-bench`, BENCHMARKS.md): real node processes, real PostgreSQL.
 
-use std::time::Duration;
-use warden_tests::rollout::{self, pct, AutoscaleOpts, Hpa, RolloutOpts};
+use warden_tests::rollout::{self, pct, AutoscaleOpts, RolloutOpts};
 use warden_tests::TestDb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
-
-fn opts(versioned: bool) -> RolloutOpts {
-    RolloutOpts {
-        nodes: 3,
-        partitions: 256,
-        accounts: 100,
-        rate: 50.0,
-        sleep_ms: 5,
-        versioned,
-        grace: Duration::from_secs(30),
-        extra_args: Vec::new(),
-    }
-}
 
 /// A rolling restart of 3 nodes under load (one surge node, each replaced by a new
 /// generation): nothing lost, re-run, overlapping or out of order; no in-flight job
@@ -27,7 +13,7 @@ fn opts(versioned: bool) -> RolloutOpts {
 #[tokio::test]
 async fn a_rolling_restart_keeps_the_guarantee_and_kills_no_work() {
     let db = TestDb::new().await;
-    let r = rollout::rollout(&db.url, &db.pool, BIN, &opts(false)).await.unwrap();
+    let r = rollout::rollout(&db.url, &db.pool, BIN, &RolloutOpts::new(true, 256, false)).await.unwrap();
     eprintln!(
         "rollout: {:.1} s, pause p50/p99/max {:.0}/{:.0}/{:.0} ms, moves max {:?}, stops {:?}",
         r.took.as_secs_f64(),
@@ -50,26 +36,7 @@ async fn a_rolling_restart_keeps_the_guarantee_and_kills_no_work() {
 #[tokio::test]
 async fn the_autoscaler_follows_saturation_up_and_back_down_without_killing_work() {
     let db = TestDb::new().await;
-    let s = |secs: u64| Duration::from_secs(secs);
-    let o = AutoscaleOpts {
-        partitions: 256,
-        accounts: 100,
-        sleep_ms: 200,
-        slots: 2,
-        phases: vec![(s(6), 4.0, 4.0), (s(6), 4.0, 40.0), (s(16), 40.0, 40.0), (s(6), 40.0, 4.0), (s(30), 4.0, 4.0)],
-        hpa: Hpa {
-            min: 2,
-            max: 4,
-            target: 0.6,
-            tolerance: 0.1,
-            period: s(2),
-            up_window: s(2),
-            down_window: s(10),
-            max_up_step: 2,
-            max_down_step: 1,
-        },
-        grace: s(30),
-    };
+    let o = AutoscaleOpts::new(true, 256);
     let r = rollout::autoscale(&db.url, &db.pool, BIN, &o, |st| eprintln!("{st:?}")).await.unwrap();
     assert!(r.guarantee.clean(), "{:?}", r.guarantee);
     assert_eq!(r.guarantee.killed_in_flight, 0, "{:?}", r.guarantee);

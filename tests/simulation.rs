@@ -83,21 +83,7 @@ impl Membership for SimMembership {
 }
 
 fn members(ids: &[String]) -> Vec<Member> {
-    ids.iter()
-        .map(|id| Member {
-            node_id: id.clone(),
-            generation: 1,
-            gossip_addr: ([127, 0, 0, 1], 1).into(),
-            grpc_addr: None,
-            state: MemberState::Active,
-            load: Default::default(),
-            db_ok: true,
-            ring: None,
-            schema: None,
-            version: None,
-            started_us: None,
-        })
-        .collect()
+    ids.iter().map(|id| Member::active(id.clone(), ([127, 0, 0, 1], 1).into())).collect()
 }
 
 /// A pause switch for a node's tasks: while paused they are not polled at all (their

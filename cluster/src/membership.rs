@@ -85,6 +85,27 @@ pub struct Member {
     pub started_us: Option<u64>,
 }
 
+impl Member {
+    /// An active member (generation 1) that reaches the database and publishes
+    /// nothing else: the base of views that tests and simulations build by hand
+    /// (`Member { db_ok: false, ..Member::active("a", addr) }`).
+    pub fn active(node_id: impl Into<String>, gossip_addr: SocketAddr) -> Self {
+        Member {
+            node_id: node_id.into(),
+            generation: 1,
+            gossip_addr,
+            grpc_addr: None,
+            state: MemberState::Active,
+            load: Default::default(),
+            db_ok: true,
+            ring: None,
+            schema: None,
+            version: None,
+            started_us: None,
+        }
+    }
+}
+
 /// The membership seam.
 #[async_trait]
 pub trait Membership: Send + Sync + 'static {

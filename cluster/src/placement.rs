@@ -347,37 +347,13 @@ mod tests {
 
     #[test]
     fn only_active_members_own_partitions() {
-        let m = |id: &str, st| Member {
-            node_id: id.into(),
-            generation: 1,
-            gossip_addr: ([127, 0, 0, 1], 1).into(),
-            grpc_addr: None,
-            state: st,
-            load: Default::default(),
-            db_ok: true,
-            ring: None,
-            schema: None,
-            version: None,
-            started_us: None,
-        };
+        let m = |id: &str, state| Member { state, ..Member::active(id, ([127, 0, 0, 1], 1).into()) };
         let view = vec![m("a", MemberState::Active), m("b", MemberState::Joining), m("c", MemberState::Leaving)];
         assert_eq!(active_ids(&view), ids(&["a"]));
     }
 
     fn member(id: &str, db_ok: bool, schema: Option<i64>) -> Member {
-        Member {
-            node_id: id.into(),
-            generation: 1,
-            gossip_addr: ([127, 0, 0, 1], 1).into(),
-            grpc_addr: None,
-            state: MemberState::Active,
-            load: Default::default(),
-            db_ok,
-            ring: None,
-            schema,
-            version: None,
-            started_us: None,
-        }
+        Member { db_ok, schema, ..Member::active(id, ([127, 0, 0, 1], 1).into()) }
     }
 
     #[test]

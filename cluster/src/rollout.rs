@@ -113,7 +113,6 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    use crate::membership::MemberState;
     use crate::partition::PartitionCount;
     use crate::ring::RingConfig;
 
@@ -121,17 +120,10 @@ mod tests {
 
     fn member(id: &str, version: Option<&str>, started_us: Option<u64>) -> Member {
         Member {
-            node_id: id.into(),
-            generation: 1,
-            gossip_addr: ([127, 0, 0, 1], 1).into(),
-            grpc_addr: None,
-            state: MemberState::Active,
-            load: Default::default(),
-            db_ok: true,
-            ring: None,
             schema: Some(6),
             version: version.map(str::to_string),
             started_us,
+            ..Member::active(id, ([127, 0, 0, 1], 1).into())
         }
     }
 

@@ -281,17 +281,24 @@ impl NodeBuilder {
         let (db_ok_tx, mut db_ok_rx) = watch::channel(true);
         let db_ok = db_ok_rx.clone();
         let status = Arc::new(Status::default());
-        // The readiness latch resets whenever the database is lost, even between
-        // probes: the partitions self-fenced meanwhile must be re-acquired first.
-        let (mut lost_rx, st, stop) = (db_ok_rx.clone(), status.clone(), shutdown.clone());
+        // Follow whether the lease keeper reaches the database: a loss resets the
+        // readiness latch even between probes (the partitions self-fenced meanwhile must
+        // be re-acquired first), and a cluster member announces it in gossip (see
+        // lease::MemberProof).
+        let (gossip, st, stop) =
+            (self.cluster.as_ref().map(|c| c.membership.clone()), status.clone(), shutdown.clone());
         tracker.spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    changed = lost_rx.changed() => if changed.is_err() { return },
+                    changed = db_ok_rx.changed() => if changed.is_err() { return },
                 }
-                if !*lost_rx.borrow_and_update() {
+                let ok = *db_ok_rx.borrow_and_update();
+                if !ok {
                     st.caught_up.store(false, Ordering::Release);
+                }
+                if let Some(m) = &gossip {
+                    m.set_db_ok(ok).await;
                 }
             }
         });
@@ -314,18 +321,6 @@ impl NodeBuilder {
                 Some(proven_rx),
                 shutdown.clone(),
             ));
-            // Announce in gossip whether we reach the database (see lease::MemberProof).
-            let (m, stop) = (membership.clone(), shutdown.clone());
-            tracker.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        changed = db_ok_rx.changed() => if changed.is_err() { return },
-                    }
-                    let ok = *db_ok_rx.borrow_and_update();
-                    m.set_db_ok(ok).await;
-                }
-            });
             // Join the ring once gossip has had a settle delay to show us the cluster,
             // and once the executor pool is connected: partitions handed to us must
             // not wait for connection set-up on their first jobs (it measured as most
@@ -598,7 +593,6 @@ impl Node {
             return NodeReadiness::Stopping;
         }
         if !*self.inner.db_ok.borrow() {
-            st.caught_up.store(false, Ordering::Release);
             return NodeReadiness::DatabaseLost;
         }
         if !st.active.load(Ordering::Acquire) {

@@ -18,6 +18,7 @@ use clap::Parser;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use warden_runtime::{Client, NewJob};
+use warden_tests::rollout::pct;
 use warden_tests::workload::AuditArgs;
 use warden_tests::{free_udp_port as free_udp, NodeProc, TestDb};
 
@@ -130,14 +131,6 @@ async fn load(client: &Client, accounts: usize, per_account: i64, sleep_ms: u64)
     }
     client.enqueue_many(&batch).await?;
     Ok(())
-}
-
-fn pct(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 async fn cluster(url: &str, n: usize) -> anyhow::Result<Vec<NodeProc>> {
@@ -414,13 +407,13 @@ async fn main() -> anyhow::Result<()> {
             let mut runs = Vec::new();
             for run in 0..args.scaleout_runs {
                 let so = scale_out(&args, rate, run).await?;
-                let mut mp = so.moved_pause_ms.clone();
+                let mp = so.moved_pause_ms.clone();
                 println!(
                     "  scale-out at {rate} jobs/s, run {}: {} moved, moved-partition wait p50 {:.0} ms, max {:.0} ms",
                     run + 1,
                     so.moved,
-                    pct(&mut mp.clone(), 0.5),
-                    pct(&mut mp, 1.0)
+                    pct(&mp, 0.5),
+                    pct(&mp, 1.0)
                 );
                 runs.push(so);
             }
@@ -439,16 +432,13 @@ async fn main() -> anyhow::Result<()> {
     println!("| figure | value | target |");
     println!("|---|---|---|");
     if !failovers.is_empty() {
-        let (p50, p99, max) =
-            (pct(&mut failovers.clone(), 0.5), pct(&mut failovers.clone(), 0.99), pct(&mut failovers, 1.0));
+        let (p50, p99, max) = (pct(&failovers, 0.5), pct(&failovers, 0.99), pct(&failovers, 1.0));
         println!("| crash failover (SIGKILL 1 of 3), p50 / p99 / max over {} runs | {p50:.2}s / {p99:.2}s / {max:.2}s | p99 ≤ 5s |", args.runs);
     }
     for (rate, runs) in &scale_outs {
         let pooled =
             |f: fn(&ScaleOut) -> &Vec<f64>| -> Vec<f64> { runs.iter().flat_map(|s| f(s).iter().copied()).collect() };
-        let fmt = |mut v: Vec<f64>| {
-            format!("{:.0} / {:.0} / {:.0} ms", pct(&mut v.clone(), 0.5), pct(&mut v.clone(), 0.99), pct(&mut v, 1.0))
-        };
+        let fmt = |v: Vec<f64>| format!("{:.0} / {:.0} / {:.0} ms", pct(&v, 0.5), pct(&v, 0.99), pct(&v, 1.0));
         let mp = pooled(|s| &s.moved_pause_ms);
         println!(
             "| scale-out 3→4 at {rate} jobs/s: moved partitions, largest wait of a job beyond its in-flight predecessor, p50 / p99 / max | {} ({} partitions with jobs in the window, {} runs) | ≤ 250 ms |",

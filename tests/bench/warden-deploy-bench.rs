@@ -16,8 +16,7 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use std::time::Duration;
-use warden_tests::rollout::{self, pct, AutoscaleOpts, Hpa, RolloutOpts};
+use warden_tests::rollout::{self, pct, AutoscaleOpts, RolloutOpts};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -81,27 +80,18 @@ async fn main() -> anyhow::Result<()> {
     println!("warden deploy benchmark, P={}{}", args.partitions, if args.smoke { " (smoke)" } else { "" });
     println!("command: {}", std::env::args().collect::<Vec<_>>().join(" "));
     let mut ok = true;
-    let grace = Duration::from_secs(30);
 
     for (name, versioned) in [("rollout", false), ("rollout-versioned", true)] {
         if !wants(name) {
             continue;
         }
-        let o = RolloutOpts {
-            nodes: if args.smoke { 3 } else { 5 },
-            partitions: args.partitions,
-            accounts: if args.smoke { 100 } else { 300 },
-            rate: if args.smoke { 60.0 } else { 150.0 },
-            sleep_ms: 5,
-            versioned,
-            grace,
-            extra_args: Vec::new(),
-        };
+        let o = RolloutOpts::new(args.smoke, args.partitions, versioned);
         let runs = if args.smoke { 1 } else { args.runs };
         let mut all = rollout::RolloutReport::default();
         for run in 0..runs {
             let db =
-                rollout::fresh_db(&args.database_url, &format!("wdeploy_{}_{run}", name.replace('-', "_"))).await?;
+                warden_tests::TestDb::create(&args.database_url, &format!("wdeploy_{}_{run}", name.replace('-', "_")))
+                    .await?;
             let r = rollout::rollout(&db.url, &db.pool, &bin, &o).await?;
             let max_moves = r.moves.iter().max().copied().unwrap_or(0);
             println!(
@@ -162,9 +152,10 @@ async fn main() -> anyhow::Result<()> {
         let stops: Vec<f64> = all.stop_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
         let readies: Vec<f64> = all.ready_times.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
         println!(
-            "| SIGTERM → exit, p50 / p99 / max | {} (exit codes {:?}) | < grace {grace:?}, code 0 |",
+            "| SIGTERM → exit, p50 / p99 / max | {} (exit codes {:?}) | < grace {:?}, code 0 |",
             ms3(&stops),
-            all.exit_codes.iter().collect::<std::collections::BTreeSet<_>>()
+            all.exit_codes.iter().collect::<std::collections::BTreeSet<_>>(),
+            o.grace
         );
         println!("| new node start → ready (/readyz), p50 / p99 / max | {} | |", ms3(&readies));
         ok &= all.exit_codes.iter().all(|c| *c == Some(0));
@@ -172,61 +163,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if wants("autoscale") {
-        let s = |secs: u64| Duration::from_secs(secs);
-        let o = if args.smoke {
-            AutoscaleOpts {
-                partitions: args.partitions,
-                accounts: 100,
-                sleep_ms: 200,
-                slots: 2,
-                phases: vec![
-                    (s(8), 4.0, 4.0),
-                    (s(6), 4.0, 40.0),
-                    (s(16), 40.0, 40.0),
-                    (s(6), 40.0, 4.0),
-                    (s(30), 4.0, 4.0),
-                ],
-                hpa: Hpa {
-                    min: 2,
-                    max: 4,
-                    target: 0.6,
-                    tolerance: 0.1,
-                    period: s(2),
-                    up_window: s(2),
-                    down_window: s(10),
-                    max_up_step: 2,
-                    max_down_step: 1,
-                },
-                grace,
-            }
-        } else {
-            AutoscaleOpts {
-                partitions: args.partitions,
-                accounts: 300,
-                sleep_ms: 200,
-                slots: 4,
-                phases: vec![
-                    (s(20), 15.0, 15.0),
-                    (s(20), 15.0, 160.0),
-                    (s(60), 160.0, 160.0),
-                    (s(20), 160.0, 15.0),
-                    (s(100), 15.0, 15.0),
-                ],
-                hpa: Hpa {
-                    min: 3,
-                    max: 10,
-                    target: 0.6,
-                    tolerance: 0.1,
-                    period: s(3),
-                    up_window: s(3),
-                    down_window: s(30),
-                    max_up_step: 4,
-                    max_down_step: 1,
-                },
-                grace,
-            }
-        };
-        let db = rollout::fresh_db(&args.database_url, "wdeploy_autoscale").await?;
+        let o = AutoscaleOpts::new(args.smoke, args.partitions);
+        let db = warden_tests::TestDb::create(&args.database_url, "wdeploy_autoscale").await?;
         println!("### autoscale: {} slots per node, {} ms jobs over {} accounts; HPA target {} (tolerance {}), every {:?}, up window {:?}, down window {:?}, ≤ +{} / −{} per step, {}..{} nodes",
             o.slots, o.sleep_ms, o.accounts, o.hpa.target, o.hpa.tolerance, o.hpa.period, o.hpa.up_window, o.hpa.down_window, o.hpa.max_up_step, o.hpa.max_down_step, o.hpa.min, o.hpa.max);
         println!("  t(s)  jobs/s  saturation  runnable  nodes → desired");

@@ -9,7 +9,8 @@
 //! - here: [`TestDb`] (a fresh database), [`NodeProc`] (a node process),
 //!   [`PrivatePg`] (a server the test may stop and restart), [`CutProxy`] (a TCP
 //!   proxy that can cut a node off from PostgreSQL and lose or delay its replies),
-//!   [`free_udp_port`], [`product_bin`] (a workspace binary such as `warden`).
+//!   [`free_udp_port`], [`free_tcp_port`], [`http_get`] (an admin endpoint),
+//!   [`product_bin`] (a workspace binary such as `warden`).
 //! - [`workload`] — the audit workload: a handler that records its own start and end
 //!   (database clock) inside its job transaction and an external effect log outside
 //!   it, and the checker of the guarantee over both.
@@ -339,6 +340,27 @@ impl Drop for PrivatePg {
 /// A free UDP port on 127.0.0.1 (for gossip).
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.1 GET on 127.0.0.1: (status, body).
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await?;
+        let status: u16 = buf.split_whitespace().nth(1).context("no status line")?.parse()?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch).await.context("admin HTTP timed out")?
 }
 
 /// Current lease owners: partition → owner node id (without generation), for unexpired leases.

@@ -18,8 +18,8 @@
 //! times each partition moved (lease epochs: every grant is a new epoch).
 
 use crate::workload::AuditArgs;
-use crate::{NodeProc, TestDb};
-use anyhow::{bail, Context};
+use crate::{free_tcp_port, http_get, NodeProc};
+use anyhow::bail;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,26 +28,6 @@ use tokio_util::sync::CancellationToken;
 use warden_runtime::{Client, NewJob};
 
 type Ts = chrono::DateTime<chrono::Utc>;
-
-/// A free TCP port on 127.0.0.1 (bound and released).
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One HTTP/1.1 GET on 127.0.0.1: (status, body).
-pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await?;
-        let status: u16 = buf.split_whitespace().nth(1).context("no status line")?.parse()?;
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        anyhow::Ok((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fetch).await.context("admin HTTP timed out")?
-}
 
 /// The value of an unlabelled metric in Prometheus text.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
@@ -355,6 +335,24 @@ pub struct RolloutOpts {
     pub extra_args: Vec<String>,
 }
 
+impl RolloutOpts {
+    /// The benchmark's rolling restart (5 nodes, 150 jobs/s over 300 accounts) or,
+    /// with `smoke`, the CI test's (3 nodes, 50 jobs/s over 100 accounts); 5 ms jobs,
+    /// a 30 s grace period.
+    pub fn new(smoke: bool, partitions: u32, versioned: bool) -> Self {
+        RolloutOpts {
+            nodes: if smoke { 3 } else { 5 },
+            partitions,
+            accounts: if smoke { 100 } else { 300 },
+            rate: if smoke { 50.0 } else { 150.0 },
+            sleep_ms: 5,
+            versioned,
+            grace: Duration::from_secs(30),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct RolloutReport {
     /// Per partition with jobs in the window: the largest wait beyond its in-flight
@@ -466,6 +464,34 @@ pub struct AutoscaleOpts {
     pub phases: Vec<(Duration, f64, f64)>,
     pub hpa: Hpa,
     pub grace: Duration,
+}
+
+impl AutoscaleOpts {
+    /// The benchmark's ramp (3 → 10 → 3 nodes of 4 slots, 15 → 160 → 15 jobs/s over
+    /// 300 accounts, Kubernetes' HPA in compressed time: every 3 s, 30 s down window)
+    /// or, with `smoke`, the CI test's (2 → 4 → 2 nodes of 2 slots, 4 → 40 → 4 jobs/s
+    /// over 100 accounts, every 2 s, 10 s down window); 200 ms jobs, target 0.6.
+    pub fn new(smoke: bool, partitions: u32) -> Self {
+        let s = Duration::from_secs;
+        let (slots, accounts, low, high) = if smoke { (2, 100, 4.0, 40.0) } else { (4, 300, 15.0, 160.0) };
+        let phases = if smoke {
+            vec![(s(6), low, low), (s(6), low, high), (s(16), high, high), (s(6), high, low), (s(30), low, low)]
+        } else {
+            vec![(s(20), low, low), (s(20), low, high), (s(60), high, high), (s(20), high, low), (s(100), low, low)]
+        };
+        let hpa = Hpa {
+            min: if smoke { 2 } else { 3 },
+            max: if smoke { 4 } else { 10 },
+            target: 0.6,
+            tolerance: 0.1,
+            period: if smoke { s(2) } else { s(3) },
+            up_window: if smoke { s(2) } else { s(3) },
+            down_window: if smoke { s(10) } else { s(30) },
+            max_up_step: if smoke { 2 } else { 4 },
+            max_down_step: 1,
+        };
+        AutoscaleOpts { partitions, accounts, sleep_ms: 200, slots, phases, hpa, grace: s(30) }
+    }
 }
 
 /// One controller step.
@@ -607,11 +633,6 @@ pub async fn autoscale(
     r.moves = e1.iter().map(|(p, e)| e - e0.get(p).copied().unwrap_or(0)).collect();
     r.guarantee = guarantee(pool, enqueued).await?;
     Ok(r)
-}
-
-/// A fresh database for one scenario, on the server of `admin_url`.
-pub async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<TestDb> {
-    TestDb::create(admin_url, name).await
 }
 
 #[cfg(test)]
