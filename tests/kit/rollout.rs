@@ -110,6 +110,12 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok((200, _)) = http_get(admin, "/readyz").await {
+                // Ready means holding its share (every node here has one: P ≫ nodes),
+                // checked from outside in the lease table, not taken on its word.
+                let held = crate::owners(&self.pool).await.values().filter(|o| **o == id).count();
+                if held == 0 {
+                    bail!("node {id} said ready holding no partition");
+                }
                 return Ok(t.elapsed());
             }
             if Instant::now() > deadline {
