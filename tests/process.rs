@@ -189,3 +189,123 @@ async fn a_node_started_before_its_database_waits_live_but_not_ready() {
     let at = |needle: &str| log.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {log:?}"));
     assert!(at("shutting down: draining and releasing") < at("node stopped cleanly"), "{log:?}");
 }
+
+/// TLS to PostgreSQL (sqlx with rustls): `sslmode=require` encrypts, `verify-full`
+/// with the server's CA (`sslrootcert`) verifies, and `verify-full` against a CA the
+/// client does not trust is refused — and a node runs over it.
+#[tokio::test]
+async fn nodes_reach_postgresql_over_tls_and_verify_its_certificate() {
+    use std::os::unix::fs::MetadataExt;
+    let pg = PrivatePg::start();
+    let certs = pg.dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(&certs).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    std::fs::write(certs.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=warden-test-ca",
+        "-days",
+        "1",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.crt",
+        "-subj",
+        "/CN=someone-else",
+        "-days",
+        "1",
+    ]);
+    // The server reads its key only if it owns it and nobody else can.
+    let data = std::fs::metadata(pg.dir.join("data")).unwrap();
+    for f in ["certs", "certs/server.crt", "certs/server.key"] {
+        std::os::unix::fs::chown(pg.dir.join(f), Some(data.uid()), Some(data.gid())).unwrap();
+    }
+    std::fs::set_permissions(certs.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let admin = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    for (k, v) in [("ssl_cert_file", certs.join("server.crt")), ("ssl_key_file", certs.join("server.key"))] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER SYSTEM SET {k} = '{}'", v.display())))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    sqlx::query("ALTER SYSTEM SET ssl = on").execute(&admin).await.unwrap();
+    sqlx::query("SELECT pg_reload_conf()").execute(&admin).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let base = format!("postgres://postgres@localhost:{}/postgres", pg.port);
+    let ssl_of = |url: String| async move {
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await?;
+        let on: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetch_one(&pool).await?;
+        anyhow::Ok(on)
+    };
+    assert!(ssl_of(format!("{base}?sslmode=require")).await.unwrap(), "require encrypts");
+    let ca = certs.join("ca.crt");
+    assert!(ssl_of(format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display())).await.unwrap());
+    let untrusted =
+        ssl_of(format!("{base}?sslmode=verify-full&sslrootcert={}", certs.join("other.crt").display())).await;
+    assert!(untrusted.is_err(), "a certificate from an untrusted CA is refused: {untrusted:?}");
+    assert!(!ssl_of(format!("{base}?sslmode=disable")).await.unwrap());
+
+    // A node process over verify-full: it starts, runs jobs, and its sessions are encrypted.
+    let url = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let node = NodeProc::start(BIN, &url, "tls-node", FAST).await;
+    let client = Client::connect(admin.clone()).await.unwrap();
+    client.enqueue_many(&audit_jobs(3, 3, 0)).await.unwrap();
+    eventually(Duration::from_secs(30), "jobs done over TLS", || async {
+        (count_state(&admin, "completed").await == 9).then_some(())
+    })
+    .await;
+    let encrypted: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_ssl WHERE ssl").fetch_one(&admin).await.unwrap();
+    assert!(encrypted >= 3, "the node's connections are encrypted ({encrypted})");
+    drop(node);
+}
