@@ -64,4 +64,5 @@ conformance!(
     cancel_and_retry_follow_the_job_state,
     unique_keys_make_enqueue_idempotent,
     heartbeat_lists_the_members_seen_within_the_window,
+    beats_are_fenced_per_attempt_and_keep_the_last_checkpoint,
 );

@@ -291,6 +291,18 @@ impl Store for Faulty {
     async fn cancel_requested(&self, id: i64) -> warden_runtime::Result<bool> {
         self.inner.cancel_requested(id).await
     }
+    async fn beat(
+        &self,
+        id: i64,
+        attempt: i32,
+        f: &Fence,
+        b: &warden_runtime::progress::Beat,
+    ) -> warden_runtime::Result<warden_runtime::progress::BeatAck> {
+        self.inner.beat(id, attempt, f, b).await
+    }
+    async fn checkpoint(&self, id: i64) -> warden_runtime::Result<Option<warden_runtime::progress::StoredCheckpoint>> {
+        self.inner.checkpoint(id).await
+    }
     async fn begin(&self, idle: std::time::Duration) -> warden_runtime::Result<JobTx> {
         self.inner.begin(idle).await
     }

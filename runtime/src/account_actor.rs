@@ -32,7 +32,7 @@
 
 use crate::attempt::{self, AttemptFacts, Ended};
 use crate::error::Error;
-use crate::handler::{Backoff, CallError, ErasedHandler, FencingToken, JobContext, JobOptions, Registry};
+use crate::handler::{Backoff, CallError, ErasedHandler, FencingToken, JobContext, JobOptions, Liveness, Registry};
 use crate::hooks::{self, AttemptInfo, AttemptOutcome, Hooks};
 use crate::job::{JobRow, NewJob};
 use crate::lease::{ActiveLease, LeaseTable};
@@ -69,6 +69,10 @@ pub struct ExecConfig {
     /// draining meanwhile is given back unrun. Waiting shows in
     /// `warden_attempts_waiting_for_slot` and `warden_attempt_slot_wait_seconds`.
     pub max_concurrent_attempts: Option<usize>,
+    /// Least time between two database writes of one attempt's heartbeats
+    /// (`JobContext::heartbeat`): calls in between only count locally (liveness, the
+    /// latest progress). Checkpoints are always written.
+    pub heartbeat_write_interval: Duration,
 }
 
 impl Default for ExecConfig {
@@ -80,6 +84,7 @@ impl Default for ExecConfig {
             drain_timeout: Duration::from_secs(10),
             max_actors: 10_000,
             max_concurrent_attempts: None,
+            heartbeat_write_interval: Duration::from_secs(1),
         }
     }
 }
@@ -105,6 +110,8 @@ pub(crate) struct Shared {
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Busy-slot accounting (see [`crate::saturation`]).
     pub meter: Arc<crate::saturation::SlotMeter>,
+    /// Attempts that heartbeat, for the metrics (see [`crate::progress`]).
+    pub heartbeats: Arc<crate::progress::Heartbeats>,
 }
 
 impl Shared {
@@ -728,7 +735,11 @@ async fn run_handler(
     handler: &dyn ErasedHandler,
 ) -> std::result::Result<HandlerRun, &'static str> {
     let cancel = CancellationToken::new(); // a confirmed cancel request
+    let rejected = CancellationToken::new(); // a heartbeat or checkpoint the fence rejected
+    let beaten = Arc::new(tokio::sync::Notify::new());
     let timeout = Duration::from_millis(job.timeout_ms.max(1) as u64);
+    // However the attempt ends, it no longer heartbeats here.
+    let _registered = Unregister { register: &shared.heartbeats, job_id: job.id };
     let mut ctx = JobContext {
         job: job.clone(),
         fence: FencingToken { partition: lease.fence.partition, epoch: lease.fence.epoch },
@@ -738,6 +749,19 @@ async fn run_handler(
         tx: None,
         staged: Vec::new(),
         tx_idle_timeout: timeout + lease_ttl(shared),
+        live: Liveness {
+            fence: lease.fence.clone(),
+            lease_lost: lease.token.clone(),
+            interrupt: ctl.interrupt.clone(),
+            cancel_confirmed: cancel.clone(),
+            rejected: rejected.clone(),
+            beaten: beaten.clone(),
+            register: shared.heartbeats.clone(),
+            write_interval: shared.config.heartbeat_write_interval,
+            last_write: None,
+            pending: None,
+            checkpoint: None,
+        },
     };
     let ended = {
         let call = AssertUnwindSafe(handler.call(&mut ctx, job.args.clone())).catch_unwind();
@@ -755,10 +779,23 @@ async fn run_handler(
             cancel.cancelled().await;
             tokio::time::sleep(grace).await;
         };
+        // A kind with a heartbeat timeout: the handler must beat (or checkpoint)
+        // within it, counted from its start.
+        let heartbeat_timeout = handler.options().heartbeat_timeout;
+        let hung = async {
+            let Some(limit) = heartbeat_timeout else { return std::future::pending().await };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(limit) => return limit,
+                    _ = beaten.notified() => {}
+                }
+            }
+        };
         let poll_cancel = poll_cancel(shared, job.id, &cancel, &ctl.stop, &ctl.check_cancel);
         tokio::select! {
             biased;
             _ = lease.token.cancelled() => return Err("lease fenced"),
+            _ = rejected.cancelled() => return Err("a heartbeat or checkpoint was rejected by the lease fence"),
             r = guarded => match r {
                 None => return Err("lease window closed while the handler ran"),
                 Some(Ok(Ok(outcome))) => Ended::Returned(outcome),
@@ -768,6 +805,11 @@ async fn run_handler(
             },
             _ = ctl.abort.cancelled() => Ended::DrainTimedOut,
             _ = tokio::time::sleep(timeout) => Ended::TimedOut,
+            limit = hung => {
+                tracing::warn!(?limit, "no heartbeat within the kind's heartbeat_timeout: aborting the handler");
+                metrics::counter!("warden_heartbeat_timeouts_total", "kind" => job.kind.clone()).increment(1);
+                Ended::HeartbeatTimedOut(limit)
+            }
             _ = cancel_hard => Ended::CancelledHard,
             _ = poll_cancel => unreachable!("poll_cancel never completes"),
         }
@@ -778,6 +820,18 @@ async fn run_handler(
         tx: ctx.tx.take(),
         staged: std::mem::take(&mut ctx.staged),
     })
+}
+
+/// Takes an attempt off the node's register of heartbeating attempts when dropped.
+struct Unregister<'a> {
+    register: &'a crate::progress::Heartbeats,
+    job_id: i64,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.register.ended(self.job_id);
+    }
 }
 
 /// Get the handler's transaction ready for the finish: with a completion, insert

@@ -37,6 +37,9 @@ pub enum Ended {
     Panicked(String),
     /// The job's timeout passed; the handler was dropped.
     TimedOut,
+    /// The handler went longer than its kind's heartbeat timeout without a
+    /// heartbeat (hung): dropped.
+    HeartbeatTimedOut(Duration),
     /// A confirmed cancel, and the handler did not stop within the grace: dropped.
     CancelledHard,
     /// Still running at the drain timeout of a handoff: dropped.
@@ -119,6 +122,12 @@ pub fn decide(ended: Ended, facts: &AttemptFacts) -> Finish {
         Ended::Failed(e) => facts.failed(returned, "failed", format!("handler error: {e}"), None),
         Ended::Panicked(msg) => facts.failed(returned, "failed", format!("handler panicked: {msg}"), None),
         Ended::TimedOut => facts.failed(returned, "timeout", format!("timed out after {}ms", facts.timeout_ms), None),
+        Ended::HeartbeatTimedOut(after) => facts.failed(
+            returned,
+            "timeout",
+            format!("no heartbeat for {after:?} (the kind's heartbeat_timeout): the handler looked hung and was aborted"),
+            None,
+        ),
         Ended::CancelledHard => Finish::Cancelled {
             error: format!(
                 "cancelled while running; handler did not stop within {:?} and was aborted",
@@ -306,6 +315,20 @@ mod tests {
             Finish::Retry { after: Duration::from_secs(7), outcome: "retry", error: "handler asked to retry".into() }
         );
         assert_eq!(unrecordable(&f, false, "e"), Finish::Discard { outcome: "failed", error: UNRECORDABLE.into() });
+        assert_eq!(
+            decide(Ended::HeartbeatTimedOut(Duration::from_secs(30)), &f),
+            Finish::Retry {
+                after: Duration::from_millis(100),
+                outcome: "timeout",
+                error: "no heartbeat for 30s (the kind's heartbeat_timeout): the handler looked hung and was aborted"
+                    .into()
+            }
+        );
+        // A hung handler aborted during a drain still counts: it did not stop when told.
+        assert!(matches!(
+            decide(Ended::HeartbeatTimedOut(Duration::from_secs(1)), &draining),
+            Finish::Retry { outcome: "timeout", .. }
+        ));
     }
 
     fn arb_outcome() -> impl Strategy<Value = Outcome> {
@@ -334,6 +357,7 @@ mod tests {
             arb_text().prop_map(Ended::BadArgs),
             arb_text().prop_map(Ended::Panicked),
             Just(Ended::TimedOut),
+            (1u64..100_000).prop_map(|ms| Ended::HeartbeatTimedOut(Duration::from_millis(ms))),
             Just(Ended::CancelledHard),
             Just(Ended::DrainTimedOut),
             Just(Ended::Exhausted),
@@ -395,7 +419,7 @@ mod tests {
 
         #[test]
         fn a_failure_with_attempts_left_is_retried(
-            ended in arb_ended().prop_filter("a failure", |e| matches!(e, Ended::Failed(_) | Ended::Panicked(_) | Ended::TimedOut)),
+            ended in arb_ended().prop_filter("a failure", |e| matches!(e, Ended::Failed(_) | Ended::Panicked(_) | Ended::TimedOut | Ended::HeartbeatTimedOut(_))),
             mut f in arb_facts(),
         ) {
             f.cancel_confirmed = false;

@@ -16,7 +16,9 @@
 
 use crate::error::{Error, Result};
 use crate::job::{JobRow, Lane, NewJob};
+use crate::progress::{Beat, BeatAck, Heartbeat, Heartbeats, Progress, StopReason, MAX_CHECKPOINT_BYTES};
 use crate::store::{JobTx, Store};
+use serde::Serialize;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -86,14 +88,28 @@ impl Backoff {
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobOptions {
     pub max_attempts: i32,
+    /// The default for the kind's jobs (an enqueue may set its own): the handler is
+    /// dropped after this long. A long job sets hours here and relies on
+    /// `heartbeat_timeout` to catch a hung handler.
     pub timeout: Duration,
     pub backoff: Backoff,
     pub lane: Lane,
+    /// A handler that goes this long without [`JobContext::heartbeat`] or
+    /// [`JobContext::checkpoint`] (counted from its start) is hung: it is aborted and
+    /// the attempt recorded as a `timeout`, retried like one. `None` (the default):
+    /// no heartbeat is expected. At least [`crate::progress::MIN_HEARTBEAT_TIMEOUT`].
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 impl Default for JobOptions {
     fn default() -> Self {
-        Self { max_attempts: 25, timeout: Duration::from_secs(60), backoff: Backoff::default(), lane: Lane::Serial }
+        Self {
+            max_attempts: 25,
+            timeout: Duration::from_secs(60),
+            backoff: Backoff::default(),
+            lane: Lane::Serial,
+            heartbeat_timeout: None,
+        }
     }
 }
 
@@ -169,6 +185,15 @@ impl Registry {
         if options.timeout < Duration::from_millis(1) || options.timeout > crate::job::MAX_TIMEOUT {
             return Err(Error::Config(format!("kind {}: timeout must be 1ms..=24h", H::KIND)));
         }
+        if let Some(t) = options.heartbeat_timeout {
+            if t < crate::progress::MIN_HEARTBEAT_TIMEOUT || t > crate::job::MAX_TIMEOUT {
+                return Err(Error::Config(format!(
+                    "kind {}: heartbeat_timeout must be {:?}..=24h, got {t:?}",
+                    H::KIND,
+                    crate::progress::MIN_HEARTBEAT_TIMEOUT
+                )));
+            }
+        }
         if !(0.0..=1.0).contains(&options.backoff.jitter) {
             return Err(Error::Config(format!("kind {}: backoff jitter must be within 0..=1", H::KIND)));
         }
@@ -215,7 +240,44 @@ pub struct JobContext {
     /// Server-side bound on the handler transaction's idle time: the job's timeout
     /// plus the lease TTL (a transaction older than that belongs to a dead attempt).
     pub(crate) tx_idle_timeout: Duration,
+    /// Heartbeats, progress and checkpoints (see [`crate::progress`]).
+    pub(crate) live: Liveness,
 }
+
+/// What [`JobContext::heartbeat`] and [`JobContext::checkpoint`] need: the attempt's
+/// authority, the signals it reads and fires, and what it has written.
+pub(crate) struct Liveness {
+    /// The lease the attempt runs under (the store's fence, with the owner).
+    pub fence: crate::store::Fence,
+    /// Fires when the lease keeper fences the partition.
+    pub lease_lost: CancellationToken,
+    /// Fires when the partition is handed off or the node shuts down (drain).
+    pub interrupt: CancellationToken,
+    /// Fires when a cancel request is confirmed in the database.
+    pub cancel_confirmed: CancellationToken,
+    /// Fired here when a heartbeat or checkpoint is rejected: the attempt is dropped.
+    pub rejected: CancellationToken,
+    /// Told of every heartbeat (the heartbeat-timeout watchdog waits on it).
+    pub beaten: Arc<tokio::sync::Notify>,
+    /// The node's register of heartbeating attempts (metrics).
+    pub register: Arc<Heartbeats>,
+    /// Least time between two heartbeat writes.
+    pub write_interval: Duration,
+    /// When the last write was sent.
+    pub last_write: Option<tokio::time::Instant>,
+    /// Progress given since the last write, for the next one.
+    pub pending: Option<Progress>,
+    /// The checkpoint as last read or written (`None`: not read yet).
+    pub checkpoint: Option<Option<serde_json::Value>>,
+}
+
+/// Longest wait for one heartbeat write: a heartbeat must not hold its handler up
+/// for a database stall (the lease keeper deals with those).
+const HEARTBEAT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tries of one checkpoint write (or read) on transient errors, while the lease holds.
+const CHECKPOINT_TRIES: u32 = 4;
+/// Delay between those tries, doubling.
+const CHECKPOINT_RETRY: Backoff = Backoff::doubling(Duration::from_millis(100), Duration::from_secs(1));
 
 /// Most follow-up jobs one attempt may stage with [`JobContext::enqueue`].
 pub const MAX_STAGED_JOBS: usize = 10_000;
@@ -291,6 +353,211 @@ impl JobContext {
         }
         self.staged.push(job);
         Ok(())
+    }
+
+    /// Say the handler is alive, with its progress, and learn whether it should stop.
+    /// Call it every second or so from a long handler (more often costs nothing:
+    /// the database is written at most once per `ExecConfig::heartbeat_write_interval`,
+    /// with the latest progress). What it does:
+    ///
+    /// - resets the kind's heartbeat timeout ([`JobOptions::heartbeat_timeout`]);
+    /// - records the heartbeat and progress, fenced by the lease epoch (see
+    ///   [`crate::progress`]); shown by `GetJob`/`ListJobs` and `warden jobs get`;
+    /// - returns [`Heartbeat::Stop`] when the handler should stop: the job was
+    ///   cancelled, its partition is being handed off or the node is shutting down
+    ///   (checkpoint and return: the next attempt resumes from the checkpoint and this
+    ///   one does not count), or the lease is lost (a write the fence rejected: the
+    ///   handler is dropped at its next await, nothing more is recorded).
+    ///
+    /// `Err` only for progress over its limits. A write that fails for another
+    /// reason (the database is slow or away) is logged and counted
+    /// (`warden_heartbeats_total{outcome="error"}`) and tried again on the next call.
+    pub async fn heartbeat(&mut self, progress: Progress) -> Result<Heartbeat> {
+        progress.validate()?;
+        let now = tokio::time::Instant::now();
+        self.live.beaten.notify_one();
+        self.live.register.beat(self.job.id, now);
+        if !progress.is_empty() {
+            self.live.pending = Some(progress);
+        }
+        if let Some(stop) = self.lease_stop() {
+            return Ok(Heartbeat::Stop(stop));
+        }
+        let due = self.live.last_write.is_none_or(|t| now.duration_since(t) >= self.live.write_interval);
+        if due {
+            let beat = Beat { progress: self.live.pending.clone(), checkpoint: None };
+            let started = tokio::time::Instant::now();
+            let written = tokio::time::timeout(HEARTBEAT_WRITE_TIMEOUT, self.write(&beat)).await;
+            metrics::histogram!("warden_heartbeat_write_seconds").record(started.elapsed().as_secs_f64());
+            let outcome = match written {
+                Ok(Ok(())) => {
+                    self.live.last_write = Some(now);
+                    self.live.pending = None;
+                    "recorded"
+                }
+                Ok(Err(Error::Fenced { .. })) => "fenced",
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, job_id = self.job.id, "heartbeat not recorded; trying again on the next one");
+                    "error"
+                }
+                Err(_) => {
+                    tracing::warn!(job_id = self.job.id, "heartbeat write timed out; trying again on the next one");
+                    "error"
+                }
+            };
+            metrics::counter!("warden_heartbeats_total", "kind" => self.job.kind.clone(), "outcome" => outcome)
+                .increment(1);
+        }
+        Ok(self.stop_reason().map_or(Heartbeat::Continue, Heartbeat::Stop))
+    }
+
+    /// Commit `state` as the job's checkpoint, now, fenced (and as a heartbeat): the
+    /// next attempt of this job — after a crash, a handoff, a drain or a retry —
+    /// starts with [`JobContext::checkpointed`] returning it. It commits on its own,
+    /// apart from [`JobContext::tx`] and the job's completion: checkpoint work whose
+    /// effects are already durable (or idempotent), so that resuming from here redoes
+    /// nothing that matters.
+    ///
+    /// At most [`MAX_CHECKPOINT_BYTES`] of JSON. Returns like
+    /// [`JobContext::heartbeat`] whether to stop. `Err`: the state is too large or
+    /// not storable ([`Error::InvalidInput`]); the lease fence rejected the write
+    /// ([`Error::Fenced`]: another owner has the job, stop); or the database failed
+    /// on every one of a few tries.
+    pub async fn checkpoint<T: Serialize + ?Sized>(&mut self, state: &T) -> Result<Heartbeat> {
+        let value = serde_json::to_value(state).map_err(|e| Error::invalid(format!("checkpoint does not serialize: {e}")))?;
+        let bytes = crate::progress::storable_json("checkpoint", &value)?;
+        if bytes > MAX_CHECKPOINT_BYTES {
+            return Err(Error::invalid(format!("checkpoint is {bytes} bytes of JSON; the limit is {MAX_CHECKPOINT_BYTES}")));
+        }
+        let now = tokio::time::Instant::now();
+        self.live.beaten.notify_one();
+        self.live.register.beat(self.job.id, now);
+        let kind = self.job.kind.clone();
+        let count = |outcome: &'static str| {
+            metrics::counter!("warden_checkpoints_total", "kind" => kind.clone(), "outcome" => outcome).increment(1)
+        };
+        if let Some(stop) = self.lease_stop() {
+            count("fenced");
+            return Err(self.fenced_error(stop));
+        }
+        let beat = Beat { progress: self.live.pending.clone(), checkpoint: Some((value, bytes)) };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.write(&beat).await {
+                Ok(()) => {
+                    count("recorded");
+                    metrics::histogram!("warden_checkpoint_bytes").record(bytes as f64);
+                    self.live.last_write = Some(now);
+                    self.live.pending = None;
+                    self.live.checkpoint = beat.checkpoint.map(|(v, _)| Some(v));
+                    return Ok(self.stop_reason().map_or(Heartbeat::Continue, Heartbeat::Stop));
+                }
+                Err(e @ Error::Fenced { .. }) => {
+                    count("fenced");
+                    return Err(e);
+                }
+                Err(e) if e.is_permanent() || tries >= CHECKPOINT_TRIES || !self.validity.is_valid() => {
+                    count("error");
+                    return Err(e);
+                }
+                Err(e) => {
+                    // Ambiguous (the reply may be lost after the commit): writing the
+                    // same checkpoint again is harmless.
+                    tracing::warn!(error = %e, job_id = self.job.id, tries, "checkpoint not recorded; retrying");
+                    tokio::time::sleep(CHECKPOINT_RETRY.without_jitter(tries as i32)).await;
+                }
+            }
+        }
+    }
+
+    /// The job's last committed checkpoint ([`JobContext::checkpoint`]), whichever
+    /// attempt wrote it; `None` if it never checkpointed. Read from the database on
+    /// first use. `Err(Error::Undecodable)` if it does not decode as `T` (the
+    /// checkpoint's type changed between releases: decode into an enum or
+    /// `serde_json::Value` to migrate it).
+    pub async fn checkpointed<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>> {
+        if self.live.checkpoint.is_none() {
+            let mut tries = 0;
+            let stored = loop {
+                tries += 1;
+                match self.store.checkpoint(self.job.id).await {
+                    Ok(c) => break c,
+                    Err(e) if e.is_permanent() || tries >= CHECKPOINT_TRIES => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, job_id = self.job.id, tries, "reading the checkpoint failed; retrying");
+                        tokio::time::sleep(CHECKPOINT_RETRY.without_jitter(tries as i32)).await;
+                    }
+                }
+            };
+            self.live.checkpoint = Some(stored.map(|c| c.state));
+        }
+        match self.live.checkpoint.as_ref().expect("read above") {
+            None => Ok(None),
+            Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+                Error::Undecodable(format!(
+                    "job {}'s checkpoint does not decode as {}: {e}",
+                    self.job.id,
+                    std::any::type_name::<T>()
+                ))
+            }),
+        }
+    }
+
+    /// Why the handler should stop, if it should (what [`JobContext::heartbeat`]
+    /// returns, read locally without a write).
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        if let Some(lost) = self.lease_stop() {
+            Some(lost)
+        } else if self.live.cancel_confirmed.is_cancelled() {
+            Some(StopReason::Cancelled)
+        } else if self.live.interrupt.is_cancelled() {
+            Some(StopReason::Handoff)
+        } else {
+            None
+        }
+    }
+
+    /// `Some(LeaseLost)` once the lease is gone, by any sign: the keeper fenced it,
+    /// its validity window closed, or a write of this attempt was rejected.
+    fn lease_stop(&self) -> Option<StopReason> {
+        let lost = self.live.lease_lost.is_cancelled() || self.live.rejected.is_cancelled() || !self.validity.is_valid();
+        lost.then_some(StopReason::LeaseLost)
+    }
+
+    fn fenced_error(&self, _why: StopReason) -> Error {
+        Error::Fenced { partition: self.live.fence.partition, epoch: self.live.fence.epoch }
+    }
+
+    /// One fenced beat; a rejection drops the attempt, a cancel is passed on.
+    async fn write(&mut self, beat: &Beat) -> Result<()> {
+        let ack = self.store.beat(self.job.id, self.job.attempt, &self.live.fence, beat).await;
+        match ack {
+            Ok(BeatAck::Recorded { cancel_requested }) => {
+                if cancel_requested {
+                    self.live.cancel_confirmed.cancel();
+                    self.cancel.cancel();
+                }
+                Ok(())
+            }
+            Ok(BeatAck::NotRunning) => {
+                tracing::warn!(job_id = self.job.id, "heartbeat found the job no longer running as this attempt: stopping it");
+                self.reject();
+                Err(self.fenced_error(StopReason::LeaseLost))
+            }
+            Err(e @ Error::Fenced { .. }) => {
+                tracing::warn!(job_id = self.job.id, "heartbeat rejected by the lease fence: another node owns the job now; stopping it");
+                metrics::counter!("warden_fenced_writes_total").increment(1);
+                self.reject();
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn reject(&self) {
+        self.live.rejected.cancel();
+        self.cancel.cancel();
     }
 }
 

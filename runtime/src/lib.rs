@@ -21,6 +21,8 @@
 //! - [`account_actor`] — one ractor actor per active account; attempt execution.
 //! - [`attempt`] — the attempt's outcome decided, pure: how a handler's run ended →
 //!   the finish to record (retry, discard, interruption, …).
+//! - [`progress`] — long-running jobs: fenced heartbeats with progress, checkpoints
+//!   that the next attempt resumes from, the heartbeat timeout's rules.
 //! - [`hooks`] — in-process hooks on attempt start and finish, for embedders.
 //! - [`enforcer`] — `tick + run_once()`: leases ↔ placement, actors for due work; its
 //!   plan is pure ([`enforcer::plan_leases`]).
@@ -59,6 +61,7 @@ pub mod job;
 pub mod lease;
 pub mod node;
 pub mod ownership_diff;
+pub mod progress;
 pub mod retention;
 pub mod saturation;
 pub mod schema;
@@ -71,6 +74,7 @@ pub use client::Client;
 pub use error::{Error, Result};
 pub use handler::{Backoff, FencingToken, Handler, HandlerError, HandlerResult, JobContext, JobOptions, Outcome};
 pub use hooks::{AttemptInfo, AttemptOutcome};
+pub use progress::{Heartbeat, JobProgress, Progress, StopReason};
 pub use job::{CancelResult, Enqueued, JobRow, JobState, Lane, NewJob};
 pub use node::{shutdown_signal, ClusterOptions, Node, NodeBuilder, NodeConfig};
 pub use sqlx;

@@ -258,6 +258,7 @@ impl NodeBuilder {
         let poke = Arc::new(Notify::new());
         let rescan = Arc::new(Notify::new());
         let meter = Shared::meter_for(&config.exec);
+        let heartbeats: Arc<crate::progress::Heartbeats> = Default::default();
         let shared = Arc::new(Shared {
             store: store.clone(),
             producer: Some(Arc::new(PgStore::new(pool.clone(), partitions))),
@@ -271,6 +272,7 @@ impl NodeBuilder {
             hooks: self.hooks,
             slots: Shared::slots_for(&config.exec),
             meter: meter.clone(),
+            heartbeats: heartbeats.clone(),
         });
         let actors = AccountActors::new(shared);
         let shutdown = CancellationToken::new();
@@ -407,6 +409,7 @@ impl NodeBuilder {
         status.saturation.lock().unwrap_or_else(|e| e.into_inner()).slots = meter.slots();
         tracker.spawn(measure_saturation(
             meter,
+            heartbeats,
             PgAdminStore::from(&control_pool_for_counts(&pool)),
             leases.clone(),
             status.clone(),
@@ -734,6 +737,7 @@ fn control_pool_for_counts(pool: &PgPool) -> PgPool {
 /// accounts of the held partitions every [`saturation::RUNNABLE_EVERY`].
 async fn measure_saturation(
     meter: Arc<saturation::SlotMeter>,
+    heartbeats: Arc<crate::progress::Heartbeats>,
     admin: PgAdminStore,
     leases: Arc<LeaseTable>,
     status: Arc<Status>,
@@ -786,6 +790,9 @@ async fn measure_saturation(
         if let Some(c) = cpu {
             metrics::gauge!("warden_process_cpu_ratio").set(c);
         }
+        let (beating, oldest) = heartbeats.snapshot(tokio::time::Instant::now());
+        metrics::gauge!("warden_heartbeating_attempts").set(beating as f64);
+        metrics::gauge!("warden_heartbeat_age_max_seconds").set(oldest.as_secs_f64());
         *status.saturation.lock().unwrap_or_else(|e| e.into_inner()) =
             Saturation { slots: meter.slots(), busy, saturation: sat, cpu, runnable_accounts: runnable };
         tokio::select! {

@@ -613,3 +613,58 @@ pub async fn heartbeat_lists_the_members_seen_within_the_window<S: Store + Produ
         "n1 was seen too long ago"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Long-running jobs: heartbeats and checkpoints (job_beat.sql).
+
+/// A beat lands only for the job running as this attempt under a holding fence: it
+/// keeps the last checkpoint across beats without one and across attempts; a stale
+/// epoch, another owner or an expired lease is refused as fenced; a job that is not
+/// running as this attempt (finished, or adopted as the next attempt) is
+/// `NotRunning`; the beat reports a cancel request.
+pub async fn beats_are_fenced_per_attempt_and_keep_the_last_checkpoint<S: Store + ProducerStore>(s: &S) {
+    use warden_runtime::progress::{Beat, BeatAck, Progress};
+    let f = own_all(s, A, TTL).await;
+    let acct = "beat";
+    let ids = enqueue(s, vec![job(acct), job(acct)]).await;
+    let fence = fence_of(&f, acct);
+    let j = s.claim(acct, &fence).await.unwrap().unwrap();
+    assert_eq!(j.id, ids[0]);
+    assert_eq!(s.checkpoint(j.id).await.unwrap(), None, "no checkpoint yet");
+
+    let progress = Beat { progress: Some(Progress::percent(10.0).with_message("ten")), checkpoint: None };
+    let ack = s.beat(j.id, j.attempt, &fence, &progress).await.unwrap();
+    assert_eq!(ack, BeatAck::Recorded { cancel_requested: false });
+    assert_eq!(s.checkpoint(j.id).await.unwrap(), None, "a bare beat writes no checkpoint");
+
+    let state = serde_json::json!({ "cursor": 42 });
+    let with = Beat { progress: None, checkpoint: Some((state.clone(), state.to_string().len())) };
+    s.beat(j.id, j.attempt, &fence, &with).await.unwrap();
+    let c = s.checkpoint(j.id).await.unwrap().expect("checkpoint committed");
+    assert_eq!((c.state.clone(), c.attempt), (state.clone(), 1));
+    s.beat(j.id, j.attempt, &fence, &Beat::default()).await.unwrap();
+    assert_eq!(s.checkpoint(j.id).await.unwrap().unwrap().state, state, "kept by a beat without one");
+
+    assert_eq!(s.beat(j.id, j.attempt + 1, &fence, &Beat::default()).await.unwrap(), BeatAck::NotRunning, "not this attempt");
+    assert_eq!(s.beat(ids[1], 1, &fence, &Beat::default()).await.unwrap(), BeatAck::NotRunning, "not running");
+    let other = Fence { owner: B.into(), ..fence.clone() };
+    assert!(is_fenced(s.beat(j.id, j.attempt, &other, &Beat::default()).await), "another owner");
+    let stale = Fence { epoch: fence.epoch - 1, ..fence.clone() };
+    assert!(is_fenced(s.beat(j.id, j.attempt, &stale, &Beat::default()).await), "an older epoch");
+
+    assert_eq!(s.cancel_job(j.id).await.unwrap(), CancelResult::CancelRequested);
+    let ack = s.beat(j.id, j.attempt, &fence, &Beat::default()).await.unwrap();
+    assert_eq!(ack, BeatAck::Recorded { cancel_requested: true }, "a beat reports the cancel request");
+
+    // A takeover fences the old attempt; the next owner's attempt reads the checkpoint.
+    let newer = s.acquire(A, &[fence.partition], TTL).await.unwrap()[0].epoch;
+    let checkpointed = Beat { progress: None, checkpoint: Some((serde_json::json!(7), 1)) };
+    assert!(is_fenced(s.beat(j.id, j.attempt, &fence, &checkpointed).await), "the old epoch after a takeover");
+    assert_eq!(s.checkpoint(j.id).await.unwrap().unwrap().state, state, "a refused beat changes nothing");
+    let renewed = Fence { epoch: newer, ..fence.clone() };
+    assert_eq!(s.rescue(A, &[GrantedLease { partition: fence.partition, epoch: newer }]).await.unwrap(), 1);
+    // The rescue turned the pending cancel into a cancelled job; the checkpoint stays.
+    assert_eq!(get(s, j.id).await.state, "cancelled");
+    assert_eq!(s.checkpoint(j.id).await.unwrap().unwrap().state, state);
+    assert_eq!(s.beat(j.id, j.attempt, &renewed, &Beat::default()).await.unwrap(), BeatAck::NotRunning);
+}

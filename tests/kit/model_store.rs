@@ -31,6 +31,7 @@ use warden_runtime::store::{
     DueAccount, Fence, Finish, Finished, GrantedLease, JobTx, KindDefaults, MemberInfo, ProducerStore, RunningJob,
     Store,
 };
+use warden_runtime::progress::{Beat, BeatAck, Progress, StoredCheckpoint};
 use warden_runtime::{async_trait, partition_of, Error, PartitionCount, Result};
 
 /// A duration in whole milliseconds, saturating (as the PostgreSQL store binds it).
@@ -52,12 +53,24 @@ pub struct ModelLease {
     pub expires: Instant,
 }
 
+/// One row of the modelled `warden.job_progress`.
+#[derive(Clone, Debug, Default)]
+pub struct ModelProgress {
+    pub attempt: i32,
+    pub epoch: i64,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    pub progress: Option<Progress>,
+    pub checkpoint: Option<StoredCheckpoint>,
+}
+
 /// The modelled database: leases, jobs, attempts, members.
 #[derive(Debug)]
 pub struct ModelDb {
     pub leases: Vec<ModelLease>,
     pub jobs: BTreeMap<i64, JobRow>,
     pub attempts: Vec<AttemptRow>,
+    /// `warden.job_progress`: job id → (writer's attempt, its checkpoint).
+    pub progress: BTreeMap<i64, ModelProgress>,
     /// Member id → last seen.
     pub members: BTreeMap<String, DateTime<Utc>>,
     partitions: PartitionCount,
@@ -77,6 +90,7 @@ impl ModelDb {
             leases: (0..partitions).map(|_| ModelLease { owner: None, epoch: 0, expires: now }).collect(),
             jobs: BTreeMap::new(),
             attempts: Vec::new(),
+            progress: BTreeMap::new(),
             members: BTreeMap::new(),
             partitions: PartitionCount::new(partitions).expect("partition count"),
             next_job_id: 1,
@@ -427,6 +441,39 @@ impl ModelDb {
         self.jobs.get(&job_id).is_some_and(|j| j.cancel_requested)
     }
 
+    /// job_beat.sql: fenced, and only while the job runs as this attempt.
+    pub fn beat(&mut self, job_id: i64, attempt: i32, fence: &Fence, beat: &Beat, now: Instant) -> Result<BeatAck> {
+        if !self.fence_holds(fence, now) {
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        let at = self.utc(now);
+        let Some(job) = self.jobs.get(&job_id).filter(|j| {
+            j.partition == fence.partition as i32
+                && j.state == "running"
+                && j.epoch == Some(fence.epoch)
+                && j.node.as_deref() == Some(&*fence.owner)
+                && j.attempt == attempt
+        }) else {
+            return Ok(BeatAck::NotRunning);
+        };
+        let cancel_requested = job.cancel_requested;
+        let row = self.progress.entry(job_id).or_default();
+        row.attempt = attempt;
+        row.epoch = fence.epoch;
+        row.heartbeat_at = Some(at);
+        if let Some(p) = &beat.progress {
+            row.progress = Some(p.clone());
+        }
+        if let Some((state, _)) = &beat.checkpoint {
+            row.checkpoint = Some(StoredCheckpoint { state: state.clone(), at, attempt });
+        }
+        Ok(BeatAck::Recorded { cancel_requested })
+    }
+
+    pub fn checkpoint(&self, job_id: i64) -> Option<StoredCheckpoint> {
+        self.progress.get(&job_id).and_then(|p| p.checkpoint.clone())
+    }
+
     /// heartbeat.sql: the members seen within `within`, this one included (last).
     pub fn heartbeat(&mut self, member: &MemberInfo, within: Duration, now: Instant) -> Vec<String> {
         let at = self.utc(now);
@@ -687,6 +734,15 @@ impl Store for ModelStore {
 
     async fn cancel_requested(&self, job_id: i64) -> Result<bool> {
         Ok(self.statement(move |db, _| db.cancel_requested(job_id)).await)
+    }
+
+    async fn beat(&self, job_id: i64, attempt: i32, fence: &Fence, beat: &Beat) -> Result<BeatAck> {
+        let (fence, beat) = (fence.clone(), beat.clone());
+        self.statement(move |db, now| db.beat(job_id, attempt, &fence, &beat, now)).await
+    }
+
+    async fn checkpoint(&self, job_id: i64) -> Result<Option<StoredCheckpoint>> {
+        Ok(self.statement(move |db, _| db.checkpoint(job_id)).await)
     }
 
     async fn begin(&self, _idle: Duration) -> Result<JobTx> {

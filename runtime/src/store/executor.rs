@@ -5,6 +5,7 @@
 use super::{Fence, Finish, Finished, GrantedLease, JobTx};
 use crate::error::Result;
 use crate::job::JobRow;
+use crate::progress::{Beat, BeatAck, StoredCheckpoint};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -109,6 +110,14 @@ pub trait Store: Send + Sync + 'static {
     async fn unclaim(&self, job: &JobRow, fence: &Fence) -> Result<()>;
     /// Has someone asked to cancel this (running) job? `false` for an unknown job.
     async fn cancel_requested(&self, job_id: i64) -> Result<bool>;
+    /// Record a running attempt's heartbeat — its progress and, optionally, a
+    /// checkpoint — fenced: only while `fence` holds and the job still runs as
+    /// `attempt` at that epoch and node (see `pg/sql/job_beat.sql`).
+    /// [`crate::Error::Fenced`] if the fence does not hold; [`BeatAck::NotRunning`]
+    /// if it holds but the job no longer runs as this attempt.
+    async fn beat(&self, job_id: i64, attempt: i32, fence: &Fence, beat: &Beat) -> Result<BeatAck>;
+    /// The job's last committed checkpoint, whichever attempt wrote it.
+    async fn checkpoint(&self, job_id: i64) -> Result<Option<StoredCheckpoint>>;
     /// Begin a handler transaction that the database ends if it stays idle longer than
     /// `idle_timeout` (see `JobContext::tx`). [`JobTx`] is a PostgreSQL connection
     /// today; a second backend would make it an associated type.

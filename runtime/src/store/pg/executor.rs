@@ -4,6 +4,7 @@
 use super::{JobTx, PgStore, LOCK_CHUNK};
 use crate::error::{Error, Result};
 use crate::job::JobRow;
+use crate::progress::{Beat, BeatAck, StoredCheckpoint};
 use crate::store::{
     ms, DueAccount, Fence, Finish, Finished, GrantedLease, MemberInfo, RunningJob, Store, CHANNEL_LEASE,
 };
@@ -56,6 +57,9 @@ const UNCLAIM_SQL: &str = include_str!("../sql/unclaim.sql");
 pub(super) const DISCARD_UNDECODABLE_SQL: &str = include_str!("../sql/discard_undecodable.sql");
 const CANCEL_REQUESTED_SQL: &str = "SELECT cancel_requested FROM warden.jobs WHERE id = $1";
 const HEARTBEAT_SQL: &str = include_str!("../sql/heartbeat.sql");
+const JOB_BEAT_SQL: &str = include_str!("../sql/job_beat.sql");
+const CHECKPOINT_SQL: &str =
+    "SELECT checkpoint, checkpoint_at, checkpoint_attempt FROM warden.job_progress WHERE job_id = $1 AND checkpoint IS NOT NULL";
 
 fn partition_array(partitions: impl IntoIterator<Item = u32>) -> Vec<i32> {
     partitions.into_iter().map(|p| p as i32).collect()
@@ -264,6 +268,50 @@ impl Store for PgStore {
     async fn cancel_requested(&self, job_id: i64) -> Result<bool> {
         let v: Option<bool> = sqlx::query_scalar(CANCEL_REQUESTED_SQL).bind(job_id).fetch_optional(&self.pool).await?;
         Ok(v.unwrap_or(false))
+    }
+
+    async fn beat(&self, job_id: i64, attempt: i32, fence: &Fence, beat: &Beat) -> Result<BeatAck> {
+        let progress = beat.progress.as_ref();
+        let (checkpoint, bytes) = match &beat.checkpoint {
+            Some((state, bytes)) => (Some(state), Some(i32::try_from(*bytes).unwrap_or(i32::MAX))),
+            None => (None, None),
+        };
+        let row = sqlx::query(JOB_BEAT_SQL)
+            .bind(job_id)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .bind(attempt)
+            .bind(progress.is_some())
+            .bind(progress.and_then(|p| p.percent))
+            .bind(progress.and_then(|p| p.message.as_deref()))
+            .bind(progress.and_then(|p| p.details.as_ref()))
+            .bind(checkpoint.is_some())
+            .bind(checkpoint)
+            .bind(bytes)
+            .fetch_one(&self.pool)
+            .await?;
+        let fence_held: i64 = row.try_get("fence_held")?;
+        let written: i64 = row.try_get("written")?;
+        if fence_held == 0 {
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        if written == 0 {
+            return Ok(BeatAck::NotRunning);
+        }
+        Ok(BeatAck::Recorded { cancel_requested: row.try_get("cancel_requested")? })
+    }
+
+    async fn checkpoint(&self, job_id: i64) -> Result<Option<StoredCheckpoint>> {
+        let row = sqlx::query(CHECKPOINT_SQL).bind(job_id).fetch_optional(&self.pool).await?;
+        row.map(|r| {
+            Ok(StoredCheckpoint {
+                state: r.try_get("checkpoint")?,
+                at: r.try_get("checkpoint_at")?,
+                attempt: r.try_get("checkpoint_attempt")?,
+            })
+        })
+        .transpose()
     }
 
     async fn heartbeat(&self, member: &MemberInfo, within: Duration) -> Result<Option<Vec<String>>> {
