@@ -94,6 +94,8 @@ pub mod cron;
 mod jitter;
 pub mod zone;
 
+#[cfg(test)]
+mod tests;
 
 pub use cron::{CronExpr, CronField, MAX_EXPRESSION_LEN};
 pub use zone::{parse_zone, MAX_ZONE_NAME_LEN};
