@@ -31,6 +31,7 @@
 //! - [`ownership_diff`] — the ownership stream's diffs, pure: the lease owners and
 //!   member states a watcher saw vs now → the changes to send (the `warden` crate's
 //!   gRPC API turns them into events).
+//! - [`schedule`] — schedule timing, pure: cron or interval, zone, DST rule, jitter.
 //! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
 //!   node at a time).
 //! - [`saturation`] — the scaling signal: busy execution slots / slots and CPU,
@@ -64,6 +65,7 @@ pub mod ownership_diff;
 pub mod progress;
 pub mod retention;
 pub mod saturation;
+pub mod schedule;
 pub mod schema;
 pub mod store;
 pub mod telemetry;
