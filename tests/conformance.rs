@@ -65,4 +65,5 @@ conformance!(
     unique_keys_make_enqueue_idempotent,
     heartbeat_lists_the_members_seen_within_the_window,
     beats_are_fenced_per_attempt_and_keep_the_last_checkpoint,
+    idempotency_keys_dedup_while_kept_even_after_the_job_completed,
 );

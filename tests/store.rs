@@ -571,3 +571,113 @@ async fn runnable_accounts_counts_accounts_a_free_slot_would_start() {
         (0..16).filter(|q| !["due-1", "mixed", "retry-due", "busy"].iter().any(|a| of(a) == *q)).collect();
     assert_eq!(runnable(Some(quiet), 1000).await.total(), 0);
 }
+
+// ---------------------------------------------------------------------------
+// Idempotency keys (migration 0007). The shared rules are in the conformance suite;
+// these are PostgreSQL's own: concurrency, the SQL function, pruning.
+
+#[tokio::test]
+async fn concurrent_enqueues_of_one_idempotency_key_insert_one_job_whatever_the_path() {
+    let (db, _s, client) = setup(16).await;
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let (client, pool) = (client.clone(), db.pool.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let e = client.enqueue(NewJob::new("idem-race", "step", i).unwrap().idempotency_key("pay-7")).await.unwrap();
+                (e.id, e.duplicate)
+            } else {
+                let (id, duplicate): (i64, bool) =
+                    sqlx::query_as("SELECT job_id, duplicate FROM warden.enqueue_idempotent('idem-race', 'step', 'pay-7')")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                (id, duplicate)
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE account = 'idem-race'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1, "one job for one key: {results:?}");
+    assert_eq!(results.iter().filter(|r| !r.1).count(), 1, "exactly one enqueue inserted: {results:?}");
+    assert!(results.iter().all(|r| r.0 == results[0].0), "every enqueue names the same job: {results:?}");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_outlives_its_job_pruned_by_retention() {
+    let (db, s, client) = setup(16).await;
+    let first = client.enqueue(NewJob::new("idem-pruned", "step", ()).unwrap().idempotency_key("k")).await.unwrap();
+    let fences = own_all(&s, "n1").await;
+    let fence = fence_for(&fences, "idem-pruned", 16);
+    let j = s.claim("idem-pruned", &fence).await.unwrap().unwrap();
+    s.finish(None, &j, &fence, &Finish::Completed, false).await.unwrap();
+    sqlx::query("UPDATE warden.jobs SET finished_at = now() - interval '30 days' WHERE id = $1")
+        .bind(first.id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let admin = store::PgAdminStore::from(&db.pool);
+    use warden_runtime::store::AdminStore;
+    let pruned = admin.prune_finished(Duration::from_secs(7 * 86400), 100, None).await.unwrap();
+    assert_eq!(pruned.jobs, 1);
+    assert!(client.get(first.id).await.unwrap().is_none(), "the job is gone");
+    let again = client.enqueue(NewJob::new("idem-pruned", "step", ()).unwrap().idempotency_key("k")).await.unwrap();
+    assert_eq!((again.id, again.duplicate), (first.id, true), "the key still names it");
+    let (id, dup): (i64, bool) =
+        sqlx::query_as("SELECT job_id, duplicate FROM warden.enqueue_idempotent('idem-pruned', 'step', 'k')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((id, dup), (first.id, true));
+}
+
+#[tokio::test]
+async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
+    let (db, _s, client) = setup(16).await;
+    for i in 0..5 {
+        let j = NewJob::new("idem-exp", "step", ()).unwrap().idempotency_key(format!("old-{i}"));
+        client.enqueue(j.idempotency_keep(Duration::from_millis(1))).await.unwrap();
+    }
+    client.enqueue(NewJob::new("idem-exp", "step", ()).unwrap().idempotency_key("live")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    use warden_runtime::store::AdminStore;
+    let admin = store::PgAdminStore::from(&db.pool);
+    assert_eq!(admin.prune_idempotency_keys(3).await.unwrap(), 3, "a batch is bounded");
+    assert_eq!(admin.prune_idempotency_keys(100).await.unwrap(), 2);
+    assert_eq!(admin.prune_idempotency_keys(100).await.unwrap(), 0);
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM warden.idempotency_keys").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(left, ["live"]);
+}
+
+#[tokio::test]
+async fn enqueue_idempotent_in_sql_checks_its_input() {
+    let (db, _s, _c) = setup(16).await;
+    for (sql, says) in [
+        ("SELECT * FROM warden.enqueue_idempotent('a', 'k', '')", "key must be"),
+        ("SELECT * FROM warden.enqueue_idempotent('a', 'k', NULL)", "key must be"),
+        ("SELECT * FROM warden.enqueue_idempotent('', 'k', 'x')", "account must be"),
+        ("SELECT * FROM warden.enqueue_idempotent('a', 'k', 'x', p_keep => interval '0')", "p_keep"),
+        ("SELECT * FROM warden.enqueue_idempotent('a', 'k', 'x', p_keep => interval '4000 days')", "p_keep"),
+        ("SELECT * FROM warden.enqueue_idempotent('a', 'k', 'x', p_lane => 'fast')", "lane must be"),
+        ("SELECT * FROM warden.enqueue_idempotent('a', 'k', 'x', p_timeout_ms => 0)", "timeout_ms"),
+    ] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err().to_string();
+        assert!(err.contains(says), "{sql}: {err}");
+    }
+    let (id, dup): (i64, bool) = sqlx::query_as(
+        "SELECT job_id, duplicate FROM warden.enqueue_idempotent('a', 'k', 'x', '{\"n\": 1}', p_lane => 'unordered')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(!dup);
+    let (lane, args): (String, serde_json::Value) =
+        sqlx::query_as("SELECT lane, args FROM warden.jobs WHERE id = $1").bind(id).fetch_one(&db.pool).await.unwrap();
+    assert_eq!((lane.as_str(), args), ("unordered", serde_json::json!({ "n": 1 })));
+}

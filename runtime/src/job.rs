@@ -32,6 +32,8 @@ pub const MAX_DELAY: Duration = Duration::from_secs(3650 * 24 * 3600);
 pub const MIN_RUN_AT_UNIX_S: i64 = 0;
 /// Longest error text stored per attempt; longer text is cut at a character boundary.
 pub const MAX_ERROR_BYTES: usize = 4096;
+/// How long an idempotency key is kept unless the job says otherwise.
+pub const DEFAULT_IDEMPOTENCY_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Lifecycle state of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -179,6 +181,11 @@ pub struct NewJob {
     pub timeout: Option<Duration>,
     pub unique_key: Option<String>,
     pub lane: Lane,
+    /// Enqueue this job at most once per (account, key) for as long as the key is
+    /// kept, whatever becomes of the job (see [`NewJob::idempotency_key`]).
+    pub idempotency_key: Option<String>,
+    /// How long the idempotency key is kept (`None`: [`DEFAULT_IDEMPOTENCY_KEEP`]).
+    pub idempotency_keep: Option<Duration>,
 }
 
 impl NewJob {
@@ -196,6 +203,8 @@ impl NewJob {
             timeout: None,
             unique_key: None,
             lane: Lane::Serial,
+            idempotency_key: None,
+            idempotency_keep: None,
         })
     }
 
@@ -227,6 +236,26 @@ impl NewJob {
         self.lane = lane;
         self
     }
+    /// Enqueue at most once per `(account, key)` while the key is kept
+    /// ([`DEFAULT_IDEMPOTENCY_KEEP`], or [`NewJob::idempotency_keep`]): another enqueue
+    /// with the same key returns the first job's id (`Enqueued::duplicate`) and
+    /// enqueues nothing — even after that job completed, failed or was pruned. Unlike
+    /// [`NewJob::unique_key`], which dedups only while a job with the key is
+    /// unfinished. The two cannot be combined. Also from SQL:
+    /// `warden.enqueue_idempotent(account, kind, key, args, …)`.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+    /// How long this job's idempotency key is kept (at most [`MAX_DELAY`]).
+    pub fn idempotency_keep(mut self, keep: Duration) -> Self {
+        self.idempotency_keep = Some(keep);
+        self
+    }
+    /// The idempotency key's lifetime in whole milliseconds, defaulted.
+    pub fn idempotency_keep_ms(&self) -> i64 {
+        crate::store::ms(self.idempotency_keep.unwrap_or(DEFAULT_IDEMPOTENCY_KEEP))
+    }
 
     /// Check every limit; the error names the field and the limit.
     pub fn validate(&self) -> Result<()> {
@@ -238,6 +267,25 @@ impl NewJob {
         }
         if let Some(k) = &self.unique_key {
             validate_name("unique_key", k, MAX_UNIQUE_KEY_BYTES)?;
+        }
+        if let Some(k) = &self.idempotency_key {
+            validate_name("idempotency_key", k, MAX_UNIQUE_KEY_BYTES)?;
+            if self.unique_key.is_some() {
+                return Err(Error::invalid(
+                    "a job has a unique_key or an idempotency_key, not both (the idempotency key already dedups)",
+                ));
+            }
+        }
+        if let Some(keep) = self.idempotency_keep {
+            if self.idempotency_key.is_none() {
+                return Err(Error::invalid("idempotency_keep is set without an idempotency_key"));
+            }
+            if keep < Duration::from_millis(1) || keep > MAX_DELAY {
+                return Err(Error::invalid(format!(
+                    "idempotency_keep must be between 1ms and {} days, got {keep:?}",
+                    MAX_DELAY.as_secs() / 86400
+                )));
+            }
         }
         if let Some(n) = self.max_attempts {
             if !(1..=MAX_MAX_ATTEMPTS).contains(&n) {

@@ -12,6 +12,11 @@
 //! skipped because someone held it is picked up by the next run. A run stops after [`RetentionConfig::max_batches_per_run`] batches
 //! and pauses [`RetentionConfig::batch_pause`] between batches.
 //!
+//! Expired idempotency keys (`warden.idempotency_keys`, migration 0007) are deleted by
+//! the same runs, after the jobs, in batches of the same size. They are dead anyway
+//! (the next enqueue of an expired key takes it over); pruning bounds the table. With
+//! retention off they stay.
+//!
 //! What pruning gives up: unfinished jobs are never touched, so the guarantee itself
 //! does not depend on history. The audit checks over the attempts table
 //! ([`crate::history::check`], the tests' and the soak's checkers) hold only over the
@@ -86,6 +91,8 @@ impl RetentionConfig {
 pub struct PruneReport {
     pub jobs: u64,
     pub attempts: u64,
+    /// Expired idempotency keys deleted.
+    pub keys: u64,
     pub batches: u32,
     /// Another node held the pruner lock for (some of) the run.
     pub skipped: bool,
@@ -148,12 +155,28 @@ impl Pruner {
                 break;
             }
         }
+        // Expired idempotency keys: the same batches, after the jobs (skipped rows
+        // wait for the next run).
+        if !report.skipped {
+            for _ in 0..self.config.max_batches_per_run {
+                let keys = self.store.prune_idempotency_keys(self.config.batch_size).await?;
+                report.keys += keys;
+                metrics::counter!("warden_retention_pruned_total", "table" => "idempotency_keys").increment(keys);
+                if (keys as i64) < self.config.batch_size {
+                    break;
+                }
+                if !self.config.batch_pause.is_zero() {
+                    tokio::time::sleep(self.config.batch_pause).await;
+                }
+            }
+        }
         let elapsed = started.elapsed();
         metrics::histogram!("warden_retention_run_seconds").record(elapsed.as_secs_f64());
-        if report.jobs > 0 || report.skipped {
+        if report.jobs > 0 || report.keys > 0 || report.skipped {
             tracing::info!(
                 jobs = report.jobs,
                 attempts = report.attempts,
+                idempotency_keys = report.keys,
                 batches = report.batches,
                 skipped = report.skipped,
                 elapsed_ms = elapsed.as_millis() as u64,

@@ -668,3 +668,56 @@ pub async fn beats_are_fenced_per_attempt_and_keep_the_last_checkpoint<S: Store 
     assert_eq!(s.checkpoint(j.id).await.unwrap().unwrap().state, state);
     assert_eq!(s.beat(j.id, j.attempt, &renewed, &Beat::default()).await.unwrap(), BeatAck::NotRunning);
 }
+
+// ---------------------------------------------------------------------------
+// Idempotency keys (enqueue_insert.sql's `keyed`, migration 0007).
+
+/// An idempotency key dedups while it is kept, whatever became of its job (here:
+/// completed); within a batch too, in input order; an expired key is taken over by
+/// the next enqueue; a key with a unique key too is refused.
+pub async fn idempotency_keys_dedup_while_kept_even_after_the_job_completed<S: Store + ProducerStore>(s: &S) {
+    let f = own_all(s, A, TTL).await;
+    let acct = "idem";
+    let enq = |jobs: Vec<NewJob>| async move { s.enqueue(&jobs, &|_: &str| KindDefault::default()).await };
+    let first = enq(vec![job(acct).idempotency_key("order-1")]).await.unwrap()[0];
+    assert!(!first.duplicate);
+    let again = enq(vec![job(acct).idempotency_key("order-1")]).await.unwrap()[0];
+    assert_eq!((again.id, again.duplicate), (first.id, true), "while unfinished");
+
+    let fence = fence_of(&f, acct);
+    let j = s.claim(acct, &fence).await.unwrap().unwrap();
+    assert_eq!(j.id, first.id);
+    s.finish(None, &j, &fence, &Finish::Completed, false).await.unwrap();
+    let after = enq(vec![job(acct).idempotency_key("order-1")]).await.unwrap()[0];
+    assert_eq!((after.id, after.duplicate), (first.id, true), "after the job completed");
+    assert_eq!(get(s, first.id).await.state, "completed");
+
+    // A batch: a new key twice, no key, an old key; another account's same key is its own.
+    let batch = enq(vec![
+        job(acct).idempotency_key("order-2"),
+        job(acct).idempotency_key("order-2"),
+        job(acct),
+        job(acct).idempotency_key("order-1"),
+        job("idem-other").idempotency_key("order-1"),
+    ])
+    .await
+    .unwrap();
+    assert!(!batch[0].duplicate && !batch[2].duplicate && !batch[4].duplicate);
+    assert_eq!((batch[1].id, batch[1].duplicate), (batch[0].id, true), "the first of the batch wins");
+    assert_eq!((batch[3].id, batch[3].duplicate), (first.id, true));
+    assert!(batch[0].id < batch[2].id, "ids follow the input order");
+    assert_ne!(batch[4].id, first.id, "keys are per account");
+
+    // Expired: taken over by a new job.
+    let short = enq(vec![job(acct).idempotency_key("short").idempotency_keep(Duration::from_millis(1))]).await.unwrap()[0];
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let replaced = enq(vec![job(acct).idempotency_key("short")]).await.unwrap()[0];
+    assert!(!replaced.duplicate && replaced.id != short.id, "an expired key is taken over");
+    let kept = enq(vec![job(acct).idempotency_key("short")]).await.unwrap()[0];
+    assert_eq!((kept.id, kept.duplicate), (replaced.id, true));
+
+    let both = enq(vec![job(acct).idempotency_key("k").unique_key("u")]).await;
+    assert!(matches!(both, Err(Error::InvalidInput(_))), "{both:?}");
+    let zero = enq(vec![job(acct).idempotency_key("k").idempotency_keep(Duration::ZERO)]).await;
+    assert!(matches!(zero, Err(Error::InvalidInput(_))), "{zero:?}");
+}

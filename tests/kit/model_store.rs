@@ -71,6 +71,8 @@ pub struct ModelDb {
     pub attempts: Vec<AttemptRow>,
     /// `warden.job_progress`: job id → (writer's attempt, its checkpoint).
     pub progress: BTreeMap<i64, ModelProgress>,
+    /// `warden.idempotency_keys`: (account, key) → (job id, expires at).
+    pub idempotency_keys: BTreeMap<(String, String), (i64, DateTime<Utc>)>,
     /// Member id → last seen.
     pub members: BTreeMap<String, DateTime<Utc>>,
     partitions: PartitionCount,
@@ -91,6 +93,7 @@ impl ModelDb {
             jobs: BTreeMap::new(),
             attempts: Vec::new(),
             progress: BTreeMap::new(),
+            idempotency_keys: BTreeMap::new(),
             members: BTreeMap::new(),
             partitions: PartitionCount::new(partitions).expect("partition count"),
             next_job_id: 1,
@@ -511,6 +514,15 @@ impl ModelDb {
         let at = self.utc(now);
         let mut out = Vec::with_capacity(jobs.len());
         for j in jobs {
+            if let Some(key) = &j.idempotency_key {
+                let k = (j.account.clone(), key.clone());
+                if let Some((id, _)) = self.idempotency_keys.get(&k).filter(|(_, expires)| *expires > at) {
+                    out.push(Enqueued { id: *id, duplicate: true });
+                    continue;
+                }
+                let expires = at + chrono::Duration::milliseconds(j.idempotency_keep_ms());
+                self.idempotency_keys.insert(k, (self.next_job_id, expires));
+            }
             if let Some(key) = &j.unique_key {
                 let holder = self.jobs.values().find(|o| {
                     o.account == j.account && o.unique_key.as_ref() == Some(key) && OPEN.contains(&o.state.as_str())

@@ -79,6 +79,11 @@ pub trait AdminStore: Send + Sync + 'static {
     /// batch's [`Pruned::last`]), so a run never re-walks the index entries of the rows
     /// it deleted (dead until vacuum).
     async fn prune_finished(&self, older_than: Duration, batch: i64, after: Option<PruneCursor>) -> Result<Pruned>;
+    /// Delete up to `batch` expired idempotency keys (`expires_at` passed, database
+    /// clock), in one short statement; keys anyone holds are skipped. An expired key
+    /// is dead either way (the next enqueue with it takes it over): this only bounds
+    /// the table. Returns how many went.
+    async fn prune_idempotency_keys(&self, batch: i64) -> Result<u64>;
     /// The serial guarantee's figures over the whole history still stored (see
     /// [`crate::history`]).
     async fn history_report(&self) -> Result<HistoryReport>;

@@ -120,6 +120,15 @@ const PRUNE_SQL: &str = "
     SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_attempts),
            (SELECT finished_at FROM last), (SELECT id FROM last)";
 
+/// Delete up to $1 expired idempotency keys, oldest expiry first; the re-check after
+/// the row lock keeps a key an enqueue has just taken over (its new expiry).
+const PRUNE_KEYS_SQL: &str = "
+    WITH doomed AS (
+       SELECT account, key FROM warden.idempotency_keys WHERE expires_at <= now()
+       ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+    DELETE FROM warden.idempotency_keys k USING doomed d
+    WHERE k.account = d.account AND k.key = d.key AND k.expires_at <= now()";
+
 /// Jobs: all, by finished state, unfinished.
 const HISTORY_JOBS_SQL: &str = "
     SELECT count(*),
@@ -335,6 +344,10 @@ impl AdminStore for PgAdminStore {
             skipped: false,
             last: last_at.zip(last_id).map(|(finished_at, id)| PruneCursor { finished_at, id }),
         })
+    }
+
+    async fn prune_idempotency_keys(&self, batch: i64) -> Result<u64> {
+        Ok(sqlx::query(PRUNE_KEYS_SQL).bind(batch).execute(&self.pool).await?.rows_affected())
     }
 
     async fn history_report(&self) -> Result<HistoryReport> {

@@ -52,6 +52,10 @@ const UNIQUE_KEY_HOLDER_SQL: &str = "
     SELECT id FROM warden.jobs WHERE account = $1 AND unique_key = $2
       AND state IN ('scheduled', 'available', 'retryable', 'running')";
 
+/// The job an idempotency key $2 of account $1 stands for (the statement just inserted
+/// it, or it was kept from an earlier enqueue).
+const IDEMPOTENCY_KEY_HOLDER_SQL: &str = "SELECT job_id FROM warden.idempotency_keys WHERE account = $1 AND key = $2";
+
 /// Cancel, step 1: the job's state, partition and account, locked ($1 job id).
 const CANCEL_LOCK_SQL: &str = "SELECT state, partition, account FROM warden.jobs WHERE id = $1 FOR UPDATE";
 /// Cancel a queued job ($1 job id).
@@ -190,6 +194,8 @@ fn insert_resolved<'a>(
         let mut max_attempts: Vec<Option<i32>> = Vec::with_capacity(n);
         let mut timeout_ms: Vec<Option<i32>> = Vec::with_capacity(n);
         let mut unique_key: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut idem_key: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut keep_ms: Vec<Option<i64>> = Vec::with_capacity(n);
         for j in jobs {
             j.validate()?;
             account.push(j.account.clone());
@@ -217,6 +223,8 @@ fn insert_resolved<'a>(
             max_attempts.push(j.max_attempts.or(kind_default.max_attempts));
             timeout_ms.push(j.timeout.or(kind_default.timeout).map(|t| ms(t).min(i32::MAX as i64) as i32));
             unique_key.push(j.unique_key.clone());
+            idem_key.push(j.idempotency_key.clone());
+            keep_ms.push(j.idempotency_key.as_ref().map(|_| j.idempotency_keep_ms()));
         }
         // One account (a single enqueue, a job's follow-up) takes a shorter statement:
         // the general one's lock planning costs ~17% of a single enqueue's throughput.
@@ -235,68 +243,78 @@ fn insert_resolved<'a>(
             .bind(&unique_key)
             .bind(ENQUEUE_LOCK_CLASS)
             .bind(ENQUEUE_LOCK_BATCH as i64)
+            .bind(&idem_key)
+            .bind(&keep_ms)
             .fetch_all(&mut *conn)
             .await?;
 
-        // Rows come back in id order, which is insertion order (ORDER BY ord). Inputs whose
-        // unique key already had an unfinished job were skipped; map them to that job.
+        // Each inserted job comes back with its input position (`ord`, 1-based). Inputs
+        // not inserted were duplicates: of an unfinished job with their unique key, or
+        // of their idempotency key's job; map them to that job.
+        let mut inserted = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            inserted.insert(r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?);
+        }
         let mut out = Vec::with_capacity(n);
-        let mut inserted = rows
-            .iter()
-            .map(|r| -> Result<(i64, String, Option<String>)> { Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)) });
-        let mut pending_inserted = inserted.next().transpose()?;
         let mut seen_keys: std::collections::HashMap<(String, String), i64> = Default::default();
-        for j in jobs {
+        for (i, j) in jobs.iter().enumerate() {
             let key = j.unique_key.as_ref().map(|k| (j.account.clone(), k.clone()));
-            if let Some(k) = &key {
-                if let Some(id) = seen_keys.get(k) {
-                    out.push(Enqueued { id: *id, duplicate: true });
+            if let Some(id) = inserted.get(&(i as i64 + 1)) {
+                out.push(Enqueued { id: *id, duplicate: false });
+                if let Some(k) = key {
+                    seen_keys.insert(k, *id);
+                }
+                continue;
+            }
+            if let Some(ik) = &j.idempotency_key {
+                let id: Option<i64> = sqlx::query_scalar(IDEMPOTENCY_KEY_HOLDER_SQL)
+                    .bind(&j.account)
+                    .bind(ik)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some(id) = id else {
+                    // Kept when the statement ran, gone now: the pruner deleted it as
+                    // expired meanwhile. Enqueueing now could reorder the batch.
+                    return Err(Error::Conflict(format!(
+                        "idempotency key {ik:?} of account {:?} expired while the batch was enqueued; retry",
+                        j.account
+                    )));
+                };
+                out.push(Enqueued { id, duplicate: true });
+                continue;
+            }
+            let Some((acc, uk)) = key else {
+                return Err(Error::Database(sqlx::Error::Protocol(
+                    "enqueue skipped a job with neither a unique key nor an idempotency key".into(),
+                )));
+            };
+            if let Some(id) = seen_keys.get(&(acc.clone(), uk.clone())) {
+                out.push(Enqueued { id: *id, duplicate: true });
+                continue;
+            }
+            let found: Option<i64> =
+                sqlx::query_scalar(UNIQUE_KEY_HOLDER_SQL).bind(&acc).bind(&uk).fetch_optional(&mut *conn).await?;
+            let id = match found {
+                Some(id) => id,
+                None => {
+                    // The job that held the key finished between the insert and this
+                    // read (it was RowNotFound): the key is free. One job is inserted
+                    // again; in a batch that would put it after the jobs enqueued with
+                    // it, so the caller is asked to retry instead.
+                    if jobs.len() > 1 {
+                        return Err(Error::Conflict(format!(
+                            "unique_key {uk:?} of account {acc:?} was freed while the batch was enqueued; retry the batch"
+                        )));
+                    }
+                    let e =
+                        insert_resolved(&mut *conn, partitions, std::slice::from_ref(j), defaults).await?.remove(0);
+                    out.push(e);
+                    seen_keys.insert((acc, uk), e.id);
                     continue;
                 }
-            }
-            match &pending_inserted {
-                Some((id, acc, uk)) if *acc == j.account && *uk == j.unique_key => {
-                    out.push(Enqueued { id: *id, duplicate: false });
-                    if let Some(k) = key {
-                        seen_keys.insert(k, *id);
-                    }
-                    pending_inserted = inserted.next().transpose()?;
-                }
-                _ => {
-                    let Some((acc, uk)) = key else {
-                        return Err(Error::Database(sqlx::Error::Protocol(
-                            "enqueue returned fewer rows than jobs without unique keys".into(),
-                        )));
-                    };
-                    let found: Option<i64> = sqlx::query_scalar(UNIQUE_KEY_HOLDER_SQL)
-                        .bind(&acc)
-                        .bind(&uk)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                    let id = match found {
-                        Some(id) => id,
-                        None => {
-                            // The job that held the key finished between the insert and
-                            // this read (it was RowNotFound): the key is free. One job is
-                            // inserted again; in a batch that would put it after the jobs
-                            // enqueued with it, so the caller is asked to retry instead.
-                            if jobs.len() > 1 {
-                                return Err(Error::Conflict(format!(
-                                    "unique_key {uk:?} of account {acc:?} was freed while the batch was enqueued; retry the batch"
-                                )));
-                            }
-                            let e = insert_resolved(&mut *conn, partitions, std::slice::from_ref(j), defaults)
-                                .await?
-                                .remove(0);
-                            out.push(e);
-                            seen_keys.insert((acc, uk), e.id);
-                            continue;
-                        }
-                    };
-                    seen_keys.insert((acc, uk), id);
-                    out.push(Enqueued { id, duplicate: true });
-                }
-            }
+            };
+            seen_keys.insert((acc, uk), id);
+            out.push(Enqueued { id, duplicate: true });
         }
         Ok(out)
     })
