@@ -51,6 +51,12 @@ impl Client {
         self.store.partitions()
     }
 
+    /// Periodic schedules: create, change, pause, trigger, backfill, … (see
+    /// [`crate::scheduler`]).
+    pub fn schedules(&self) -> crate::scheduler::Schedules {
+        crate::scheduler::Schedules { store: self.store.clone() }
+    }
+
     /// The options of `kind` where this client's registry knows them. Kinds it does not
     /// know resolve in the database, from the options nodes publish (`warden.kinds`),
     /// then 25 attempts / 60 s.

@@ -504,6 +504,13 @@ impl JobContext {
         }
     }
 
+    /// The nominal time this job was fired for, if a schedule fired it (see
+    /// [`crate::scheduler`]): the time the work is *for* ("the report of 10:00"),
+    /// which a catch-up or a late fire runs after. `None` for other jobs.
+    pub async fn scheduled_at(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.store.fired_for(self.job.id).await
+    }
+
     /// Why the handler should stop, if it should (what [`JobContext::heartbeat`]
     /// returns, read locally without a write).
     pub fn stop_reason(&self) -> Option<StopReason> {

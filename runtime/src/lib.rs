@@ -34,6 +34,9 @@
 //! - [`schedule`] — schedule timing, pure: cron or interval, zone, DST rule, jitter.
 //! - [`retention`] — the pruner of finished jobs and their attempts (batched, one
 //!   node at a time).
+//! - [`scheduler`] — periodic schedules: definitions, the pure fire plan (catch-up,
+//!   overlap), the node task that fires the held partitions' due schedules, and the
+//!   management API ([`scheduler::Schedules`]).
 //! - [`saturation`] — the scaling signal: busy execution slots / slots and CPU,
 //!   averaged over a window, and runnable accounts waiting (`warden_saturation`, …).
 //! - [`history`] — the checker of the serial guarantee over the attempts table
@@ -65,6 +68,7 @@ pub mod ownership_diff;
 pub mod progress;
 pub mod retention;
 pub mod saturation;
+pub mod scheduler;
 pub mod schedule;
 pub mod schema;
 pub mod store;

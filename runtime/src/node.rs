@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub due_scan_limit: i64,
     /// Pruning of finished jobs (see [`crate::retention`]).
     pub retention: RetentionConfig,
+    /// How often the scheduler looks for due schedules in the held partitions (see
+    /// [`crate::scheduler`]); bounds a fire's lag.
+    pub schedule_interval: Duration,
 }
 
 impl Default for NodeConfig {
@@ -75,6 +78,7 @@ impl Default for NodeConfig {
             enforcer_interval: Duration::from_secs(1),
             due_scan_limit: enforcer::DUE_SCAN_LIMIT,
             retention: RetentionConfig::default(),
+            schedule_interval: Duration::from_millis(250),
         }
     }
 }
@@ -87,6 +91,9 @@ impl NodeConfig {
         }
         self.lease.validate().map_err(Error::Config)?;
         self.retention.validate().map_err(Error::Config)?;
+        if self.schedule_interval < MIN_ENFORCER_INTERVAL {
+            return Err(Error::Config("schedule_interval must be at least 10ms".into()));
+        }
         if self.enforcer_interval < MIN_ENFORCER_INTERVAL {
             return Err(Error::Config("enforcer_interval must be at least 10ms".into()));
         }
@@ -143,6 +150,7 @@ pub struct NodeBuilder {
     store_layer: Option<StoreLayer>,
     client_pool: Option<PgPool>,
     hooks: Hooks,
+    schedules: Vec<crate::scheduler::ScheduleDef>,
 }
 
 /// Connections of the node's enqueue pool ([`Node::client`]) when the builder is not
@@ -163,6 +171,7 @@ impl NodeBuilder {
             store_layer: None,
             client_pool: None,
             hooks: Hooks::default(),
+            schedules: Vec::new(),
         }
     }
 
@@ -178,6 +187,18 @@ impl NodeBuilder {
     pub fn cluster(mut self, membership: Arc<dyn Membership>, options: ClusterOptions) -> Self {
         self.cluster = Some(ClusterWiring { membership, options });
         self
+    }
+
+    /// Declare a periodic schedule in code: applied on start, replacing a stored one
+    /// only if its `revision` is higher (see [`crate::scheduler`]). Errors on invalid
+    /// timing or policies, or a name declared twice.
+    pub fn schedule(mut self, def: crate::scheduler::ScheduleDef) -> Result<Self> {
+        def.validate()?;
+        if self.schedules.iter().any(|d| d.account == def.account && d.name == def.name) {
+            return Err(Error::Config(format!("schedule {:?} of {:?} is declared twice", def.name, def.account)));
+        }
+        self.schedules.push(def);
+        Ok(self)
     }
 
     /// Register a handler for `H::KIND`.
@@ -254,6 +275,7 @@ impl NodeBuilder {
         let control: Arc<dyn Store> = Arc::new(PgStore::new(control_pool.clone(), partitions));
         let registry = Arc::new(self.registry);
         PgAdminStore::from(&pool).publish_kinds(&registry, &owner).await?;
+        crate::scheduler::reconcile_declared(&PgStore::new(pool.clone(), partitions), &self.schedules).await?;
         let leases = Arc::new(LeaseTable::new(owner.clone()));
         let poke = Arc::new(Notify::new());
         let rescan = Arc::new(Notify::new());
@@ -406,6 +428,13 @@ impl NodeBuilder {
                 .connect_lazy_with((*pool.connect_options()).clone())
         });
         tracker.spawn(retention::run(pruner, shutdown.clone()));
+        let scheduler = crate::scheduler::Scheduler {
+            store: PgStore::new(pool.clone(), partitions),
+            leases: leases.clone(),
+            registry: registry.clone(),
+            idle_timeout: config.lease.ttl,
+        };
+        tracker.spawn(crate::scheduler::run(scheduler, config.schedule_interval, shutdown.clone()));
         status.saturation.lock().unwrap_or_else(|e| e.into_inner()).slots = meter.slots();
         tracker.spawn(measure_saturation(
             meter,

@@ -118,6 +118,11 @@ pub trait Store: Send + Sync + 'static {
     async fn beat(&self, job_id: i64, attempt: i32, fence: &Fence, beat: &Beat) -> Result<BeatAck>;
     /// The job's last committed checkpoint, whichever attempt wrote it.
     async fn checkpoint(&self, job_id: i64) -> Result<Option<StoredCheckpoint>>;
+    /// The nominal time of the schedule fire that enqueued this job, if one did
+    /// (`warden.schedule_fires`). Stores without schedules (the model) have none.
+    async fn fired_for(&self, _job_id: i64) -> Result<Option<DateTime<Utc>>> {
+        Ok(None)
+    }
     /// Begin a handler transaction that the database ends if it stays idle longer than
     /// `idle_timeout` (see `JobContext::tx`). [`JobTx`] is a PostgreSQL connection
     /// today; a second backend would make it an associated type.

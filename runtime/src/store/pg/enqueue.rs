@@ -165,7 +165,7 @@ impl ProducerStore for PgStore {
 }
 
 /// Insert validated jobs in one statement; unique-key duplicates return the existing id.
-fn insert_resolved<'a>(
+pub(super) fn insert_resolved<'a>(
     conn: &'a mut sqlx::PgConnection,
     partitions: PartitionCount,
     jobs: &'a [NewJob],

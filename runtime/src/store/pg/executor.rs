@@ -302,6 +302,10 @@ impl Store for PgStore {
         Ok(BeatAck::Recorded { cancel_requested: row.try_get("cancel_requested")? })
     }
 
+    async fn fired_for(&self, job_id: i64) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.nominal_of(job_id).await
+    }
+
     async fn checkpoint(&self, job_id: i64) -> Result<Option<StoredCheckpoint>> {
         let row = sqlx::query(CHECKPOINT_SQL).bind(job_id).fetch_optional(&self.pool).await?;
         row.map(|r| {

@@ -11,10 +11,12 @@
 mod admin;
 mod enqueue;
 mod executor;
+mod schedules;
 
 pub use admin::RETENTION_LOCK_CLASS;
 pub use enqueue::{ENQUEUE_LOCK_BATCH, ENQUEUE_LOCK_CLASS};
 pub use executor::DUE_ACCOUNTS_SQL;
+pub use schedules::{FireOutcome, Upserted};
 
 use super::{ms, Fence};
 use crate::error::{Error, Result};

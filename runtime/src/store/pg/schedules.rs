@@ -1,0 +1,413 @@
+//! Schedules on PostgreSQL (migration 0008; the rules are in [`crate::scheduler`]):
+//! the fenced fire transaction, the due scan, and the management statements.
+
+use super::enqueue::insert_resolved;
+use super::PgStore;
+use crate::error::{Error, Result};
+use crate::job::{NewJob, Schedule};
+use crate::scheduler::{Earlier, FirePlan, ScheduleDef, ScheduleRow, Timing, MAX_BACKFILL, OVERLAP_LOOKBACK};
+use crate::store::{ms, Fence, KindDefaults, CHANNEL_CANCEL};
+use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::Row;
+
+/// Due schedules of partitions $1, oldest first, at most $2.
+const DUE_SQL: &str = "
+    SELECT id, partition, next_nominal FROM warden.schedules
+    WHERE partition = ANY($1) AND NOT paused AND next_fire_at <= now()
+    ORDER BY next_fire_at LIMIT $2";
+
+/// Bound the fire transaction's idle time ($1 ms): a node paused mid-fire must not
+/// hold the partition's fence lock past a lease TTL.
+const GUARD_SQL: &str = "SELECT set_config('idle_in_transaction_session_timeout', $1, true)";
+const FENCE_SQL: &str = "SELECT warden.fence($1, $2, $3)";
+const LOCK_ROW_SQL: &str = "SELECT * FROM warden.schedules WHERE id = $1 FOR UPDATE";
+const LOCK_BY_NAME_SQL: &str = "SELECT * FROM warden.schedules WHERE account = $1 AND name = $2 FOR UPDATE";
+const NOW_SQL: &str = "SELECT statement_timestamp()";
+
+/// The unfinished jobs of schedule $1's latest $2 fires: (id, state, partition, account).
+const EARLIER_SQL: &str = "
+    SELECT j.id, j.state, j.partition, j.account
+    FROM (SELECT job_id FROM warden.schedule_fires WHERE schedule_id = $1 ORDER BY nominal_at DESC LIMIT $2) f
+    JOIN warden.jobs j ON j.id = f.job_id
+    WHERE j.state IN ('scheduled', 'available', 'retryable', 'running')";
+
+/// Nominal times among $2 that schedule $1 already fired (not counting triggers).
+const ALREADY_FIRED_SQL: &str = "
+    SELECT nominal_at FROM warden.schedule_fires
+    WHERE schedule_id = $1 AND nominal_at = ANY($2) AND via <> 'trigger'";
+
+const RECORD_FIRES_SQL: &str = "
+    INSERT INTO warden.schedule_fires (job_id, schedule_id, nominal_at, fired_at, via)
+    SELECT unnest($1::bigint[]), $2, unnest($3::timestamptz[]), statement_timestamp(), $4";
+
+const CANCEL_QUEUED_SQL: &str = "
+    UPDATE warden.jobs SET state = 'cancelled', finished_at = statement_timestamp(), last_error = $2
+    WHERE id = $1 AND state IN ('scheduled', 'available', 'retryable')";
+const CANCEL_RUNNING_SQL: &str =
+    "UPDATE warden.jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' RETURNING id";
+const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
+
+/// Advance schedule $1 after a fire.
+const ADVANCE_SQL: &str = "
+    UPDATE warden.schedules SET
+        next_nominal = $2, next_fire_at = $3,
+        last_nominal = COALESCE($4, last_nominal),
+        last_fired_at = CASE WHEN $5 THEN statement_timestamp() ELSE last_fired_at END,
+        last_job_id = COALESCE($6, last_job_id),
+        fires_total = fires_total + $7, skipped_total = skipped_total + $8, missed_total = missed_total + $9,
+        updated_at = statement_timestamp()
+    WHERE id = $1";
+
+/// Create or change a schedule; see [`crate::scheduler`] for who may change what.
+/// The timing columns decide whether `next_nominal` is kept (same timing) or moved to
+/// the new timing's next nominal time.
+const UPSERT_SQL: &str = "
+    INSERT INTO warden.schedules AS s (account, partition, name, kind, args, lane, priority, max_attempts,
+        timeout_ms, cron, every_ms, anchor_at, zone, jitter_ms, start_at, end_at, overlap, catchup_window_ms,
+        catchup, source, revision, next_nominal, next_fire_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)
+    ON CONFLICT (account, name) DO UPDATE SET
+        kind = EXCLUDED.kind, args = EXCLUDED.args, lane = EXCLUDED.lane, priority = EXCLUDED.priority,
+        max_attempts = EXCLUDED.max_attempts, timeout_ms = EXCLUDED.timeout_ms, cron = EXCLUDED.cron,
+        every_ms = EXCLUDED.every_ms, anchor_at = EXCLUDED.anchor_at, zone = EXCLUDED.zone,
+        jitter_ms = EXCLUDED.jitter_ms, start_at = EXCLUDED.start_at, end_at = EXCLUDED.end_at,
+        overlap = EXCLUDED.overlap, catchup_window_ms = EXCLUDED.catchup_window_ms, catchup = EXCLUDED.catchup,
+        revision = EXCLUDED.revision,
+        next_nominal = CASE WHEN (s.cron, s.every_ms, s.anchor_at, s.zone, s.jitter_ms, s.start_at, s.end_at)
+                                 IS NOT DISTINCT FROM
+                                 (EXCLUDED.cron, EXCLUDED.every_ms, EXCLUDED.anchor_at, EXCLUDED.zone,
+                                  EXCLUDED.jitter_ms, EXCLUDED.start_at, EXCLUDED.end_at)
+                            THEN s.next_nominal ELSE EXCLUDED.next_nominal END,
+        next_fire_at = CASE WHEN (s.cron, s.every_ms, s.anchor_at, s.zone, s.jitter_ms, s.start_at, s.end_at)
+                                 IS NOT DISTINCT FROM
+                                 (EXCLUDED.cron, EXCLUDED.every_ms, EXCLUDED.anchor_at, EXCLUDED.zone,
+                                  EXCLUDED.jitter_ms, EXCLUDED.start_at, EXCLUDED.end_at)
+                            THEN s.next_fire_at ELSE EXCLUDED.next_fire_at END,
+        updated_at = statement_timestamp()
+    WHERE (EXCLUDED.source = 'runtime' AND s.source = 'runtime')
+       OR (EXCLUDED.source = 'code' AND s.source = 'code' AND s.revision < EXCLUDED.revision)
+    RETURNING *";
+
+const GET_SQL: &str = "SELECT * FROM warden.schedules WHERE account = $1 AND name = $2";
+/// A page of schedules after id $2 ($1 account or NULL), at most $3.
+const LIST_SQL: &str = "
+    SELECT * FROM warden.schedules WHERE ($1::text IS NULL OR account = $1) AND id > $2 ORDER BY id LIMIT $3";
+const PAUSE_SQL: &str =
+    "UPDATE warden.schedules SET paused = true, updated_at = statement_timestamp() WHERE account = $1 AND name = $2 RETURNING *";
+const RESUME_SQL: &str = "
+    UPDATE warden.schedules SET paused = false, next_nominal = $2, next_fire_at = $3, updated_at = statement_timestamp()
+    WHERE id = $1 RETURNING *";
+const DELETE_SQL: &str = "DELETE FROM warden.schedules WHERE account = $1 AND name = $2 RETURNING id";
+const RECORD_MANUAL_SQL: &str = "
+    UPDATE warden.schedules SET last_fired_at = statement_timestamp(), last_job_id = COALESCE($2, last_job_id),
+        fires_total = fires_total + $3, updated_at = statement_timestamp()
+    WHERE id = $1";
+
+/// How a fire attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FireOutcome {
+    /// Fired as planned (the plan, and the ids of the jobs enqueued for its fires).
+    Fired { plan: FirePlan, jobs: Vec<i64> },
+    /// The schedule changed since it was read (another fire, an update, a pause, a
+    /// delete): nothing done; the next scan plans again.
+    Stale,
+}
+
+/// How an upsert ended.
+#[derive(Debug, Clone)]
+pub enum Upserted {
+    /// Created or replaced.
+    Written(ScheduleRow),
+    /// Left as stored (a code declaration of a revision not higher than the stored one,
+    /// or a name taken by the other source).
+    Kept(ScheduleRow),
+}
+
+fn unfinished_job_state(s: &str) -> bool {
+    matches!(s, "scheduled" | "available" | "retryable" | "running")
+}
+
+impl PgStore {
+    /// Due schedules of `partitions` (oldest due first, at most `limit`): (id,
+    /// partition, next nominal time).
+    pub async fn due_schedules(&self, partitions: &[u32], limit: i64) -> Result<Vec<(i64, u32, DateTime<Utc>)>> {
+        let parts: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let rows = sqlx::query(DUE_SQL).bind(&parts).bind(limit).fetch_all(self.pool()).await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get::<i32, _>(1)? as u32, r.try_get(2)?))).collect()
+    }
+
+    /// Fire schedule `id` for its stored next nominal time `expected`, under `fence`,
+    /// in one transaction: lock the row, compare-and-set, read the earlier fires'
+    /// jobs, let `plan` decide (given the row, the earlier fires and the database's
+    /// `now`), cancel earlier jobs if the plan says so, enqueue the fires (skipping
+    /// nominal times a backfill already fired), record them, advance the schedule.
+    /// [`Error::Fenced`] if the fence does not hold.
+    pub async fn fire_schedule(
+        &self,
+        fence: &Fence,
+        id: i64,
+        expected: DateTime<Utc>,
+        idle_timeout: std::time::Duration,
+        defaults: KindDefaults<'_>,
+        plan: impl FnOnce(&ScheduleRow, Earlier, DateTime<Utc>) -> Result<FirePlan> + Send,
+    ) -> Result<FireOutcome> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(GUARD_SQL).bind(ms(idle_timeout).to_string()).execute(&mut *tx).await?;
+        let held: bool = sqlx::query_scalar(FENCE_SQL)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !held {
+            tx.rollback().await?;
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        let row: Option<ScheduleRow> = sqlx::query_as(LOCK_ROW_SQL).bind(id).fetch_optional(&mut *tx).await?;
+        let Some(row) = row.filter(|r| {
+            r.partition == fence.partition as i32 && !r.paused && r.next_nominal == Some(expected)
+        }) else {
+            tx.rollback().await?;
+            return Ok(FireOutcome::Stale);
+        };
+        let earlier_rows = sqlx::query(EARLIER_SQL).bind(id).bind(OVERLAP_LOOKBACK).fetch_all(&mut *tx).await?;
+        let mut earlier = Earlier::default();
+        let mut earlier_jobs = Vec::new();
+        for r in &earlier_rows {
+            let (job, state, partition, account): (i64, String, i32, String) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            if unfinished_job_state(&state) {
+                earlier.unfinished += 1;
+                earlier.running += usize::from(state == "running");
+                earlier_jobs.push((job, state, partition, account));
+            }
+        }
+        let now: DateTime<Utc> = sqlx::query_scalar(NOW_SQL).fetch_one(&mut *tx).await?;
+        let mut plan = plan(&row, earlier, now)?;
+        if plan.cancel_earlier {
+            let why = format!("cancelled by schedule {:?} (overlap policy cancel_previous)", row.name);
+            for (job, state, partition, account) in &earlier_jobs {
+                if state == "running" {
+                    let asked: Option<i64> =
+                        sqlx::query_scalar(CANCEL_RUNNING_SQL).bind(job).fetch_optional(&mut *tx).await?;
+                    if asked.is_some() {
+                        sqlx::query(NOTIFY_SQL)
+                            .bind(CHANNEL_CANCEL)
+                            .bind(format!("{partition}:{job}:{account}"))
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                } else {
+                    sqlx::query(CANCEL_QUEUED_SQL).bind(job).bind(&why).execute(&mut *tx).await?;
+                }
+            }
+        }
+        // A backfill may have fired some of these nominal times already.
+        if !plan.fire.is_empty() {
+            let fired: Vec<DateTime<Utc>> =
+                sqlx::query_scalar(ALREADY_FIRED_SQL).bind(id).bind(&plan.fire).fetch_all(&mut *tx).await?;
+            if !fired.is_empty() {
+                plan.fire.retain(|n| !fired.contains(n));
+                plan.skipped += fired.len() as u64;
+            }
+        }
+        let jobs = self.enqueue_fires(&mut tx, &row, &plan.fire, "schedule", defaults).await?;
+        sqlx::query(ADVANCE_SQL)
+            .bind(id)
+            .bind(plan.next_nominal)
+            .bind(plan.next_fire_at)
+            .bind(plan.fire.last())
+            .bind(!jobs.is_empty())
+            .bind(jobs.last())
+            .bind(jobs.len() as i64)
+            .bind(plan.skipped as i64)
+            .bind(plan.missed as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(FireOutcome::Fired { plan, jobs })
+    }
+
+    /// Enqueue one job per nominal time for schedule `row` and record the fires.
+    async fn enqueue_fires(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        row: &ScheduleRow,
+        nominals: &[DateTime<Utc>],
+        via: &str,
+        defaults: KindDefaults<'_>,
+    ) -> Result<Vec<i64>> {
+        if nominals.is_empty() {
+            return Ok(Vec::new());
+        }
+        let def = row.def()?;
+        let jobs: Vec<NewJob> = nominals.iter().map(|_| job_of(&def)).collect();
+        let enqueued = insert_resolved(&mut *conn, self.partitions(), &jobs, defaults).await?;
+        let ids: Vec<i64> = enqueued.iter().map(|e| e.id).collect();
+        sqlx::query(RECORD_FIRES_SQL).bind(&ids).bind(row.id).bind(nominals).bind(via).execute(&mut *conn).await?;
+        Ok(ids)
+    }
+
+    /// Create or change a schedule (`source`: "code" or "runtime"; see
+    /// [`crate::scheduler`]). Its first nominal time is the first after the database's
+    /// `now`.
+    pub async fn upsert_schedule(&self, def: &ScheduleDef, source: &str) -> Result<Upserted> {
+        let spec = def.validate()?;
+        let now: DateTime<Utc> = sqlx::query_scalar(NOW_SQL).fetch_one(self.pool()).await?;
+        let next = spec.next_after(now);
+        let key = ScheduleDef::jitter_key(&def.account, &def.name);
+        let (cron, every_ms, anchor) = match &def.timing {
+            Timing::Cron(c) => (Some(c.clone()), None, None),
+            Timing::Every { every, anchor } => (None, Some(ms(*every)), Some(*anchor)),
+        };
+        let row: Option<ScheduleRow> = sqlx::query_as(UPSERT_SQL)
+            .bind(&def.account)
+            .bind(warden_cluster::partition_of(&def.account, self.partitions()) as i32)
+            .bind(&def.name)
+            .bind(&def.kind)
+            .bind(&def.args)
+            .bind(def.lane.as_str())
+            .bind(def.priority)
+            .bind(def.max_attempts)
+            .bind(def.timeout.map(|t| ms(t).min(i32::MAX as i64) as i32))
+            .bind(cron)
+            .bind(every_ms)
+            .bind(anchor)
+            .bind(&def.zone)
+            .bind(ms(def.jitter))
+            .bind(def.start)
+            .bind(def.end)
+            .bind(def.overlap.as_str())
+            .bind(ms(def.catchup_window))
+            .bind(def.catchup.as_str())
+            .bind(source)
+            .bind(def.revision)
+            .bind(next)
+            .bind(next.map(|n| spec.fire_at(&key, n)))
+            .fetch_optional(self.pool())
+            .await?;
+        match row {
+            Some(r) => Ok(Upserted::Written(r)),
+            None => {
+                let kept = self.get_schedule(&def.account, &def.name).await?.ok_or_else(|| {
+                    Error::Conflict(format!("schedule {:?} of {:?} changed meanwhile; retry", def.name, def.account))
+                })?;
+                Ok(Upserted::Kept(kept))
+            }
+        }
+    }
+
+    pub async fn get_schedule(&self, account: &str, name: &str) -> Result<Option<ScheduleRow>> {
+        Ok(sqlx::query_as(GET_SQL).bind(account).bind(name).fetch_optional(self.pool()).await?)
+    }
+
+    /// Schedules by id, after `after_id`, at most `limit` (≤ 1000); of one account or all.
+    pub async fn list_schedules(&self, account: Option<&str>, after_id: i64, limit: i64) -> Result<Vec<ScheduleRow>> {
+        Ok(sqlx::query_as(LIST_SQL).bind(account).bind(after_id).bind(limit.clamp(1, 1000)).fetch_all(self.pool()).await?)
+    }
+
+    pub async fn pause_schedule(&self, account: &str, name: &str) -> Result<Option<ScheduleRow>> {
+        Ok(sqlx::query_as(PAUSE_SQL).bind(account).bind(name).fetch_optional(self.pool()).await?)
+    }
+
+    /// Resume from the next nominal time after now (the paused time is not caught up).
+    pub async fn resume_schedule(&self, account: &str, name: &str) -> Result<Option<ScheduleRow>> {
+        let mut tx = self.pool().begin().await?;
+        let row: Option<ScheduleRow> =
+            sqlx::query_as(LOCK_BY_NAME_SQL).bind(account).bind(name).fetch_optional(&mut *tx).await?;
+        let Some(row) = row else { return Ok(None) };
+        let spec = row.def()?.spec()?;
+        let now: DateTime<Utc> = sqlx::query_scalar(NOW_SQL).fetch_one(&mut *tx).await?;
+        let next = spec.next_after(now);
+        let key = ScheduleDef::jitter_key(account, name);
+        let row: ScheduleRow = sqlx::query_as(RESUME_SQL)
+            .bind(row.id)
+            .bind(next)
+            .bind(next.map(|n| spec.fire_at(&key, n)))
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(row))
+    }
+
+    /// Delete a schedule (its fires' jobs stay). `false` if there was none.
+    pub async fn delete_schedule(&self, account: &str, name: &str) -> Result<bool> {
+        let id: Option<i64> = sqlx::query_scalar(DELETE_SQL).bind(account).bind(name).fetch_optional(self.pool()).await?;
+        Ok(id.is_some())
+    }
+
+    /// Fire once now, outside the timing. The job's id, `None` if no such schedule.
+    pub async fn trigger_schedule(&self, account: &str, name: &str, defaults: KindDefaults<'_>) -> Result<Option<i64>> {
+        let mut tx = self.pool().begin().await?;
+        let row: Option<ScheduleRow> =
+            sqlx::query_as(LOCK_BY_NAME_SQL).bind(account).bind(name).fetch_optional(&mut *tx).await?;
+        let Some(row) = row else { return Ok(None) };
+        let now: DateTime<Utc> = sqlx::query_scalar(NOW_SQL).fetch_one(&mut *tx).await?;
+        let ids = self.enqueue_fires(&mut tx, &row, &[now], "trigger", defaults).await?;
+        sqlx::query(RECORD_MANUAL_SQL).bind(row.id).bind(ids.last()).bind(ids.len() as i64).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(ids.first().copied())
+    }
+
+    /// Fire every nominal time in `[from, to]` that has no recorded fire yet (at most
+    /// [`MAX_BACKFILL`]; overlap and catch-up policies do not apply: a backfill is an
+    /// explicit request). Returns (fired, already fired); `None` if no such schedule.
+    pub async fn backfill_schedule(
+        &self,
+        account: &str,
+        name: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        defaults: KindDefaults<'_>,
+    ) -> Result<Option<(Vec<i64>, usize)>> {
+        if to < from {
+            return Err(Error::invalid(format!("backfill range is empty: {from} is after {to}")));
+        }
+        let mut tx = self.pool().begin().await?;
+        let row: Option<ScheduleRow> =
+            sqlx::query_as(LOCK_BY_NAME_SQL).bind(account).bind(name).fetch_optional(&mut *tx).await?;
+        let Some(row) = row else { return Ok(None) };
+        let spec = row.def()?.spec()?;
+        let mut nominals: Vec<DateTime<Utc>> =
+            spec.nominal_times(from - TimeDelta::nanoseconds(1), to, MAX_BACKFILL + 1).collect();
+        if nominals.len() > MAX_BACKFILL {
+            return Err(Error::invalid(format!(
+                "backfill range holds more than {MAX_BACKFILL} nominal times; split it"
+            )));
+        }
+        let fired: Vec<DateTime<Utc>> =
+            sqlx::query_scalar(ALREADY_FIRED_SQL).bind(row.id).bind(&nominals).fetch_all(&mut *tx).await?;
+        nominals.retain(|n| !fired.contains(n));
+        let ids = self.enqueue_fires(&mut tx, &row, &nominals, "backfill", defaults).await?;
+        sqlx::query(RECORD_MANUAL_SQL).bind(row.id).bind(ids.last()).bind(ids.len() as i64).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some((ids, fired.len())))
+    }
+
+    /// The nominal time of the fire that enqueued `job_id`, if a schedule did.
+    pub async fn nominal_of(&self, job_id: i64) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar("SELECT nominal_at FROM warden.schedule_fires WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+}
+
+/// The job a fire of `def` enqueues.
+fn job_of(def: &ScheduleDef) -> NewJob {
+    let mut j = NewJob {
+        account: def.account.clone(),
+        kind: def.kind.clone(),
+        args: def.args.clone(),
+        schedule: Schedule::Now,
+        priority: def.priority,
+        max_attempts: def.max_attempts,
+        timeout: def.timeout,
+        unique_key: None,
+        lane: def.lane,
+        idempotency_key: None,
+        idempotency_keep: None,
+    };
+    j.schedule = Schedule::Now;
+    j
+}

@@ -1,0 +1,270 @@
+//! Periodic schedules in-process (issue 14): exactly one fire per nominal time,
+//! catch-up after downtime, overlap policies, management at run time, schedules
+//! declared in code reconciled by revision, and the fire's fence and
+//! compare-and-set. One node against a real PostgreSQL, one database per test.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use warden_runtime::scheduler::{CatchUp, Overlap, ScheduleDef};
+use warden_runtime::store::pg::FireOutcome;
+use warden_runtime::store::{Fence, PgStore, Store};
+use warden_runtime::{async_trait, Handler, HandlerResult, JobContext, JobOptions, Node, NodeConfig, Outcome};
+use warden_tests::{eventually, TestDb};
+
+const P: u32 = 8;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Records each run: (job id, nominal time, started).
+struct Tick {
+    pool: sqlx::PgPool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TickArgs {
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+#[async_trait]
+impl Handler for Tick {
+    type Args = TickArgs;
+    const KIND: &'static str = "tick";
+    fn options(&self) -> JobOptions {
+        JobOptions { max_attempts: 3, ..Default::default() }
+    }
+    async fn run(&self, ctx: &mut JobContext, a: TickArgs) -> HandlerResult {
+        let nominal = ctx.scheduled_at().await?;
+        sqlx::query("INSERT INTO ticks (job_id, account, nominal, started) VALUES ($1, $2, $3, clock_timestamp())")
+            .bind(ctx.job_id())
+            .bind(ctx.account())
+            .bind(nominal)
+            .execute(&self.pool)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(a.sleep_ms)).await;
+        Ok(Outcome::Done)
+    }
+}
+
+fn config(id: &str) -> NodeConfig {
+    let mut c = warden_tests::fast_node_config(id, P);
+    c.schedule_interval = Duration::from_millis(50);
+    c
+}
+
+async fn builder(db: &TestDb, id: &str) -> warden_runtime::NodeBuilder {
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS ticks (job_id bigint, account text, nominal timestamptz, started timestamptz)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    Node::builder(config(id)).register(Tick { pool: db.pool.clone() }).unwrap()
+}
+
+async fn start(db: &TestDb, id: &str) -> Node {
+    builder(db, id).await.start(db.node_pool().await).await.unwrap()
+}
+
+fn every_second(account: &str, name: &str, sleep_ms: u64) -> ScheduleDef {
+    ScheduleDef::every(account, name, Duration::from_secs(1), "tick", serde_json::json!({ "sleep_ms": sleep_ms })).unwrap()
+}
+
+/// Fires recorded in warden.schedule_fires of `account`'s schedules: nominal → count.
+async fn fires_of(db: &TestDb, account: &str) -> BTreeMap<DateTime<Utc>, i64> {
+    let rows: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT f.nominal_at, count(*) FROM warden.schedule_fires f JOIN warden.schedules s ON s.id = f.schedule_id
+         WHERE s.account = $1 AND f.via = 'schedule' GROUP BY 1 ORDER BY 1",
+    )
+    .bind(account)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+/// Every nominal time from the first to the last fired exactly once, one second apart.
+fn assert_each_second_once(fires: &BTreeMap<DateTime<Utc>, i64>) {
+    assert!(fires.values().all(|n| *n == 1), "a nominal time fired twice: {fires:?}");
+    let times: Vec<_> = fires.keys().copied().collect();
+    for w in times.windows(2) {
+        assert_eq!(w[1] - w[0], TimeDelta::seconds(1), "a nominal time was missed between {} and {}", w[0], w[1]);
+    }
+}
+
+#[tokio::test]
+async fn an_interval_schedule_fires_each_nominal_time_once_and_the_handler_knows_it() {
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let row = node.client().schedules().put(&every_second("acct-every", "beat", 0)).await.unwrap();
+    assert_eq!(row.source, "runtime");
+    eventually(WAIT, "5 fires", || async { (fires_of(&db, "acct-every").await.len() >= 5).then_some(()) }).await;
+    let fires = fires_of(&db, "acct-every").await;
+    assert_each_second_once(&fires);
+    // The handler saw its nominal time, and started within a second of it.
+    let lags: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> =
+        sqlx::query_as("SELECT nominal, started FROM ticks WHERE account = 'acct-every' ORDER BY nominal")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(lags.len() >= 4);
+    for (nominal, started) in &lags {
+        let nominal = nominal.expect("scheduled_at is the nominal time");
+        assert!(fires.contains_key(&nominal));
+        let lag = *started - nominal;
+        assert!(lag >= TimeDelta::zero() && lag < TimeDelta::milliseconds(1000), "fire lag {lag}");
+    }
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn after_downtime_fires_within_the_catch_up_window_run_and_older_ones_are_missed() {
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let def = every_second("acct-catchup", "beat", 0).catch_up(Duration::from_secs(3), CatchUp::All).overlap(Overlap::BufferAll);
+    node.client().schedules().put(&def).await.unwrap();
+    eventually(WAIT, "first fires", || async { (fires_of(&db, "acct-catchup").await.len() >= 2).then_some(()) }).await;
+    node.shutdown().await.unwrap();
+    let stopped_at = Utc::now();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let node = start(&db, "n2").await;
+    eventually(WAIT, "caught up", || async {
+        let f = fires_of(&db, "acct-catchup").await;
+        (f.keys().last().is_some_and(|t| *t > stopped_at + TimeDelta::seconds(8))).then_some(())
+    })
+    .await;
+    let s = node.client().schedules().get("acct-catchup", "beat").await.unwrap().unwrap();
+    assert!(s.missed_total >= 2, "fires older than 3 s were counted missed: {s:?}");
+    let fires = fires_of(&db, "acct-catchup").await;
+    assert!(fires.values().all(|n| *n == 1), "{fires:?}");
+    // The gap in fired nominal times is exactly the missed ones.
+    let times: Vec<_> = fires.keys().copied().collect();
+    let gaps: i64 = times.windows(2).map(|w| (w[1] - w[0]).num_seconds() - 1).sum();
+    assert_eq!(gaps, s.missed_total, "every nominal time either fired once or was counted missed: {times:?}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn overlap_skip_never_piles_up_fires_behind_a_slow_job() {
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    node.client().schedules().put(&every_second("acct-skip", "slow", 2500)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let s = node.client().schedules().get("acct-skip", "slow").await.unwrap().unwrap();
+    assert!(s.skipped_total >= 3, "fires while one ran were skipped: {s:?}");
+    let open: i64 = sqlx::query_scalar(
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM warden.jobs WHERE account = 'acct-skip'
+         AND state IN ('scheduled', 'available', 'retryable', 'running')) x",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(open <= 1, "never more than one unfinished fire: {open}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn schedules_are_managed_at_run_time_pause_resume_trigger_backfill_delete() {
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    let def = ScheduleDef::cron("acct-admin", "hourly", "0 * * * *", "tick", serde_json::json!({})).unwrap();
+    let row = sch.put(&def).await.unwrap();
+    let next = row.next_nominal.unwrap();
+    assert!(next > Utc::now() && next.format("%M:%S").to_string() == "00:00", "{next}");
+
+    let bad = ScheduleDef::cron("acct-admin", "bad", "0 25 * * *", "tick", ()).unwrap();
+    let err = sch.put(&bad).await.unwrap_err().to_string();
+    assert!(err.contains("hour field"), "{err}");
+    let zone = def.clone().zone("Europe/Pariss");
+    assert!(sch.put(&zone).await.unwrap_err().to_string().contains("unknown time zone"));
+
+    let job = sch.trigger("acct-admin", "hourly").await.unwrap();
+    node.client().wait_finished(&[job], WAIT).await.unwrap();
+
+    let from: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+    let to: DateTime<Utc> = "2026-01-01T05:00:00Z".parse().unwrap();
+    let b = sch.backfill("acct-admin", "hourly", from, to).await.unwrap();
+    assert_eq!((b.jobs.len(), b.already_fired), (6, 0), "00:00 … 05:00 inclusive");
+    let again = sch.backfill("acct-admin", "hourly", from, to).await.unwrap();
+    assert_eq!((again.jobs.len(), again.already_fired), (0, 6), "a nominal time fires once");
+    let too_many = sch.backfill("acct-admin", "hourly", from, from + TimeDelta::days(500)).await;
+    assert!(too_many.unwrap_err().to_string().contains("more than"));
+    for id in &b.jobs {
+        node.client().wait_finished(&[*id], WAIT).await.unwrap();
+    }
+    let nominals: Vec<Option<DateTime<Utc>>> =
+        sqlx::query_scalar("SELECT nominal FROM ticks WHERE account = 'acct-admin' ORDER BY started")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(nominals.len(), 7);
+    assert_eq!(nominals[1], Some(from), "backfilled jobs run in nominal order");
+
+    let paused = sch.pause("acct-admin", "hourly").await.unwrap();
+    assert!(paused.paused);
+    let resumed = sch.resume("acct-admin", "hourly").await.unwrap();
+    assert!(!resumed.paused && resumed.next_nominal.unwrap() > Utc::now());
+    assert_eq!(sch.list(Some("acct-admin"), 0, 10).await.unwrap().len(), 1);
+    assert!(sch.delete("acct-admin", "hourly").await.unwrap());
+    assert!(!sch.delete("acct-admin", "hourly").await.unwrap());
+    assert!(sch.pause("acct-admin", "hourly").await.unwrap_err().to_string().contains("no schedule"));
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn schedules_declared_in_code_are_replaced_only_by_a_higher_revision() {
+    let db = TestDb::new().await;
+    let v1 = ScheduleDef::cron("acct-code", "nightly", "0 3 * * *", "tick", ()).unwrap().revision(1);
+    let v2 = ScheduleDef::cron("acct-code", "nightly", "0 4 * * *", "tick", ()).unwrap().revision(2);
+    let node = builder(&db, "new").await.schedule(v2.clone()).unwrap().start(db.node_pool().await).await.unwrap();
+    let stored = node.client().schedules().get("acct-code", "nightly").await.unwrap().unwrap();
+    assert_eq!((stored.cron.as_deref(), stored.revision, stored.source.as_str()), (Some("0 4 * * *"), 2, "code"));
+    node.shutdown().await.unwrap();
+    // An old node (revision 1) restarting mid-rollout leaves revision 2 alone.
+    let old = builder(&db, "old").await.schedule(v1).unwrap().start(db.node_pool().await).await.unwrap();
+    let stored = old.client().schedules().get("acct-code", "nightly").await.unwrap().unwrap();
+    assert_eq!((stored.cron.as_deref(), stored.revision), (Some("0 4 * * *"), 2));
+    // Run-time changes to a code schedule are refused with a clear error.
+    let err = old.client().schedules().put(&v2).await.unwrap_err().to_string();
+    assert!(err.contains("declared in a node's code"), "{err}");
+    old.shutdown().await.unwrap();
+    // Declaring one name twice is an error at build time.
+    let twice = builder(&db, "x").await.schedule(v2.clone()).unwrap().schedule(v2);
+    assert!(twice.is_err());
+}
+
+#[tokio::test]
+async fn a_fire_is_fenced_and_compare_and_set_on_its_nominal_time() {
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let row = node
+        .client()
+        .schedules()
+        .put(&ScheduleDef::cron("acct-cas", "daily", "0 0 * * *", "tick", ()).unwrap())
+        .await
+        .unwrap();
+    node.shutdown().await.unwrap();
+    let store = PgStore::new(db.pool.clone(), warden_runtime::PartitionCount::new(P).unwrap());
+    let p = row.partition as u32;
+    let granted = store.acquire("thief/1", &[p], Duration::from_secs(30)).await.unwrap();
+    let fence = Fence { partition: p, epoch: granted[0].epoch, owner: "thief/1".into() };
+    let nominal = row.next_nominal.unwrap();
+    let plan = |_: &warden_runtime::scheduler::ScheduleRow, _, _| {
+        Ok(warden_runtime::scheduler::FirePlan { fire: vec![nominal], ..Default::default() })
+    };
+    let no_defaults = |_: &str| warden_runtime::store::KindDefault::default();
+    let stale = store
+        .fire_schedule(&fence, row.id, nominal - TimeDelta::days(1), Duration::from_secs(5), &no_defaults, plan)
+        .await
+        .unwrap();
+    assert_eq!(stale, FireOutcome::Stale, "a fire planned for another nominal time does nothing");
+    let old = Fence { epoch: fence.epoch - 1, ..fence.clone() };
+    let fenced = store.fire_schedule(&old, row.id, nominal, Duration::from_secs(5), &no_defaults, plan).await;
+    assert!(matches!(fenced, Err(warden_runtime::Error::Fenced { .. })), "{fenced:?}");
+    let fired = store.fire_schedule(&fence, row.id, nominal, Duration::from_secs(5), &no_defaults, plan).await.unwrap();
+    assert!(matches!(fired, FireOutcome::Fired { ref jobs, .. } if jobs.len() == 1), "{fired:?}");
+    // The plan said the schedule ended (no next nominal time): nothing is due any more.
+    let again = store.fire_schedule(&fence, row.id, nominal, Duration::from_secs(5), &no_defaults, plan).await.unwrap();
+    assert_eq!(again, FireOutcome::Stale, "the same nominal time never fires twice");
+}
