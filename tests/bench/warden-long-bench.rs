@@ -262,6 +262,8 @@ impl PrivatePg {
             .output()
             .context("run deploy/pg.sh")?;
         if !out.status.success() {
+            let _ = std::process::Command::new(pg_script()).arg("stop").arg(&dir).output();
+            let _ = std::fs::remove_dir_all(&dir);
             bail!("deploy/pg.sh start failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let url = std::fs::read_to_string(dir.join("url"))?.trim().to_string();
@@ -687,6 +689,14 @@ async fn beat_run(admin: &str, args: &Args, n: usize, explain: bool) -> anyhow::
         let (node, node_pool) = start_node(&url, &probe, args.connections).await?;
         wait_count(&pool, Long::KIND, "running", n, Duration::from_secs(120)).await?;
         tokio::time::sleep(Duration::from_secs(args.warmup.max(1))).await;
+        // And until every executor connection has likely run the statement more than
+        // five times, so that it settled on its cached plan (as in a node that has run
+        // for a while) and the window does not count first-use planning.
+        let warm = 10 * args.connections as usize;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while probe.beats.lock().unwrap().len() < warm && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         let postmaster = find_postmaster(&pool).await;
         pss_reset(&pool).await?;
@@ -747,6 +757,11 @@ async fn checkpoint_runs(admin: &str, args: &Args) -> anyhow::Result<Vec<CkptRun
         let client = Client::connect(pool.clone()).await?;
         let probe = Arc::new(Probe::default());
         let (node, node_pool) = start_node(&url, &probe, args.connections).await?;
+        // Warm-up: every executor connection runs the statement more than five times
+        // (first-use planning is not what a checkpoint costs a running node).
+        let warm = NewJob::new("ckpt-warmup", Ckpt::KIND, CkptArgs { bytes: 1, count: 10 * args.connections as usize, interval_ms: 5 })?;
+        let id = client.enqueue(warm).await?.id;
+        client.wait_finished(&[id], Duration::from_secs(120)).await?;
         let mut sizes = vec![1];
         sizes.extend(&args.checkpoint_sizes);
         let mut out = Vec::new();
@@ -1080,6 +1095,20 @@ async fn run(args: &Args, admin: &str) -> anyhow::Result<()> {
         }
         line += &format!("; client p50/p99 {:.2}/{:.2} ms; target ≤ 1 ms {}", pct(&r.client_ms, 0.5), pct(&r.client_ms, 0.99), mark(db <= 1.0));
         println!("{line}");
+    }
+    if let (Some(lo), Some(hi)) = (beats.iter().min_by_key(|r| r.n), beats.iter().max_by_key(|r| r.n)) {
+        if let (Some(c0), Some(c1)) = (lo.pg_cpu_s, hi.pg_cpu_s) {
+            let rate = |r: &BeatRun| r.beat.calls as f64 / r.seconds;
+            if hi.n > lo.n {
+                println!(
+                    "marginal PostgreSQL CPU per heartbeat, N = {} → {} (everything the extra jobs cost the server: \
+                     beats, cancel polls, protocol): {:.0} µs",
+                    lo.n,
+                    hi.n,
+                    (c1 / hi.seconds - c0 / lo.seconds) * 1e6 / (rate(hi) - rate(lo))
+                );
+            }
+        }
     }
     if finish_mean.is_finite() {
         println!("finish statement (short jobs, no long jobs; median of runs): exec mean {finish_mean:.3} ms");
