@@ -45,8 +45,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use warden_runtime::store::{self, StoreConfig};
 use warden_runtime::{
-    async_trait, Client, Handler, HandlerResult, Heartbeat, JobContext, JobOptions, NewJob, Node, NodeConfig,
-    Outcome, PartitionCount, Progress,
+    async_trait, Client, Handler, HandlerResult, Heartbeat, JobContext, JobOptions, NewJob, Node, NodeConfig, Outcome,
+    PartitionCount, Progress,
 };
 
 #[derive(Parser, Debug)]
@@ -713,9 +713,8 @@ async fn beat_run(admin: &str, args: &Args, n: usize, explain: bool) -> anyhow::
         let cancel_poll = pss(&pool, CANCEL_POLL.0, CANCEL_POLL.1).await?;
         let select1 = pss(&pool, SELECT1.0, SELECT1.1).await?;
         let top = top_statements(&pool, 6).await?;
-        let client_ms = sorted_ms(
-            probe.beats.lock().unwrap().iter().filter(|(t, _)| *t >= t0 && *t < t1).map(|(_, s)| *s),
-        );
+        let client_ms =
+            sorted_ms(probe.beats.lock().unwrap().iter().filter(|(t, _)| *t >= t0 && *t < t1).map(|(_, s)| *s));
         let explain = if explain { Some(explain_beat(&url).await?) } else { None };
 
         stop_long(&probe, &pool, n).await?;
@@ -761,7 +760,11 @@ async fn checkpoint_runs(admin: &str, args: &Args) -> anyhow::Result<Vec<CkptRun
         let (node, node_pool) = start_node(&url, &probe, args.connections).await?;
         // Warm-up: every executor connection runs the statement more than five times
         // (first-use planning is not what a checkpoint costs a running node).
-        let warm = NewJob::new("ckpt-warmup", Ckpt::KIND, CkptArgs { bytes: 1, count: 10 * args.connections as usize, interval_ms: 5 })?;
+        let warm = NewJob::new(
+            "ckpt-warmup",
+            Ckpt::KIND,
+            CkptArgs { bytes: 1, count: 10 * args.connections as usize, interval_ms: 5 },
+        )?;
         let id = client.enqueue(warm).await?.id;
         client.wait_finished(&[id], Duration::from_secs(120)).await?;
         let mut sizes = vec![1];
@@ -927,7 +930,8 @@ fn mark(ok: bool) -> &'static str {
 async fn run(args: &Args, admin: &str) -> anyhow::Result<()> {
     {
         let pool = harness_pool(admin).await?;
-        let libs: String = sqlx::query_scalar("SELECT current_setting('shared_preload_libraries')").fetch_one(&pool).await?;
+        let libs: String =
+            sqlx::query_scalar("SELECT current_setting('shared_preload_libraries')").fetch_one(&pool).await?;
         if !libs.contains("pg_stat_statements") {
             bail!("the server does not preload pg_stat_statements (shared_preload_libraries = {libs:?}); run without --database-url to start a private one");
         }
@@ -940,7 +944,11 @@ async fn run(args: &Args, admin: &str) -> anyhow::Result<()> {
         "server:   {} (deploy/pg.sh defaults + {PG_OPTS})",
         if args.database_url.is_some() { "--database-url" } else { "private, started by this run" }
     );
-    println!("machine:  {cores} cores, load average {} at start; node executor pool: {} connections", loadavg(), args.connections);
+    println!(
+        "machine:  {cores} cores, load average {} at start; node executor pool: {} connections",
+        loadavg(),
+        args.connections
+    );
     println!();
 
     let quiet = select1_quiet(admin).await.context("SELECT 1 baseline")?;
@@ -1055,7 +1063,8 @@ async fn run(args: &Args, admin: &str) -> anyhow::Result<()> {
         );
         for _ in 0..args.repeat {
             for long in [0, args.effect_long] {
-                let r = effect_run(admin, args, long).await.with_context(|| format!("effect phase, {long} long jobs"))?;
+                let r =
+                    effect_run(admin, args, long).await.with_context(|| format!("effect phase, {long} long jobs"))?;
                 println!(
                     "long {:>5}: {:>6} jobs in {:.3} s = {:>6.0} jobs/s (middle 80%: {:>6.0}/s); PG CPU {} µs/job; \
                      overlaps {} order {}\n            finish   {}\n            job_beat {}",
@@ -1095,7 +1104,12 @@ async fn run(args: &Args, admin: &str) -> anyhow::Result<()> {
         if finish_mean.is_finite() {
             line += &format!(", {:.2}× finish", r.beat.mean_ms() / finish_mean);
         }
-        line += &format!("; client p50/p99 {:.2}/{:.2} ms; target ≤ 1 ms {}", pct(&r.client_ms, 0.5), pct(&r.client_ms, 0.99), mark(db <= 1.0));
+        line += &format!(
+            "; client p50/p99 {:.2}/{:.2} ms; target ≤ 1 ms {}",
+            pct(&r.client_ms, 0.5),
+            pct(&r.client_ms, 0.99),
+            mark(db <= 1.0)
+        );
         println!("{line}");
     }
     if let (Some(lo), Some(hi)) = (beats.iter().min_by_key(|r| r.n), beats.iter().max_by_key(|r| r.n)) {
@@ -1128,9 +1142,8 @@ async fn run(args: &Args, admin: &str) -> anyhow::Result<()> {
         }
     }
     if !effect.is_empty() {
-        let med = |long: usize, f: fn(&EffectRun) -> f64| {
-            median(effect.iter().filter(|r| r.long == long).map(f).collect())
-        };
+        let med =
+            |long: usize, f: fn(&EffectRun) -> f64| median(effect.iter().filter(|r| r.long == long).map(f).collect());
         let (without, with) = (med(0, EffectRun::rate), med(args.effect_long, EffectRun::rate));
         let (mid0, mid1) = (med(0, |r| r.mid_rate), med(args.effect_long, |r| r.mid_rate));
         println!(
