@@ -8,6 +8,10 @@
 #                             server in a temp dir, run CMD with DATABASE_URL exported,
 #                             stop and delete the server afterwards (also on Ctrl-C).
 #
+#   PG_OPTS="-c name=value ..."  extra server options for start/run, after the defaults
+#                             (e.g. shared_preload_libraries=pg_stat_statements);
+#                             unset: the defaults alone.
+#
 # PostgreSQL refuses to run as root, so the server runs as the `postgres` user.
 set -euo pipefail
 
@@ -33,7 +37,7 @@ start() {
     local port
     port="${PGPORT_WANTED:-$(free_port)}"
     as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB" \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB${PG_OPTS:+ $PG_OPTS}" \
         >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
     local url="postgres://postgres@127.0.0.1:$port/postgres"
     echo "$port" >"$dir/port"
