@@ -197,7 +197,7 @@ const LIST_JOBS_SQL: &str = "
                  ORDER BY id DESC LIMIT $5 + 1)";
 
 /// Running jobs of account $1 (any when NULL) and kind $2 (any when NULL), newest first
-/// below id $4, at most $5 + 1 ids. Through the partial index `jobs_partition_running`
+/// below id $3, at most $4 + 1 ids. Through the partial index `jobs_partition_running`
 /// (or `jobs_account_open` for one account): only running rows are examined — as many
 /// as the cluster has claimed attempts, bounded by its execution slots — however old
 /// they are. A job running for hours is on the first page, where the newest-rows
@@ -205,8 +205,8 @@ const LIST_JOBS_SQL: &str = "
 const LIST_RUNNING_SQL: &str = "
     SELECT ARRAY(SELECT id FROM warden.jobs
                  WHERE state = 'running' AND ($1::text IS NULL OR account = $1) AND ($2::text IS NULL OR kind = $2)
-                   AND id < COALESCE($4, 9223372036854775807)
-                 ORDER BY id DESC LIMIT $5 + 1)";
+                   AND id < COALESCE($3, 9223372036854775807)
+                 ORDER BY id DESC LIMIT $4 + 1)";
 
 /// The progress rows of jobs $1 (primary-key probes), and the database clock: the
 /// left join gives one row (with a NULL job) when none of them has one, so the clock
