@@ -417,8 +417,7 @@ async fn a_running_long_jobs_progress_is_in_get_and_list() {
         .unwrap()
         .into_inner();
     assert!(of_kind.jobs.is_empty(), "filters apply to running jobs too");
-    let newest =
-        jobs.list_jobs(pb::ListJobsRequest { page_size: 5, ..Default::default() }).await.unwrap().into_inner();
+    let newest = jobs.list_jobs(pb::ListJobsRequest { page_size: 5, ..Default::default() }).await.unwrap().into_inner();
     assert!(newest.jobs.iter().all(|j| j.progress.is_none()), "never heartbeated: no progress");
 
     // A cancel reaches the heartbeating handler; the last progress stays readable.

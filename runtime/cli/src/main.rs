@@ -257,6 +257,11 @@ fn size(bytes: i32) -> String {
     }
 }
 
+/// The node id of an owner (`node_id/generation`): the generation is for machines.
+fn node_id(owner: &str) -> &str {
+    owner.split('/').next().unwrap_or(owner)
+}
+
 /// What the handler reported: `42.0%  step 42/100` (either part may be missing).
 fn progress_figures(p: &pb::JobProgress) -> String {
     let mut parts = Vec::new();
@@ -277,7 +282,7 @@ fn progress_line(p: &pb::JobProgress) -> String {
     if !figures.is_empty() {
         parts.push(figures);
     }
-    parts.push(format!("heartbeat {} ago ({}, attempt {})", age(p.heartbeat_age_ms), p.node, p.attempt));
+    parts.push(format!("heartbeat {} ago ({}, attempt {})", age(p.heartbeat_age_ms), node_id(&p.node), p.attempt));
     if p.checkpoint_at_unix_ms != 0 {
         parts.push(format!(
             "checkpoint {} ago (attempt {}, {})",
@@ -696,7 +701,11 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     time(j.due_at_unix_ms)
                 );
                 if j.state == "running" && j.attempted_at_unix_ms != 0 {
-                    println!("running    {} (since {})", age(r.read_at_unix_ms - j.attempted_at_unix_ms), time(j.attempted_at_unix_ms));
+                    println!(
+                        "running    {} (since {})",
+                        age(r.read_at_unix_ms - j.attempted_at_unix_ms),
+                        time(j.attempted_at_unix_ms)
+                    );
                 }
                 if let Some(p) = &j.progress {
                     println!("progress   {}", progress_line(p));
@@ -762,7 +771,7 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                                 age(r.read_at_unix_ms - j.attempted_at_unix_ms)
                             },
                             p.map_or("-".into(), |p| age(p.heartbeat_age_ms)),
-                            j.node.clone(),
+                            node_id(&j.node).to_string(),
                             p.map(progress_figures).unwrap_or_default().chars().take(60).collect(),
                         ]
                     })
@@ -876,11 +885,11 @@ mod tests {
         };
         assert_eq!(
             progress_line(&p),
-            "42.0%  step 42/100 · heartbeat 0.8s ago (node-a/1, attempt 2) · checkpoint 3.1s ago (attempt 2, 120 B)"
+            "42.0%  step 42/100 · heartbeat 0.8s ago (node-a, attempt 2) · checkpoint 3.1s ago (attempt 2, 120 B)"
         );
         p.percent = None;
         p.message.clear();
         p.checkpoint_at_unix_ms = 0;
-        assert_eq!(progress_line(&p), "heartbeat 0.8s ago (node-a/1, attempt 2)", "a bare beat, no checkpoint");
+        assert_eq!(progress_line(&p), "heartbeat 0.8s ago (node-a, attempt 2)", "a bare beat, no checkpoint");
     }
 }

@@ -193,7 +193,8 @@ async fn the_cli_shows_a_long_jobs_progress() {
     let node = long_import_node(&db.url, "n1").await;
     let (addr, _stop) = serve(&node, None).await;
     let args = long_import_args(60).to_string();
-    let (code, out, err) = cli(addr, &["jobs", "enqueue", "importer", "long_import", "--args", &args, "--json"], &[]).await;
+    let (code, out, err) =
+        cli(addr, &["jobs", "enqueue", "importer", "long_import", "--args", &args, "--json"], &[]).await;
     assert_eq!(code, 0, "{err}");
     let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_i64().unwrap().to_string();
     let got = eventually(Duration::from_secs(20), "a progress line with a checkpoint", || async {
@@ -202,10 +203,10 @@ async fn the_cli_shows_a_long_jobs_progress() {
     })
     .await;
     let line = got.lines().find(|l| l.starts_with("progress   ")).unwrap();
-    // e.g. `progress   3.5%  row 210/6000 · heartbeat 0.0s ago (n1/1, attempt 1) · checkpoint 0.1s ago (attempt 1, 15 B)`
+    // e.g. `progress   3.5%  row 210/6000 · heartbeat 0.0s ago (n1, attempt 1) · checkpoint 0.1s ago (attempt 1, 15 B)`
     let (figures, rest) = line["progress   ".len()..].split_once(" · ").unwrap();
     assert!(figures.contains("%  row ") && figures.ends_with("/6000"), "{line}");
-    assert!(rest.starts_with("heartbeat ") && rest.contains("s ago (n1/") && rest.contains(", attempt 1) · "), "{line}");
+    assert!(rest.starts_with("heartbeat ") && rest.contains("s ago (n1, attempt 1) · "), "{line}");
     assert!(rest.contains("· checkpoint ") && rest.contains("(attempt 1, ") && rest.ends_with(" B)"), "{line}");
     assert!(got.lines().any(|l| l.starts_with("running    ")), "{got}");
 

@@ -25,9 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use warden_proto::convert::{
-    attempt as attempt_pb, job as job_pb, job_with_progress, new_job, status, unix_ms as ms,
-};
+use warden_proto::convert::{attempt as attempt_pb, job as job_pb, job_with_progress, new_job, status, unix_ms as ms};
 use warden_runtime::job::CancelResult;
 use warden_runtime::node::Node;
 use warden_runtime::ownership_diff::{Holder, MemberChange, OwnershipChange};

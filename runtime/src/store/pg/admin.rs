@@ -13,8 +13,8 @@ use crate::store::admin::{
 };
 use crate::store::{ms, LeaseRow};
 use async_trait::async_trait;
-use sqlx::Row;
 use chrono::{DateTime, Utc};
+use sqlx::Row;
 use std::time::Duration;
 
 /// Advisory lock class of the retention pruner ("WARD" + 10): one node prunes at a
