@@ -9,7 +9,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use warden::api::{self, pb, Auth};
 use warden_runtime::{Node, NodeConfig, PartitionCount};
-use warden_tests::{audit_node as node_on, eventually, serve_api_of as serve, PrivatePg, TestDb};
+use warden_tests::{
+    audit_node as node_on, eventually, long_import_args, long_import_node, serve_api_of as serve, PrivatePg, TestDb,
+};
 
 fn config(id: &str) -> NodeConfig {
     warden_tests::fast_node_config(id, 16)
@@ -310,11 +312,26 @@ async fn a_python_client_generated_from_the_proto_works() {
     let db = TestDb::new().await;
     let node = node_on(&db.url, "n1").await;
     let (addr, _stop) = serve(&node, None).await;
+    // A job with recorded progress, written as a heartbeat and checkpoint would.
+    let later = warden_runtime::NewJob::new("py-later", "audit", serde_json::json!({ "seq": 1 }))
+        .unwrap()
+        .delay(Duration::from_secs(3600));
+    let with_progress = node.client().enqueue(later).await.unwrap().id;
+    sqlx::query(
+        "INSERT INTO warden.job_progress (job_id, attempt, epoch, node, heartbeat_at, progress_percent,
+             progress_message, progress_details, checkpoint, checkpoint_at, checkpoint_attempt, checkpoint_bytes)
+         VALUES ($1, 2, 1, 'n1/1', now(), 42.5, 'step 42', '{\"k\": 1}', '{\"next\": 42}', now(), 1, 12)",
+    )
+    .bind(with_progress)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let script = root.join("tests/python/client.py");
     let out = tokio::process::Command::new("python3")
         .arg(&script)
         .arg(&stubs)
         .arg(addr.to_string())
+        .arg(with_progress.to_string())
         .env("PYTHONPATH", &deps)
         .output()
         .await
@@ -327,6 +344,93 @@ async fn a_python_client_generated_from_the_proto_works() {
     assert_eq!(v["owners"], serde_json::json!(["n1"]));
     assert_eq!(v["missing"], "NOT_FOUND");
     assert!(v["invalid"].as_str().unwrap().starts_with("INVALID_ARGUMENT: account must not be empty"), "{v}");
+    assert_eq!(v["completed_has_progress"], false, "{v}");
+    assert_eq!(
+        v["progress"],
+        serde_json::json!({ "has_percent": true, "percent": 42.5, "message": "step 42", "details": { "k": 1 },
+                            "attempt": 2, "checkpoint_attempt": 1, "checkpoint_bytes": 12, "ages_ok": true }),
+        "{v}"
+    );
+    node.shutdown().await.unwrap();
+}
+
+/// Issue 15, visible progress: a running long job's heartbeat, progress and checkpoint
+/// are in `GetJob` and `ListJobs` (ages on the database clock); `state=running` lists it
+/// on the first page however many newer jobs there are (past the newest-rows window);
+/// jobs that never heartbeated carry no progress; a cancel reaches the heartbeating
+/// handler and the last progress stays readable.
+#[tokio::test]
+async fn a_running_long_jobs_progress_is_in_get_and_list() {
+    let db = TestDb::new().await;
+    let node = long_import_node(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+    let args = long_import_args(60).to_string();
+    let long = jobs.enqueue(pb::EnqueueRequest { job: Some(job("importer", "long_import", &args)) }).await.unwrap();
+    let id = long.into_inner().id;
+    let got = eventually(Duration::from_secs(20), "progress with a checkpoint", || {
+        let mut jobs = jobs.clone();
+        async move {
+            let r = jobs.get_job(pb::GetJobRequest { id, ..Default::default() }).await.unwrap().into_inner();
+            let p = r.job.as_ref()?.progress.as_ref()?;
+            (p.checkpoint_at_unix_ms != 0 && p.percent.unwrap_or(0.0) > 0.0).then_some(r)
+        }
+    })
+    .await;
+    let j = got.job.unwrap();
+    let p = j.progress.unwrap();
+    assert_eq!((j.state.as_str(), p.attempt, p.checkpoint_attempt), ("running", 1, 1), "{p:?}");
+    assert!(p.node.starts_with("n1/"), "{p:?}");
+    assert!(p.message.starts_with("row ") && p.message.ends_with("/6000"), "{p:?}");
+    assert!(p.percent.unwrap() < 100.0);
+    let cursor: serde_json::Value = serde_json::json!({ "next_row": 0 });
+    assert!(p.checkpoint_bytes as usize >= cursor.to_string().len(), "{p:?}");
+    assert!(got.read_at_unix_ms >= p.heartbeat_at_unix_ms && got.read_at_unix_ms >= p.checkpoint_at_unix_ms);
+    assert_eq!(p.heartbeat_age_ms, got.read_at_unix_ms - p.heartbeat_at_unix_ms, "ages against read_at");
+    assert!(p.heartbeat_age_ms < 5_000, "heartbeats every 50 ms: {p:?}");
+    assert!(j.attempted_at_unix_ms > 0 && j.attempted_at_unix_ms <= got.read_at_unix_ms);
+
+    // Newer jobs than the list window holds: `state=running` still finds the long job
+    // on its first page, read through the running jobs' index.
+    let client = node.client();
+    let newer: Vec<warden_runtime::NewJob> = (0..warden_runtime::store::LIST_SCAN_WINDOW + 100)
+        .map(|i| {
+            warden_runtime::NewJob::new(format!("later-{i}"), "audit", serde_json::json!({ "seq": 1 }))
+                .unwrap()
+                .delay(Duration::from_secs(3600))
+        })
+        .collect();
+    client.enqueue_many(&newer).await.unwrap();
+    let running = jobs
+        .list_jobs(pb::ListJobsRequest { state: "running".into(), page_size: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(running.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id], "{running:?}");
+    assert!(running.next_page_token.is_empty());
+    assert!(running.read_at_unix_ms > 0);
+    let listed = running.jobs[0].progress.as_ref().expect("a running long job lists its progress");
+    assert_eq!(listed.heartbeat_age_ms, running.read_at_unix_ms - listed.heartbeat_at_unix_ms);
+    let of_kind = jobs
+        .list_jobs(pb::ListJobsRequest { state: "running".into(), kind: "audit".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(of_kind.jobs.is_empty(), "filters apply to running jobs too");
+    let newest = jobs.list_jobs(pb::ListJobsRequest { page_size: 5, ..Default::default() }).await.unwrap().into_inner();
+    assert!(newest.jobs.iter().all(|j| j.progress.is_none()), "never heartbeated: no progress");
+
+    // A cancel reaches the heartbeating handler; the last progress stays readable.
+    jobs.cancel_job(pb::CancelJobRequest { id }).await.unwrap();
+    let done = eventually(Duration::from_secs(20), "cancelled", || {
+        let mut jobs = jobs.clone();
+        async move {
+            let r = jobs.get_job(pb::GetJobRequest { id, ..Default::default() }).await.unwrap().into_inner();
+            (r.job.as_ref()?.state == "cancelled").then_some(r)
+        }
+    })
+    .await;
+    assert!(done.job.unwrap().progress.is_some());
     node.shutdown().await.unwrap();
 }
 

@@ -3,7 +3,7 @@
 //! table and the handler's own audit log (committed in the job transaction).
 
 use std::time::Duration;
-use warden_runtime::Client;
+use warden_runtime::{CancelResult, Client, NewJob};
 use warden_tests::{
     assert_guarantee, audit_jobs, count_state, eventually, free_tcp_port, http_get, NodeProc, PrivatePg, TestDb,
 };
@@ -133,6 +133,49 @@ async fn admin_port_serves_metrics_health_and_readiness() {
         assert!(body.contains(metric), "{metric} missing from /metrics:\n{body}");
     }
     assert!(body.contains(r#"warden_jobs_completed_total{kind="audit"} 20"#), "{body}");
+}
+
+/// Issue 15: while a long job heartbeats and checkpoints, the node's /metrics shows the
+/// heartbeating gauges and the heartbeat and checkpoint counters and histograms
+/// (`--heartbeat-write-interval-ms` wired through the host flags).
+#[tokio::test]
+async fn metrics_show_a_heartbeating_job_while_it_runs() {
+    let db = TestDb::new().await;
+    let port = free_tcp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = FAST.to_vec();
+    args.extend(["--admin-addr", &addr, "--heartbeat-write-interval-ms", "100"]);
+    let _node = NodeProc::start(BIN, &db.url, "node-a", &args).await;
+    let client = Client::connect(db.pool.clone()).await.unwrap();
+    let job = NewJob::new("importer", "long_import", warden_tests::long_import_args(60)).unwrap();
+    let id = client.enqueue(job).await.unwrap().id;
+    let body = eventually(Duration::from_secs(30), "a heartbeating job in /metrics", || async {
+        let (status, body) = http_get(port, "/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        let beating = body.lines().any(|l| l == "warden_heartbeating_attempts 1");
+        let checkpointed = body.contains(r#"warden_checkpoints_total{kind="long_import",outcome="recorded"}"#);
+        (beating && checkpointed).then_some(body)
+    })
+    .await;
+    for metric in [
+        "warden_heartbeat_age_max_seconds",
+        r#"warden_heartbeats_total{kind="long_import",outcome="recorded"}"#,
+        "warden_heartbeat_write_seconds",
+        "warden_checkpoint_bytes",
+    ] {
+        assert!(body.contains(metric), "{metric} missing from /metrics:\n{body}");
+    }
+    let age: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("warden_heartbeat_age_max_seconds "))
+        .and_then(|v| v.parse().ok())
+        .expect("the heartbeat age gauge has a value");
+    assert!(age < 5.0, "the job heartbeats every 100 ms, yet the oldest beat is {age} s old");
+    assert!(matches!(client.cancel(id).await.unwrap(), CancelResult::CancelRequested));
+    eventually(Duration::from_secs(20), "the cancel reached the heartbeating handler", || async {
+        (count_state(&db.pool, "cancelled").await == 1).then_some(())
+    })
+    .await;
 }
 
 /// Regression: nodes started at the same moment on a fresh database raced on creating

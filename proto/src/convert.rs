@@ -7,7 +7,7 @@ use std::time::Duration;
 use tonic::Status;
 use warden_runtime::job::{AttemptRow, JobRow, Lane, NewJob};
 use warden_runtime::sqlx;
-use warden_runtime::Error;
+use warden_runtime::{Error, JobProgress};
 
 /// Map a runtime error to a client-facing status without leaking internals.
 pub fn status(e: Error) -> Status {
@@ -64,6 +64,33 @@ pub fn job(j: &JobRow) -> pb::Job {
         created_at_unix_ms: unix_ms(j.created_at),
         finished_at_unix_ms: j.finished_at.map(unix_ms).unwrap_or(0),
         last_error: j.last_error.clone().unwrap_or_default(),
+        attempted_at_unix_ms: j.attempted_at.map(unix_ms).unwrap_or(0),
+        progress: None,
+    }
+}
+
+/// A job row with its recorded progress, if any, as a wire message; ages are
+/// measured against `read_at` (the database clock at the read).
+pub fn job_with_progress(j: &JobRow, progress: Option<&JobProgress>, read_at: DateTime<Utc>) -> pb::Job {
+    pb::Job { progress: progress.map(|p| job_progress(p, read_at)), ..job(j) }
+}
+
+/// Recorded liveness and progress as a wire message (ages against `read_at`).
+pub fn job_progress(p: &JobProgress, read_at: DateTime<Utc>) -> pb::JobProgress {
+    // On the wire's millisecond times, so that age = read_at − at holds exactly.
+    let age = |t: DateTime<Utc>| (unix_ms(read_at) - unix_ms(t)).max(0);
+    pb::JobProgress {
+        attempt: p.attempt,
+        node: p.node.clone(),
+        heartbeat_at_unix_ms: unix_ms(p.heartbeat_at),
+        heartbeat_age_ms: age(p.heartbeat_at),
+        percent: p.progress.percent,
+        message: p.progress.message.clone().unwrap_or_default(),
+        details_json: p.progress.details.as_ref().map(|d| d.to_string()).unwrap_or_default(),
+        checkpoint_at_unix_ms: p.checkpoint_at.map(unix_ms).unwrap_or(0),
+        checkpoint_age_ms: p.checkpoint_at.map(age).unwrap_or(0),
+        checkpoint_attempt: p.checkpoint_attempt.unwrap_or(0),
+        checkpoint_bytes: p.checkpoint_bytes.unwrap_or(0),
     }
 }
 

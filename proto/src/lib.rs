@@ -7,8 +7,8 @@
 //!
 //! - [`pb`] — the code generated from `proto/warden.proto` (package `warden.v1`):
 //!   messages, `cluster_client`/`jobs_client`, `cluster_server`/`jobs_server`.
-//! - [`convert`] — runtime types ↔ wire messages: [`convert::job`],
-//!   [`convert::attempt`], [`convert::new_job`] (every check of a wire job before the
+//! - [`convert`] — runtime types ↔ wire messages: [`convert::job`] (with its
+//!   progress: [`convert::job_with_progress`]), [`convert::attempt`], [`convert::new_job`] (every check of a wire job before the
 //!   database), and [`convert::status`] (runtime errors → `tonic::Status`, never
 //!   leaking SQL or internals).
 //!

@@ -25,6 +25,13 @@
 //! | `warden_process_cpu_ratio` | gauge 0..1: process CPU / cores, mean over 10 s | |
 //! | `warden_runnable_accounts` | gauge: accounts waiting for a slot in this node's partitions | |
 //! | `warden_attempts_waiting_for_slot` | gauge: claimed attempts waiting for a slot | |
+//! | `warden_heartbeating_attempts` | gauge: attempts running here that have heartbeated (long jobs) | |
+//! | `warden_heartbeat_age_max_seconds` | gauge: longest time since one of them last heartbeated | |
+//! | `warden_heartbeats_total` | counter: heartbeat writes (`recorded`, `fenced`, `error`) | kind, outcome |
+//! | `warden_heartbeat_write_seconds` | histogram: one heartbeat write | |
+//! | `warden_checkpoints_total` | counter: checkpoint writes (`recorded`, `fenced`, `error`) | kind, outcome |
+//! | `warden_checkpoint_bytes` | histogram: size of committed checkpoints | |
+//! | `warden_heartbeat_timeouts_total` | counter: attempts aborted for missing their heartbeat timeout | kind |
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -73,6 +80,19 @@ pub fn describe() {
     describe_gauge!(
         "warden_runnable_accounts",
         "Accounts waiting for a slot: due and unclaimed in this node's partitions, or claimed here and waiting"
+    );
+    describe_gauge!("warden_heartbeating_attempts", "Attempts running on this node that have heartbeated");
+    describe_gauge!(
+        "warden_heartbeat_age_max_seconds",
+        "Longest time since one of this node's heartbeating attempts last heartbeated"
+    );
+    describe_counter!("warden_heartbeats_total", "Heartbeat writes of running jobs by outcome");
+    describe_histogram!("warden_heartbeat_write_seconds", Unit::Seconds, "Time of one heartbeat write");
+    describe_counter!("warden_checkpoints_total", "Checkpoint writes by outcome");
+    describe_histogram!("warden_checkpoint_bytes", Unit::Bytes, "Size of committed checkpoints (bytes of JSON)");
+    describe_counter!(
+        "warden_heartbeat_timeouts_total",
+        "Attempts aborted because their handler missed its kind's heartbeat timeout"
     );
     describe_counter!("warden_api_rejected_total", "gRPC API calls refused by a limit (concurrency, streams, pool)");
 }

@@ -663,6 +663,30 @@ pub async fn audit_node(url: &str, id: &str) -> warden_runtime::Node {
         .unwrap()
 }
 
+/// [`audit_node`] with the examples' long import too (`long_import`, a heartbeating,
+/// checkpointing job), writing its heartbeats every 50 ms.
+pub async fn long_import_node(url: &str, id: &str) -> warden_runtime::Node {
+    let pool = warden_runtime::store::connect(url, &Default::default()).await.unwrap();
+    workload::migrate(&pool).await.unwrap();
+    warden_examples::long_import::migrate(&pool).await.unwrap();
+    let mut config = fast_node_config(id, 16);
+    config.exec.heartbeat_write_interval = Duration::from_millis(50);
+    warden_runtime::Node::builder(config)
+        .register(workload::Audit { node: id.into(), pool: pool.clone() })
+        .unwrap()
+        .register(warden_examples::long_import::LongImport { pool: pool.clone() })
+        .unwrap()
+        .start(pool)
+        .await
+        .unwrap()
+}
+
+/// Args of a `long_import` job that runs about `secs` seconds (10 batches a second,
+/// heartbeating every batch, checkpointing every 200 ms).
+pub fn long_import_args(secs: u64) -> serde_json::Value {
+    serde_json::json!({ "rows": secs * 100, "batch": 10, "checkpoint_every_ms": 200, "pace_ms": 100 })
+}
+
 /// Serve the gRPC API of `node` on a free port (optionally with a bearer token);
 /// returns its address and the token that stops it.
 pub async fn serve_api_of(

@@ -7,6 +7,7 @@
 //!   warden watch                                  # live ownership events (Ctrl-C to stop)
 //!   warden jobs enqueue tenant-42 charge --args '{"purchase": 1, "amount_cents": 500}'
 //!   warden jobs list --account tenant-42 --state retryable
+//!   warden jobs list --running                    # running jobs: running time, heartbeat age, progress
 //!   warden jobs get 1234 ; warden jobs cancel 1234 ; warden jobs retry 1234
 //!   warden stats
 //!   warden schema status --database-url postgres://…   # schema versions, upgrade window
@@ -153,6 +154,10 @@ enum JobsCmd {
         kind: Option<String>,
         #[arg(long)]
         state: Option<String>,
+        /// Running jobs (however long they have run), with their running time,
+        /// heartbeat age and progress.
+        #[arg(long, conflicts_with = "state")]
+        running: bool,
         /// Page size (max 500).
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -216,7 +221,77 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
         "due_at_unix_ms": j.due_at_unix_ms, "attempt": j.attempt, "max_attempts": j.max_attempts,
         "unique_key": j.unique_key, "node": j.node, "epoch": j.epoch, "created_at_unix_ms": j.created_at_unix_ms,
         "finished_at_unix_ms": j.finished_at_unix_ms, "last_error": j.last_error,
+        "attempted_at_unix_ms": j.attempted_at_unix_ms, "progress": j.progress.as_ref().map(progress_json),
     })
+}
+
+fn progress_json(p: &pb::JobProgress) -> serde_json::Value {
+    json!({
+        "attempt": p.attempt, "node": p.node, "heartbeat_at_unix_ms": p.heartbeat_at_unix_ms,
+        "heartbeat_age_ms": p.heartbeat_age_ms, "percent": p.percent, "message": p.message,
+        "details": serde_json::from_str::<serde_json::Value>(&p.details_json).ok(),
+        "checkpoint_at_unix_ms": p.checkpoint_at_unix_ms, "checkpoint_age_ms": p.checkpoint_age_ms,
+        "checkpoint_attempt": p.checkpoint_attempt, "checkpoint_bytes": p.checkpoint_bytes,
+    })
+}
+
+/// A duration for people: `0.8s`, `42s`, `12m 3s`, `3h 12m`, `2d 4h`.
+fn age(ms: i64) -> String {
+    let ms = ms.max(0);
+    let s = ms / 1000;
+    match s {
+        0..=9 => format!("{:.1}s", ms as f64 / 1000.0),
+        10..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// A size for people: `120 B`, `3.2 KiB`.
+fn size(bytes: i32) -> String {
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+/// The node id of an owner (`node_id/generation`): the generation is for machines.
+fn node_id(owner: &str) -> &str {
+    owner.split('/').next().unwrap_or(owner)
+}
+
+/// What the handler reported: `42.0%  step 42/100` (either part may be missing).
+fn progress_figures(p: &pb::JobProgress) -> String {
+    let mut parts = Vec::new();
+    if let Some(pct) = p.percent {
+        parts.push(format!("{pct:.1}%"));
+    }
+    if !p.message.is_empty() {
+        parts.push(p.message.clone());
+    }
+    parts.join("  ")
+}
+
+/// `warden jobs get`'s progress line: `42.0%  step 42/100 · heartbeat 0.8s ago (node-a,
+/// attempt 2) · checkpoint 3.1s ago (attempt 2, 120 B)`.
+fn progress_line(p: &pb::JobProgress) -> String {
+    let mut parts = Vec::new();
+    let figures = progress_figures(p);
+    if !figures.is_empty() {
+        parts.push(figures);
+    }
+    parts.push(format!("heartbeat {} ago ({}, attempt {})", age(p.heartbeat_age_ms), node_id(&p.node), p.attempt));
+    if p.checkpoint_at_unix_ms != 0 {
+        parts.push(format!(
+            "checkpoint {} ago (attempt {}, {})",
+            age(p.checkpoint_age_ms),
+            p.checkpoint_attempt,
+            size(p.checkpoint_bytes)
+        ));
+    }
+    parts.join(" · ")
 }
 
 /// Print rows as an aligned table.
@@ -609,7 +684,8 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     "started_at_unix_ms": a.started_at_unix_ms, "finished_at_unix_ms": a.finished_at_unix_ms, "outcome": a.outcome, "error": a.error })).collect();
                 println!(
                     "{}",
-                    json!({ "job": job_json(&j), "attempts": attempts, "next_attempts_page_token": r.next_attempts_page_token })
+                    json!({ "job": job_json(&j), "attempts": attempts, "next_attempts_page_token": r.next_attempts_page_token,
+                            "read_at_unix_ms": r.read_at_unix_ms })
                 );
             } else {
                 println!(
@@ -624,6 +700,16 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     time(j.run_at_unix_ms),
                     time(j.due_at_unix_ms)
                 );
+                if j.state == "running" && j.attempted_at_unix_ms != 0 {
+                    println!(
+                        "running    {} (since {})",
+                        age(r.read_at_unix_ms - j.attempted_at_unix_ms),
+                        time(j.attempted_at_unix_ms)
+                    );
+                }
+                if let Some(p) = &j.progress {
+                    println!("progress   {}", progress_line(p));
+                }
                 if !j.last_error.is_empty() {
                     println!("last error: {}", j.last_error);
                 }
@@ -649,7 +735,8 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                 }
             }
         }
-        JobsCmd::List { account, kind, state, limit, page_token } => {
+        JobsCmd::List { account, kind, state, running, limit, page_token } => {
+            let state = if running { Some("running".to_string()) } else { state };
             let r = cx
                 .jobs()
                 .list_jobs(cx.req(pb::ListJobsRequest {
@@ -664,8 +751,35 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
             if cx.json {
                 println!(
                     "{}",
-                    json!({ "jobs": r.jobs.iter().map(job_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token })
+                    json!({ "jobs": r.jobs.iter().map(job_json).collect::<Vec<_>>(), "next_page_token": r.next_page_token,
+                            "read_at_unix_ms": r.read_at_unix_ms })
                 );
+            } else if running {
+                let rows: Vec<Vec<String>> = r
+                    .jobs
+                    .iter()
+                    .map(|j| {
+                        let p = j.progress.as_ref();
+                        vec![
+                            j.id.to_string(),
+                            j.account.clone(),
+                            j.kind.clone(),
+                            format!("{}/{}", j.attempt, j.max_attempts),
+                            if j.attempted_at_unix_ms == 0 {
+                                "-".into()
+                            } else {
+                                age(r.read_at_unix_ms - j.attempted_at_unix_ms)
+                            },
+                            p.map_or("-".into(), |p| age(p.heartbeat_age_ms)),
+                            node_id(&j.node).to_string(),
+                            p.map(progress_figures).unwrap_or_default().chars().take(60).collect(),
+                        ]
+                    })
+                    .collect();
+                table(&["id", "account", "kind", "attempt", "running", "heartbeat", "node", "progress"], &rows);
+                if !r.next_page_token.is_empty() {
+                    println!("\nmore: --page-token {}", r.next_page_token);
+                }
             } else {
                 let rows: Vec<Vec<String>> = r
                     .jobs
@@ -736,5 +850,46 @@ async fn main() -> ExitCode {
                 _ => 1,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_as_people_say_them() {
+        assert_eq!(age(800), "0.8s");
+        assert_eq!(age(-5), "0.0s", "clock noise is not a negative age");
+        assert_eq!(age(42_000), "42s");
+        assert_eq!(age(723_000), "12m 3s");
+        assert_eq!(age(3 * 3_600_000 + 12 * 60_000), "3h 12m");
+        assert_eq!(age(2 * 86_400_000 + 4 * 3_600_000), "2d 4h");
+        assert_eq!(size(120), "120 B");
+        assert_eq!(size(3277), "3.2 KiB");
+    }
+
+    #[test]
+    fn the_progress_line_says_what_was_recorded() {
+        let mut p = pb::JobProgress {
+            attempt: 2,
+            node: "node-a/1".into(),
+            heartbeat_age_ms: 800,
+            percent: Some(42.0),
+            message: "step 42/100".into(),
+            checkpoint_at_unix_ms: 1,
+            checkpoint_age_ms: 3_100,
+            checkpoint_attempt: 2,
+            checkpoint_bytes: 120,
+            ..Default::default()
+        };
+        assert_eq!(
+            progress_line(&p),
+            "42.0%  step 42/100 · heartbeat 0.8s ago (node-a, attempt 2) · checkpoint 3.1s ago (attempt 2, 120 B)"
+        );
+        p.percent = None;
+        p.message.clear();
+        p.checkpoint_at_unix_ms = 0;
+        assert_eq!(progress_line(&p), "heartbeat 0.8s ago (node-a, attempt 2)", "a bare beat, no checkpoint");
     }
 }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use warden::api::{self, Auth};
-use warden_tests::{audit_node as node_on, eventually, serve_api_of as serve, TestDb};
+use warden_tests::{
+    audit_node as node_on, eventually, long_import_args, long_import_node, serve_api_of as serve, TestDb,
+};
 
 const CLI: &str = env!("CARGO_BIN_EXE_warden");
 
@@ -180,6 +182,59 @@ async fn the_cli_pages_a_jobs_attempts() {
     let (code, out, err) = cli(addr, &["jobs", "get", &id.to_string(), "--attempts-limit", "5"], &[]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("more attempts: --attempts-page-token"), "{out}");
+    node.shutdown().await.unwrap();
+}
+
+/// Issue 15: `jobs get` shows a running long job's progress line, `jobs list --running`
+/// its running time, heartbeat age and progress; `--json` carries the fields.
+#[tokio::test]
+async fn the_cli_shows_a_long_jobs_progress() {
+    let db = TestDb::new().await;
+    let node = long_import_node(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let args = long_import_args(60).to_string();
+    let (code, out, err) =
+        cli(addr, &["jobs", "enqueue", "importer", "long_import", "--args", &args, "--json"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_i64().unwrap().to_string();
+    let got = eventually(Duration::from_secs(20), "a progress line with a checkpoint", || async {
+        let (code, out, _) = cli(addr, &["jobs", "get", &id], &[]).await;
+        (code == 0 && out.lines().any(|l| l.starts_with("progress") && l.contains("checkpoint"))).then_some(out)
+    })
+    .await;
+    let line = got.lines().find(|l| l.starts_with("progress   ")).unwrap();
+    // e.g. `progress   3.5%  row 210/6000 · heartbeat 0.0s ago (n1, attempt 1) · checkpoint 0.1s ago (attempt 1, 15 B)`
+    let (figures, rest) = line["progress   ".len()..].split_once(" · ").unwrap();
+    assert!(figures.contains("%  row ") && figures.ends_with("/6000"), "{line}");
+    assert!(rest.starts_with("heartbeat ") && rest.contains("s ago (n1, attempt 1) · "), "{line}");
+    assert!(rest.contains("· checkpoint ") && rest.contains("(attempt 1, ") && rest.ends_with(" B)"), "{line}");
+    assert!(got.lines().any(|l| l.starts_with("running    ")), "{got}");
+
+    let (code, out, _) = cli(addr, &["jobs", "list", "--running"], &[]).await;
+    assert_eq!(code, 0);
+    let mut lines = out.lines();
+    let header = lines.next().unwrap();
+    for column in ["ID", "ACCOUNT", "KIND", "ATTEMPT", "RUNNING", "HEARTBEAT", "NODE", "PROGRESS"] {
+        assert!(header.contains(column), "{out}");
+    }
+    let row = lines.next().unwrap();
+    assert!(row.starts_with(&id) && row.contains("importer") && row.contains("1/10") && row.contains("% "), "{out}");
+    assert!(lines.next().is_none(), "only the long job runs: {out}");
+    let (code, out, _) = cli(addr, &["jobs", "list", "--running", "--json"], &[]).await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let p = &v["jobs"][0]["progress"];
+    assert!(p["percent"].as_f64().unwrap() > 0.0 && p["checkpoint_bytes"].as_i64().unwrap() > 0, "{v}");
+    assert!(p["heartbeat_age_ms"].as_i64().unwrap() >= 0 && v["read_at_unix_ms"].as_i64().unwrap() > 0, "{v}");
+    assert!(v["jobs"][0]["attempted_at_unix_ms"].as_i64().unwrap() > 0, "{v}");
+    let (code, out, _) = cli(addr, &["jobs", "get", &id, "--json"], &[]).await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["job"]["progress"]["checkpoint_attempt"], 1, "{v}");
+    let (code, _, err) = cli(addr, &["jobs", "list", "--running", "--state", "completed"], &[]).await;
+    assert_eq!(code, 2, "--running and --state conflict: {err}");
+    let (code, _, _) = cli(addr, &["jobs", "cancel", &id], &[]).await;
+    assert_eq!(code, 0);
     node.shutdown().await.unwrap();
 }
 

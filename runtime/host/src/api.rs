@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use warden_proto::convert::{attempt as attempt_pb, job as job_pb, new_job, status, unix_ms as ms};
+use warden_proto::convert::{attempt as attempt_pb, job as job_pb, job_with_progress, new_job, status, unix_ms as ms};
 use warden_runtime::job::CancelResult;
 use warden_runtime::node::Node;
 use warden_runtime::ownership_diff::{Holder, MemberChange, OwnershipChange};
@@ -710,10 +710,9 @@ impl Jobs for Api {
         let after_id = page_token("attempts_page_token", &r.attempts_page_token)?.unwrap_or(0);
         let job =
             self.client.get(id).await.map_err(|e| self.status(e))?.ok_or_else(|| status(Error::JobNotFound(id)))?;
-        let mut attempts = PgAdminStore::from(self.pool())
-            .attempts_page(id, after_id, page as i64 + 1)
-            .await
-            .map_err(|e| self.status(e))?;
+        let admin = PgAdminStore::from(self.pool());
+        let progress = admin.job_progress(&[id]).await.map_err(|e| self.status(e))?;
+        let mut attempts = admin.attempts_page(id, after_id, page as i64 + 1).await.map_err(|e| self.status(e))?;
         let next_attempts_page_token = if attempts.len() > page as usize {
             attempts.truncate(page as usize);
             attempts.last().map(|a| a.id.to_string()).unwrap_or_default()
@@ -721,9 +720,10 @@ impl Jobs for Api {
             String::new()
         };
         Ok(Response::new(pb::GetJobResponse {
-            job: Some(job_pb(&job)),
+            job: Some(job_with_progress(&job, progress.jobs.get(&id), progress.read_at)),
             attempts: attempts.iter().map(attempt_pb).collect(),
             next_attempts_page_token,
+            read_at_unix_ms: ms(progress.read_at),
         }))
     }
 
@@ -746,10 +746,14 @@ impl Jobs for Api {
             before_id,
             limit: page as i64,
         };
-        let found = PgAdminStore::from(self.pool()).list_jobs(&filter).await.map_err(|e| self.status(e))?;
+        let admin = PgAdminStore::from(self.pool());
+        let found = admin.list_jobs(&filter).await.map_err(|e| self.status(e))?;
+        let ids: Vec<i64> = found.jobs.iter().map(|j| j.id).collect();
+        let progress = admin.job_progress(&ids).await.map_err(|e| self.status(e))?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: found.jobs.iter().map(job_pb).collect(),
+            jobs: found.jobs.iter().map(|j| job_with_progress(j, progress.jobs.get(&j.id), progress.read_at)).collect(),
             next_page_token: found.next_before_id.map(|id| id.to_string()).unwrap_or_default(),
+            read_at_unix_ms: ms(progress.read_at),
         }))
     }
 

@@ -21,6 +21,10 @@ pub const DEFAULT_EXECUTION_SLOTS: usize = 32;
 use warden_runtime::store::StoreConfig;
 use warden_runtime::{NodeConfig, PartitionCount};
 
+/// Longest `--heartbeat-write-interval-ms`: past a minute, `GetJob` would show a live
+/// job's heartbeat a minute stale and a heartbeating job would learn of a cancel late.
+pub const MAX_HEARTBEAT_WRITE_INTERVAL_MS: u64 = 60_000;
+
 /// Shortest gossip secret accepted (see `GossipConfig::with_secret`).
 pub const MIN_GOSSIP_SECRET_CHARS: usize = 16;
 
@@ -53,6 +57,14 @@ pub struct HostFlags {
     /// Drain timeout for running attempts on handoff/shutdown, in milliseconds.
     #[arg(long, env = "WARDEN_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// Least time between two database writes of one running job's heartbeats
+    /// (`JobContext::heartbeat`), in milliseconds: calls in between only count
+    /// locally (liveness for the heartbeat timeout, the latest progress, which the
+    /// next write carries). It bounds how stale `warden jobs get` shows a heartbeat
+    /// and how soon a heartbeating job sees a cancel. 0: every call writes.
+    /// Checkpoints are always written at once. At most 60000.
+    #[arg(long, env = "WARDEN_HEARTBEAT_WRITE_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_write_interval_ms: u64,
     /// Enforcer interval in milliseconds.
     #[arg(long, env = "WARDEN_ENFORCER_INTERVAL_MS", default_value_t = 1000)]
     pub enforcer_interval_ms: u64,
@@ -158,6 +170,7 @@ impl std::fmt::Debug for HostFlags {
             .field("lease_renew_ms", &self.lease_renew_ms)
             .field("lease_margin_ms", &self.lease_margin_ms)
             .field("drain_timeout_ms", &self.drain_timeout_ms)
+            .field("heartbeat_write_interval_ms", &self.heartbeat_write_interval_ms)
             .field("enforcer_interval_ms", &self.enforcer_interval_ms)
             .field("idle_timeout_ms", &self.idle_timeout_ms)
             .field("max_connections", &self.max_connections)
@@ -193,6 +206,12 @@ impl HostFlags {
     /// The node's configuration from these flags, validated.
     pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
         let ttl = Duration::from_millis(self.lease_ttl_ms);
+        if self.heartbeat_write_interval_ms > MAX_HEARTBEAT_WRITE_INTERVAL_MS {
+            bail!(
+                "--heartbeat-write-interval-ms must be at most {MAX_HEARTBEAT_WRITE_INTERVAL_MS} (0: every heartbeat writes), got {}",
+                self.heartbeat_write_interval_ms
+            );
+        }
         let partitions = PartitionCount::new(self.partitions).map_err(|e| anyhow::anyhow!("--partitions: {e}"))?;
         let config = NodeConfig {
             node_id: self.node_id.clone(),
@@ -206,6 +225,7 @@ impl HostFlags {
                 idle_timeout: Duration::from_millis(self.idle_timeout_ms),
                 drain_timeout: Duration::from_millis(self.drain_timeout_ms),
                 max_concurrent_attempts: Some(self.max_concurrent_attempts),
+                heartbeat_write_interval: Duration::from_millis(self.heartbeat_write_interval_ms),
                 ..Default::default()
             },
             enforcer_interval: Duration::from_millis(self.enforcer_interval_ms),
@@ -352,6 +372,7 @@ mod tests {
         let d = HostConfig::new("node-1", "postgres://localhost/x");
         assert_eq!(d.node.lease.ttl, c.node.lease.ttl);
         assert_eq!(d.node.exec.drain_timeout, c.node.exec.drain_timeout);
+        assert_eq!(d.node.exec.heartbeat_write_interval, c.node.exec.heartbeat_write_interval);
         assert_eq!(d.node.retention.period, c.node.retention.period);
         assert_eq!(d.enqueue_max_connections, c.enqueue_max_connections);
     }
@@ -394,6 +415,11 @@ mod tests {
         assert!(e.contains("max_concurrent_attempts"), "{e}");
         let e = parse(&["--max-connections", "1"]).unwrap_err().to_string();
         assert!(e.contains("--max-connections"), "{e}");
+        let e = parse(&["--heartbeat-write-interval-ms", "60001"]).unwrap_err().to_string();
+        assert!(e.contains("--heartbeat-write-interval-ms"), "{e}");
+        assert!(parse(&["--heartbeat-write-interval-ms", "-1"]).is_err(), "negative intervals do not parse");
+        let every_call = parse(&["--heartbeat-write-interval-ms", "0"]).unwrap();
+        assert_eq!(every_call.node.exec.heartbeat_write_interval, Duration::ZERO, "0: every heartbeat writes");
         let e = format!("{:#}", parse(&["--lease-ttl-ms", "10"]).unwrap_err());
         assert!(e.contains("invalid node configuration"), "{e}");
     }

@@ -7,6 +7,7 @@ use super::{LeaseRow, StateCounts};
 use crate::error::Result;
 use crate::handler::Registry;
 use crate::job::{AttemptRow, JobRow};
+use crate::progress::JobProgress;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -66,6 +67,11 @@ pub trait AdminStore: Send + Sync + 'static {
     /// Jobs matching the filter, newest first, bounded: kind/state are checked on at
     /// most [`LIST_SCAN_WINDOW`] rows per call; the page says where to continue.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage>;
+    /// The liveness and progress last recorded for each of `job_ids` that has
+    /// heartbeated or checkpointed (see [`crate::progress`]), and the database clock
+    /// at the read: primary-key probes of `warden.job_progress`, at most
+    /// [`MAX_PROGRESS_READ`] ids.
+    async fn job_progress(&self, job_ids: &[i64]) -> Result<ProgressRead>;
     /// One page of a job's attempts in order: those with attempts-row id above
     /// `after_id`, at most `limit`.
     async fn attempts_page(&self, job_id: i64, after_id: i64, limit: i64) -> Result<Vec<AttemptRow>>;
@@ -89,11 +95,26 @@ pub trait AdminStore: Send + Sync + 'static {
     async fn history_report(&self) -> Result<HistoryReport>;
 }
 
+/// Most job ids one [`AdminStore::job_progress`] reads (a page of jobs).
+pub const MAX_PROGRESS_READ: usize = 1_000;
+
+/// What [`AdminStore::job_progress`] read.
+#[derive(Debug, Clone)]
+pub struct ProgressRead {
+    /// The database clock at the read: ages (heartbeat, checkpoint, running time)
+    /// are measured against it, on the same clock that stamped them.
+    pub read_at: DateTime<Utc>,
+    /// The jobs that have a progress row.
+    pub jobs: std::collections::HashMap<i64, JobProgress>,
+}
+
 /// Filters and page for [`AdminStore::list_jobs`]: jobs by id descending (newest first).
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
     pub account: Option<String>,
     pub kind: Option<String>,
+    /// `running` is read through the running jobs' index, however old they are (not
+    /// within [`LIST_SCAN_WINDOW`]); other states within the window.
     pub state: Option<String>,
     /// Only ids below this (the previous page's last id).
     pub before_id: Option<i64>,

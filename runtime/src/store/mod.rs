@@ -47,9 +47,9 @@ pub mod executor;
 pub mod pg;
 
 pub use admin::{
-    AccountQueue, AdminStore, HistoryReport, JobFilter, JobPage, PartitionDepth, PruneCursor, Pruned, QueueDepth,
-    SlotDemand, ACCOUNT_COUNT_CAP, DEFAULT_PARTITION_COUNT_CAP, FINISHED_COUNT_CAP, FINISHED_STATES, LIST_SCAN_WINDOW,
-    UNFINISHED_STATES,
+    AccountQueue, AdminStore, HistoryReport, JobFilter, JobPage, PartitionDepth, ProgressRead, PruneCursor, Pruned,
+    QueueDepth, SlotDemand, ACCOUNT_COUNT_CAP, DEFAULT_PARTITION_COUNT_CAP, FINISHED_COUNT_CAP, FINISHED_STATES,
+    LIST_SCAN_WINDOW, MAX_PROGRESS_READ, UNFINISHED_STATES,
 };
 pub use enqueue::{KindDefault, KindDefaults, ProducerStore};
 pub use executor::{DueAccount, MemberInfo, RunningJob, Store};

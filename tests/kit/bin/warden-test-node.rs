@@ -1,9 +1,11 @@
 //! The node the process tests, the soak and the cluster benchmark start: the
 //! production host (`warden::Host`, every flag of `warden::HostFlags`) with the
-//! billing example's handlers and the audit workload. Prints `READY <owner>` on
+//! billing example's handlers, its long import (a heartbeating job) and the audit
+//! workload. Prints `READY <owner>` on
 //! stdout once the node has started (the kit's `NodeProc` waits for it).
 use clap::Parser;
 use warden_examples::billing::{self, Faults};
+use warden_examples::long_import::{self, LongImport};
 use warden_tests::workload::{self, Audit};
 
 #[derive(Parser)]
@@ -23,11 +25,13 @@ async fn main() -> anyhow::Result<()> {
     let host = warden::Host::from_flags(&flags)?
         .setup(|pool| async move {
             billing::migrate(&pool).await?;
+            long_import::migrate(&pool).await?;
             workload::migrate(&pool).await
         })
         .register(billing::Charge(Faults::default()))?
         .register(billing::Invoice)?
         .register(billing::Notify(Faults::default()))?
+        .register(LongImport { pool: effects.clone() })?
         .register(Audit { node: flags.node_id.clone(), pool: effects })?
         .start()
         .await?;

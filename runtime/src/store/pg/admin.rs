@@ -2,16 +2,19 @@
 //! checker's figures, publishing kind options.
 
 use super::{PgAdminStore, ENQUEUE_LOCK_CLASS};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::handler::Registry;
 use crate::job::{AttemptRow, JobRow};
+use crate::progress::{JobProgress, Progress};
 use crate::store::admin::{
-    AccountQueue, AdminStore, HistoryReport, JobFilter, JobPage, PartitionDepth, PruneCursor, Pruned, QueueDepth,
-    SlotDemand, ACCOUNT_COUNT_CAP, FINISHED_COUNT_CAP, LIST_SCAN_WINDOW, UNFINISHED_STATES,
+    AccountQueue, AdminStore, HistoryReport, JobFilter, JobPage, PartitionDepth, ProgressRead, PruneCursor, Pruned,
+    QueueDepth, SlotDemand, ACCOUNT_COUNT_CAP, FINISHED_COUNT_CAP, LIST_SCAN_WINDOW, MAX_PROGRESS_READ,
+    UNFINISHED_STATES,
 };
 use crate::store::{ms, LeaseRow};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::Row;
 use std::time::Duration;
 
 /// Advisory lock class of the retention pruner ("WARD" + 10): one node prunes at a
@@ -202,6 +205,27 @@ const LIST_JOBS_SQL: &str = "
            ARRAY(SELECT id FROM w WHERE ($2::text IS NULL OR kind = $2) AND ($3::text IS NULL OR state = $3)
                  ORDER BY id DESC LIMIT $5 + 1)";
 
+/// Running jobs of account $1 (any when NULL) and kind $2 (any when NULL), newest first
+/// below id $3, at most $4 + 1 ids. Through the partial index `jobs_partition_running`
+/// (or `jobs_account_open` for one account): only running rows are examined — as many
+/// as the cluster has claimed attempts, bounded by its execution slots — however old
+/// they are. A job running for hours is on the first page, where the newest-rows
+/// window of [`LIST_JOBS_SQL`] would have to walk every job enqueued since.
+const LIST_RUNNING_SQL: &str = "
+    SELECT ARRAY(SELECT id FROM warden.jobs
+                 WHERE state = 'running' AND ($1::text IS NULL OR account = $1) AND ($2::text IS NULL OR kind = $2)
+                   AND id < COALESCE($3, 9223372036854775807)
+                 ORDER BY id DESC LIMIT $4 + 1)";
+
+/// The progress rows of jobs $1 (primary-key probes), and the database clock: the
+/// left join gives one row (with a NULL job) when none of them has one, so the clock
+/// is always read.
+const JOB_PROGRESS_SQL: &str = "
+    SELECT statement_timestamp() AS read_at, p.job_id, p.attempt, p.node, p.heartbeat_at,
+           p.progress_percent, p.progress_message, p.progress_details,
+           p.checkpoint_at, p.checkpoint_attempt, p.checkpoint_bytes
+    FROM (SELECT) AS clock LEFT JOIN warden.job_progress p ON p.job_id = ANY($1)";
+
 #[async_trait]
 impl AdminStore for PgAdminStore {
     async fn publish_kinds(&self, registry: &Registry, node: &str) -> Result<()> {
@@ -268,6 +292,9 @@ impl AdminStore for PgAdminStore {
     }
 
     async fn list_jobs(&self, f: &JobFilter) -> Result<JobPage> {
+        if f.state.as_deref() == Some("running") {
+            return self.list_running(f).await;
+        }
         let filtered = f.kind.is_some() || f.state.is_some();
         let window = if filtered { LIST_SCAN_WINDOW.max(f.limit + 1) } else { f.limit + 1 };
         // Two statements, not `($1 IS NULL OR account = $1)`: a cached generic plan of that
@@ -296,6 +323,41 @@ impl AdminStore for PgAdminStore {
             None
         };
         Ok(JobPage { jobs, next_before_id })
+    }
+
+    async fn job_progress(&self, job_ids: &[i64]) -> Result<ProgressRead> {
+        if job_ids.len() > MAX_PROGRESS_READ {
+            return Err(Error::invalid(format!(
+                "progress of {} jobs asked at once; the limit is {MAX_PROGRESS_READ}",
+                job_ids.len()
+            )));
+        }
+        let rows = sqlx::query(JOB_PROGRESS_SQL).bind(job_ids).fetch_all(&self.pool).await?;
+        let mut read_at = None;
+        let mut jobs = std::collections::HashMap::new();
+        for r in rows {
+            read_at = Some(r.try_get("read_at")?);
+            let Some(job_id) = r.try_get::<Option<i64>, _>("job_id")? else { continue };
+            let progress = Progress {
+                percent: r.try_get("progress_percent")?,
+                message: r.try_get("progress_message")?,
+                details: r.try_get("progress_details")?,
+            };
+            jobs.insert(
+                job_id,
+                JobProgress {
+                    attempt: r.try_get("attempt")?,
+                    node: r.try_get("node")?,
+                    heartbeat_at: r.try_get("heartbeat_at")?,
+                    progress,
+                    checkpoint_at: r.try_get("checkpoint_at")?,
+                    checkpoint_attempt: r.try_get("checkpoint_attempt")?,
+                    checkpoint_bytes: r.try_get("checkpoint_bytes")?,
+                },
+            );
+        }
+        let read_at = read_at.expect("the clock row is always there");
+        Ok(ProgressRead { read_at, jobs })
     }
 
     async fn attempts_page(&self, job_id: i64, after_id: i64, limit: i64) -> Result<Vec<AttemptRow>> {
@@ -373,5 +435,24 @@ impl AdminStore for PgAdminStore {
             reruns_after_completion: reruns,
             double_completions: double,
         })
+    }
+}
+
+impl PgAdminStore {
+    /// [`AdminStore::list_jobs`] of running jobs: see [`LIST_RUNNING_SQL`].
+    async fn list_running(&self, f: &JobFilter) -> Result<JobPage> {
+        let ids: Vec<i64> = sqlx::query_scalar(LIST_RUNNING_SQL)
+            .bind(&f.account)
+            .bind(&f.kind)
+            .bind(f.before_id)
+            .bind(f.limit)
+            .fetch_one(&self.pool)
+            .await?;
+        let limit = f.limit.max(0) as usize;
+        let more = ids.len() > limit;
+        let page_ids = &ids[..ids.len().min(limit)];
+        let mut jobs: Vec<JobRow> = sqlx::query_as(JOBS_BY_IDS_SQL).bind(page_ids).fetch_all(&self.pool).await?;
+        jobs.truncate(limit);
+        Ok(JobPage { jobs, next_before_id: if more { page_ids.last().copied() } else { None } })
     }
 }
