@@ -166,6 +166,7 @@ async fn after_event(
     wait_steps(pool, id, 4).await;
     let t = trace(pool, id).await;
     assert!(t.problems.is_empty(), "after {event}: {:#?}", t.problems);
+    assert_eq!(t.delayed_rows, 0, "after {event}: step rows of an old attempt ran after the next one started");
     let old_now = t.executions.iter().find(|e| e.attempt == old.attempt).unwrap();
     let next = t.executions.iter().find(|e| e.attempt == next.attempt).unwrap();
     assert_eq!(next.resumed_from, next.last_checkpoint, "after {event}: resumed from the last committed checkpoint");
@@ -293,6 +294,7 @@ async fn a_two_minute_job_survives_sigkill_scale_out_scale_in_and_sigstop_resumi
     .await;
     let (t, _) = long_job::trace_job(&db.pool, id).await.unwrap();
     assert!(t.problems.is_empty(), "{:#?}", t.problems);
+    assert_eq!(t.delayed_rows, 0, "no step row of an old attempt ran after a later one started");
     let h = warden_runtime::history::check(&db.pool).await.unwrap();
     assert!(h.is_clean(), "{h:?}");
     assert_eq!((h.completed, h.unfinished), (1, 0), "{h:?}");

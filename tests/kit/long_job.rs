@@ -12,10 +12,18 @@
 //!   external side effect, it is *not* fenced: a `resume` row when an attempt starts
 //!   (with the step it resumes from), a `step` row as each step begins, a `stop` row
 //!   when a handoff or shutdown told it to stop (after its last checkpoint). Every row
-//!   carries the job, attempt, node, lease epoch and the database clock.
+//!   carries the job, attempt, node, lease epoch, the handler's clock when it sent
+//!   the statement (`sent_local`) and the database clock when it ran (`at`).
 //! - `long_progress_writes`: every write that landed in `warden.job_progress` (a
 //!   trigger on it: the outside observer of the fenced heartbeats and checkpoints),
 //!   with the attempt that wrote it and the checkpoint the row then held.
+//!
+//! Overlap is judged by when the handler *sent* each step row (all processes of a
+//! test share one machine and its clock): a statement held back by a network cut
+//! and delivered after the lease moved on was decided while the attempt was valid
+//! — the external-effect window DESIGN §4 leaves to the fence token — and is
+//! counted apart ([`JobTrace::delayed_rows`]). Writes to `warden.job_progress` are
+//! fenced in the database, so none may land late, however delayed.
 //!
 //! The handler checks [`JobContext::stop_reason`] right before each side effect, so
 //! nothing is logged once the lease is lost or a stop was asked for; the runtime
@@ -71,7 +79,7 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
         "CREATE TABLE IF NOT EXISTS long_steps (
              id bigserial PRIMARY KEY, job_id bigint NOT NULL, attempt int NOT NULL, node text NOT NULL,
              epoch bigint NOT NULL, what text NOT NULL, step bigint NOT NULL,
-             at timestamptz NOT NULL DEFAULT clock_timestamp());
+             sent_local timestamptz NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp());
          CREATE INDEX IF NOT EXISTS long_steps_job ON long_steps (job_id, id);
          CREATE TABLE IF NOT EXISTS long_progress_writes (
              id bigserial PRIMARY KEY, job_id bigint NOT NULL, attempt int NOT NULL, node text NOT NULL,
@@ -158,16 +166,20 @@ impl LongJob {
     }
 
     async fn log(&self, ctx: &JobContext, what: &str, step: u32) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO long_steps (job_id, attempt, node, epoch, what, step) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(ctx.job_id())
-            .bind(ctx.attempt())
-            .bind(&self.node)
-            .bind(ctx.fence().epoch)
-            .bind(what)
-            .bind(step as i64)
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+        sqlx::query(
+            "INSERT INTO long_steps (job_id, attempt, node, epoch, what, step, sent_local)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(ctx.job_id())
+        .bind(ctx.attempt())
+        .bind(&self.node)
+        .bind(ctx.fence().epoch)
+        .bind(what)
+        .bind(step as i64)
+        .bind(chrono::Utc::now())
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
     }
 }
 
@@ -179,6 +191,9 @@ pub struct StepRow {
     pub node: String,
     pub what: String,
     pub step: i64,
+    /// When the handler sent it (its process's clock).
+    pub sent_local: chrono::DateTime<chrono::Utc>,
+    /// When it ran (the database clock).
     pub at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -203,7 +218,7 @@ pub struct Execution {
     pub last_checkpoint: i64,
     /// Steps an earlier attempt had already begun, begun again by this one.
     pub redone: i64,
-    /// Its first and last record (step log and progress writes), database clock.
+    /// Its first and last record: step rows as sent, progress writes as committed.
     pub first_at: chrono::DateTime<chrono::Utc>,
     pub last_at: chrono::DateTime<chrono::Utc>,
     /// Its first `step` row.
@@ -223,6 +238,10 @@ pub struct JobTrace {
     /// committed checkpoint, more than `checkpoint_every` steps redone by a resume,
     /// steps never run.
     pub problems: Vec<String>,
+    /// Step rows sent while their attempt was the latest but run by the database
+    /// after a later attempt started (held back by the network): not a problem of
+    /// the runtime's, see the module doc.
+    pub delayed_rows: usize,
 }
 
 impl JobTrace {
@@ -264,8 +283,8 @@ pub fn trace(job_id: i64, args: &LongArgs, steps: &[StepRow], writes: &[Progress
             ));
         }
         let own_writes: Vec<&ProgressWrite> = writes.iter().filter(|w| w.attempt == attempt).collect();
-        let first_at = rows.iter().map(|r| r.at).chain(own_writes.iter().map(|w| w.at)).min().expect("a row");
-        let last_at = rows.iter().map(|r| r.at).chain(own_writes.iter().map(|w| w.at)).max().expect("a row");
+        let first_at = rows.iter().map(|r| r.sent_local).chain(own_writes.iter().map(|w| w.at)).min().expect("a row");
+        let last_at = rows.iter().map(|r| r.sent_local).chain(own_writes.iter().map(|w| w.at)).max().expect("a row");
         let step_rows: Vec<&&StepRow> = rows.iter().filter(|r| r.what == "step").collect();
         let mut redone = 0;
         for r in &step_rows {
@@ -311,7 +330,9 @@ pub fn trace(job_id: i64, args: &LongArgs, steps: &[StepRow], writes: &[Progress
     for e in &t.executions {
         let later =
             |at: chrono::DateTime<chrono::Utc>| t.executions.iter().any(|l| l.attempt > e.attempt && at >= l.first_at);
-        let late_steps = steps.iter().filter(|r| r.attempt == e.attempt && later(r.at)).count();
+        let late_steps = steps.iter().filter(|r| r.attempt == e.attempt && later(r.sent_local)).count();
+        t.delayed_rows +=
+            steps.iter().filter(|r| r.attempt == e.attempt && later(r.at) && !later(r.sent_local)).count();
         let late_writes = writes.iter().filter(|w| w.attempt == e.attempt && later(w.at)).count();
         if late_steps + late_writes > 0 {
             t.problems.push(format!(
@@ -341,6 +362,8 @@ pub struct LongReport {
     pub max_interval: i64,
     /// Every violation found, described (see [`JobTrace::problems`]).
     pub problems: Vec<String>,
+    /// Step rows delivered late by the network (see [`JobTrace::delayed_rows`]).
+    pub delayed_rows: usize,
     pub traces: Vec<JobTrace>,
 }
 
@@ -355,11 +378,12 @@ pub async fn trace_job(pool: &sqlx::PgPool, id: i64) -> anyhow::Result<(JobTrace
     let (args, state): (serde_json::Value, String) =
         sqlx::query_as("SELECT args, state FROM warden.jobs WHERE id = $1").bind(id).fetch_one(pool).await?;
     let args: LongArgs = serde_json::from_value(args)?;
-    let steps: Vec<StepRow> =
-        sqlx::query_as("SELECT id, attempt, node, what, step, at FROM long_steps WHERE job_id = $1 ORDER BY id")
-            .bind(id)
-            .fetch_all(pool)
-            .await?;
+    let steps: Vec<StepRow> = sqlx::query_as(
+        "SELECT id, attempt, node, what, step, sent_local, at FROM long_steps WHERE job_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
     let writes: Vec<ProgressWrite> = sqlx::query_as(
         "SELECT id, attempt, node, checkpoint, at FROM long_progress_writes WHERE job_id = $1 ORDER BY id",
     )
@@ -390,6 +414,7 @@ pub async fn check(pool: &sqlx::PgPool, require_completed: bool) -> anyhow::Resu
         report.max_redone = report.max_redone.max(t.max_redone());
         report.max_interval = report.max_interval.max(args.checkpoint_every as i64);
         report.problems.extend(t.problems.iter().cloned());
+        report.delayed_rows += t.delayed_rows;
         report.traces.push(t);
     }
     Ok(report)
@@ -404,7 +429,7 @@ mod tests {
     }
 
     fn row(id: i64, attempt: i32, what: &str, step: i64, ms: i64) -> StepRow {
-        StepRow { id, attempt, node: format!("n{attempt}"), what: what.into(), step, at: at(ms) }
+        StepRow { id, attempt, node: format!("n{attempt}"), what: what.into(), step, sent_local: at(ms), at: at(ms) }
     }
 
     fn cp(id: i64, attempt: i32, checkpoint: i64, ms: i64) -> ProgressWrite {
