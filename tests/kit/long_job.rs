@@ -271,8 +271,7 @@ pub fn trace(job_id: i64, args: &LongArgs, steps: &[StepRow], writes: &[Progress
         // is a problem of its own, below).
         let last_checkpoint = writes
             .iter()
-            .filter(|w| w.attempt < attempt && w.at < resume.at)
-            .last()
+            .rfind(|w| w.attempt < attempt && w.at < resume.at)
             .and_then(|w| w.checkpoint.as_ref())
             .and_then(|c| c.as_i64())
             .unwrap_or(0);
