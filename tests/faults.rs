@@ -3,8 +3,10 @@
 //! lost and delayed database replies, terminated connections, scaling, gossip
 //! partitions between node processes, spoofed NOTIFYs from an unprivileged role,
 //! hostile and extreme enqueue values), and the cluster's fixed scenarios expressed
-//! as a script of the same steps. Both end with the full-history checker (attempts,
-//! the handler's audit log and its outside-observer record of handler runs) and are
+//! as a script of the same steps, each with three long jobs (15–30 s, checkpointing
+//! every second) mixed into the workload. Both end with the full-history checker
+//! (attempts, the handler's audit log and its outside-observer record of handler
+//! runs, the long jobs' step logs and progress writes) and are
 //! watched by the continuous liveness check; a violation prints the seed.
 
 use std::time::Duration;
@@ -18,6 +20,7 @@ async fn run(seed: u64, schedule: Schedule) -> (SoakReport, String) {
         schedule,
         accounts: 30,
         rate: 100,
+        long_jobs: 3,
         node_bin: env!("CARGO_BIN_EXE_warden-test-node").into(),
     })
     .await;
@@ -34,6 +37,7 @@ async fn fixed_seed_fault_run_keeps_the_serial_guarantee() {
     assert!(report.is_clean(), "guarantee violated — reproduce with WARDEN_SOAK_SEED={seed}\n{table}");
     assert!(report.faults.values().sum::<u32>() >= 5, "too few faults injected:\n{table}");
     assert!(report.history.completed > 500, "too little work done:\n{table}");
+    assert_eq!(report.long_enqueued.len(), 3, "every long job enqueued:\n{table}");
 }
 
 /// The fixed multi-process scenarios of the cluster issue, as one script over one

@@ -14,6 +14,10 @@
 //! - [`workload`] — the audit workload: a handler that records its own start and end
 //!   (database clock) inside its job transaction and an external effect log outside
 //!   it, and the checker of the guarantee over both.
+//! - [`long_job`] — the long-job workload (issue 15): a handler that works in steps
+//!   for minutes, heartbeating and checkpointing, resuming from its last checkpoint;
+//!   an observer of every `warden.job_progress` write; and the checker of its runs
+//!   (resumed from the last checkpoint, work redone, overlap, late writes).
 //! - [`gossip_net`] — UDP relays that let a test cut gossip between node processes.
 //! - [`model_store`] — the in-memory model of the store (the simulation's database).
 //! - [`conformance`] — the executor-seam scenarios every store must pass (run against
@@ -30,6 +34,7 @@
 
 pub mod conformance;
 pub mod gossip_net;
+pub mod long_job;
 pub mod model_store;
 pub mod rollout;
 pub mod soak;

@@ -17,10 +17,18 @@
 //! function `warden.enqueue` and the Rust client. (The third entry, gRPC, is covered
 //! by the API tests, `tests/api.rs`, not here.)
 //!
+//! Long jobs ([`crate::long_job`], issue 15) are mixed into the workload: a few jobs
+//! of 15–30 s of steps, checkpointing every second, enqueued over the first half of
+//! a random run (every 15 s in a scripted one), so faults land on them mid-run.
+//!
 //! Checks: at the end, over the whole history (`warden_runtime::history::check` on
 //! the attempts table, `workload::check` on the handler's audit log and on its
 //! outside-observer record of every handler run, which catches overlapping
-//! *execution*, not only overlapping committed rows), nothing lost, no hostile
+//! *execution*, not only overlapping committed rows; `long_job::check` on the long
+//! jobs' step logs and observed progress writes: every long job completed, each
+//! resume from the last committed checkpoint redoing at most one checkpoint
+//! interval, no two of its attempts overlapping, nothing of an attempt landing
+//! after a later one started), nothing lost, no hostile
 //! value accepted, every extreme valid value accepted and finished, no job cancelled
 //! without a cancel request; and continuously, every 500 ms until the final drain
 //! is over, liveness: no account's due head job stays unstarted (or claimed with no
@@ -47,6 +55,8 @@ pub struct SoakConfig {
     pub accounts: usize,
     /// Jobs enqueued per second across all accounts.
     pub rate: u32,
+    /// Long jobs ([`crate::long_job`]) mixed in, one after another.
+    pub long_jobs: usize,
     pub node_bin: String,
 }
 
@@ -105,6 +115,10 @@ pub struct SoakReport {
     pub max_ownerless_s: f64,
     /// A few overlapping handler runs, described (when there are any).
     pub run_overlap_examples: Vec<String>,
+    /// Long jobs enqueued (accepted).
+    pub long_enqueued: Vec<i64>,
+    /// The long jobs judged ([`crate::long_job::check`]; every one must complete).
+    pub long: crate::long_job::LongReport,
 }
 
 /// An account whose next runnable job stayed unstarted too long.
@@ -186,6 +200,19 @@ impl SoakReport {
             self.liveness_violations.len()
         );
         s += &format!("| longest stretch a partition was held by nobody (s) | {:.1} |\n", self.max_ownerless_s);
+        s += &format!("| long jobs completed / enqueued | {} / {} |\n", self.long.completed, self.long_enqueued.len());
+        s += &format!(
+            "| long-job resumes / most steps one resume redid (checkpoint interval) | {} / {} ({}) |\n",
+            self.long.resumes, self.long.max_redone, self.long.max_interval
+        );
+        s += &format!(
+            "| long-job violations (lost, overlap, late write, wrong resume, redone > interval) | {} |\n",
+            self.long.problems.len() + self.long_missing().len()
+        );
+        s += &format!(
+            "| long-job step rows delivered late by the network (sent in time; not a failure) | {} |\n",
+            self.long.delayed_rows
+        );
         let via_sql = self.hostile_accepted.iter().filter(|h| h.starts_with("warden.enqueue")).count();
         s += &format!(
             "| hostile values accepted (SQL function / Rust client) | {} of {} / {} of {} |\n",
@@ -240,7 +267,19 @@ impl SoakReport {
         for o in &self.run_overlap_examples {
             s += &format!("\noverlapping handler runs: {o}");
         }
+        for id in self.long_missing() {
+            s += &format!("\nlong job {id} was accepted and is missing");
+        }
+        for p in self.long.problems.iter().take(SHOWN) {
+            s += &format!("\nlong job: {p}");
+        }
         s
+    }
+
+    /// Long jobs accepted that are not in the table.
+    fn long_missing(&self) -> Vec<i64> {
+        let judged: BTreeSet<i64> = self.long.traces.iter().map(|t| t.job_id).collect();
+        self.long_enqueued.iter().copied().filter(|id| !judged.contains(id)).collect()
     }
 
     pub fn is_clean(&self) -> bool {
@@ -257,6 +296,8 @@ impl SoakReport {
             && self.extreme_wrong_end.is_empty()
             && self.spoofed_cancelled == 0
             && self.cancelled_without_request == 0
+            && self.long.is_clean()
+            && self.long_missing().is_empty()
     }
 }
 
@@ -1193,6 +1234,38 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
         })
         .collect();
 
+    // Long jobs: 15–30 s of 200 ms steps, a checkpoint every second, one every
+    // `every` on its own account, so that the last ends before a random run does.
+    let (c3, stop3, long_jobs) = (client.clone(), stop.clone(), cfg.long_jobs);
+    let every = match &cfg.schedule {
+        Schedule::Random { duration } => (*duration / (2 * long_jobs.max(1) as u32)).max(Duration::from_secs(5)),
+        Schedule::Script(_) => Duration::from_secs(15),
+    };
+    let long_producer = tokio::spawn(async move {
+        let mut lrng = fastrand::Rng::with_seed(seed ^ 0x1005);
+        let mut ids = Vec::new();
+        for n in 0..long_jobs {
+            let total = Duration::from_millis(lrng.u64(15_000..=30_000));
+            let args = crate::long_job::LongArgs::new(total, Duration::from_secs(1), Duration::from_millis(200));
+            let job = warden_runtime::NewJob::new(format!("long-{n}"), crate::long_job::KIND, &args).unwrap();
+            // Until accepted (the database may be restarting), or the run ends.
+            while !stop3.is_cancelled() {
+                match c3.enqueue(job.clone()).await {
+                    Ok(e) => {
+                        ids.push(e.id);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+            tokio::select! {
+                _ = stop3.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        ids
+    });
+
     // Faults.
     let mut script = match &cfg.schedule {
         Schedule::Script(steps) => Some(steps.clone().into_iter()),
@@ -1237,6 +1310,7 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
     for r in racers {
         report.enqueued += r.await.unwrap();
     }
+    report.long_enqueued = long_producer.await.unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&h.pg.url()).await.unwrap();
     // Drain: wait for every job to finish, except hostile values that were wrongly
     // accepted (counted apart; one may never be due). Give up after 120 s, or after
@@ -1245,7 +1319,14 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
     let drain_started = Instant::now();
     let deadline = drain_started + Duration::from_secs(120);
     let (mut last_unfinished, mut progress_at) = (i64::MAX, Instant::now());
+    // A long job works for many seconds without finishing: its steps count as progress.
+    let mut last_step = 0i64;
     loop {
+        let step: i64 =
+            sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM long_steps").fetch_one(&pool).await.unwrap_or(0);
+        if step > last_step {
+            (last_step, progress_at) = (step, Instant::now());
+        }
         let unfinished: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM warden.jobs
              WHERE state IN ('scheduled', 'available', 'retryable', 'running') AND id <> ALL($1)",
@@ -1368,8 +1449,9 @@ pub async fn run_soak(cfg: SoakConfig) -> SoakReport {
         }
     }
     report.audit = crate::workload::check(&pool).await.unwrap();
+    report.long = crate::long_job::check(&pool, true).await.unwrap();
     eprintln!(
-        "[{:>7.2}s] history and audit checks: {} ms",
+        "[{:>7.2}s] history, audit and long-job checks: {} ms",
         h.started.elapsed().as_secs_f64(),
         checks_started.elapsed().as_millis()
     );

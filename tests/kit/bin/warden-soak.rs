@@ -19,6 +19,9 @@ struct Args {
     accounts: usize,
     #[arg(long, default_value_t = 100)]
     rate: u32,
+    /// Long jobs (15–30 s each) mixed in over the first half of the run.
+    #[arg(long, default_value_t = 6)]
+    long_jobs: usize,
 }
 
 #[tokio::main]
@@ -32,6 +35,7 @@ async fn main() -> std::process::ExitCode {
         schedule: Schedule::Random { duration: Duration::from_secs(args.minutes * 60) },
         accounts: args.accounts,
         rate: args.rate,
+        long_jobs: args.long_jobs,
         node_bin: node_bin.to_string_lossy().into(),
     })
     .await;

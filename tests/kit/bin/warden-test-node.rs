@@ -1,15 +1,16 @@
 //! The node the process tests, the soak and the cluster benchmark start: the
 //! production host (`warden::Host`, every flag of `warden::HostFlags`) with the
-//! billing example's handlers, its long import (a heartbeating job) and the audit
-//! workload. Prints `READY <owner>` on
-//! stdout once the node has started (the kit's `NodeProc` waits for it).
+//! billing example's handlers, its long import (a heartbeating job), the audit
+//! workload and the checked long job (`tests/kit/long_job.rs`). Prints `READY <owner>`
+//! on stdout once the node has started (the kit's `NodeProc` waits for it).
 use clap::Parser;
 use warden_examples::billing::{self, Faults};
 use warden_examples::long_import::{self, LongImport};
+use warden_tests::long_job::{self, LongJob};
 use warden_tests::workload::{self, Audit};
 
 #[derive(Parser)]
-#[command(name = "warden-test-node", about = "A Warden node with the billing and audit handlers")]
+#[command(name = "warden-test-node", about = "A Warden node with the billing, audit and long-job handlers")]
 struct Args {
     #[command(flatten)]
     warden: warden::HostFlags,
@@ -26,13 +27,15 @@ async fn main() -> anyhow::Result<()> {
         .setup(|pool| async move {
             billing::migrate(&pool).await?;
             long_import::migrate(&pool).await?;
-            workload::migrate(&pool).await
+            workload::migrate(&pool).await?;
+            long_job::migrate(&pool).await
         })
         .register(billing::Charge(Faults::default()))?
         .register(billing::Invoice)?
         .register(billing::Notify(Faults::default()))?
         .register(LongImport { pool: effects.clone() })?
-        .register(Audit { node: flags.node_id.clone(), pool: effects })?
+        .register(Audit { node: flags.node_id.clone(), pool: effects.clone() })?
+        .register(LongJob { node: flags.node_id.clone(), pool: effects })?
         .start()
         .await?;
     println!("READY {}", host.node().owner());
