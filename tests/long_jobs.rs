@@ -152,12 +152,11 @@ async fn wait_state(db: &TestDb, id: i64, state: &str) {
 
 async fn wait_step(db: &TestDb, id: i64, step: i64) {
     eventually(WAIT, &format!("job {id} at step {step}"), || async {
-        let s: Option<i64> =
-            sqlx::query_scalar("SELECT max(step) FROM long_log WHERE job_id = $1 AND what = 'step'")
-                .bind(id)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
+        let s: Option<i64> = sqlx::query_scalar("SELECT max(step) FROM long_log WHERE job_id = $1 AND what = 'step'")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
         (s >= Some(step)).then_some(())
     })
     .await
@@ -325,7 +324,11 @@ async fn a_drained_long_job_checkpoints_and_resumes_on_the_next_node_without_usi
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].1, "interrupted", "{attempts:?}");
     let (state, max_attempts): (String, i32) =
-        sqlx::query_as("SELECT state, max_attempts FROM warden.jobs WHERE id = $1").bind(id).fetch_one(&db.pool).await.unwrap();
+        sqlx::query_as("SELECT state, max_attempts FROM warden.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!((state.as_str(), max_attempts), ("retryable", 6), "the interrupted attempt was given back");
     let n2 = start(&db, "n2").await;
     wait_state(&db, id, "completed").await;

@@ -67,7 +67,8 @@ async fn start(db: &TestDb, id: &str) -> Node {
 }
 
 fn every_second(account: &str, name: &str, sleep_ms: u64) -> ScheduleDef {
-    ScheduleDef::every(account, name, Duration::from_secs(1), "tick", serde_json::json!({ "sleep_ms": sleep_ms })).unwrap()
+    ScheduleDef::every(account, name, Duration::from_secs(1), "tick", serde_json::json!({ "sleep_ms": sleep_ms }))
+        .unwrap()
 }
 
 /// Fires recorded in warden.schedule_fires of `account`'s schedules: nominal → count.
@@ -121,7 +122,9 @@ async fn an_interval_schedule_fires_each_nominal_time_once_and_the_handler_knows
 async fn after_downtime_fires_within_the_catch_up_window_run_and_older_ones_are_missed() {
     let db = TestDb::new().await;
     let node = start(&db, "n1").await;
-    let def = every_second("acct-catchup", "beat", 0).catch_up(Duration::from_secs(3), CatchUp::All).overlap(Overlap::BufferAll);
+    let def = every_second("acct-catchup", "beat", 0)
+        .catch_up(Duration::from_secs(3), CatchUp::All)
+        .overlap(Overlap::BufferAll);
     node.client().schedules().put(&def).await.unwrap();
     eventually(WAIT, "first fires", || async { (fires_of(&db, "acct-catchup").await.len() >= 2).then_some(()) }).await;
     node.shutdown().await.unwrap();

@@ -584,14 +584,18 @@ async fn concurrent_enqueues_of_one_idempotency_key_insert_one_job_whatever_the_
         let (client, pool) = (client.clone(), db.pool.clone());
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                let e = client.enqueue(NewJob::new("idem-race", "step", i).unwrap().idempotency_key("pay-7")).await.unwrap();
+                let e = client
+                    .enqueue(NewJob::new("idem-race", "step", i).unwrap().idempotency_key("pay-7"))
+                    .await
+                    .unwrap();
                 (e.id, e.duplicate)
             } else {
-                let (id, duplicate): (i64, bool) =
-                    sqlx::query_as("SELECT job_id, duplicate FROM warden.enqueue_idempotent('idem-race', 'step', 'pay-7')")
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap();
+                let (id, duplicate): (i64, bool) = sqlx::query_as(
+                    "SELECT job_id, duplicate FROM warden.enqueue_idempotent('idem-race', 'step', 'pay-7')",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
                 (id, duplicate)
             }
         }));
@@ -651,7 +655,8 @@ async fn expired_idempotency_keys_are_pruned_and_live_ones_kept() {
     assert_eq!(admin.prune_idempotency_keys(3).await.unwrap(), 3, "a batch is bounded");
     assert_eq!(admin.prune_idempotency_keys(100).await.unwrap(), 2);
     assert_eq!(admin.prune_idempotency_keys(100).await.unwrap(), 0);
-    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM warden.idempotency_keys").fetch_all(&db.pool).await.unwrap();
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT key FROM warden.idempotency_keys").fetch_all(&db.pool).await.unwrap();
     assert_eq!(left, ["live"]);
 }
 

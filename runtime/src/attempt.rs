@@ -125,7 +125,9 @@ pub fn decide(ended: Ended, facts: &AttemptFacts) -> Finish {
         Ended::HeartbeatTimedOut(after) => facts.failed(
             returned,
             "timeout",
-            format!("no heartbeat for {after:?} (the kind's heartbeat_timeout): the handler looked hung and was aborted"),
+            format!(
+                "no heartbeat for {after:?} (the kind's heartbeat_timeout): the handler looked hung and was aborted"
+            ),
             None,
         ),
         Ended::CancelledHard => Finish::Cancelled {

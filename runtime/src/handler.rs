@@ -18,9 +18,9 @@ use crate::error::{Error, Result};
 use crate::job::{JobRow, Lane, NewJob};
 use crate::progress::{Beat, BeatAck, Heartbeat, Heartbeats, Progress, StopReason, MAX_CHECKPOINT_BYTES};
 use crate::store::{JobTx, Store};
-use serde::Serialize;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -424,10 +424,13 @@ impl JobContext {
     /// ([`Error::Fenced`]: another owner has the job, stop); or the database failed
     /// on every one of a few tries.
     pub async fn checkpoint<T: Serialize + ?Sized>(&mut self, state: &T) -> Result<Heartbeat> {
-        let value = serde_json::to_value(state).map_err(|e| Error::invalid(format!("checkpoint does not serialize: {e}")))?;
+        let value =
+            serde_json::to_value(state).map_err(|e| Error::invalid(format!("checkpoint does not serialize: {e}")))?;
         let bytes = crate::progress::storable_json("checkpoint", &value)?;
         if bytes > MAX_CHECKPOINT_BYTES {
-            return Err(Error::invalid(format!("checkpoint is {bytes} bytes of JSON; the limit is {MAX_CHECKPOINT_BYTES}")));
+            return Err(Error::invalid(format!(
+                "checkpoint is {bytes} bytes of JSON; the limit is {MAX_CHECKPOINT_BYTES}"
+            )));
         }
         let now = tokio::time::Instant::now();
         self.live.beaten.notify_one();
@@ -528,7 +531,8 @@ impl JobContext {
     /// `Some(LeaseLost)` once the lease is gone, by any sign: the keeper fenced it,
     /// its validity window closed, or a write of this attempt was rejected.
     fn lease_stop(&self) -> Option<StopReason> {
-        let lost = self.live.lease_lost.is_cancelled() || self.live.rejected.is_cancelled() || !self.validity.is_valid();
+        let lost =
+            self.live.lease_lost.is_cancelled() || self.live.rejected.is_cancelled() || !self.validity.is_valid();
         lost.then_some(StopReason::LeaseLost)
     }
 
@@ -548,12 +552,18 @@ impl JobContext {
                 Ok(())
             }
             Ok(BeatAck::NotRunning) => {
-                tracing::warn!(job_id = self.job.id, "heartbeat found the job no longer running as this attempt: stopping it");
+                tracing::warn!(
+                    job_id = self.job.id,
+                    "heartbeat found the job no longer running as this attempt: stopping it"
+                );
                 self.reject();
                 Err(self.fenced_error(StopReason::LeaseLost))
             }
             Err(e @ Error::Fenced { .. }) => {
-                tracing::warn!(job_id = self.job.id, "heartbeat rejected by the lease fence: another node owns the job now; stopping it");
+                tracing::warn!(
+                    job_id = self.job.id,
+                    "heartbeat rejected by the lease fence: another node owns the job now; stopping it"
+                );
                 metrics::counter!("warden_fenced_writes_total").increment(1);
                 self.reject();
                 Err(e)

@@ -137,7 +137,9 @@ pub(crate) fn storable_json(what: &str, v: &serde_json::Value) -> Result<usize> 
         }
     }
     if has_nul(v) {
-        return Err(Error::invalid(format!("{what} must not contain NUL characters (PostgreSQL jsonb cannot store them)")));
+        return Err(Error::invalid(format!(
+            "{what} must not contain NUL characters (PostgreSQL jsonb cannot store them)"
+        )));
     }
     Ok(v.to_string().len())
 }

@@ -519,7 +519,6 @@ impl ScheduleRow {
     }
 }
 
-
 // ---------------------------------------------------------------------------
 // The node task.
 
@@ -586,11 +585,16 @@ impl Scheduler {
                     report.fired += jobs.len() as u64;
                     report.skipped += plan.skipped;
                     report.missed += plan.missed;
-                    metrics::counter!("warden_schedule_fires_total", "outcome" => "enqueued").increment(jobs.len() as u64);
+                    metrics::counter!("warden_schedule_fires_total", "outcome" => "enqueued")
+                        .increment(jobs.len() as u64);
                     metrics::counter!("warden_schedule_fires_total", "outcome" => "skipped").increment(plan.skipped);
                     metrics::counter!("warden_schedule_fires_total", "outcome" => "missed").increment(plan.missed);
                     if plan.missed > 0 {
-                        tracing::warn!(schedule = id, missed = plan.missed, "schedule fires older than the catch-up window were missed");
+                        tracing::warn!(
+                            schedule = id,
+                            missed = plan.missed,
+                            "schedule fires older than the catch-up window were missed"
+                        );
                     }
                 }
                 Ok(crate::store::pg::FireOutcome::Stale) => report.stale += 1,
@@ -720,7 +724,13 @@ impl Schedules {
     }
 
     /// Fire every nominal time in `[from, to]` not fired yet (see the module docs).
-    pub async fn backfill(&self, account: &str, name: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Backfilled> {
+    pub async fn backfill(
+        &self,
+        account: &str,
+        name: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Backfilled> {
         let (jobs, already_fired) = self
             .store
             .backfill_schedule(account, name, from, to, &no_defaults)
@@ -753,7 +763,8 @@ mod tests {
 
     #[test]
     fn on_time_fires_the_nominal_time_and_advances() {
-        let p = plan("2026-01-01T10:00:00Z", "2026-01-01T10:00:00.300Z", Overlap::Skip, CatchUp::All, Earlier::default());
+        let p =
+            plan("2026-01-01T10:00:00Z", "2026-01-01T10:00:00.300Z", Overlap::Skip, CatchUp::All, Earlier::default());
         assert_eq!(p.fire, vec![at("2026-01-01T10:00:00Z")]);
         assert_eq!((p.skipped, p.missed, p.cancel_earlier), (0, 0, false));
         assert_eq!(p.next_nominal, Some(at("2026-01-01T10:01:00Z")));
@@ -764,14 +775,20 @@ mod tests {
     fn catch_up_fires_within_the_window_and_counts_older_as_missed() {
         // Down from 09:45 to 10:05:30 with a 10-minute window: 09:45..09:55 missed
         // (11), 09:56..10:05 due (10).
-        let all = plan("2026-01-01T09:45:00Z", "2026-01-01T10:05:30Z", Overlap::BufferAll, CatchUp::All, Earlier::default());
+        let all =
+            plan("2026-01-01T09:45:00Z", "2026-01-01T10:05:30Z", Overlap::BufferAll, CatchUp::All, Earlier::default());
         assert_eq!(all.missed, 11);
         assert_eq!(all.fire.len(), 10);
         assert_eq!(all.fire[0], at("2026-01-01T09:56:00Z"));
         assert_eq!(*all.fire.last().unwrap(), at("2026-01-01T10:05:00Z"));
         assert_eq!(all.next_nominal, Some(at("2026-01-01T10:06:00Z")));
-        let latest =
-            plan("2026-01-01T09:45:00Z", "2026-01-01T10:05:30Z", Overlap::BufferAll, CatchUp::Latest, Earlier::default());
+        let latest = plan(
+            "2026-01-01T09:45:00Z",
+            "2026-01-01T10:05:30Z",
+            Overlap::BufferAll,
+            CatchUp::Latest,
+            Earlier::default(),
+        );
         assert_eq!((latest.fire.clone(), latest.skipped, latest.missed), (vec![at("2026-01-01T10:05:00Z")], 9, 11));
     }
 
@@ -801,7 +818,8 @@ mod tests {
 
     #[test]
     fn a_pass_is_bounded_and_the_rest_is_due_at_once() {
-        let p = plan("2026-01-01T08:00:00Z", "2026-01-01T10:00:00Z", Overlap::BufferAll, CatchUp::All, Earlier::default());
+        let p =
+            plan("2026-01-01T08:00:00Z", "2026-01-01T10:00:00Z", Overlap::BufferAll, CatchUp::All, Earlier::default());
         // Window 10 min: 08:00..09:49 missed (110), 09:50..10:00 due (11).
         assert_eq!((p.missed, p.fire.len()), (110, 11));
         let every_second = Spec::every(Duration::from_secs(1), DateTime::UNIX_EPOCH).build().unwrap();
@@ -844,13 +862,29 @@ mod tests {
         let key = ScheduleDef::jitter_key("acct", "hourly");
         let nominal = at("2026-01-01T10:00:00Z");
         let fire_at = spec.fire_at(&key, nominal);
-        let before =
-            plan_fires(&spec, &key, nominal, Overlap::Skip, DEFAULT_CATCHUP_WINDOW, CatchUp::All, Earlier::default(), nominal);
+        let before = plan_fires(
+            &spec,
+            &key,
+            nominal,
+            Overlap::Skip,
+            DEFAULT_CATCHUP_WINDOW,
+            CatchUp::All,
+            Earlier::default(),
+            nominal,
+        );
         if fire_at > nominal {
             assert!(before.fire.is_empty(), "not before its jittered instant");
         }
-        let after =
-            plan_fires(&spec, &key, nominal, Overlap::Skip, DEFAULT_CATCHUP_WINDOW, CatchUp::All, Earlier::default(), fire_at);
+        let after = plan_fires(
+            &spec,
+            &key,
+            nominal,
+            Overlap::Skip,
+            DEFAULT_CATCHUP_WINDOW,
+            CatchUp::All,
+            Earlier::default(),
+            fire_at,
+        );
         assert_eq!(after.fire, vec![nominal]);
         assert_eq!(after.next_fire_at, Some(spec.fire_at(&key, at("2026-01-01T11:00:00Z"))));
     }

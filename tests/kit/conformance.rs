@@ -645,7 +645,11 @@ pub async fn beats_are_fenced_per_attempt_and_keep_the_last_checkpoint<S: Store 
     s.beat(j.id, j.attempt, &fence, &Beat::default()).await.unwrap();
     assert_eq!(s.checkpoint(j.id).await.unwrap().unwrap().state, state, "kept by a beat without one");
 
-    assert_eq!(s.beat(j.id, j.attempt + 1, &fence, &Beat::default()).await.unwrap(), BeatAck::NotRunning, "not this attempt");
+    assert_eq!(
+        s.beat(j.id, j.attempt + 1, &fence, &Beat::default()).await.unwrap(),
+        BeatAck::NotRunning,
+        "not this attempt"
+    );
     assert_eq!(s.beat(ids[1], 1, &fence, &Beat::default()).await.unwrap(), BeatAck::NotRunning, "not running");
     let other = Fence { owner: B.into(), ..fence.clone() };
     assert!(is_fenced(s.beat(j.id, j.attempt, &other, &Beat::default()).await), "another owner");
@@ -709,7 +713,8 @@ pub async fn idempotency_keys_dedup_while_kept_even_after_the_job_completed<S: S
     assert_ne!(batch[4].id, first.id, "keys are per account");
 
     // Expired: taken over by a new job.
-    let short = enq(vec![job(acct).idempotency_key("short").idempotency_keep(Duration::from_millis(1))]).await.unwrap()[0];
+    let short =
+        enq(vec![job(acct).idempotency_key("short").idempotency_keep(Duration::from_millis(1))]).await.unwrap()[0];
     tokio::time::sleep(Duration::from_millis(20)).await;
     let replaced = enq(vec![job(acct).idempotency_key("short")]).await.unwrap()[0];
     assert!(!replaced.duplicate && replaced.id != short.id, "an expired key is taken over");

@@ -27,11 +27,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use warden_runtime::job::{AttemptRow, CancelResult, Enqueued, JobRow, NewJob, Schedule};
+use warden_runtime::progress::{Beat, BeatAck, Progress, StoredCheckpoint};
 use warden_runtime::store::{
     DueAccount, Fence, Finish, Finished, GrantedLease, JobTx, KindDefaults, MemberInfo, ProducerStore, RunningJob,
     Store,
 };
-use warden_runtime::progress::{Beat, BeatAck, Progress, StoredCheckpoint};
 use warden_runtime::{async_trait, partition_of, Error, PartitionCount, Result};
 
 /// A duration in whole milliseconds, saturating (as the PostgreSQL store binds it).

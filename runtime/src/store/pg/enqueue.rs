@@ -306,8 +306,7 @@ pub(super) fn insert_resolved<'a>(
                             "unique_key {uk:?} of account {acc:?} was freed while the batch was enqueued; retry the batch"
                         )));
                     }
-                    let e =
-                        insert_resolved(&mut *conn, partitions, std::slice::from_ref(j), defaults).await?.remove(0);
+                    let e = insert_resolved(&mut *conn, partitions, std::slice::from_ref(j), defaults).await?.remove(0);
                     out.push(e);
                     seen_keys.insert((acc, uk), e.id);
                     continue;

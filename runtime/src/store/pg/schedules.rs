@@ -164,9 +164,9 @@ impl PgStore {
             return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
         }
         let row: Option<ScheduleRow> = sqlx::query_as(LOCK_ROW_SQL).bind(id).fetch_optional(&mut *tx).await?;
-        let Some(row) = row.filter(|r| {
-            r.partition == fence.partition as i32 && !r.paused && r.next_nominal == Some(expected)
-        }) else {
+        let Some(row) =
+            row.filter(|r| r.partition == fence.partition as i32 && !r.paused && r.next_nominal == Some(expected))
+        else {
             tx.rollback().await?;
             return Ok(FireOutcome::Stale);
         };
@@ -303,7 +303,12 @@ impl PgStore {
 
     /// Schedules by id, after `after_id`, at most `limit` (≤ 1000); of one account or all.
     pub async fn list_schedules(&self, account: Option<&str>, after_id: i64, limit: i64) -> Result<Vec<ScheduleRow>> {
-        Ok(sqlx::query_as(LIST_SQL).bind(account).bind(after_id).bind(limit.clamp(1, 1000)).fetch_all(self.pool()).await?)
+        Ok(sqlx::query_as(LIST_SQL)
+            .bind(account)
+            .bind(after_id)
+            .bind(limit.clamp(1, 1000))
+            .fetch_all(self.pool())
+            .await?)
     }
 
     pub async fn pause_schedule(&self, account: &str, name: &str) -> Result<Option<ScheduleRow>> {
@@ -332,7 +337,8 @@ impl PgStore {
 
     /// Delete a schedule (its fires' jobs stay). `false` if there was none.
     pub async fn delete_schedule(&self, account: &str, name: &str) -> Result<bool> {
-        let id: Option<i64> = sqlx::query_scalar(DELETE_SQL).bind(account).bind(name).fetch_optional(self.pool()).await?;
+        let id: Option<i64> =
+            sqlx::query_scalar(DELETE_SQL).bind(account).bind(name).fetch_optional(self.pool()).await?;
         Ok(id.is_some())
     }
 
