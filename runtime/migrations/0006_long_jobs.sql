@@ -8,7 +8,7 @@
 -- job row the hot path reads, and a job that never heartbeats costs nothing.
 --
 -- Every write to it is fenced like every executor write (`warden.fence` plus the job
--- still `running` at the writer's epoch, node and attempt: sql/progress.sql), so a
+-- still `running` at the writer's epoch, node and attempt: sql/job_beat.sql), so a
 -- stale owner's late heartbeat or checkpoint changes nothing.
 --
 -- The checkpoint outlives the attempt that wrote it: the next attempt (after a

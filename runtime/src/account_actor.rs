@@ -737,6 +737,9 @@ async fn run_handler(
     let cancel = CancellationToken::new(); // a confirmed cancel request
     let rejected = CancellationToken::new(); // a heartbeat or checkpoint the fence rejected
     let beaten = Arc::new(tokio::sync::Notify::new());
+    // When a heartbeat write last read `cancel_requested` (the cancel poll skips its
+    // own read while that is fresh).
+    let beat_recorded = Arc::new(crate::progress::Recorded::default());
     let timeout = Duration::from_millis(job.timeout_ms.max(1) as u64);
     // However the attempt ends, it no longer heartbeats here.
     let _registered = Unregister { register: &shared.heartbeats, job_id: job.id };
@@ -761,6 +764,7 @@ async fn run_handler(
             last_write: None,
             pending: None,
             checkpoint: None,
+            recorded: beat_recorded.clone(),
         },
     };
     let ended = {
@@ -791,7 +795,7 @@ async fn run_handler(
                 }
             }
         };
-        let poll_cancel = poll_cancel(shared, job.id, &cancel, &ctl.stop, &ctl.check_cancel);
+        let poll_cancel = poll_cancel(shared, job.id, &cancel, &ctl.stop, &ctl.check_cancel, &beat_recorded);
         tokio::select! {
             biased;
             _ = lease.token.cancelled() => return Err("lease fenced"),
@@ -990,12 +994,19 @@ async fn poll_cancel(
     cancel: &CancellationToken,
     stop: &CancellationToken,
     check: &tokio::sync::Notify,
+    beat_recorded: &crate::progress::Recorded,
 ) {
     let every = shared.config.cancel_poll_interval;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = check.notified() => {}
+        let hinted = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            _ = check.notified() => true,
+        };
+        // A heartbeating handler's writes read the cancel request already (and fire
+        // the same tokens): the timed poll has nothing to add while one is fresh.
+        // A NOTIFY hint still reads at once.
+        if !hinted && beat_recorded.within(every) {
+            continue;
         }
         if let Ok(true) = shared.store.cancel_requested(job_id).await {
             cancel.cancel();

@@ -269,6 +269,8 @@ pub(crate) struct Liveness {
     pub pending: Option<Progress>,
     /// The checkpoint as last read or written (`None`: not read yet).
     pub checkpoint: Option<Option<serde_json::Value>>,
+    /// When a write last landed (and read the cancel request).
+    pub recorded: Arc<crate::progress::Recorded>,
 }
 
 /// Longest wait for one heartbeat write: a heartbeat must not hold its handler up
@@ -545,6 +547,7 @@ impl JobContext {
         let ack = self.store.beat(self.job.id, self.job.attempt, &self.live.fence, beat).await;
         match ack {
             Ok(BeatAck::Recorded { cancel_requested }) => {
+                self.live.recorded.now();
                 if cancel_requested {
                     self.live.cancel_confirmed.cancel();
                     self.cancel.cancel();

@@ -222,6 +222,35 @@ pub enum BeatAck {
     NotRunning,
 }
 
+/// When an attempt's heartbeat write last landed, on the monotonic clock (the cancel
+/// poll skips its read while one is fresh: the write read `cancel_requested`).
+#[derive(Debug)]
+pub struct Recorded {
+    base: Instant,
+    /// Milliseconds after `base` + 1; 0: never.
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Recorded {
+    fn default() -> Self {
+        Self { base: Instant::now(), at_ms: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+impl Recorded {
+    pub(crate) fn now(&self) {
+        let ms = Instant::now().duration_since(self.base).as_millis() as u64 + 1;
+        self.at_ms.store(ms, std::sync::atomic::Ordering::Release);
+    }
+    /// Did a write land within the last `d`?
+    pub(crate) fn within(&self, d: Duration) -> bool {
+        match self.at_ms.load(std::sync::atomic::Ordering::Acquire) {
+            0 => false,
+            ms => Instant::now().duration_since(self.base + Duration::from_millis(ms - 1)) < d,
+        }
+    }
+}
+
 /// The node's register of attempts that heartbeat: for the metrics
 /// (`warden_heartbeating_attempts`, `warden_heartbeat_age_max_seconds`).
 #[derive(Debug, Default)]
@@ -276,6 +305,16 @@ mod tests {
         assert_eq!(Progress::of(0, 0).percent, Some(100.0));
         assert_eq!(Progress::of(3, 7).message.as_deref(), Some("3/7"));
         assert!(Progress::of(u64::MAX, u64::MAX).validate().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recorded_write_is_fresh_for_the_given_time() {
+        let r = Recorded::default();
+        assert!(!r.within(Duration::from_secs(2)), "never written");
+        r.now();
+        assert!(r.within(Duration::from_secs(2)));
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        assert!(!r.within(Duration::from_secs(2)));
     }
 
     #[test]
