@@ -35,6 +35,7 @@
 pub mod conformance;
 pub mod gossip_net;
 pub mod long_job;
+pub mod periodic;
 pub mod model_store;
 pub mod rollout;
 pub mod soak;

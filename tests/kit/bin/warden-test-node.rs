@@ -1,7 +1,8 @@
 //! The node the process tests, the soak and the cluster benchmark start: the
 //! production host (`warden::Host`, every flag of `warden::HostFlags`) with the
 //! billing example's handlers, its long import (a heartbeating job), the audit
-//! workload and the checked long job (`tests/kit/long_job.rs`). Prints `READY <owner>`
+//! workload, the checked long job (`tests/kit/long_job.rs`) and the periodic
+//! `tick` (`tests/kit/periodic.rs`). Prints `READY <owner>`
 //! on stdout once the node has started (the kit's `NodeProc` waits for it).
 use clap::Parser;
 use warden_examples::billing::{self, Faults};
@@ -28,7 +29,8 @@ async fn main() -> anyhow::Result<()> {
             billing::migrate(&pool).await?;
             long_import::migrate(&pool).await?;
             workload::migrate(&pool).await?;
-            long_job::migrate(&pool).await
+            long_job::migrate(&pool).await?;
+            warden_tests::periodic::migrate(&pool).await
         })
         .register(billing::Charge(Faults::default()))?
         .register(billing::Invoice)?
@@ -36,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .register(LongImport { pool: effects.clone() })?
         .register(Audit { node: flags.node_id.clone(), pool: effects.clone() })?
         .register(LongJob { node: flags.node_id.clone(), pool: effects })?
+        .register(warden_tests::periodic::Tick { node: flags.node_id.clone() })?
         .start()
         .await?;
     println!("READY {}", host.node().owner());
