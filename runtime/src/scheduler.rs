@@ -563,55 +563,78 @@ impl Scheduler {
             Some(o) => crate::store::KindDefault { max_attempts: Some(o.max_attempts), timeout: Some(o.timeout) },
             None => crate::store::KindDefault::default(),
         };
+        // One transaction per partition (and at most FIRE_BATCH schedules).
+        let mut by_partition: std::collections::BTreeMap<u32, Vec<(i64, DateTime<Utc>)>> = Default::default();
         for (id, partition, nominal) in due {
-            // Held and not draining, with its validity window open.
-            let Some(lease) = self.leases.current(partition) else { continue };
-            let fired = self
-                .store
-                .fire_schedule(&lease.fence, id, nominal, self.idle_timeout, &defaults, |row, earlier, now| {
-                    let def = row.def()?;
-                    let spec = def.spec()?;
-                    let key = ScheduleDef::jitter_key(&row.account, &row.name);
-                    Ok(plan_fires(&spec, &key, nominal, def.overlap, def.catchup_window, def.catchup, earlier, now))
-                })
-                .await;
-            match fired {
-                Ok(crate::store::pg::FireOutcome::Fired { plan, jobs }) => {
-                    let now = Utc::now();
-                    for n in &plan.fire {
-                        let lag = (now - *n).to_std().unwrap_or_default();
-                        metrics::histogram!("warden_schedule_fire_lag_seconds").record(lag.as_secs_f64());
+            by_partition.entry(partition).or_default().push((id, nominal));
+        }
+        for (partition, due) in by_partition {
+            for batch in due.chunks(FIRE_BATCH) {
+                // Held and not draining, with its validity window open.
+                let Some(lease) = self.leases.current(partition) else { break };
+                let fired = self
+                    .store
+                    .fire_schedules(&lease.fence, batch, self.idle_timeout, &defaults, |row, earlier, now| {
+                        let def = row.def()?;
+                        let spec = def.spec()?;
+                        let key = ScheduleDef::jitter_key(&row.account, &row.name);
+                        let nominal = row.next_nominal.expect("a due schedule has a next nominal time");
+                        Ok(plan_fires(&spec, &key, nominal, def.overlap, def.catchup_window, def.catchup, earlier, now))
+                    })
+                    .await;
+                match fired {
+                    Ok(outcomes) => {
+                        for (id, outcome) in outcomes {
+                            self.count(id, outcome, &mut report);
+                        }
                     }
-                    report.fired += jobs.len() as u64;
-                    report.skipped += plan.skipped;
-                    report.missed += plan.missed;
-                    metrics::counter!("warden_schedule_fires_total", "outcome" => "enqueued")
-                        .increment(jobs.len() as u64);
-                    metrics::counter!("warden_schedule_fires_total", "outcome" => "skipped").increment(plan.skipped);
-                    metrics::counter!("warden_schedule_fires_total", "outcome" => "missed").increment(plan.missed);
-                    if plan.missed > 0 {
-                        tracing::warn!(
-                            schedule = id,
-                            missed = plan.missed,
-                            "schedule fires older than the catch-up window were missed"
-                        );
+                    Err(Error::Fenced { .. }) => {
+                        tracing::debug!(partition, "fire fenced: the partition moved");
+                        report.stale += batch.len() as u64;
                     }
-                }
-                Ok(crate::store::pg::FireOutcome::Stale) => report.stale += 1,
-                Err(Error::Fenced { .. }) => {
-                    tracing::debug!(schedule = id, partition, "fire fenced: the partition moved");
-                    report.stale += 1;
-                }
-                Err(e) => {
-                    report.failed += 1;
-                    metrics::counter!("warden_schedule_errors_total").increment(1);
-                    tracing::warn!(schedule = id, error = %e, "firing a schedule failed; the next pass retries");
+                    Err(e) => {
+                        report.failed += batch.len() as u64;
+                        metrics::counter!("warden_schedule_errors_total").increment(batch.len() as u64);
+                        tracing::warn!(partition, error = %e, "firing schedules failed; the next pass retries");
+                    }
                 }
             }
         }
         Ok(report)
     }
 }
+
+impl Scheduler {
+    fn count(&self, id: i64, outcome: Result<crate::store::pg::FireOutcome>, report: &mut PassReport) {
+        match outcome {
+            Ok(crate::store::pg::FireOutcome::Fired { plan, jobs }) => {
+                let now = Utc::now();
+                for n in &plan.fire {
+                    let lag = (now - *n).to_std().unwrap_or_default();
+                    metrics::histogram!("warden_schedule_fire_lag_seconds").record(lag.as_secs_f64());
+                }
+                report.fired += jobs.len() as u64;
+                report.skipped += plan.skipped;
+                report.missed += plan.missed;
+                metrics::counter!("warden_schedule_fires_total", "outcome" => "enqueued").increment(jobs.len() as u64);
+                metrics::counter!("warden_schedule_fires_total", "outcome" => "skipped").increment(plan.skipped);
+                metrics::counter!("warden_schedule_fires_total", "outcome" => "missed").increment(plan.missed);
+                if plan.missed > 0 {
+                    tracing::warn!(schedule = id, missed = plan.missed, "schedule fires older than the catch-up window were missed");
+                }
+            }
+            Ok(crate::store::pg::FireOutcome::Stale) => report.stale += 1,
+            Err(e) => {
+                report.failed += 1;
+                metrics::counter!("warden_schedule_errors_total").increment(1);
+                tracing::warn!(schedule = id, error = %e, "a schedule cannot fire (its stored definition does not decode?); the others do");
+            }
+        }
+    }
+}
+
+/// Schedules of one partition fired in one transaction, at most.
+pub const FIRE_BATCH: usize = 200;
 
 /// Run the scheduler every `interval` until `stop`.
 pub(crate) async fn run(scheduler: Scheduler, interval: Duration, stop: tokio_util::sync::CancellationToken) {

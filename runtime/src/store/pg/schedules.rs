@@ -20,14 +20,18 @@ const DUE_SQL: &str = "
 /// hold the partition's fence lock past a lease TTL.
 const GUARD_SQL: &str = "SELECT set_config('idle_in_transaction_session_timeout', $1, true)";
 const FENCE_SQL: &str = "SELECT warden.fence($1, $2, $3)";
-const LOCK_ROW_SQL: &str = "SELECT * FROM warden.schedules WHERE id = $1 FOR UPDATE";
+/// Lock schedules $1 in id order (two fires of one partition never deadlock).
+const LOCK_ROWS_SQL: &str = "SELECT * FROM warden.schedules WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 const LOCK_BY_NAME_SQL: &str = "SELECT * FROM warden.schedules WHERE account = $1 AND name = $2 FOR UPDATE";
 const NOW_SQL: &str = "SELECT statement_timestamp()";
 
-/// The unfinished jobs of schedule $1's latest $2 fires: (id, state, partition, account).
-const EARLIER_SQL: &str = "
-    SELECT j.id, j.state, j.partition, j.account
-    FROM (SELECT job_id FROM warden.schedule_fires WHERE schedule_id = $1 ORDER BY nominal_at DESC LIMIT $2) f
+/// The unfinished jobs of each schedule $1's latest $2 fires: (schedule, job id,
+/// state, partition, account).
+const EARLIER_MANY_SQL: &str = "
+    SELECT s.id, j.id, j.state, j.partition, j.account
+    FROM unnest($1::bigint[]) AS s(id)
+    CROSS JOIN LATERAL (SELECT job_id FROM warden.schedule_fires
+                        WHERE schedule_id = s.id ORDER BY nominal_at DESC LIMIT $2) f
     JOIN warden.jobs j ON j.id = f.job_id
     WHERE j.state IN ('scheduled', 'available', 'retryable', 'running')";
 
@@ -35,6 +39,17 @@ const EARLIER_SQL: &str = "
 const ALREADY_FIRED_SQL: &str = "
     SELECT nominal_at FROM warden.schedule_fires
     WHERE schedule_id = $1 AND nominal_at = ANY($2) AND via <> 'trigger'";
+
+/// Record fires: $1 job ids, $2 schedule ids, $3 nominal times (pairwise), $4 via.
+const RECORD_FIRES_MANY_SQL: &str = "
+    INSERT INTO warden.schedule_fires (job_id, schedule_id, nominal_at, fired_at, via)
+    SELECT j, s, n, statement_timestamp(), $4 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS x(j, s, n)";
+
+/// (schedule, nominal time) pairs among ($1, $2) already fired (not counting triggers).
+const ALREADY_FIRED_MANY_SQL: &str = "
+    SELECT f.schedule_id, f.nominal_at FROM warden.schedule_fires f
+    JOIN unnest($1::bigint[], $2::timestamptz[]) AS q(s, n) ON f.schedule_id = q.s AND f.nominal_at = q.n
+    WHERE f.via <> 'trigger'";
 
 const RECORD_FIRES_SQL: &str = "
     INSERT INTO warden.schedule_fires (job_id, schedule_id, nominal_at, fired_at, via)
@@ -47,16 +62,36 @@ const CANCEL_RUNNING_SQL: &str =
     "UPDATE warden.jobs SET cancel_requested = true WHERE id = $1 AND state = 'running' RETURNING id";
 const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
 
-/// Advance schedule $1 after a fire.
-const ADVANCE_SQL: &str = "
-    UPDATE warden.schedules SET
-        next_nominal = $2, next_fire_at = $3,
-        last_nominal = COALESCE($4, last_nominal),
-        last_fired_at = CASE WHEN $5 THEN statement_timestamp() ELSE last_fired_at END,
-        last_job_id = COALESCE($6, last_job_id),
-        fires_total = fires_total + $7, skipped_total = skipped_total + $8, missed_total = missed_total + $9,
+/// Advance schedules after a fire (arrays, pairwise): $1 ids, $2 next nominal times,
+/// $3 next fire times, $4 last nominal fired (NULL: keep), $5 fired at all, $6 last
+/// job (NULL: keep), $7 fires, $8 skipped, $9 missed.
+const ADVANCE_MANY_SQL: &str = "
+    UPDATE warden.schedules s SET
+        next_nominal = a.next_nominal, next_fire_at = a.next_fire_at,
+        last_nominal = COALESCE(a.last_nominal, s.last_nominal),
+        last_fired_at = CASE WHEN a.fired THEN statement_timestamp() ELSE s.last_fired_at END,
+        last_job_id = COALESCE(a.last_job, s.last_job_id),
+        fires_total = s.fires_total + a.fires, skipped_total = s.skipped_total + a.skipped,
+        missed_total = s.missed_total + a.missed,
         updated_at = statement_timestamp()
-    WHERE id = $1";
+    FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[], $5::bool[], $6::bigint[],
+                $7::bigint[], $8::bigint[], $9::bigint[])
+         AS a(id, next_nominal, next_fire_at, last_nominal, fired, last_job, fires, skipped, missed)
+    WHERE s.id = a.id";
+
+/// The columns of [`ADVANCE_MANY_SQL`], one entry per schedule.
+#[derive(Default)]
+struct Advance {
+    id: Vec<i64>,
+    next_nominal: Vec<Option<DateTime<Utc>>>,
+    next_fire_at: Vec<Option<DateTime<Utc>>>,
+    last_nominal: Vec<Option<DateTime<Utc>>>,
+    fired: Vec<bool>,
+    last_job: Vec<Option<i64>>,
+    fires: Vec<i64>,
+    skipped: Vec<i64>,
+    missed: Vec<i64>,
+}
 
 /// Create or change a schedule; see [`crate::scheduler`] for who may change what.
 /// The timing columns decide whether `next_nominal` is kept (same timing) or moved to
@@ -136,12 +171,8 @@ impl PgStore {
         rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get::<i32, _>(1)? as u32, r.try_get(2)?))).collect()
     }
 
-    /// Fire schedule `id` for its stored next nominal time `expected`, under `fence`,
-    /// in one transaction: lock the row, compare-and-set, read the earlier fires'
-    /// jobs, let `plan` decide (given the row, the earlier fires and the database's
-    /// `now`), cancel earlier jobs if the plan says so, enqueue the fires (skipping
-    /// nominal times a backfill already fired), record them, advance the schedule.
-    /// [`Error::Fenced`] if the fence does not hold.
+    /// Fire schedule `id` for its stored next nominal time `expected`, under `fence`
+    /// ([`PgStore::fire_schedules`] with one schedule).
     pub async fn fire_schedule(
         &self,
         fence: &Fence,
@@ -149,8 +180,35 @@ impl PgStore {
         expected: DateTime<Utc>,
         idle_timeout: std::time::Duration,
         defaults: KindDefaults<'_>,
-        plan: impl FnOnce(&ScheduleRow, Earlier, DateTime<Utc>) -> Result<FirePlan> + Send,
+        plan: impl Fn(&ScheduleRow, Earlier, DateTime<Utc>) -> Result<FirePlan> + Send + Sync,
     ) -> Result<FireOutcome> {
+        let mut out = self.fire_schedules(fence, &[(id, expected)], idle_timeout, defaults, plan).await?;
+        match out.pop() {
+            Some((_, r)) => r,
+            None => Ok(FireOutcome::Stale),
+        }
+    }
+
+    /// Fire due schedules of one partition, each for its stored next nominal time, in
+    /// one transaction under `fence`: lock the rows (in id order) and compare-and-set
+    /// each on its expected nominal time, read the earlier fires' jobs, let `plan`
+    /// decide per schedule (given the row, the earlier fires and the database's
+    /// `now`), cancel earlier jobs where a plan says so, enqueue all fires in one
+    /// statement (skipping nominal times a backfill already fired), record them and
+    /// advance the schedules. One schedule whose plan fails (a row that no longer
+    /// decodes) is left alone and reported; the others fire.
+    /// [`Error::Fenced`] if the fence does not hold (nothing is done).
+    pub async fn fire_schedules(
+        &self,
+        fence: &Fence,
+        due: &[(i64, DateTime<Utc>)],
+        idle_timeout: std::time::Duration,
+        defaults: KindDefaults<'_>,
+        plan: impl Fn(&ScheduleRow, Earlier, DateTime<Utc>) -> Result<FirePlan> + Send + Sync,
+    ) -> Result<Vec<(i64, Result<FireOutcome>)>> {
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.pool().begin().await?;
         sqlx::query(GUARD_SQL).bind(ms(idle_timeout).to_string()).execute(&mut *tx).await?;
         let held: bool = sqlx::query_scalar(FENCE_SQL)
@@ -163,30 +221,52 @@ impl PgStore {
             tx.rollback().await?;
             return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
         }
-        let row: Option<ScheduleRow> = sqlx::query_as(LOCK_ROW_SQL).bind(id).fetch_optional(&mut *tx).await?;
-        let Some(row) =
-            row.filter(|r| r.partition == fence.partition as i32 && !r.paused && r.next_nominal == Some(expected))
-        else {
-            tx.rollback().await?;
-            return Ok(FireOutcome::Stale);
-        };
-        let earlier_rows = sqlx::query(EARLIER_SQL).bind(id).bind(OVERLAP_LOOKBACK).fetch_all(&mut *tx).await?;
-        let mut earlier = Earlier::default();
-        let mut earlier_jobs = Vec::new();
-        for r in &earlier_rows {
-            let (job, state, partition, account): (i64, String, i32, String) =
-                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-            if unfinished_job_state(&state) {
-                earlier.unfinished += 1;
-                earlier.running += usize::from(state == "running");
-                earlier_jobs.push((job, state, partition, account));
+        let ids: Vec<i64> = due.iter().map(|d| d.0).collect();
+        let rows: Vec<ScheduleRow> = sqlx::query_as(LOCK_ROWS_SQL).bind(&ids).fetch_all(&mut *tx).await?;
+        let mut out: Vec<(i64, Result<FireOutcome>)> = Vec::with_capacity(due.len());
+        let mut firing: Vec<ScheduleRow> = Vec::with_capacity(rows.len());
+        for (id, expected) in due {
+            match rows.iter().find(|r| r.id == *id) {
+                Some(r) if r.partition == fence.partition as i32 && !r.paused && r.next_nominal == Some(*expected) => {
+                    firing.push(r.clone())
+                }
+                _ => out.push((*id, Ok(FireOutcome::Stale))),
             }
         }
+        let firing_ids: Vec<i64> = firing.iter().map(|r| r.id).collect();
+        let earlier_rows = sqlx::query(EARLIER_MANY_SQL)
+            .bind(&firing_ids)
+            .bind(OVERLAP_LOOKBACK)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut earlier_jobs: std::collections::HashMap<i64, Vec<(i64, String, i32, String)>> = Default::default();
+        for r in &earlier_rows {
+            let schedule: i64 = r.try_get(0)?;
+            let job = (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+            earlier_jobs.entry(schedule).or_default().push(job);
+        }
         let now: DateTime<Utc> = sqlx::query_scalar(NOW_SQL).fetch_one(&mut *tx).await?;
-        let mut plan = plan(&row, earlier, now)?;
-        if plan.cancel_earlier {
+
+        // Plans, per schedule.
+        let mut planned: Vec<(ScheduleRow, FirePlan)> = Vec::with_capacity(firing.len());
+        for row in firing {
+            let jobs = earlier_jobs.get(&row.id).map(Vec::as_slice).unwrap_or(&[]);
+            let earlier = Earlier {
+                unfinished: jobs.iter().filter(|j| unfinished_job_state(&j.1)).count(),
+                running: jobs.iter().filter(|j| j.1 == "running").count(),
+            };
+            match plan(&row, earlier, now) {
+                Ok(p) => planned.push((row, p)),
+                Err(e) => out.push((row.id, Err(e))),
+            }
+        }
+        // Cancel what cancel_previous plans replace.
+        for (row, p) in &planned {
+            if !p.cancel_earlier {
+                continue;
+            }
             let why = format!("cancelled by schedule {:?} (overlap policy cancel_previous)", row.name);
-            for (job, state, partition, account) in &earlier_jobs {
+            for (job, state, partition, account) in earlier_jobs.get(&row.id).map(Vec::as_slice).unwrap_or(&[]) {
                 if state == "running" {
                     let asked: Option<i64> =
                         sqlx::query_scalar(CANCEL_RUNNING_SQL).bind(job).fetch_optional(&mut *tx).await?;
@@ -203,29 +283,82 @@ impl PgStore {
             }
         }
         // A backfill may have fired some of these nominal times already.
-        if !plan.fire.is_empty() {
-            let fired: Vec<DateTime<Utc>> =
-                sqlx::query_scalar(ALREADY_FIRED_SQL).bind(id).bind(&plan.fire).fetch_all(&mut *tx).await?;
-            if !fired.is_empty() {
-                plan.fire.retain(|n| !fired.contains(n));
-                plan.skipped += fired.len() as u64;
+        let (mut q_ids, mut q_nominals) = (Vec::new(), Vec::new());
+        for (row, p) in &planned {
+            for n in &p.fire {
+                q_ids.push(row.id);
+                q_nominals.push(*n);
             }
         }
-        let jobs = self.enqueue_fires(&mut tx, &row, &plan.fire, "schedule", defaults).await?;
-        sqlx::query(ADVANCE_SQL)
-            .bind(id)
-            .bind(plan.next_nominal)
-            .bind(plan.next_fire_at)
-            .bind(plan.fire.last())
-            .bind(!jobs.is_empty())
-            .bind(jobs.last())
-            .bind(jobs.len() as i64)
-            .bind(plan.skipped as i64)
-            .bind(plan.missed as i64)
-            .execute(&mut *tx)
-            .await?;
+        if !q_ids.is_empty() {
+            let fired: Vec<(i64, DateTime<Utc>)> =
+                sqlx::query_as(ALREADY_FIRED_MANY_SQL).bind(&q_ids).bind(&q_nominals).fetch_all(&mut *tx).await?;
+            for (id, n) in fired {
+                if let Some((_, p)) = planned.iter_mut().find(|(r, _)| r.id == id) {
+                    p.fire.retain(|x| *x != n);
+                    p.skipped += 1;
+                }
+            }
+        }
+        // Enqueue every fire in one statement, then record the fires.
+        let mut jobs: Vec<NewJob> = Vec::new();
+        let (mut f_schedule, mut f_nominal) = (Vec::new(), Vec::new());
+        for (row, p) in &planned {
+            let def = row.def()?;
+            for n in &p.fire {
+                jobs.push(job_of(&def));
+                f_schedule.push(row.id);
+                f_nominal.push(*n);
+            }
+        }
+        let mut job_ids = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(crate::job::MAX_ENQUEUE_BATCH) {
+            job_ids.extend(insert_resolved(&mut tx, self.partitions(), chunk, defaults).await?.into_iter().map(|e| e.id));
+        }
+        if !job_ids.is_empty() {
+            sqlx::query(RECORD_FIRES_MANY_SQL)
+                .bind(&job_ids)
+                .bind(&f_schedule)
+                .bind(&f_nominal)
+                .bind("schedule")
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Advance every planned schedule.
+        let mut adv = Advance::default();
+        let mut cursor = 0;
+        let mut fired_out = Vec::with_capacity(planned.len());
+        for (row, p) in planned {
+            let mine: Vec<i64> = job_ids[cursor..cursor + p.fire.len()].to_vec();
+            cursor += p.fire.len();
+            adv.id.push(row.id);
+            adv.next_nominal.push(p.next_nominal);
+            adv.next_fire_at.push(p.next_fire_at);
+            adv.last_nominal.push(p.fire.last().copied());
+            adv.fired.push(!mine.is_empty());
+            adv.last_job.push(mine.last().copied());
+            adv.fires.push(mine.len() as i64);
+            adv.skipped.push(p.skipped as i64);
+            adv.missed.push(p.missed as i64);
+            fired_out.push((row.id, Ok(FireOutcome::Fired { plan: p, jobs: mine })));
+        }
+        if !adv.id.is_empty() {
+            sqlx::query(ADVANCE_MANY_SQL)
+                .bind(&adv.id)
+                .bind(&adv.next_nominal)
+                .bind(&adv.next_fire_at)
+                .bind(&adv.last_nominal)
+                .bind(&adv.fired)
+                .bind(&adv.last_job)
+                .bind(&adv.fires)
+                .bind(&adv.skipped)
+                .bind(&adv.missed)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        Ok(FireOutcome::Fired { plan, jobs })
+        out.extend(fired_out);
+        Ok(out)
     }
 
     /// Enqueue one job per nominal time for schedule `row` and record the fires.
