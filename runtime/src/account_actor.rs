@@ -737,6 +737,7 @@ async fn run_handler(
     let cancel = CancellationToken::new(); // a confirmed cancel request
     let rejected = CancellationToken::new(); // a heartbeat or checkpoint the fence rejected
     let beaten = Arc::new(tokio::sync::Notify::new());
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let timeout = Duration::from_millis(job.timeout_ms.max(1) as u64);
     // However the attempt ends, it no longer heartbeats here.
     let _registered = Unregister { register: &shared.heartbeats, job_id: job.id };
@@ -756,6 +757,7 @@ async fn run_handler(
             cancel_confirmed: cancel.clone(),
             rejected: rejected.clone(),
             beaten: beaten.clone(),
+            writing: writing.clone(),
             register: shared.heartbeats.clone(),
             write_interval: shared.config.heartbeat_write_interval,
             last_write: None,
@@ -786,7 +788,10 @@ async fn run_handler(
             let Some(limit) = heartbeat_timeout else { return std::future::pending().await };
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(limit) => return limit,
+                    // Not while the handler waits on Warden's own heartbeat or
+                    // checkpoint statement: that is not the handler hanging (the
+                    // write's end counts as a beat).
+                    _ = tokio::time::sleep(limit) => if !writing.load(Ordering::Acquire) { return limit },
                     _ = beaten.notified() => {}
                 }
             }
