@@ -414,8 +414,11 @@ async fn deeply_nested_progress_or_checkpoint_is_refused_not_stored_unreadable()
     let node = Node::builder(config("n1")).register(Deep).unwrap().start(db.node_pool().await).await.unwrap();
     let id = node.client().enqueue(NewJob::new("acct-deep", "deep", ()).unwrap()).await.unwrap().id;
     eventually(WAIT, "the deep job finished", || async {
-        let s: String =
-            sqlx::query_scalar("SELECT state FROM warden.jobs WHERE id = $1").bind(id).fetch_one(&db.pool).await.unwrap();
+        let s: String = sqlx::query_scalar("SELECT state FROM warden.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
         matches!(s.as_str(), "completed" | "discarded").then_some(s)
     })
     .await;

@@ -305,6 +305,10 @@ impl Drop for WriteGuard {
 /// Longest wait for one heartbeat write: a heartbeat must not hold its handler up
 /// for a database stall (the lease keeper deals with those).
 const HEARTBEAT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one try of a checkpoint write: the heartbeat-timeout watchdog
+/// does not count the time inside Warden's writes, so each try is bounded here (a
+/// timed-out try is ambiguous and retried like any other).
+const CHECKPOINT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tries of one checkpoint write (or read) on transient errors, while the lease holds.
 const CHECKPOINT_TRIES: u32 = 4;
 /// Delay between those tries, doubling.
@@ -482,7 +486,10 @@ impl JobContext {
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.write(&beat).await {
+            let written = tokio::time::timeout(CHECKPOINT_WRITE_TIMEOUT, self.write(&beat))
+                .await
+                .unwrap_or(Err(Error::Timeout(CHECKPOINT_WRITE_TIMEOUT)));
+            match written {
                 Ok(()) => {
                     count("recorded");
                     metrics::histogram!("warden_checkpoint_bytes").record(bytes as f64);

@@ -150,20 +150,16 @@ pub(crate) fn storable_json(what: &str, v: &serde_json::Value) -> Result<usize> 
             serde_json::Value::String(s) if s.contains('\0') => Err(Bad::Nul),
             serde_json::Value::Array(_) | serde_json::Value::Object(_) if depth >= MAX_JSON_DEPTH => Err(Bad::Deep),
             serde_json::Value::Array(a) => a.iter().try_for_each(|v| check(v, depth + 1)),
-            serde_json::Value::Object(o) => o.iter().try_for_each(|(k, v)| {
-                if k.contains('\0') {
-                    Err(Bad::Nul)
-                } else {
-                    check(v, depth + 1)
-                }
-            }),
+            serde_json::Value::Object(o) => {
+                o.iter().try_for_each(|(k, v)| if k.contains('\0') { Err(Bad::Nul) } else { check(v, depth + 1) })
+            }
             _ => Ok(()),
         }
     }
     match check(v, 0) {
-        Err(Bad::Nul) => Err(Error::invalid(format!(
-            "{what} must not contain NUL characters (PostgreSQL jsonb cannot store them)"
-        ))),
+        Err(Bad::Nul) => {
+            Err(Error::invalid(format!("{what} must not contain NUL characters (PostgreSQL jsonb cannot store them)")))
+        }
         Err(Bad::Deep) => Err(Error::invalid(format!(
             "{what} is nested more than {MAX_JSON_DEPTH} levels deep (it could not be decoded again)"
         ))),
