@@ -358,3 +358,107 @@ async fn a_cancel_reaches_a_heartbeating_handler_through_its_heartbeat() {
     assert!(log.iter().any(|(_, w, _)| w == "stop:Cancelled"), "{log:?}");
     node.shutdown().await.unwrap();
 }
+
+// ---- Adversarial review (attack15) -------------------------------------------------
+
+/// JSON nested `depth` levels deep: a few hundred bytes, far under every size limit.
+fn deeply_nested(depth: usize) -> serde_json::Value {
+    let mut v = serde_json::json!(1);
+    for _ in 0..depth {
+        v = serde_json::json!([v]);
+    }
+    v
+}
+
+/// Attempt 1 heartbeats progress details and checkpoints a state nested 200 levels
+/// deep (each write either refused or committed), then fails; attempt 2 reads the
+/// checkpoint back and completes.
+struct Deep;
+
+#[async_trait]
+impl Handler for Deep {
+    type Args = ();
+    const KIND: &'static str = "deep";
+
+    fn options(&self) -> JobOptions {
+        JobOptions {
+            max_attempts: 3,
+            backoff: Backoff { base: Duration::from_millis(50), max: Duration::from_millis(50), jitter: 0.0 },
+            ..Default::default()
+        }
+    }
+
+    async fn run(&self, ctx: &mut JobContext, _: ()) -> HandlerResult {
+        if ctx.attempt() == 1 {
+            let deep = deeply_nested(200);
+            // Refused (Err) or recorded: either is fine, as long as what is recorded
+            // can be read back.
+            let _ = ctx.heartbeat(Progress::percent(10.0).with_details(deep.clone())).await;
+            let _ = ctx.checkpoint(&deep).await;
+            return Err("fail the first attempt".into());
+        }
+        let _: Option<serde_json::Value> = ctx.checkpointed().await?;
+        Ok(warden_runtime::Outcome::Done)
+    }
+}
+
+/// Regression (attack15): progress details and checkpoints were only checked for
+/// size and NUL, not nesting. JSON nested deeper than serde_json's recursion limit
+/// (128) is small, PostgreSQL's jsonb stores it, but it cannot be decoded again: the
+/// next attempt's `checkpointed()` failed for good (the job could never resume and
+/// was discarded), and `job_progress` — GetJob, and ListJobs for the whole page of
+/// every account's jobs — failed while the row existed.
+#[tokio::test]
+async fn deeply_nested_progress_or_checkpoint_is_refused_not_stored_unreadable() {
+    let db = TestDb::new().await;
+    let node = Node::builder(config("n1")).register(Deep).unwrap().start(db.node_pool().await).await.unwrap();
+    let id = node.client().enqueue(NewJob::new("acct-deep", "deep", ()).unwrap()).await.unwrap().id;
+    eventually(WAIT, "the deep job finished", || async {
+        let s: String = sqlx::query_scalar("SELECT state FROM warden.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        matches!(s.as_str(), "completed" | "discarded").then_some(s)
+    })
+    .await;
+    let attempts = attempts_of(&db, id).await;
+    assert_eq!(
+        attempts.iter().map(|a| a.1.as_str()).collect::<Vec<_>>(),
+        ["failed", "completed"],
+        "the second attempt resumed: {attempts:?}"
+    );
+    use warden_runtime::store::{AdminStore, PgAdminStore};
+    let read = PgAdminStore::from(&db.pool).job_progress(&[id]).await;
+    assert!(read.is_ok(), "GetJob/ListJobs can read the job's progress: {read:?}");
+    node.shutdown().await.unwrap();
+    assert_clean(&db).await;
+}
+
+/// Regression (attack15): the heartbeat-timeout watchdog counted the time a handler
+/// spent blocked inside Warden's own heartbeat write (bounded at 2 s) as silence. A
+/// healthy handler beating every 50 ms with an 800 ms heartbeat timeout was aborted
+/// as "hung" by a one-second database stall on its own heartbeat row.
+#[tokio::test]
+async fn a_slow_heartbeat_write_does_not_make_a_healthy_handler_look_hung() {
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let a = LongArgs { steps: 60, step_ms: 50, checkpoint_every: 1000, fail_after: None, hang_after: None };
+    let id = enqueue(&node, "acct-stall", &a).await;
+    wait_step(&db, id, 5).await;
+    // The database stalls the job's heartbeat row for 1.5 s (a lock here; an I/O
+    // stall or a slow replica commit in production): every write waits.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM warden.job_progress WHERE job_id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tx.commit().await.unwrap();
+    wait_state(&db, id, "completed").await;
+    let attempts = attempts_of(&db, id).await;
+    assert_eq!(attempts.iter().map(|a| a.1.as_str()).collect::<Vec<_>>(), ["completed"], "{attempts:?}");
+    node.shutdown().await.unwrap();
+    assert_clean(&db).await;
+}

@@ -740,6 +740,7 @@ async fn run_handler(
     // When a heartbeat write last read `cancel_requested` (the cancel poll skips its
     // own read while that is fresh).
     let beat_recorded = Arc::new(crate::progress::Recorded::default());
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let timeout = Duration::from_millis(job.timeout_ms.max(1) as u64);
     // However the attempt ends, it no longer heartbeats here.
     let _registered = Unregister { register: &shared.heartbeats, job_id: job.id };
@@ -759,6 +760,7 @@ async fn run_handler(
             cancel_confirmed: cancel.clone(),
             rejected: rejected.clone(),
             beaten: beaten.clone(),
+            writing: writing.clone(),
             register: shared.heartbeats.clone(),
             write_interval: shared.config.heartbeat_write_interval,
             last_write: None,
@@ -790,7 +792,10 @@ async fn run_handler(
             let Some(limit) = heartbeat_timeout else { return std::future::pending().await };
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(limit) => return limit,
+                    // Not while the handler waits on Warden's own heartbeat or
+                    // checkpoint statement: that is not the handler hanging (the
+                    // write's end counts as a beat).
+                    _ = tokio::time::sleep(limit) => if !writing.load(Ordering::Acquire) { return limit },
                     _ = beaten.notified() => {}
                 }
             }

@@ -259,6 +259,10 @@ pub(crate) struct Liveness {
     pub rejected: CancellationToken,
     /// Told of every heartbeat (the heartbeat-timeout watchdog waits on it).
     pub beaten: Arc<tokio::sync::Notify>,
+    /// Set while the handler waits on Warden's own heartbeat/checkpoint statement:
+    /// the watchdog does not count that time as the handler's silence (see
+    /// [`Liveness::in_write`]).
+    pub writing: Arc<std::sync::atomic::AtomicBool>,
     /// The node's register of heartbeating attempts (metrics).
     pub register: Arc<Heartbeats>,
     /// Least time between two heartbeat writes.
@@ -273,9 +277,40 @@ pub(crate) struct Liveness {
     pub recorded: Arc<crate::progress::Recorded>,
 }
 
+impl Liveness {
+    /// Mark the handler as waiting on Warden's own database write until the guard
+    /// drops (also if its future is dropped), then count as a fresh beat.
+    ///
+    /// Without this, the heartbeat-timeout watchdog charged a slow heartbeat write
+    /// (up to `HEARTBEAT_WRITE_TIMEOUT`, 2 s) or checkpoint to the handler: a healthy
+    /// handler with a heartbeat timeout under that was aborted as hung by a database
+    /// stall. Stalls are the lease keeper's business (and the job's timeout's), not
+    /// the hung-handler detector's.
+    fn in_write(&self) -> WriteGuard {
+        self.writing.store(true, std::sync::atomic::Ordering::Release);
+        WriteGuard { writing: self.writing.clone(), beaten: self.beaten.clone() }
+    }
+}
+
+struct WriteGuard {
+    writing: Arc<std::sync::atomic::AtomicBool>,
+    beaten: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        self.writing.store(false, std::sync::atomic::Ordering::Release);
+        self.beaten.notify_one();
+    }
+}
+
 /// Longest wait for one heartbeat write: a heartbeat must not hold its handler up
 /// for a database stall (the lease keeper deals with those).
 const HEARTBEAT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one try of a checkpoint write: the heartbeat-timeout watchdog
+/// does not count the time inside Warden's writes, so each try is bounded here (a
+/// timed-out try is ambiguous and retried like any other).
+const CHECKPOINT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tries of one checkpoint write (or read) on transient errors, while the lease holds.
 const CHECKPOINT_TRIES: u32 = 4;
 /// Delay between those tries, doubling.
@@ -389,7 +424,9 @@ impl JobContext {
         if due {
             let beat = Beat { progress: self.live.pending.clone(), checkpoint: None };
             let started = tokio::time::Instant::now();
+            let in_write = self.live.in_write();
             let written = tokio::time::timeout(HEARTBEAT_WRITE_TIMEOUT, self.write(&beat)).await;
+            drop(in_write);
             metrics::histogram!("warden_heartbeat_write_seconds").record(started.elapsed().as_secs_f64());
             let outcome = match written {
                 Ok(Ok(())) => {
@@ -446,10 +483,15 @@ impl JobContext {
             return Err(self.fenced_error(stop));
         }
         let beat = Beat { progress: self.live.pending.clone(), checkpoint: Some((value, bytes)) };
+        // Its tries and the waits between them are Warden's time, not the handler's.
+        let _in_write = self.live.in_write();
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.write(&beat).await {
+            let written = tokio::time::timeout(CHECKPOINT_WRITE_TIMEOUT, self.write(&beat))
+                .await
+                .unwrap_or(Err(Error::Timeout(CHECKPOINT_WRITE_TIMEOUT)));
+            match written {
                 Ok(()) => {
                     count("recorded");
                     metrics::histogram!("warden_checkpoint_bytes").record(bytes as f64);
@@ -483,6 +525,7 @@ impl JobContext {
     /// `serde_json::Value` to migrate it).
     pub async fn checkpointed<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>> {
         if self.live.checkpoint.is_none() {
+            let _in_read = self.live.in_write();
             let mut tries = 0;
             let stored = loop {
                 tries += 1;

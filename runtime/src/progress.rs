@@ -124,24 +124,47 @@ impl Progress {
     }
 }
 
-/// Can PostgreSQL store this JSON as `jsonb`? (No NUL in any string or key: jsonb
-/// rejects `\u0000`, and a write it rejects would be rejected every time.) Returns
-/// its length in bytes.
+/// Deepest nesting of arrays and objects in progress details and checkpoints.
+///
+/// serde_json refuses to *decode* JSON nested deeper than 128 levels (its recursion
+/// limit), while serializing it and storing it as `jsonb` both succeed. Such a value
+/// is small (200 levels are 400 bytes), so the size limits let it through, and once
+/// stored it could never be read back: the next attempt's `checkpointed()` failed
+/// for good, and so did `job_progress` (GetJob, and ListJobs for a whole page).
+/// Refuse it on write, well below serde_json's limit.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Can PostgreSQL store this JSON as `jsonb`, and can it be decoded again? (No NUL in
+/// any string or key: jsonb rejects `\u0000`, and a write it rejects would be
+/// rejected every time; nesting at most [`MAX_JSON_DEPTH`].) Returns its length in
+/// bytes.
 pub(crate) fn storable_json(what: &str, v: &serde_json::Value) -> Result<usize> {
-    fn has_nul(v: &serde_json::Value) -> bool {
+    enum Bad {
+        Nul,
+        Deep,
+    }
+    // Recursion bounded by MAX_JSON_DEPTH: a value nested deeper is refused before
+    // the walk (or `to_string`, which recurses without a bound) can go further.
+    fn check(v: &serde_json::Value, depth: usize) -> std::result::Result<(), Bad> {
         match v {
-            serde_json::Value::String(s) => s.contains('\0'),
-            serde_json::Value::Array(a) => a.iter().any(has_nul),
-            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-            _ => false,
+            serde_json::Value::String(s) if s.contains('\0') => Err(Bad::Nul),
+            serde_json::Value::Array(_) | serde_json::Value::Object(_) if depth >= MAX_JSON_DEPTH => Err(Bad::Deep),
+            serde_json::Value::Array(a) => a.iter().try_for_each(|v| check(v, depth + 1)),
+            serde_json::Value::Object(o) => {
+                o.iter().try_for_each(|(k, v)| if k.contains('\0') { Err(Bad::Nul) } else { check(v, depth + 1) })
+            }
+            _ => Ok(()),
         }
     }
-    if has_nul(v) {
-        return Err(Error::invalid(format!(
-            "{what} must not contain NUL characters (PostgreSQL jsonb cannot store them)"
-        )));
+    match check(v, 0) {
+        Err(Bad::Nul) => {
+            Err(Error::invalid(format!("{what} must not contain NUL characters (PostgreSQL jsonb cannot store them)")))
+        }
+        Err(Bad::Deep) => Err(Error::invalid(format!(
+            "{what} is nested more than {MAX_JSON_DEPTH} levels deep (it could not be decoded again)"
+        ))),
+        Ok(()) => Ok(v.to_string().len()),
     }
-    Ok(v.to_string().len())
 }
 
 /// What [`crate::JobContext::heartbeat`] tells the handler.
@@ -296,6 +319,13 @@ mod tests {
         let nul = serde_json::json!({ "k": ["ok", { "a\0": 1 }] });
         let e = Progress::none().with_details(nul).validate().unwrap_err();
         assert!(e.to_string().contains("NUL"), "{e}");
+        // Nesting: up to MAX_JSON_DEPTH levels is fine, one more is refused.
+        let nest = |depth: usize| (0..depth).fold(serde_json::json!(1), |v, _| serde_json::json!([v]));
+        assert!(Progress::none().with_details(nest(MAX_JSON_DEPTH)).validate().is_ok());
+        let e = Progress::none().with_details(nest(MAX_JSON_DEPTH + 1)).validate().unwrap_err();
+        assert!(e.to_string().contains("nested"), "{e}");
+        let deep_value = serde_json::to_string(&nest(MAX_JSON_DEPTH)).unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(&deep_value).is_ok(), "the deepest accepted value decodes");
     }
 
     #[test]

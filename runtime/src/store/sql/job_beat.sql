@@ -37,6 +37,12 @@ w AS (
         checkpoint_at = CASE WHEN $10 THEN EXCLUDED.checkpoint_at ELSE p.checkpoint_at END,
         checkpoint_attempt = CASE WHEN $10 THEN EXCLUDED.checkpoint_attempt ELSE p.checkpoint_attempt END,
         checkpoint_bytes = CASE WHEN $10 THEN EXCLUDED.checkpoint_bytes ELSE p.checkpoint_bytes END
+    -- Never an older attempt over a newer one's row: `job` above was read in this
+    -- statement's snapshot, and a write of attempt N still in flight (its future
+    -- dropped, its statement not) could otherwise land after attempt N+1's and roll
+    -- the checkpoint back. Attempt numbers only grow (claims, rescues and retries
+    -- all count up), so this is exact; the write is then reported NotRunning.
+    WHERE p.attempt <= EXCLUDED.attempt
     RETURNING 1)
 SELECT (SELECT count(*) FROM fence) AS fence_held, (SELECT count(*) FROM w) AS written,
        COALESCE((SELECT cancel_requested FROM job), false) AS cancel_requested
