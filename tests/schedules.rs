@@ -271,3 +271,44 @@ async fn a_fire_is_fenced_and_compare_and_set_on_its_nominal_time() {
     let again = store.fire_schedule(&fence, row.id, nominal, Duration::from_secs(5), &no_defaults, plan).await.unwrap();
     assert_eq!(again, FireOutcome::Stale, "the same nominal time never fires twice");
 }
+
+#[tokio::test]
+async fn schedules_whose_rows_no_longer_parse_do_not_starve_the_others() {
+    // Rows edited behind the API's back (a zone dropped from tzdata by an upgrade, a
+    // cron expression changed by SQL) fail every fire. They are the oldest due, so
+    // without a back-off they fill the due scan (DUE_SCAN_LIMIT = 1000) on every pass
+    // and a healthy schedule of the same node never fires.
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    node.client().schedules().put(&every_second("acct-healthy", "beat", 0)).await.unwrap();
+    sqlx::query(
+        "INSERT INTO warden.schedules (account, partition, name, kind, cron, zone, next_nominal, next_fire_at)
+         SELECT 'acct-broken-' || i, warden.partition_of('acct-broken-' || i, $1), 'b', 'tick',
+                CASE WHEN i % 2 = 0 THEN '0 * * * *' ELSE '0 99 * * *' END,
+                CASE WHEN i % 2 = 0 THEN 'Mars/Olympus' ELSE 'UTC' END,
+                now() - interval '1 hour', now() - interval '1 hour'
+         FROM generate_series(1, 1200) i",
+    )
+    .bind(P as i32)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(WAIT, "the healthy schedule fires", || async {
+        (fires_of(&db, "acct-healthy").await.len() >= 3).then_some(())
+    })
+    .await;
+    // The broken ones fired nothing, kept their nominal time, and wait a back-off.
+    let (fired, kept, deferred): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM warden.schedule_fires f JOIN warden.schedules s ON s.id = f.schedule_id
+                 WHERE s.account LIKE 'acct-broken-%'),
+                count(*) FILTER (WHERE next_nominal < now() - interval '50 minutes'),
+                count(*) FILTER (WHERE next_fire_at > now())
+         FROM warden.schedules WHERE account LIKE 'acct-broken-%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((fired, kept), (0, 1200));
+    assert!(deferred > 1000, "{deferred}");
+    node.shutdown().await.unwrap();
+}

@@ -388,19 +388,24 @@ pub fn plan_fires(
 ) -> FirePlan {
     let mut plan = FirePlan::default();
     let window_start = now - TimeDelta::from_std(catchup_window).unwrap_or(TimeDelta::MAX);
-    // 1. Missed: older than the window.
+    // 1. Missed: older than the window. Lateness is measured from when the fire was
+    // due, nominal + jitter, not from the nominal time: a fire jittered by more than
+    // the window is on time at its jittered instant, not missed.
     let mut first = Some(next_nominal);
     let mut counted = 0usize;
     while let Some(n) = first {
-        if n >= window_start {
+        if spec.fire_at(key, n) >= window_start {
             break;
         }
         counted += 1;
         plan.missed += 1;
-        if counted >= MAX_MISSED_COUNTED {
-            // Skip ahead by the timing: the count is a lower bound.
-            first = spec.next_after(window_start - TimeDelta::seconds(1));
-            break;
+        if counted == MAX_MISSED_COUNTED {
+            // Skip ahead by the timing (the count is a lower bound) to just before the
+            // window, and keep checking from there: `window_start` has a fraction of a
+            // second, so the first nominal time after `window_start - 1 s` may still be
+            // older than the window.
+            first = spec.next_after(n.max(window_start - TimeDelta::seconds(1)));
+            continue;
         }
         first = spec.next_after(n);
     }
@@ -522,6 +527,10 @@ impl ScheduleRow {
 // ---------------------------------------------------------------------------
 // The node task.
 
+/// How long a schedule whose fire failed waits before the next attempt (its nominal
+/// time is kept; see `PgStore::defer_schedule`).
+pub const FAILED_FIRE_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Due schedules one pass fires at most (the rest wait for the next pass).
 pub const DUE_SCAN_LIMIT: i64 = 1_000;
 
@@ -605,7 +614,13 @@ impl Scheduler {
                 Err(e) => {
                     report.failed += 1;
                     metrics::counter!("warden_schedule_errors_total").increment(1);
-                    tracing::warn!(schedule = id, error = %e, "firing a schedule failed; the next pass retries");
+                    tracing::warn!(schedule = id, error = %e, backoff = ?FAILED_FIRE_BACKOFF,
+                        "firing a schedule failed; retried after a back-off");
+                    // Out of the due scan for a while (see `defer_schedule`): a row that
+                    // always fails must not starve the others.
+                    if let Err(e) = self.store.defer_schedule(&lease.fence, id, nominal, FAILED_FIRE_BACKOFF).await {
+                        tracing::debug!(schedule = id, error = %e, "deferring a failed schedule failed");
+                    }
                 }
             }
         }
@@ -854,6 +869,50 @@ mod tests {
         assert_eq!(p.missed, MAX_MISSED_COUNTED as u64);
         assert_eq!(p.fire, vec![at("2026-01-03T00:00:00Z")]);
         assert_eq!(p.next_nominal, Some(at("2026-01-03T00:00:01Z")));
+    }
+
+    #[test]
+    fn a_fire_jittered_past_the_catch_up_window_is_fired_not_missed() {
+        // Daily at 03:00 with up to 6 h of jitter, the default 1 h catch-up window: a
+        // schedule whose offset is over an hour fires on time (at nominal + offset),
+        // and that on-time fire must not count as an hour late.
+        let spec = Spec::cron("0 3 * * *").jitter(Duration::from_secs(6 * 3600)).build().unwrap();
+        let nominal = at("2026-01-01T03:00:00Z");
+        let key = (0..)
+            .map(|i| ScheduleDef::jitter_key("acct", &format!("nightly-{i}")))
+            .find(|k| spec.jitter_offset(k, nominal) > Duration::from_secs(2 * 3600))
+            .unwrap();
+        let fire_at = spec.fire_at(&key, nominal);
+        let p = plan_fires(
+            &spec,
+            &key,
+            nominal,
+            Overlap::Skip,
+            DEFAULT_CATCHUP_WINDOW,
+            CatchUp::All,
+            Earlier::default(),
+            fire_at + TimeDelta::milliseconds(50),
+        );
+        assert_eq!((p.fire, p.missed), (vec![nominal], 0), "fired at its jittered instant, not missed");
+    }
+
+    #[test]
+    fn a_huge_gap_skips_ahead_to_the_window_not_one_nominal_time_before_it() {
+        // now has a fraction of a second: the window starts at 23:59:55.300, so
+        // 23:59:55 is older than the window and must not fire.
+        let every_second = Spec::every(Duration::from_secs(1), DateTime::UNIX_EPOCH).build().unwrap();
+        let p = plan_fires(
+            &every_second,
+            b"k",
+            at("2026-01-01T00:00:00Z"),
+            Overlap::BufferAll,
+            Duration::from_secs(5),
+            CatchUp::All,
+            Earlier::default(),
+            at("2026-01-03T00:00:00.300Z"),
+        );
+        assert_eq!(p.fire.first(), Some(&at("2026-01-02T23:59:56Z")), "{:?}", p.fire);
+        assert_eq!(p.fire.len(), 5);
     }
 
     #[test]

@@ -103,6 +103,12 @@ const RECORD_MANUAL_SQL: &str = "
         fires_total = fires_total + $3, updated_at = statement_timestamp()
     WHERE id = $1";
 
+/// Postpone the fire of schedule $1 at nominal time $2 by $3 ms after a failed
+/// attempt; its nominal time is kept (compare-and-set on it, like a fire).
+const DEFER_SQL: &str = "
+    UPDATE warden.schedules SET next_fire_at = statement_timestamp() + $3 * interval '1 millisecond'
+    WHERE id = $1 AND next_nominal = $2 AND NOT paused";
+
 /// How a fire attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FireOutcome {
@@ -226,6 +232,35 @@ impl PgStore {
             .await?;
         tx.commit().await?;
         Ok(FireOutcome::Fired { plan, jobs })
+    }
+
+    /// After a failed fire of schedule `id` at nominal time `expected`: postpone its
+    /// next attempt by `backoff`, keeping the nominal time (so nothing is skipped: once
+    /// the row is fixed, the fire happens, caught up per its policy). Without this a
+    /// row that fails every time (edited by SQL to a cron that no longer parses, a zone
+    /// dropped from tzdata) stays the oldest due and, with enough of them, fills every
+    /// due scan: the partition's healthy schedules never fire. Fenced like a fire.
+    pub async fn defer_schedule(
+        &self,
+        fence: &Fence,
+        id: i64,
+        expected: DateTime<Utc>,
+        backoff: std::time::Duration,
+    ) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
+        let held: bool = sqlx::query_scalar(FENCE_SQL)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !held {
+            tx.rollback().await?;
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        let n = sqlx::query(DEFER_SQL).bind(id).bind(expected).bind(ms(backoff)).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(n.rows_affected() > 0)
     }
 
     /// Enqueue one job per nominal time for schedule `row` and record the fires.
