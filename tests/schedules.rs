@@ -312,3 +312,27 @@ async fn schedules_whose_rows_no_longer_parse_do_not_starve_the_others() {
     assert!(deferred > 1000, "{deferred}");
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_row_with_an_unbounded_catch_up_window_neither_kills_the_scheduler_nor_wedges_others() {
+    // An operator sets "catch up forever" by SQL (the API caps the window at 366 days;
+    // the column only says >= 0). `now - window` overflowed chrono and panicked inside
+    // the scheduler task: the task died, and with it every schedule of the node — and
+    // of each node that took the partitions over.
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    sch.put(&every_second("acct-forever", "beat", 0)).await.unwrap();
+    sqlx::query("UPDATE warden.schedules SET catchup_window_ms = 9223372036854775807 WHERE account = 'acct-forever'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sch.put(&every_second("acct-other", "beat", 0)).await.unwrap();
+    eventually(WAIT, "both fire", || async {
+        (fires_of(&db, "acct-forever").await.len() >= 2 && fires_of(&db, "acct-other").await.len() >= 2).then_some(())
+    })
+    .await;
+    assert_each_second_once(&fires_of(&db, "acct-forever").await);
+    node.shutdown().await.unwrap();
+}

@@ -387,7 +387,13 @@ pub fn plan_fires(
     now: DateTime<Utc>,
 ) -> FirePlan {
     let mut plan = FirePlan::default();
-    let window_start = now - TimeDelta::from_std(catchup_window).unwrap_or(TimeDelta::MAX);
+    // Checked: a row edited by SQL may hold any window (the column is only >= 0), and
+    // an overflow here panicked the node's scheduler task. Past the calendar's start,
+    // everything is within the window.
+    let window_start = TimeDelta::from_std(catchup_window)
+        .ok()
+        .and_then(|w| now.checked_sub_signed(w))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     // 1. Missed: older than the window. Lateness is measured from when the fire was
     // due, nominal + jitter, not from the nominal time: a fire jittered by more than
     // the window is on time at its jittered instant, not missed.
@@ -404,7 +410,7 @@ pub fn plan_fires(
             // window, and keep checking from there: `window_start` has a fraction of a
             // second, so the first nominal time after `window_start - 1 s` may still be
             // older than the window.
-            first = spec.next_after(n.max(window_start - TimeDelta::seconds(1)));
+            first = spec.next_after(n.max(window_start.checked_sub_signed(TimeDelta::seconds(1)).unwrap_or(n)));
             continue;
         }
         first = spec.next_after(n);
@@ -581,7 +587,13 @@ impl Scheduler {
                     let def = row.def()?;
                     let spec = def.spec()?;
                     let key = ScheduleDef::jitter_key(&row.account, &row.name);
-                    Ok(plan_fires(&spec, &key, nominal, def.overlap, def.catchup_window, def.catchup, earlier, now))
+                    // Pure, but fed a stored row anything may have written: a panic
+                    // here would end this task and every schedule of the node with it.
+                    // As an error it fails (and defers) this schedule only.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        plan_fires(&spec, &key, nominal, def.overlap, def.catchup_window, def.catchup, earlier, now)
+                    }))
+                    .map_err(|_| Error::Undecodable(format!("schedule {id}: planning its fire panicked")))
                 })
                 .await;
             match fired {
@@ -913,6 +925,23 @@ mod tests {
         );
         assert_eq!(p.fire.first(), Some(&at("2026-01-02T23:59:56Z")), "{:?}", p.fire);
         assert_eq!(p.fire.len(), 5);
+    }
+
+    #[test]
+    fn an_unbounded_catch_up_window_does_not_overflow() {
+        // A row edited by SQL: catchup_window_ms = i64::MAX (the column has no upper
+        // bound). Everything is within such a window.
+        let p = plan_fires(
+            &minutely(),
+            b"k",
+            at("2026-01-01T09:00:00Z"),
+            Overlap::BufferAll,
+            Duration::from_millis(i64::MAX as u64),
+            CatchUp::All,
+            Earlier::default(),
+            at("2026-01-01T10:00:30Z"),
+        );
+        assert_eq!((p.missed, p.fire.len()), (0, 61));
     }
 
     #[test]
