@@ -336,3 +336,19 @@ async fn a_row_with_an_unbounded_catch_up_window_neither_kills_the_scheduler_nor
     assert_each_second_once(&fires_of(&db, "acct-forever").await);
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_backfill_from_the_start_of_time_is_refused_not_a_panic() {
+    // "Everything so far": from = DateTime::MIN_UTC. `from - 1 ns` overflowed chrono and
+    // panicked the caller (a management request handler, once exposed over gRPC).
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    let def = ScheduleDef::cron("acct-bf", "hourly", "0 * * * *", "tick", ()).unwrap().zone("America/New_York");
+    sch.put(&def).await.unwrap();
+    let err = sch.backfill("acct-bf", "hourly", DateTime::<Utc>::MIN_UTC, Utc::now()).await.unwrap_err();
+    assert!(err.to_string().contains("backfill"), "{err}");
+    // The row lock was released: the schedule is still managed normally.
+    sch.pause("acct-bf", "hourly").await.unwrap();
+    node.shutdown().await.unwrap();
+}

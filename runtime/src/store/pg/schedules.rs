@@ -404,6 +404,12 @@ impl PgStore {
         if to < from {
             return Err(Error::invalid(format!("backfill range is empty: {from} is after {to}")));
         }
+        // Jobs run from the Unix epoch on (MIN_RUN_AT_UNIX_S); and `from - 1 ns` below
+        // (or a zone's offset) would overflow chrono and panic for "from the start of
+        // time" (DateTime::MIN_UTC).
+        if from < DateTime::UNIX_EPOCH {
+            return Err(Error::invalid(format!("backfill range starts at {from}, before 1970-01-01")));
+        }
         let mut tx = self.pool().begin().await?;
         let row: Option<ScheduleRow> =
             sqlx::query_as(LOCK_BY_NAME_SQL).bind(account).bind(name).fetch_optional(&mut *tx).await?;
