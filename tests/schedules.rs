@@ -352,3 +352,61 @@ async fn a_backfill_from_the_start_of_time_is_refused_not_a_panic() {
     sch.pause("acct-bf", "hourly").await.unwrap();
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn dst_transitions_through_the_fire_path_fire_each_wall_time_once() {
+    // New York: 02:30 does not exist on 2026-03-08 (fires at 03:00 EDT = 07:00Z); 01:30
+    // happens twice on 2026-11-01 (fires at the first, 05:30Z, never at 06:30Z). The
+    // fall-back fire is planned at 06:45Z, after both, with a 2 h catch-up window.
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    let spring = sch
+        .put(&ScheduleDef::cron("acct-dst", "spring", "30 2 * * *", "tick", ()).unwrap().zone("America/New_York"))
+        .await
+        .unwrap();
+    let fall = sch
+        .put(&ScheduleDef::cron("acct-dst", "fall", "30 1 * * *", "tick", ()).unwrap().zone("America/New_York"))
+        .await
+        .unwrap();
+    node.shutdown().await.unwrap();
+    let store = PgStore::new(db.pool.clone(), warden_runtime::PartitionCount::new(P).unwrap());
+    let p = spring.partition as u32;
+    let granted = store.acquire("n2/1", &[p], Duration::from_secs(30)).await.unwrap();
+    let fence = Fence { partition: p, epoch: granted[0].epoch, owner: "n2/1".into() };
+    let no_defaults = |_: &str| warden_runtime::store::KindDefault::default();
+    let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+    for (row, nominal, now, next) in [
+        (&spring, at("2026-03-08T07:00:00Z"), at("2026-03-08T07:00:00.2Z"), at("2026-03-09T06:30:00Z")),
+        (&fall, at("2026-11-01T05:30:00Z"), at("2026-11-01T06:45:00Z"), at("2026-11-02T06:30:00Z")),
+    ] {
+        sqlx::query("UPDATE warden.schedules SET next_nominal = $2, next_fire_at = $2 WHERE id = $1")
+            .bind(row.id)
+            .bind(nominal)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let out = store
+            .fire_schedule(&fence, row.id, nominal, Duration::from_secs(5), &no_defaults, |r, earlier, _| {
+                let def = r.def()?;
+                let spec = def.spec()?;
+                let key = ScheduleDef::jitter_key(&r.account, &r.name);
+                Ok(warden_runtime::scheduler::plan_fires(
+                    &spec,
+                    &key,
+                    nominal,
+                    def.overlap,
+                    Duration::from_secs(7200),
+                    def.catchup,
+                    earlier,
+                    now,
+                ))
+            })
+            .await
+            .unwrap();
+        let FireOutcome::Fired { plan, jobs } = out else { panic!("{out:?}") };
+        assert_eq!((plan.fire, jobs.len(), plan.missed), (vec![nominal], 1, 0), "{}", row.name);
+        let stored = store.get_schedule("acct-dst", &row.name).await.unwrap().unwrap();
+        assert_eq!(stored.next_nominal, Some(next), "{}: the repeated/skipped wall time fires once", row.name);
+    }
+}

@@ -788,3 +788,42 @@ async fn a_batch_mixing_keyed_and_unkeyed_jobs_over_many_accounts_keeps_input_or
         assert_eq!(row.args, j.args, "job {} carries its own input's args", e.id);
     }
 }
+
+#[tokio::test]
+async fn an_idempotency_key_held_by_a_transaction_that_rolls_back_goes_to_the_waiting_enqueuer() {
+    // T1 enqueues key K in the caller's transaction and holds it; T2 (the client, and
+    // the SQL function) enqueues K meanwhile and waits. T1 rolls back: T2 must insert
+    // its own job, not return T1's vanished id as a duplicate.
+    for sql in [false, true] {
+        let (db, _s, client) = setup(16).await;
+        let mut tx = db.pool.begin().await.unwrap();
+        let t1 =
+            client.enqueue_in(&mut tx, NewJob::new("idem-rb", "step", 1).unwrap().idempotency_key("K")).await.unwrap();
+        let (c2, pool) = (client.clone(), db.pool.clone());
+        let t2 = tokio::spawn(async move {
+            if sql {
+                sqlx::query_as::<_, (i64, bool)>(
+                    "SELECT job_id, duplicate FROM warden.enqueue_idempotent('idem-rb', 'step', 'K')",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            } else {
+                let e = c2.enqueue(NewJob::new("idem-rb", "step", 2).unwrap().idempotency_key("K")).await.unwrap();
+                (e.id, e.duplicate)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!t2.is_finished(), "T2 waits for T1");
+        tx.rollback().await.unwrap();
+        let (id, dup) = t2.await.unwrap();
+        assert!(!dup && id != t1.id, "T2 inserted its own job ({id}, {dup}) after T1 ({}) rolled back", t1.id);
+        assert!(client.get(id).await.unwrap().is_some());
+        let holder: i64 =
+            sqlx::query_scalar("SELECT job_id FROM warden.idempotency_keys WHERE account = 'idem-rb' AND key = 'K'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(holder, id);
+    }
+}
