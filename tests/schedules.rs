@@ -271,3 +271,142 @@ async fn a_fire_is_fenced_and_compare_and_set_on_its_nominal_time() {
     let again = store.fire_schedule(&fence, row.id, nominal, Duration::from_secs(5), &no_defaults, plan).await.unwrap();
     assert_eq!(again, FireOutcome::Stale, "the same nominal time never fires twice");
 }
+
+#[tokio::test]
+async fn schedules_whose_rows_no_longer_parse_do_not_starve_the_others() {
+    // Rows edited behind the API's back (a zone dropped from tzdata by an upgrade, a
+    // cron expression changed by SQL) fail every fire. They are the oldest due, so
+    // without a back-off they fill the due scan (DUE_SCAN_LIMIT = 1000) on every pass
+    // and a healthy schedule of the same node never fires.
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    node.client().schedules().put(&every_second("acct-healthy", "beat", 0)).await.unwrap();
+    sqlx::query(
+        "INSERT INTO warden.schedules (account, partition, name, kind, cron, zone, next_nominal, next_fire_at)
+         SELECT 'acct-broken-' || i, warden.partition_of('acct-broken-' || i, $1), 'b', 'tick',
+                CASE WHEN i % 2 = 0 THEN '0 * * * *' ELSE '0 99 * * *' END,
+                CASE WHEN i % 2 = 0 THEN 'Mars/Olympus' ELSE 'UTC' END,
+                now() - interval '1 hour', now() - interval '1 hour'
+         FROM generate_series(1, 1200) i",
+    )
+    .bind(P as i32)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    eventually(WAIT, "the healthy schedule fires", || async {
+        (fires_of(&db, "acct-healthy").await.len() >= 3).then_some(())
+    })
+    .await;
+    // The broken ones fired nothing, kept their nominal time, and wait a back-off.
+    let (fired, kept, deferred): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM warden.schedule_fires f JOIN warden.schedules s ON s.id = f.schedule_id
+                 WHERE s.account LIKE 'acct-broken-%'),
+                count(*) FILTER (WHERE next_nominal < now() - interval '50 minutes'),
+                count(*) FILTER (WHERE next_fire_at > now())
+         FROM warden.schedules WHERE account LIKE 'acct-broken-%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((fired, kept), (0, 1200));
+    assert!(deferred > 1000, "{deferred}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_row_with_an_unbounded_catch_up_window_neither_kills_the_scheduler_nor_wedges_others() {
+    // An operator sets "catch up forever" by SQL (the API caps the window at 366 days;
+    // the column only says >= 0). `now - window` overflowed chrono and panicked inside
+    // the scheduler task: the task died, and with it every schedule of the node — and
+    // of each node that took the partitions over.
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    sch.put(&every_second("acct-forever", "beat", 0)).await.unwrap();
+    sqlx::query("UPDATE warden.schedules SET catchup_window_ms = 9223372036854775807 WHERE account = 'acct-forever'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sch.put(&every_second("acct-other", "beat", 0)).await.unwrap();
+    eventually(WAIT, "both fire", || async {
+        (fires_of(&db, "acct-forever").await.len() >= 2 && fires_of(&db, "acct-other").await.len() >= 2).then_some(())
+    })
+    .await;
+    assert_each_second_once(&fires_of(&db, "acct-forever").await);
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backfill_from_the_start_of_time_is_refused_not_a_panic() {
+    // "Everything so far": from = DateTime::MIN_UTC. `from - 1 ns` overflowed chrono and
+    // panicked the caller (a management request handler, once exposed over gRPC).
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    let def = ScheduleDef::cron("acct-bf", "hourly", "0 * * * *", "tick", ()).unwrap().zone("America/New_York");
+    sch.put(&def).await.unwrap();
+    let err = sch.backfill("acct-bf", "hourly", DateTime::<Utc>::MIN_UTC, Utc::now()).await.unwrap_err();
+    assert!(err.to_string().contains("backfill"), "{err}");
+    // The row lock was released: the schedule is still managed normally.
+    sch.pause("acct-bf", "hourly").await.unwrap();
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn dst_transitions_through_the_fire_path_fire_each_wall_time_once() {
+    // New York: 02:30 does not exist on 2026-03-08 (fires at 03:00 EDT = 07:00Z); 01:30
+    // happens twice on 2026-11-01 (fires at the first, 05:30Z, never at 06:30Z). The
+    // fall-back fire is planned at 06:45Z, after both, with a 2 h catch-up window.
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    let spring = sch
+        .put(&ScheduleDef::cron("acct-dst", "spring", "30 2 * * *", "tick", ()).unwrap().zone("America/New_York"))
+        .await
+        .unwrap();
+    let fall = sch
+        .put(&ScheduleDef::cron("acct-dst", "fall", "30 1 * * *", "tick", ()).unwrap().zone("America/New_York"))
+        .await
+        .unwrap();
+    node.shutdown().await.unwrap();
+    let store = PgStore::new(db.pool.clone(), warden_runtime::PartitionCount::new(P).unwrap());
+    let p = spring.partition as u32;
+    let granted = store.acquire("n2/1", &[p], Duration::from_secs(30)).await.unwrap();
+    let fence = Fence { partition: p, epoch: granted[0].epoch, owner: "n2/1".into() };
+    let no_defaults = |_: &str| warden_runtime::store::KindDefault::default();
+    let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+    for (row, nominal, now, next) in [
+        (&spring, at("2026-03-08T07:00:00Z"), at("2026-03-08T07:00:00.2Z"), at("2026-03-09T06:30:00Z")),
+        (&fall, at("2026-11-01T05:30:00Z"), at("2026-11-01T06:45:00Z"), at("2026-11-02T06:30:00Z")),
+    ] {
+        sqlx::query("UPDATE warden.schedules SET next_nominal = $2, next_fire_at = $2 WHERE id = $1")
+            .bind(row.id)
+            .bind(nominal)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let out = store
+            .fire_schedule(&fence, row.id, nominal, Duration::from_secs(5), &no_defaults, |r, earlier, _| {
+                let def = r.def()?;
+                let spec = def.spec()?;
+                let key = ScheduleDef::jitter_key(&r.account, &r.name);
+                Ok(warden_runtime::scheduler::plan_fires(
+                    &spec,
+                    &key,
+                    nominal,
+                    def.overlap,
+                    Duration::from_secs(7200),
+                    def.catchup,
+                    earlier,
+                    now,
+                ))
+            })
+            .await
+            .unwrap();
+        let FireOutcome::Fired { plan, jobs } = out else { panic!("{out:?}") };
+        assert_eq!((plan.fire, jobs.len(), plan.missed), (vec![nominal], 1, 0), "{}", row.name);
+        let stored = store.get_schedule("acct-dst", &row.name).await.unwrap().unwrap();
+        assert_eq!(stored.next_nominal, Some(next), "{}: the repeated/skipped wall time fires once", row.name);
+    }
+}

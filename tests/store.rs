@@ -686,3 +686,144 @@ async fn enqueue_idempotent_in_sql_checks_its_input() {
         sqlx::query_as("SELECT lane, args FROM warden.jobs WHERE id = $1").bind(id).fetch_one(&db.pool).await.unwrap();
     assert_eq!((lane.as_str(), args), ("unordered", serde_json::json!({ "n": 1 })));
 }
+
+#[tokio::test]
+async fn enqueue_idempotent_in_sql_resolves_kind_defaults_like_warden_enqueue() {
+    // A kind published with its own options (a node registered it): warden.enqueue
+    // uses them when the caller passes none; warden.enqueue_idempotent must too,
+    // not 25 attempts / 60 s.
+    let (db, _s, _c) = setup(16).await;
+    sqlx::query(
+        "INSERT INTO warden.kinds (kind, max_attempts, timeout_ms, updated_by) VALUES ('long', 3, 600000, 'n1')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let plain: i64 = sqlx::query_scalar("SELECT warden.enqueue('a', 'long')").fetch_one(&db.pool).await.unwrap();
+    let (keyed, _): (i64, bool) =
+        sqlx::query_as("SELECT job_id, duplicate FROM warden.enqueue_idempotent('a', 'long', 'x')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let opts = |id: i64| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i32, i32)>("SELECT max_attempts, timeout_ms FROM warden.jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(opts(plain).await, (3, 600000));
+    assert_eq!(opts(keyed).await, (3, 600000), "the kind's options, as warden.enqueue");
+    // Explicit values win, as in warden.enqueue.
+    let (explicit, _): (i64, bool) = sqlx::query_as(
+        "SELECT job_id, duplicate FROM warden.enqueue_idempotent('a', 'long', 'y', p_max_attempts => 7, p_timeout_ms => 1000)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(opts(explicit).await, (7, 1000));
+    // run_at is bounded as in warden.enqueue, with the same clear error.
+    let err = sqlx::query("SELECT * FROM warden.enqueue_idempotent('a', 'long', 'z', p_run_at => '1900-01-01')")
+        .execute(&db.pool)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("run_at must be"), "{err}");
+}
+
+#[tokio::test]
+async fn a_batch_mixing_keyed_and_unkeyed_jobs_over_many_accounts_keeps_input_order() {
+    // More accounts than ENQUEUE_LOCK_BATCH (the group-lock statement), keys repeated
+    // within the batch, keys already taken, unique keys, plain jobs: every inserted
+    // job's id follows input order, and every duplicate names its key's job.
+    let (db, _s, client) = setup(16).await;
+    let before = client.enqueue(NewJob::new("mix-0", "step", ()).unwrap().idempotency_key("taken")).await.unwrap();
+    let held = client.enqueue(NewJob::new("mix-1", "step", ()).unwrap().unique_key("u")).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..300 {
+        let account = format!("mix-{}", i % 100);
+        let j = NewJob::new(account, "step", i).unwrap();
+        batch.push(match i % 5 {
+            0 => j.idempotency_key(format!("k-{}", i % 40)), // repeats within the batch
+            1 => j.idempotency_key("taken"),                 // taken only for mix-0
+            2 => j.unique_key("u"),                          // held only for mix-1
+            _ => j,
+        });
+    }
+    let out = client.enqueue_many(&batch).await.unwrap();
+    assert_eq!(out.len(), batch.len());
+    let fresh: Vec<i64> = out.iter().filter(|e| !e.duplicate).map(|e| e.id).collect();
+    assert!(fresh.windows(2).all(|w| w[0] < w[1]), "inserted ids follow input order: {fresh:?}");
+    assert!(fresh[0] > held.id);
+    let mut first_of: std::collections::HashMap<(String, String), i64> = Default::default();
+    for (j, e) in batch.iter().zip(&out) {
+        let key = j.idempotency_key.clone().or(j.unique_key.clone());
+        if let Some(k) = key {
+            let seen = first_of.get(&(j.account.clone(), k.clone())).copied();
+            if j.account == "mix-0" && k == "taken" {
+                assert_eq!((e.id, e.duplicate), (before.id, true));
+            } else if j.account == "mix-1" && k == "u" {
+                assert_eq!((e.id, e.duplicate), (held.id, true));
+            } else if let Some(first) = seen {
+                assert_eq!((e.id, e.duplicate), (first, true), "{j:?}");
+            } else {
+                assert!(!e.duplicate, "the first of its key is inserted: {j:?}");
+            }
+            first_of.entry((j.account.clone(), k)).or_insert(e.id);
+        }
+        let row = client.get(e.id).await.unwrap().expect("every returned id is a job");
+        assert_eq!(row.account, j.account, "{e:?} belongs to {j:?}");
+    }
+    // One job per (account, key), and the job's args are its first input's.
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE account LIKE 'mix-%'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs as usize, 2 + fresh.len());
+    for (j, e) in batch.iter().zip(&out).filter(|(_, e)| !e.duplicate) {
+        let row = client.get(e.id).await.unwrap().unwrap();
+        assert_eq!(row.args, j.args, "job {} carries its own input's args", e.id);
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_held_by_a_transaction_that_rolls_back_goes_to_the_waiting_enqueuer() {
+    // T1 enqueues key K in the caller's transaction and holds it; T2 (the client, and
+    // the SQL function) enqueues K meanwhile and waits. T1 rolls back: T2 must insert
+    // its own job, not return T1's vanished id as a duplicate.
+    for sql in [false, true] {
+        let (db, _s, client) = setup(16).await;
+        let mut tx = db.pool.begin().await.unwrap();
+        let t1 =
+            client.enqueue_in(&mut tx, NewJob::new("idem-rb", "step", 1).unwrap().idempotency_key("K")).await.unwrap();
+        let (c2, pool) = (client.clone(), db.pool.clone());
+        let t2 = tokio::spawn(async move {
+            if sql {
+                sqlx::query_as::<_, (i64, bool)>(
+                    "SELECT job_id, duplicate FROM warden.enqueue_idempotent('idem-rb', 'step', 'K')",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            } else {
+                let e = c2.enqueue(NewJob::new("idem-rb", "step", 2).unwrap().idempotency_key("K")).await.unwrap();
+                (e.id, e.duplicate)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!t2.is_finished(), "T2 waits for T1");
+        tx.rollback().await.unwrap();
+        let (id, dup) = t2.await.unwrap();
+        assert!(!dup && id != t1.id, "T2 inserted its own job ({id}, {dup}) after T1 ({}) rolled back", t1.id);
+        assert!(client.get(id).await.unwrap().is_some());
+        let holder: i64 =
+            sqlx::query_scalar("SELECT job_id FROM warden.idempotency_keys WHERE account = 'idem-rb' AND key = 'K'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(holder, id);
+    }
+}

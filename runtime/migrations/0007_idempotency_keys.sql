@@ -24,8 +24,10 @@ CREATE TABLE IF NOT EXISTS warden.idempotency_keys (
 CREATE INDEX IF NOT EXISTS idempotency_keys_expires_at ON warden.idempotency_keys (expires_at);
 
 -- Enqueue from SQL with an idempotency key: like warden.enqueue (same checks, same
--- per-account lock, same order rule), returning (job_id, duplicate). The key is
--- kept for p_keep (default 7 days, at most 3650 days).
+-- per-account lock, same order rule, and the same defaults: max_attempts and
+-- timeout_ms left NULL come from the kind's published options in warden.kinds, else
+-- 25 and 60 s), returning (job_id, duplicate). The key is kept for p_keep (default 7
+-- days, at most 3650 days).
 CREATE OR REPLACE FUNCTION warden.enqueue_idempotent(
     p_account      text,
     p_kind         text,
@@ -33,10 +35,10 @@ CREATE OR REPLACE FUNCTION warden.enqueue_idempotent(
     p_args         jsonb DEFAULT '{}'::jsonb,
     p_run_at       timestamptz DEFAULT NULL,
     p_keep         interval DEFAULT interval '7 days',
-    p_max_attempts integer DEFAULT 25,
+    p_max_attempts integer DEFAULT NULL,
     p_priority     smallint DEFAULT 0,
     p_lane         text DEFAULT 'serial',
-    p_timeout_ms   integer DEFAULT 60000,
+    p_timeout_ms   integer DEFAULT NULL,
     OUT job_id     bigint,
     OUT duplicate  boolean
 )
@@ -48,6 +50,8 @@ DECLARE
     v_run_at     timestamptz;
     v_id         bigint;
     v_locked     integer;
+    v_max_attempts integer;
+    v_timeout_ms   integer;
 BEGIN
     IF p_account IS NULL OR length(p_account) = 0 OR octet_length(p_account) > 256
        OR p_account ~ '[[:cntrl:]]' THEN
@@ -71,11 +75,18 @@ BEGIN
         RAISE EXCEPTION 'warden.enqueue_idempotent: p_keep must be more than 0 and at most 3650 days'
             USING ERRCODE = '22023';
     END IF;
-    IF p_max_attempts IS NULL OR p_max_attempts < 1 OR p_max_attempts > 1000 THEN
+    IF p_max_attempts IS NOT NULL AND (p_max_attempts < 1 OR p_max_attempts > 1000) THEN
         RAISE EXCEPTION 'warden.enqueue_idempotent: max_attempts must be 1..1000' USING ERRCODE = '22023';
     END IF;
-    IF p_timeout_ms IS NULL OR p_timeout_ms < 1 OR p_timeout_ms > 86400000 THEN
+    IF p_timeout_ms IS NOT NULL AND (p_timeout_ms < 1 OR p_timeout_ms > 86400000) THEN
         RAISE EXCEPTION 'warden.enqueue_idempotent: timeout_ms must be 1..86400000' USING ERRCODE = '22023';
+    END IF;
+    -- As warden.enqueue: a clear error rather than the table's constraint, and the
+    -- same horizon.
+    IF p_run_at IS NOT NULL AND NOT (p_run_at >= '1970-01-01 00:00:00+00'
+                                     AND p_run_at <= statement_timestamp() + interval '3650 days') THEN
+        RAISE EXCEPTION 'warden.enqueue_idempotent: run_at must be between 1970-01-01 and 3650 days from now, got %',
+            p_run_at USING ERRCODE = '22023';
     END IF;
     IF p_lane IS NULL OR p_lane NOT IN ('serial', 'unordered') THEN
         RAISE EXCEPTION 'warden.enqueue_idempotent: lane must be serial or unordered' USING ERRCODE = '22023';
@@ -86,6 +97,12 @@ BEGIN
             USING ERRCODE = '55000';
     END IF;
     v_partition := warden.partition_of(p_account, v_partitions);
+    -- Unset options come from the kind's published ones, as in warden.enqueue (a job
+    -- of a kind registered with a 10-minute timeout must not get 60 s here).
+    SELECT COALESCE(p_max_attempts, k.max_attempts), COALESCE(p_timeout_ms, k.timeout_ms)
+      INTO v_max_attempts, v_timeout_ms FROM warden.kinds k WHERE k.kind = p_kind;
+    v_max_attempts := COALESCE(v_max_attempts, p_max_attempts, 25);
+    v_timeout_ms := COALESCE(v_timeout_ms, p_timeout_ms, 60000);
 
     -- The account's enqueue locks, exactly as warden.enqueue takes them.
     v_locked := COALESCE(NULLIF(current_setting('warden.enqueue_accounts', true), '')::integer, 0);
@@ -117,7 +134,7 @@ BEGIN
                              max_attempts, timeout_ms)
     VALUES (v_id, p_account, v_partition, p_kind, p_args, p_lane,
             CASE WHEN v_run_at > v_now THEN 'scheduled' ELSE 'available' END,
-            p_priority, v_run_at, v_run_at, p_max_attempts, p_timeout_ms);
+            p_priority, v_run_at, v_run_at, v_max_attempts, v_timeout_ms);
     PERFORM pg_notify('warden_wake', v_partition::text || ':' || p_account);
     duplicate := false;
 END

@@ -387,20 +387,31 @@ pub fn plan_fires(
     now: DateTime<Utc>,
 ) -> FirePlan {
     let mut plan = FirePlan::default();
-    let window_start = now - TimeDelta::from_std(catchup_window).unwrap_or(TimeDelta::MAX);
-    // 1. Missed: older than the window.
+    // Checked: a row edited by SQL may hold any window (the column is only >= 0), and
+    // an overflow here panicked the node's scheduler task. Past the calendar's start,
+    // everything is within the window.
+    let window_start = TimeDelta::from_std(catchup_window)
+        .ok()
+        .and_then(|w| now.checked_sub_signed(w))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    // 1. Missed: older than the window. Lateness is measured from when the fire was
+    // due, nominal + jitter, not from the nominal time: a fire jittered by more than
+    // the window is on time at its jittered instant, not missed.
     let mut first = Some(next_nominal);
     let mut counted = 0usize;
     while let Some(n) = first {
-        if n >= window_start {
+        if spec.fire_at(key, n) >= window_start {
             break;
         }
         counted += 1;
         plan.missed += 1;
-        if counted >= MAX_MISSED_COUNTED {
-            // Skip ahead by the timing: the count is a lower bound.
-            first = spec.next_after(window_start - TimeDelta::seconds(1));
-            break;
+        if counted == MAX_MISSED_COUNTED {
+            // Skip ahead by the timing (the count is a lower bound) to just before the
+            // window, and keep checking from there: `window_start` has a fraction of a
+            // second, so the first nominal time after `window_start - 1 s` may still be
+            // older than the window.
+            first = spec.next_after(n.max(window_start.checked_sub_signed(TimeDelta::seconds(1)).unwrap_or(n)));
+            continue;
         }
         first = spec.next_after(n);
     }
@@ -522,6 +533,10 @@ impl ScheduleRow {
 // ---------------------------------------------------------------------------
 // The node task.
 
+/// How long a schedule whose fire failed waits before the next attempt (its nominal
+/// time is kept; see `PgStore::defer_schedule`).
+pub const FAILED_FIRE_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Due schedules one pass fires at most (the rest wait for the next pass).
 pub const DUE_SCAN_LIMIT: i64 = 1_000;
 
@@ -572,25 +587,41 @@ impl Scheduler {
             for batch in due.chunks(FIRE_BATCH) {
                 // Held and not draining, with its validity window open.
                 let Some(lease) = self.leases.current(partition) else { break };
-                let fired = self
-                    .store
-                    .fire_schedules(&lease.fence, batch, self.idle_timeout, &defaults, |row, earlier, now| {
-                        let def = row.def()?;
-                        let spec = def.spec()?;
-                        let key = ScheduleDef::jitter_key(&row.account, &row.name);
-                        let nominal = row.next_nominal.expect("a due schedule has a next nominal time");
-                        Ok(plan_fires(&spec, &key, nominal, def.overlap, def.catchup_window, def.catchup, earlier, now))
-                    })
-                    .await;
+                let fired =
+                    self.store.fire_schedules(&lease.fence, batch, self.idle_timeout, &defaults, plan_row).await;
                 match fired {
                     Ok(outcomes) => {
                         for (id, outcome) in outcomes {
+                            if outcome.is_err() {
+                                let expected = batch.iter().find(|d| d.0 == id).map(|d| d.1);
+                                self.defer(&lease.fence, id, expected).await;
+                            }
                             self.count(id, outcome, &mut report);
                         }
                     }
                     Err(Error::Fenced { .. }) => {
                         tracing::debug!(partition, "fire fenced: the partition moved");
                         report.stale += batch.len() as u64;
+                    }
+                    Err(e) if e.is_permanent() && batch.len() > 1 => {
+                        // One schedule's data fails the whole batch for good (its job
+                        // does not enqueue): fire them one by one, so only it fails
+                        // (and is deferred).
+                        tracing::warn!(partition, error = %e, "a batch of fires failed for good; firing its schedules one by one");
+                        for (id, nominal) in batch {
+                            let one = self
+                                .store
+                                .fire_schedule(&lease.fence, *id, *nominal, self.idle_timeout, &defaults, plan_row)
+                                .await;
+                            match one {
+                                Err(Error::Fenced { .. }) => report.stale += 1,
+                                Err(e) => {
+                                    self.defer(&lease.fence, *id, Some(*nominal)).await;
+                                    self.count(*id, Err(e), &mut report);
+                                }
+                                Ok(o) => self.count(*id, Ok(o), &mut report),
+                            }
+                        }
                     }
                     Err(e) => {
                         report.failed += batch.len() as u64;
@@ -604,7 +635,33 @@ impl Scheduler {
     }
 }
 
+/// Plan a due schedule's fire from its stored row (see [`plan_fires`]).
+fn plan_row(row: &ScheduleRow, earlier: Earlier, now: DateTime<Utc>) -> Result<FirePlan> {
+    let def = row.def()?;
+    let spec = def.spec()?;
+    let key = ScheduleDef::jitter_key(&row.account, &row.name);
+    let Some(nominal) = row.next_nominal else {
+        return Err(Error::Undecodable(format!("schedule {} is due without a next nominal time", row.id)));
+    };
+    // Pure, but fed a stored row anything may have written: a panic here would end the
+    // scheduler task and every schedule of the node with it. As an error it fails
+    // (and defers) this schedule only.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        plan_fires(&spec, &key, nominal, def.overlap, def.catchup_window, def.catchup, earlier, now)
+    }))
+    .map_err(|_| Error::Undecodable(format!("schedule {}: planning its fire panicked", row.id)))
+}
+
 impl Scheduler {
+    /// Out of the due scan for [`FAILED_FIRE_BACKOFF`] (see `defer_schedule`): a row
+    /// that always fails must not starve the others.
+    async fn defer(&self, fence: &crate::store::Fence, id: i64, expected: Option<DateTime<Utc>>) {
+        let Some(nominal) = expected else { return };
+        if let Err(e) = self.store.defer_schedule(fence, id, nominal, FAILED_FIRE_BACKOFF).await {
+            tracing::debug!(schedule = id, error = %e, "deferring a failed schedule failed");
+        }
+    }
+
     fn count(&self, id: i64, outcome: Result<crate::store::pg::FireOutcome>, report: &mut PassReport) {
         match outcome {
             Ok(crate::store::pg::FireOutcome::Fired { plan, jobs }) => {
@@ -620,7 +677,11 @@ impl Scheduler {
                 metrics::counter!("warden_schedule_fires_total", "outcome" => "skipped").increment(plan.skipped);
                 metrics::counter!("warden_schedule_fires_total", "outcome" => "missed").increment(plan.missed);
                 if plan.missed > 0 {
-                    tracing::warn!(schedule = id, missed = plan.missed, "schedule fires older than the catch-up window were missed");
+                    tracing::warn!(
+                        schedule = id,
+                        missed = plan.missed,
+                        "schedule fires older than the catch-up window were missed"
+                    );
                 }
             }
             Ok(crate::store::pg::FireOutcome::Stale) => report.stale += 1,
@@ -877,6 +938,67 @@ mod tests {
         assert_eq!(p.missed, MAX_MISSED_COUNTED as u64);
         assert_eq!(p.fire, vec![at("2026-01-03T00:00:00Z")]);
         assert_eq!(p.next_nominal, Some(at("2026-01-03T00:00:01Z")));
+    }
+
+    #[test]
+    fn a_fire_jittered_past_the_catch_up_window_is_fired_not_missed() {
+        // Daily at 03:00 with up to 6 h of jitter, the default 1 h catch-up window: a
+        // schedule whose offset is over an hour fires on time (at nominal + offset),
+        // and that on-time fire must not count as an hour late.
+        let spec = Spec::cron("0 3 * * *").jitter(Duration::from_secs(6 * 3600)).build().unwrap();
+        let nominal = at("2026-01-01T03:00:00Z");
+        let key = (0..)
+            .map(|i| ScheduleDef::jitter_key("acct", &format!("nightly-{i}")))
+            .find(|k| spec.jitter_offset(k, nominal) > Duration::from_secs(2 * 3600))
+            .unwrap();
+        let fire_at = spec.fire_at(&key, nominal);
+        let p = plan_fires(
+            &spec,
+            &key,
+            nominal,
+            Overlap::Skip,
+            DEFAULT_CATCHUP_WINDOW,
+            CatchUp::All,
+            Earlier::default(),
+            fire_at + TimeDelta::milliseconds(50),
+        );
+        assert_eq!((p.fire, p.missed), (vec![nominal], 0), "fired at its jittered instant, not missed");
+    }
+
+    #[test]
+    fn a_huge_gap_skips_ahead_to_the_window_not_one_nominal_time_before_it() {
+        // now has a fraction of a second: the window starts at 23:59:55.300, so
+        // 23:59:55 is older than the window and must not fire.
+        let every_second = Spec::every(Duration::from_secs(1), DateTime::UNIX_EPOCH).build().unwrap();
+        let p = plan_fires(
+            &every_second,
+            b"k",
+            at("2026-01-01T00:00:00Z"),
+            Overlap::BufferAll,
+            Duration::from_secs(5),
+            CatchUp::All,
+            Earlier::default(),
+            at("2026-01-03T00:00:00.300Z"),
+        );
+        assert_eq!(p.fire.first(), Some(&at("2026-01-02T23:59:56Z")), "{:?}", p.fire);
+        assert_eq!(p.fire.len(), 5);
+    }
+
+    #[test]
+    fn an_unbounded_catch_up_window_does_not_overflow() {
+        // A row edited by SQL: catchup_window_ms = i64::MAX (the column has no upper
+        // bound). Everything is within such a window.
+        let p = plan_fires(
+            &minutely(),
+            b"k",
+            at("2026-01-01T09:00:00Z"),
+            Overlap::BufferAll,
+            Duration::from_millis(i64::MAX as u64),
+            CatchUp::All,
+            Earlier::default(),
+            at("2026-01-01T10:00:30Z"),
+        );
+        assert_eq!((p.missed, p.fire.len()), (0, 61));
     }
 
     #[test]

@@ -161,7 +161,13 @@ struct Minute {
 }
 
 /// Fires due in [from, to): how many, how many missing, lags (due → start).
-async fn measure(pool: &sqlx::PgPool, prefix: &str, n: usize, from: DateTime<Utc>, to: DateTime<Utc>) -> anyhow::Result<Minute> {
+async fn measure(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    n: usize,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<Minute> {
     let rows: Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
         "SELECT s.account, f.nominal_at, (SELECT min(a.started_at) FROM warden.attempts a WHERE a.job_id = f.job_id)
          FROM warden.schedule_fires f JOIN warden.schedules s ON s.id = f.schedule_id
@@ -174,7 +180,8 @@ async fn measure(pool: &sqlx::PgPool, prefix: &str, n: usize, from: DateTime<Utc
     .await?;
     let mut lags = Vec::new();
     let mut due_fired = 0;
-    let spec = ScheduleDef::every("x", "tick", Duration::from_secs(60), "tick", ())?.jitter(Duration::from_secs(60)).spec()?;
+    let spec =
+        ScheduleDef::every("x", "tick", Duration::from_secs(60), "tick", ())?.jitter(Duration::from_secs(60)).spec()?;
     for (account, nominal, started) in rows {
         let due = spec.fire_at(&ScheduleDef::jitter_key(&account, "tick"), nominal);
         if due < from || due >= to {
@@ -288,7 +295,11 @@ async fn main() -> anyhow::Result<()> {
         args.minutes = 1;
     }
     let pg = PrivatePg::start()?;
-    println!("warden-schedule-bench: {} nodes, P = {P}, load {}", args.nodes, std::fs::read_to_string("/proc/loadavg")?.trim());
+    println!(
+        "warden-schedule-bench: {} nodes, P = {P}, load {}",
+        args.nodes,
+        std::fs::read_to_string("/proc/loadavg")?.trim()
+    );
     let baseline = if args.no_baseline {
         None
     } else {

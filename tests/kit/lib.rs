@@ -35,8 +35,8 @@
 pub mod conformance;
 pub mod gossip_net;
 pub mod long_job;
-pub mod periodic;
 pub mod model_store;
+pub mod periodic;
 pub mod rollout;
 pub mod soak;
 pub mod workload;

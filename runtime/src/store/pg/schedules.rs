@@ -138,6 +138,12 @@ const RECORD_MANUAL_SQL: &str = "
         fires_total = fires_total + $3, updated_at = statement_timestamp()
     WHERE id = $1";
 
+/// Postpone the fire of schedule $1 at nominal time $2 by $3 ms after a failed
+/// attempt; its nominal time is kept (compare-and-set on it, like a fire).
+const DEFER_SQL: &str = "
+    UPDATE warden.schedules SET next_fire_at = statement_timestamp() + $3 * interval '1 millisecond'
+    WHERE id = $1 AND next_nominal = $2 AND NOT paused";
+
 /// How a fire attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FireOutcome {
@@ -234,11 +240,8 @@ impl PgStore {
             }
         }
         let firing_ids: Vec<i64> = firing.iter().map(|r| r.id).collect();
-        let earlier_rows = sqlx::query(EARLIER_MANY_SQL)
-            .bind(&firing_ids)
-            .bind(OVERLAP_LOOKBACK)
-            .fetch_all(&mut *tx)
-            .await?;
+        let earlier_rows =
+            sqlx::query(EARLIER_MANY_SQL).bind(&firing_ids).bind(OVERLAP_LOOKBACK).fetch_all(&mut *tx).await?;
         let mut earlier_jobs: std::collections::HashMap<i64, Vec<(i64, String, i32, String)>> = Default::default();
         for r in &earlier_rows {
             let schedule: i64 = r.try_get(0)?;
@@ -313,7 +316,8 @@ impl PgStore {
         }
         let mut job_ids = Vec::with_capacity(jobs.len());
         for chunk in jobs.chunks(crate::job::MAX_ENQUEUE_BATCH) {
-            job_ids.extend(insert_resolved(&mut tx, self.partitions(), chunk, defaults).await?.into_iter().map(|e| e.id));
+            job_ids
+                .extend(insert_resolved(&mut tx, self.partitions(), chunk, defaults).await?.into_iter().map(|e| e.id));
         }
         if !job_ids.is_empty() {
             sqlx::query(RECORD_FIRES_MANY_SQL)
@@ -359,6 +363,35 @@ impl PgStore {
         tx.commit().await?;
         out.extend(fired_out);
         Ok(out)
+    }
+
+    /// After a failed fire of schedule `id` at nominal time `expected`: postpone its
+    /// next attempt by `backoff`, keeping the nominal time (so nothing is skipped: once
+    /// the row is fixed, the fire happens, caught up per its policy). Without this a
+    /// row that fails every time (edited by SQL to a cron that no longer parses, a zone
+    /// dropped from tzdata) stays the oldest due and, with enough of them, fills every
+    /// due scan: the partition's healthy schedules never fire. Fenced like a fire.
+    pub async fn defer_schedule(
+        &self,
+        fence: &Fence,
+        id: i64,
+        expected: DateTime<Utc>,
+        backoff: std::time::Duration,
+    ) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
+        let held: bool = sqlx::query_scalar(FENCE_SQL)
+            .bind(fence.partition as i32)
+            .bind(fence.epoch)
+            .bind(&*fence.owner)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !held {
+            tx.rollback().await?;
+            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
+        }
+        let n = sqlx::query(DEFER_SQL).bind(id).bind(expected).bind(ms(backoff)).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(n.rows_affected() > 0)
     }
 
     /// Enqueue one job per nominal time for schedule `row` and record the fires.
@@ -501,6 +534,12 @@ impl PgStore {
     ) -> Result<Option<(Vec<i64>, usize)>> {
         if to < from {
             return Err(Error::invalid(format!("backfill range is empty: {from} is after {to}")));
+        }
+        // Jobs run from the Unix epoch on (MIN_RUN_AT_UNIX_S); and `from - 1 ns` below
+        // (or a zone's offset) would overflow chrono and panic for "from the start of
+        // time" (DateTime::MIN_UTC).
+        if from < DateTime::UNIX_EPOCH {
+            return Err(Error::invalid(format!("backfill range starts at {from}, before 1970-01-01")));
         }
         let mut tx = self.pool().begin().await?;
         let row: Option<ScheduleRow> =
