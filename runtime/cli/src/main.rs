@@ -189,6 +189,8 @@ enum JobsCmd {
     Retry { id: i64 },
 }
 
+// Parsed once per process: the size of the create variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum SchedulesCmd {
     /// Schedules by id, with their next and last fire.
