@@ -204,6 +204,241 @@ async fn bad_input_and_missing_jobs_get_clear_statuses() {
     node.shutdown().await.unwrap();
 }
 
+fn nightly(account: &str, name: &str) -> pb::ScheduleDefinition {
+    pb::ScheduleDefinition {
+        account: account.into(),
+        name: name.into(),
+        cron: "0 3 * * *".into(),
+        zone: "Europe/Berlin".into(),
+        kind: "report".into(),
+        args_json: r#"{"k": 1}"#.into(),
+        ..Default::default()
+    }
+}
+
+fn at(s: &str) -> i64 {
+    s.parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp_millis()
+}
+
+/// Issue 14, item 4 and 5 over gRPC: create, read, list in pages, pause, resume,
+/// trigger, backfill and delete a schedule; its next and last fire and totals are in
+/// every answer; bad definitions get the engine's message as INVALID_ARGUMENT, unknown
+/// schedules NOT_FOUND.
+#[tokio::test]
+async fn schedules_are_managed_over_grpc() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let mut sch = pb::schedules_client::SchedulesClient::new(channel(addr).await);
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+    let r = |a: &str, n: &str| pb::ScheduleRef { account: a.into(), name: n.into() };
+
+    let put = |d: pb::ScheduleDefinition| pb::PutScheduleRequest { schedule: Some(d) };
+    let mut def = nightly("acct", "nightly");
+    def.overlap = "buffer_one".into();
+    def.catchup = "latest".into();
+    def.catchup_window_ms = Some(600_000);
+    let now = chrono::Utc::now().timestamp_millis();
+    let s = sch.put_schedule(put(def.clone())).await.unwrap().into_inner().schedule.unwrap();
+    let got = s.definition.clone().unwrap();
+    assert_eq!(got, pb::ScheduleDefinition { lane: "serial".into(), args_json: r#"{"k":1}"#.into(), ..def.clone() });
+    assert!((s.id > 0, s.paused, s.source.as_str(), s.revision) == (true, false, "runtime", 0), "{s:?}");
+    assert!(s.next_nominal_unix_ms > now && s.next_nominal_unix_ms - now <= 86_400_000, "{s:?}");
+    assert_eq!(s.next_fire_at_unix_ms, s.next_nominal_unix_ms, "no jitter");
+    // 03:00 in Berlin is 01:00 or 02:00 UTC.
+    let hour = chrono::DateTime::from_timestamp_millis(s.next_nominal_unix_ms).unwrap().format("%H:%M").to_string();
+    assert!(hour == "01:00" || hour == "02:00", "{hour}");
+    assert_eq!((s.last_fired_at_unix_ms, s.last_job_id, s.fires_total, s.missed_total), (0, 0, 0, 0));
+
+    let every = pb::ScheduleDefinition {
+        cron: String::new(),
+        every_ms: 30_000,
+        anchor_unix_ms: 7_000,
+        zone: String::new(),
+        ..nightly("acct", "half-minutely")
+    };
+    let e = sch.put_schedule(put(every)).await.unwrap().into_inner().schedule.unwrap();
+    assert_eq!((e.next_nominal_unix_ms - 7_000) % 30_000, 0, "anchored: {e:?}");
+    assert_eq!(e.definition.as_ref().unwrap().zone, "UTC");
+    sch.put_schedule(put(nightly("other", "nightly"))).await.unwrap();
+
+    // Get; list in pages, of all accounts or one.
+    let g = sch.get_schedule(r("acct", "nightly")).await.unwrap().into_inner().schedule.unwrap();
+    assert_eq!(g, s);
+    let page = |account: &str, size: u32, token: &str| pb::ListSchedulesRequest {
+        account: account.into(),
+        page_size: size,
+        page_token: token.into(),
+    };
+    let p1 = sch.list_schedules(page("", 2, "")).await.unwrap().into_inner();
+    assert_eq!(p1.schedules.len(), 2);
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = sch.list_schedules(page("", 2, &p1.next_page_token)).await.unwrap().into_inner();
+    assert_eq!((p2.schedules.len(), p2.next_page_token.as_str()), (1, ""), "{p2:?}");
+    let mine = sch.list_schedules(page("acct", 0, "")).await.unwrap().into_inner();
+    let names: Vec<_> = mine.schedules.iter().map(|s| s.definition.as_ref().unwrap().name.clone()).collect();
+    assert_eq!((names, mine.next_page_token.as_str()), (vec!["nightly".to_string(), "half-minutely".into()], ""));
+
+    // Pause, resume.
+    let p = sch.pause_schedule(r("acct", "nightly")).await.unwrap().into_inner().schedule.unwrap();
+    assert!(p.paused);
+    let q = sch.resume_schedule(r("acct", "nightly")).await.unwrap().into_inner().schedule.unwrap();
+    assert!(!q.paused && q.next_nominal_unix_ms == s.next_nominal_unix_ms, "{q:?}");
+
+    // Trigger: one job now, recorded as the last fire.
+    let job_id = sch.trigger_schedule(r("acct", "nightly")).await.unwrap().into_inner().job_id;
+    let j = jobs.get_job(pb::GetJobRequest { id: job_id, ..Default::default() }).await.unwrap().into_inner();
+    let j = j.job.unwrap();
+    assert_eq!((j.account.as_str(), j.kind.as_str(), j.args_json.as_str()), ("acct", "report", r#"{"k":1}"#));
+    let t = sch.get_schedule(r("acct", "nightly")).await.unwrap().into_inner().schedule.unwrap();
+    assert_eq!((t.fires_total, t.last_job_id), (1, job_id));
+    assert!(t.last_fired_at_unix_ms >= now, "{t:?}");
+    assert_eq!(t.next_nominal_unix_ms, s.next_nominal_unix_ms, "a trigger is outside the timing");
+
+    // Backfill three nights (02:00 UTC in winter), then again: nothing new.
+    let backfill = |from: &str, to: &str| pb::BackfillScheduleRequest {
+        account: "acct".into(),
+        name: "nightly".into(),
+        from_unix_ms: at(from),
+        to_unix_ms: at(to),
+    };
+    let b = sch.backfill_schedule(backfill("2026-01-01T00:00:00Z", "2026-01-03T23:00:00Z")).await.unwrap().into_inner();
+    assert_eq!((b.job_ids.len(), b.already_fired), (3, 0), "{b:?}");
+    let again = sch.backfill_schedule(backfill("2026-01-01T00:00:00Z", "2026-01-04T01:00:00Z")).await.unwrap();
+    assert_eq!((again.get_ref().job_ids.len(), again.get_ref().already_fired), (0, 3));
+    let nominals: Vec<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT nominal_at FROM warden.schedule_fires WHERE via = 'backfill' ORDER BY nominal_at")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        nominals.iter().map(|n| n.timestamp_millis()).collect::<Vec<_>>(),
+        vec![at("2026-01-01T02:00:00Z"), at("2026-01-02T02:00:00Z"), at("2026-01-03T02:00:00Z")]
+    );
+    let t = sch.get_schedule(r("acct", "nightly")).await.unwrap().into_inner().schedule.unwrap();
+    assert_eq!((t.fires_total, t.last_job_id), (4, *b.job_ids.last().unwrap()));
+
+    // Delete; its jobs stay.
+    sch.delete_schedule(r("acct", "nightly")).await.unwrap();
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM warden.jobs WHERE kind = 'report'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(n, 4);
+
+    // Unknown schedules: NOT_FOUND, naming it.
+    for s in [
+        sch.get_schedule(r("acct", "nightly")).await.unwrap_err(),
+        sch.delete_schedule(r("acct", "nightly")).await.unwrap_err(),
+        sch.pause_schedule(r("acct", "nope")).await.unwrap_err(),
+        sch.resume_schedule(r("acct", "nope")).await.unwrap_err(),
+        sch.trigger_schedule(r("acct", "nope")).await.unwrap_err(),
+        sch.backfill_schedule(pb::BackfillScheduleRequest {
+            name: "nope".into(),
+            ..backfill("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z")
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+        assert!(s.message().starts_with("no schedule \"n"), "{s:?}");
+    }
+
+    // Bad definitions: the engine's message, as INVALID_ARGUMENT, nothing stored.
+    let bad: Vec<(pb::ScheduleDefinition, &str)> = vec![
+        (pb::ScheduleDefinition { cron: "61 * * * *".into(), ..nightly("a", "b") }, "minute"),
+        (pb::ScheduleDefinition { cron: "every day".into(), ..nightly("a", "b") }, "cron"),
+        (pb::ScheduleDefinition { zone: "Mars/Olympus".into(), ..nightly("a", "b") }, "unknown time zone"),
+        (pb::ScheduleDefinition { cron: String::new(), every_ms: 10, ..nightly("a", "b") }, "interval"),
+        (pb::ScheduleDefinition { every_ms: 60_000, ..nightly("a", "b") }, "not both"),
+        (pb::ScheduleDefinition { cron: String::new(), ..nightly("a", "b") }, "needs a timing"),
+        (pb::ScheduleDefinition { anchor_unix_ms: 5, ..nightly("a", "b") }, "anchor_unix_ms"),
+        (pb::ScheduleDefinition { overlap: "sometimes".into(), ..nightly("a", "b") }, "overlap policy"),
+        (pb::ScheduleDefinition { overlap: "allow".into(), ..nightly("a", "b") }, "Unordered"),
+        (pb::ScheduleDefinition { catchup: "some".into(), ..nightly("a", "b") }, "catch-up mode"),
+        (pb::ScheduleDefinition { catchup_window_ms: Some(400 * 86_400_000), ..nightly("a", "b") }, "catch-up window"),
+        (pb::ScheduleDefinition { args_json: "{oops".into(), ..nightly("a", "b") }, "args_json is not valid JSON"),
+        (pb::ScheduleDefinition { account: String::new(), ..nightly("a", "b") }, "account must not be empty"),
+        (pb::ScheduleDefinition { name: "x".repeat(200), ..nightly("a", "b") }, "schedule name"),
+        (pb::ScheduleDefinition { lane: "sideways".into(), ..nightly("a", "b") }, "lane"),
+    ];
+    for (d, expected) in bad {
+        let s = sch.put_schedule(put(d)).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(expected), "{:?} should mention {expected:?}", s.message());
+    }
+    let s = sch.put_schedule(pb::PutScheduleRequest { schedule: None }).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let s = sch.backfill_schedule(backfill("2026-01-03T00:00:00Z", "2026-01-01T00:00:00Z")).await.unwrap_err();
+    assert!(s.code() == Code::InvalidArgument && s.message().contains("empty"), "{s:?}");
+    let s = sch
+        .backfill_schedule(pb::BackfillScheduleRequest {
+            from_unix_ms: 0,
+            ..backfill("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z")
+        })
+        .await
+        .unwrap_err();
+    assert!(s.code() == Code::InvalidArgument && s.message().contains("from_unix_ms is required"), "{s:?}");
+    let s = sch.list_schedules(page("", 501, "")).await.unwrap_err();
+    assert!(s.code() == Code::InvalidArgument && s.message().contains("limit of 500"), "{s:?}");
+    assert_eq!(sch.list_schedules(page("", 0, "zzz")).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(sch.get_schedule(r("", "x")).await.unwrap_err().code(), Code::InvalidArgument);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM warden.schedules WHERE account = 'a'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+
+    // A schedule declared in code cannot be changed here.
+    sqlx::query("UPDATE warden.schedules SET source = 'code', revision = 3 WHERE account = 'other'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let s = sch.put_schedule(put(nightly("other", "nightly"))).await.unwrap_err();
+    assert!(s.code() == Code::InvalidArgument && s.message().contains("declared in a node's code"), "{s:?}");
+    node.shutdown().await.unwrap();
+}
+
+/// Issue 14, item 6 over gRPC: an idempotency key makes an enqueue exactly-once per key
+/// for as long as the key is kept, even after its job finished.
+#[tokio::test]
+async fn enqueue_with_an_idempotency_key_over_grpc() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel(addr).await);
+    let keyed = |key: &str| pb::NewJob {
+        idempotency_key: key.into(),
+        idempotency_keep_ms: 3_600_000,
+        ..job("acct", "audit", r#"{"seq": 1}"#)
+    };
+    let first = jobs.enqueue(pb::EnqueueRequest { job: Some(keyed("order-7")) }).await.unwrap().into_inner();
+    assert!(!first.duplicate);
+    eventually(Duration::from_secs(20), "first job completed", || {
+        let mut jobs = jobs.clone();
+        async move {
+            let r = jobs.get_job(pb::GetJobRequest { id: first.id, ..Default::default() }).await.unwrap().into_inner();
+            (r.job.unwrap().state == "completed").then_some(())
+        }
+    })
+    .await;
+    let again = jobs.enqueue(pb::EnqueueRequest { job: Some(keyed("order-7")) }).await.unwrap().into_inner();
+    assert_eq!((again.id, again.duplicate), (first.id, true), "the key outlives its finished job");
+    let batch = jobs
+        .enqueue_batch(pb::EnqueueBatchRequest { jobs: vec![keyed("order-7"), keyed("order-8")] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(batch.results[0].duplicate && batch.results[0].id == first.id && !batch.results[1].duplicate);
+    for (j, expected) in [
+        (pb::NewJob { unique_key: "u".into(), ..keyed("k") }, "not both"),
+        (pb::NewJob { idempotency_keep_ms: 5, ..job("acct", "audit", "") }, "without an idempotency_key"),
+        (pb::NewJob { idempotency_key: "a\nb".into(), ..job("acct", "audit", "") }, "idempotency_key"),
+    ] {
+        let s = jobs.enqueue(pb::EnqueueRequest { job: Some(j) }).await.unwrap_err();
+        assert!(s.code() == Code::InvalidArgument && s.message().contains(expected), "{s:?}");
+    }
+    node.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn cluster_service_answers_from_the_lease_table() {
     let db = TestDb::new().await;
@@ -261,6 +496,9 @@ async fn bearer_token_is_required_when_configured() {
     let mut right = Request::new(pb::NodeStatsRequest {});
     right.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
     assert!(cluster.node_stats(right).await.is_ok());
+    let mut schedules = pb::schedules_client::SchedulesClient::new(channel(addr).await);
+    let s = schedules.list_schedules(pb::ListSchedulesRequest::default()).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "the schedules service is guarded too");
     node.shutdown().await.unwrap();
 }
 
@@ -349,6 +587,13 @@ async fn a_python_client_generated_from_the_proto_works() {
         v["progress"],
         serde_json::json!({ "has_percent": true, "percent": 42.5, "message": "step 42", "details": { "k": 1 },
                             "attempt": 2, "checkpoint_attempt": 1, "checkpoint_bytes": 12, "ages_ok": true }),
+        "{v}"
+    );
+    assert_eq!(
+        v["schedule"],
+        serde_json::json!({ "names": ["nightly"], "window": 600000, "has_window": true, "next_after_now": true,
+                            "bad_zone": "INVALID_ARGUMENT: unknown time zone \"Mars/Olympus\"",
+                            "missing": "NOT_FOUND", "idempotent": true }),
         "{v}"
     );
     node.shutdown().await.unwrap();

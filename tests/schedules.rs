@@ -409,4 +409,69 @@ async fn dst_transitions_through_the_fire_path_fire_each_wall_time_once() {
         let stored = store.get_schedule("acct-dst", &row.name).await.unwrap().unwrap();
         assert_eq!(stored.next_nominal, Some(next), "{}: the repeated/skipped wall time fires once", row.name);
     }
+
+/// Migration 0009: pause, trigger and delete from SQL, under the same row lock as the
+/// runtime (the fire re-reads the row: a paused or deleted schedule does not fire); a
+/// trigger's job resolves its kind's defaults as `Schedules::trigger` does. Creating and
+/// resuming are not offered from SQL (they need the Rust timing code).
+#[tokio::test]
+async fn schedules_are_paused_triggered_and_deleted_from_sql() {
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    node.client().schedules().put(&every_second("acct-sql", "beat", 0)).await.unwrap();
+    eventually(WAIT, "2 fires", || async { (fires_of(&db, "acct-sql").await.len() >= 2).then_some(()) }).await;
+    let paused: bool =
+        sqlx::query_scalar("SELECT warden.schedule_pause('acct-sql', 'beat')").fetch_one(&db.pool).await.unwrap();
+    assert!(paused);
+    let missing: bool =
+        sqlx::query_scalar("SELECT warden.schedule_pause('acct-sql', 'nope')").fetch_one(&db.pool).await.unwrap();
+    assert!(!missing);
+    // A fire that had the row locked before the pause may still commit; none after it.
+    let at_pause = fires_of(&db, "acct-sql").await.len();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let after = fires_of(&db, "acct-sql").await.len();
+    assert!(after <= at_pause + 1, "a paused schedule fired: {at_pause} → {after}");
+    assert_each_second_once(&fires_of(&db, "acct-sql").await);
+
+    // Trigger (a paused schedule too, as the runtime's trigger does).
+    let before = node.client().schedules().get("acct-sql", "beat").await.unwrap().unwrap();
+    let job: i64 =
+        sqlx::query_scalar("SELECT warden.schedule_trigger('acct-sql', 'beat')").fetch_one(&db.pool).await.unwrap();
+    node.client().wait_finished(&[job], WAIT).await.unwrap();
+    let j = node.client().get(job).await.unwrap().unwrap();
+    assert_eq!((j.kind.as_str(), j.max_attempts, j.args.clone()), ("tick", 3, serde_json::json!({ "sleep_ms": 0 })));
+    let via: String = sqlx::query_scalar("SELECT via FROM warden.schedule_fires WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(via, "trigger");
+    let row = node.client().schedules().get("acct-sql", "beat").await.unwrap().unwrap();
+    assert_eq!((row.fires_total, row.last_job_id), (before.fires_total + 1, Some(job)));
+    assert_eq!(row.next_nominal, before.next_nominal, "a trigger is outside the timing");
+    let none: Option<i64> =
+        sqlx::query_scalar("SELECT warden.schedule_trigger('acct-sql', 'nope')").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(none, None);
+
+    // Resuming is the runtime's (it computes the next nominal time), and it continues
+    // after the resume: the paused seconds are neither fired nor counted missed.
+    let resumable: Option<String> =
+        sqlx::query_scalar("SELECT to_regproc('warden.schedule_resume')::text").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(resumable, None, "not offered from SQL");
+    let resumed = node.client().schedules().resume("acct-sql", "beat").await.unwrap();
+    assert!(resumed.next_nominal.unwrap() > Utc::now() - TimeDelta::seconds(1));
+    let n = fires_of(&db, "acct-sql").await.len();
+    eventually(WAIT, "fires again", || async { (fires_of(&db, "acct-sql").await.len() > n).then_some(()) }).await;
+    assert_eq!(node.client().schedules().get("acct-sql", "beat").await.unwrap().unwrap().missed_total, 0);
+
+    // Delete: gone, its jobs stay, and it fires no more.
+    let deleted: bool =
+        sqlx::query_scalar("SELECT warden.schedule_delete('acct-sql', 'beat')").fetch_one(&db.pool).await.unwrap();
+    assert!(deleted);
+    let again: bool =
+        sqlx::query_scalar("SELECT warden.schedule_delete('acct-sql', 'beat')").fetch_one(&db.pool).await.unwrap();
+    assert!(!again);
+    assert!(node.client().schedules().get("acct-sql", "beat").await.unwrap().is_none());
+    assert!(node.client().get(job).await.unwrap().is_some(), "its jobs stay");
+    node.shutdown().await.unwrap();
 }

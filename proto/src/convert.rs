@@ -6,6 +6,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use std::time::Duration;
 use tonic::Status;
 use warden_runtime::job::{AttemptRow, JobRow, Lane, NewJob};
+use warden_runtime::scheduler::{CatchUp, Overlap, ScheduleDef, ScheduleRow, Timing, DEFAULT_CATCHUP_WINDOW};
 use warden_runtime::sqlx;
 use warden_runtime::{Error, JobProgress};
 
@@ -14,6 +15,7 @@ pub fn status(e: Error) -> Status {
     match e {
         Error::InvalidInput(m) => Status::invalid_argument(m),
         Error::JobNotFound(id) => Status::not_found(format!("job {id} not found")),
+        e @ Error::ScheduleNotFound { .. } => Status::not_found(e.to_string()),
         Error::NotInitialised => Status::failed_precondition("cluster schema not initialised"),
         Error::Conflict(m) => Status::aborted(m),
         Error::Timeout(_) => Status::unavailable("database unavailable, try again"),
@@ -110,19 +112,7 @@ pub fn attempt(a: &AttemptRow) -> pb::Attempt {
 /// Validate and convert a wire job (all checks before the database).
 pub fn new_job(j: Option<pb::NewJob>) -> Result<NewJob, Status> {
     let j = j.ok_or_else(|| Status::invalid_argument("job is required"))?;
-    let args: serde_json::Value = if j.args_json.trim().is_empty() {
-        serde_json::json!({})
-    } else {
-        if j.args_json.len() > warden_runtime::job::MAX_ARGS_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "args_json is {} bytes; the limit is {}",
-                j.args_json.len(),
-                warden_runtime::job::MAX_ARGS_BYTES
-            )));
-        }
-        serde_json::from_str(&j.args_json)
-            .map_err(|e| Status::invalid_argument(format!("args_json is not valid JSON: {e}")))?
-    };
+    let args = args_json("args_json", &j.args_json)?;
     let mut job = NewJob::new(j.account, j.kind, args).map_err(status)?;
     if j.run_at_unix_ms != 0 {
         let at = Utc
@@ -151,6 +141,139 @@ pub fn new_job(j: Option<pb::NewJob>) -> Result<NewJob, Status> {
         let lane = Lane::parse(&j.lane).ok_or_else(|| Status::invalid_argument("lane must be serial or unordered"))?;
         job = job.lane(lane);
     }
+    if !j.idempotency_key.is_empty() {
+        job = job.idempotency_key(j.idempotency_key);
+    }
+    if j.idempotency_keep_ms != 0 {
+        job = job.idempotency_keep(Duration::from_millis(j.idempotency_keep_ms));
+    }
     job.validate().map_err(status)?;
     Ok(job)
+}
+
+/// JSON args from the wire: empty is `{}`, the size is checked before parsing.
+fn args_json(field: &str, text: &str) -> Result<serde_json::Value, Status> {
+    if text.trim().is_empty() {
+        return Ok(serde_json::json!({}));
+    }
+    if text.len() > warden_runtime::job::MAX_ARGS_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; the limit is {}",
+            text.len(),
+            warden_runtime::job::MAX_ARGS_BYTES
+        )));
+    }
+    serde_json::from_str(text).map_err(|e| Status::invalid_argument(format!("{field} is not valid JSON: {e}")))
+}
+
+/// A wire time (Unix ms); 0 is none.
+fn time_opt(field: &str, unix_ms: i64) -> Result<Option<DateTime<Utc>>, Status> {
+    if unix_ms == 0 {
+        return Ok(None);
+    }
+    Utc.timestamp_millis_opt(unix_ms)
+        .single()
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("{field} is out of range")))
+}
+
+/// Validate and convert a wire schedule definition (every check of the engine, before
+/// the database; its messages name the field).
+pub fn schedule_def(d: Option<pb::ScheduleDefinition>) -> Result<ScheduleDef, Status> {
+    let d = d.ok_or_else(|| Status::invalid_argument("schedule is required"))?;
+    let args = args_json("args_json", &d.args_json)?;
+    let timing = match (d.cron.is_empty(), d.every_ms) {
+        (false, 0) => Timing::Cron(d.cron),
+        (true, every_ms) if every_ms != 0 => Timing::Every {
+            every: Duration::from_millis(every_ms),
+            anchor: time_opt("anchor_unix_ms", d.anchor_unix_ms)?.unwrap_or(DateTime::UNIX_EPOCH),
+        },
+        (true, _) => return Err(Status::invalid_argument("a schedule needs a timing: cron or every_ms")),
+        (false, _) => return Err(Status::invalid_argument("a schedule has cron or every_ms, not both")),
+    };
+    if d.anchor_unix_ms != 0 && matches!(timing, Timing::Cron(_)) {
+        return Err(Status::invalid_argument("anchor_unix_ms is for interval schedules (every_ms) only"));
+    }
+    let mut def = match timing {
+        Timing::Cron(c) => ScheduleDef::cron(d.account, d.name, c, d.kind, args),
+        Timing::Every { every, anchor } => {
+            ScheduleDef::every(d.account, d.name, every, d.kind, args).map(|s| s.anchor(anchor))
+        }
+    }
+    .map_err(status)?;
+    if !d.zone.is_empty() {
+        def = def.zone(d.zone);
+    }
+    def = def.jitter(Duration::from_millis(d.jitter_ms));
+    if let Some(t) = time_opt("start_unix_ms", d.start_unix_ms)? {
+        def = def.start(t);
+    }
+    if let Some(t) = time_opt("end_unix_ms", d.end_unix_ms)? {
+        def = def.end(t);
+    }
+    if !d.lane.is_empty() {
+        let lane = Lane::parse(&d.lane).ok_or_else(|| Status::invalid_argument("lane must be serial or unordered"))?;
+        def = def.lane(lane);
+    }
+    def =
+        def.priority(i16::try_from(d.priority).map_err(|_| Status::invalid_argument("priority must fit in 16 bits"))?);
+    if d.max_attempts < 0 {
+        return Err(Status::invalid_argument("max_attempts must not be negative"));
+    }
+    if d.max_attempts != 0 {
+        def = def.max_attempts(d.max_attempts);
+    }
+    if d.timeout_ms != 0 {
+        def = def.timeout(Duration::from_millis(d.timeout_ms));
+    }
+    if !d.overlap.is_empty() {
+        def = def.overlap(Overlap::parse(&d.overlap).map_err(status)?);
+    }
+    let mode = if d.catchup.is_empty() { CatchUp::default() } else { CatchUp::parse(&d.catchup).map_err(status)? };
+    let window = d.catchup_window_ms.map(Duration::from_millis).unwrap_or(DEFAULT_CATCHUP_WINDOW);
+    def = def.catch_up(window, mode);
+    def.validate().map_err(status)?;
+    Ok(def)
+}
+
+/// A stored schedule as a wire message.
+pub fn schedule(r: &ScheduleRow) -> pb::Schedule {
+    let t = |t: Option<DateTime<Utc>>| t.map(unix_ms).unwrap_or(0);
+    pb::Schedule {
+        definition: Some(pb::ScheduleDefinition {
+            account: r.account.clone(),
+            name: r.name.clone(),
+            cron: r.cron.clone().unwrap_or_default(),
+            every_ms: r.every_ms.unwrap_or(0).max(0) as u64,
+            anchor_unix_ms: if r.every_ms.is_some() { t(r.anchor_at) } else { 0 },
+            zone: r.zone.clone(),
+            jitter_ms: r.jitter_ms.max(0) as u64,
+            start_unix_ms: t(r.start_at),
+            end_unix_ms: t(r.end_at),
+            kind: r.kind.clone(),
+            args_json: r.args.to_string(),
+            lane: r.lane.clone(),
+            priority: r.priority as i32,
+            max_attempts: r.max_attempts.unwrap_or(0),
+            timeout_ms: r.timeout_ms.unwrap_or(0).max(0) as u64,
+            overlap: r.overlap.clone(),
+            catchup_window_ms: Some(r.catchup_window_ms.max(0) as u64),
+            catchup: r.catchup.clone(),
+        }),
+        id: r.id,
+        partition: r.partition as u32,
+        paused: r.paused,
+        source: r.source.clone(),
+        revision: r.revision,
+        next_nominal_unix_ms: t(r.next_nominal),
+        next_fire_at_unix_ms: t(r.next_fire_at),
+        last_nominal_unix_ms: t(r.last_nominal),
+        last_fired_at_unix_ms: t(r.last_fired_at),
+        last_job_id: r.last_job_id.unwrap_or(0),
+        fires_total: r.fires_total,
+        skipped_total: r.skipped_total,
+        missed_total: r.missed_total,
+        created_at_unix_ms: unix_ms(r.created_at),
+        updated_at_unix_ms: unix_ms(r.updated_at),
+    }
 }

@@ -6,10 +6,11 @@
 //! Module map:
 //!
 //! - [`pb`] — the code generated from `proto/warden.proto` (package `warden.v1`):
-//!   messages, `cluster_client`/`jobs_client`, `cluster_server`/`jobs_server`.
+//!   messages, `cluster_client`/`jobs_client`/`schedules_client` and their servers.
 //! - [`convert`] — runtime types ↔ wire messages: [`convert::job`] (with its
 //!   progress: [`convert::job_with_progress`]), [`convert::attempt`], [`convert::new_job`] (every check of a wire job before the
-//!   database), and [`convert::status`] (runtime errors → `tonic::Status`, never
+//!   database), [`convert::schedule`] and [`convert::schedule_def`] (periodic
+//!   schedules, checked by the engine's own validation), and [`convert::status`] (runtime errors → `tonic::Status`, never
 //!   leaking SQL or internals).
 //!
 //! The executor core (`warden-runtime`) does not depend on this crate: enqueuing or

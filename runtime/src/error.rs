@@ -25,6 +25,10 @@ pub enum Error {
     #[error("job {0} not found")]
     JobNotFound(i64),
 
+    /// No schedule of this name for this account.
+    #[error("no schedule {name:?} for account {account:?}")]
+    ScheduleNotFound { account: String, name: String },
+
     /// A fenced write failed: this node no longer holds the lease epoch it acted under.
     /// Not retryable: the caller is a zombie for that partition and must stop.
     #[error("fenced: lease for partition {partition} epoch {epoch} is no longer held")]

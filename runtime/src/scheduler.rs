@@ -762,7 +762,7 @@ pub struct Backfilled {
 }
 
 fn not_found(account: &str, name: &str) -> Error {
-    Error::invalid(format!("no schedule {name:?} for account {account:?}"))
+    Error::ScheduleNotFound { account: account.into(), name: name.into() }
 }
 
 fn no_defaults(_: &str) -> crate::store::KindDefault {

@@ -13,6 +13,7 @@ import warden_pb2_grpc  # noqa: E402
 channel = grpc.insecure_channel(sys.argv[2])
 jobs = warden_pb2_grpc.JobsStub(channel)
 cluster = warden_pb2_grpc.ClusterStub(channel)
+schedules = warden_pb2_grpc.SchedulesStub(channel)
 
 enq = jobs.Enqueue(warden_pb2.EnqueueRequest(job=warden_pb2.NewJob(
     account="py-account", kind="audit", args_json=json.dumps({"seq": 1}))))
@@ -47,10 +48,37 @@ progress = {
     and p.heartbeat_age_ms == with_progress.read_at_unix_ms - p.heartbeat_at_unix_ms
     and p.checkpoint_age_ms == with_progress.read_at_unix_ms - p.checkpoint_at_unix_ms,
 }
+# Issue 14: schedules (proto3 `optional catchup_window_ms`) and idempotency keys.
+put = schedules.PutSchedule(warden_pb2.PutScheduleRequest(schedule=warden_pb2.ScheduleDefinition(
+    account="py-account", name="nightly", cron="0 3 * * *", zone="America/New_York", kind="report",
+    catchup_window_ms=600000)))
+listed = schedules.ListSchedules(warden_pb2.ListSchedulesRequest(account="py-account"))
+try:
+    schedules.PutSchedule(warden_pb2.PutScheduleRequest(schedule=warden_pb2.ScheduleDefinition(
+        account="py-account", name="bad", cron="0 3 * * *", zone="Mars/Olympus", kind="report")))
+    bad_zone = "OK"
+except grpc.RpcError as e:
+    bad_zone = e.code().name + ": " + e.details()
+try:
+    schedules.GetSchedule(warden_pb2.ScheduleRef(account="py-account", name="nope"))
+    missing_schedule = "OK"
+except grpc.RpcError as e:
+    missing_schedule = e.code().name
+keyed = warden_pb2.NewJob(account="py-account", kind="report", idempotency_key="ext-1")
+idem = [jobs.Enqueue(warden_pb2.EnqueueRequest(job=keyed)) for _ in range(2)]
+schedule = {
+    "names": [s.definition.name for s in listed.schedules],
+    "window": put.schedule.definition.catchup_window_ms,
+    "has_window": put.schedule.definition.HasField("catchup_window_ms"),
+    "next_after_now": put.schedule.next_nominal_unix_ms > int(time.time() * 1000),
+    "bad_zone": bad_zone, "missing": missing_schedule,
+    "idempotent": idem[0].id == idem[1].id and not idem[0].duplicate and idem[1].duplicate,
+}
 print(json.dumps({
     "id": enq.id, "state": state, "attempts": len(got.attempts),
     "partitions": assignment.partitions,
     "owners": sorted({p.actual_owner for p in assignment.assignment}),
     "located_partition": located.partition, "missing": missing, "invalid": invalid,
     "completed_has_progress": got.job.HasField("progress"), "progress": progress,
+    "schedule": schedule,
 }))

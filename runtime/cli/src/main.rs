@@ -10,6 +10,10 @@
 //!   warden jobs list --running                    # running jobs: running time, heartbeat age, progress
 //!   warden jobs get 1234 ; warden jobs cancel 1234 ; warden jobs retry 1234
 //!   warden stats
+//!   warden schedules create tenant-42 nightly --cron '0 3 * * *' --zone Europe/Berlin --kind report
+//!   warden schedules list --account tenant-42 ; warden schedules get tenant-42 nightly
+//!   warden schedules pause|resume|trigger|delete tenant-42 nightly
+//!   warden schedules backfill tenant-42 nightly --from 2026-01-01T00:00:00Z --to 2026-01-07T00:00:00Z
 //!   warden schema status --database-url postgres://…   # schema versions, upgrade window
 //!   warden schema setup --partitions 1024               # create/upgrade the schema, no node needed
 //!   warden schema reset --yes                           # drop Warden's schema (refused while nodes run)
@@ -31,7 +35,7 @@ use warden_proto::pb;
 #[command(
     name = "warden",
     version,
-    about = "Observe ring ownership and operate jobs of a Warden cluster",
+    about = "Observe ring ownership and operate jobs and schedules of a Warden cluster",
     after_help = "Examples:\n  warden ring\n  warden locate tenant-42\n  warden watch\n  warden jobs enqueue tenant-42 charge --args '{\"purchase\":1}'\n  warden jobs list --state discarded --json\n\nExit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid argument, 5 unavailable, 6 unauthenticated"
 )]
 struct Cli {
@@ -76,6 +80,13 @@ enum Cmd {
     Jobs {
         #[command(subcommand)]
         cmd: JobsCmd,
+    },
+    /// Periodic schedules: list, get, create (or change), pause, resume, trigger,
+    /// backfill, delete. Times are RFC 3339 (`2026-01-01T03:00:00Z`), durations like
+    /// `30s`, `5m`, `1h30m`, `2d`, `500ms`.
+    Schedules {
+        #[command(subcommand)]
+        cmd: SchedulesCmd,
     },
     /// Warden's schema in the database (connects to PostgreSQL, not to a node):
     /// versions, the compatibility window, the upgrade contract's steps
@@ -135,6 +146,13 @@ enum JobsCmd {
         /// serial (default) or unordered.
         #[arg(long)]
         lane: Option<String>,
+        /// Exactly-once enqueue per key, for as long as the key is kept (even after the
+        /// job finished): the same key again answers the first job's id.
+        #[arg(long, conflicts_with = "unique_key")]
+        idempotency_key: Option<String>,
+        /// How long the idempotency key is kept (default 7d).
+        #[arg(long, value_parser = parse_duration, requires = "idempotency_key")]
+        idempotency_keep: Option<std::time::Duration>,
     },
     /// A job and its attempts (one page of them, oldest first).
     Get {
@@ -171,6 +189,130 @@ enum JobsCmd {
     Retry { id: i64 },
 }
 
+// Parsed once per process: the size of the create variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+enum SchedulesCmd {
+    /// Schedules by id, with their next and last fire.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        /// Page size (max 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue from a previous page.
+        #[arg(long)]
+        page_token: Option<String>,
+    },
+    /// One schedule: its definition, next and last fire, totals.
+    Get { account: String, name: String },
+    /// Create a schedule, or change it if it exists (a change of timing moves the next
+    /// fire to the new timing).
+    Create(CreateSchedule),
+    /// Stop firing until resumed.
+    Pause { account: String, name: String },
+    /// Continue from the next nominal time after now (the paused time is not caught up).
+    Resume { account: String, name: String },
+    /// Fire once now, outside the timing.
+    Trigger { account: String, name: String },
+    /// Fire every nominal time in [--from, --to] not fired yet (at most 10,000).
+    Backfill {
+        account: String,
+        name: String,
+        #[arg(long, value_parser = parse_time)]
+        from: chrono::DateTime<chrono::Utc>,
+        #[arg(long, value_parser = parse_time)]
+        to: chrono::DateTime<chrono::Utc>,
+    },
+    /// Delete a schedule (the jobs it fired stay).
+    Delete { account: String, name: String },
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("timing").required(true).args(["cron", "every"])))]
+struct CreateSchedule {
+    account: String,
+    name: String,
+    /// Cron expression: 5 fields, or 6 with seconds first.
+    #[arg(long)]
+    cron: Option<String>,
+    /// Fixed interval (whole seconds, e.g. 30s, 15m).
+    #[arg(long, value_parser = parse_duration)]
+    every: Option<std::time::Duration>,
+    /// Phase of --every: fires at anchor + k·every (default the Unix epoch).
+    #[arg(long, value_parser = parse_time, requires = "every")]
+    anchor: Option<chrono::DateTime<chrono::Utc>>,
+    /// The kind of job each fire enqueues.
+    #[arg(long)]
+    kind: String,
+    /// The job's arguments as JSON.
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// IANA time zone cron is matched in (default UTC).
+    #[arg(long)]
+    zone: Option<String>,
+    /// Delay each fire by a fixed pseudo-random amount below this.
+    #[arg(long, value_parser = parse_duration)]
+    jitter: Option<std::time::Duration>,
+    #[arg(long, value_parser = parse_time)]
+    start: Option<chrono::DateTime<chrono::Utc>>,
+    #[arg(long, value_parser = parse_time)]
+    end: Option<chrono::DateTime<chrono::Utc>>,
+    /// When earlier fires' jobs are unfinished: skip (default), buffer_one, buffer_all,
+    /// cancel_previous, allow (unordered lane only).
+    #[arg(long)]
+    overlap: Option<String>,
+    /// Nominal times older than this after downtime are missed, not run (default 1h).
+    #[arg(long, value_parser = parse_duration)]
+    catchup_window: Option<std::time::Duration>,
+    /// Within the window: fire each missed time (all, default) or only the latest.
+    #[arg(long)]
+    catchup: Option<String>,
+    /// serial (default) or unordered.
+    #[arg(long)]
+    lane: Option<String>,
+    #[arg(long)]
+    priority: Option<i32>,
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<std::time::Duration>,
+}
+
+/// `30s`, `500ms`, `5m`, `1h30m`, `2d`: one or more number-unit pairs.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration (examples: 30s, 500ms, 5m, 1h30m, 2d)");
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let ms_per = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        total += std::time::Duration::from_millis(n.checked_mul(ms_per).ok_or_else(bad)?);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+/// An RFC 3339 time (`2026-01-01T03:00:00Z`, `2026-01-01T04:00:00+01:00`).
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2026-01-01T03:00:00Z: {e}"))
+}
+
 struct Ctx {
     channel: Channel,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
@@ -190,6 +332,9 @@ impl Ctx {
     }
     fn jobs(&self) -> pb::jobs_client::JobsClient<Channel> {
         pb::jobs_client::JobsClient::new(self.channel.clone())
+    }
+    fn schedules(&self) -> pb::schedules_client::SchedulesClient<Channel> {
+        pb::schedules_client::SchedulesClient::new(self.channel.clone())
     }
 }
 
@@ -640,6 +785,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Jobs { cmd } => jobs(&cx, cmd).await?,
+        Cmd::Schedules { cmd } => schedules(&cx, cmd).await?,
         Cmd::Schema { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
@@ -647,7 +793,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
     match cmd {
-        JobsCmd::Enqueue { account, kind, args, delay_ms, unique_key, max_attempts, priority, lane } => {
+        JobsCmd::Enqueue {
+            account,
+            kind,
+            args,
+            delay_ms,
+            unique_key,
+            max_attempts,
+            priority,
+            lane,
+            idempotency_key,
+            idempotency_keep,
+        } => {
+            let keyed = idempotency_key.is_some();
             let job = pb::NewJob {
                 account,
                 kind,
@@ -657,11 +815,15 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                 max_attempts: max_attempts.unwrap_or(0),
                 priority: priority.unwrap_or(0),
                 lane: lane.unwrap_or_default(),
+                idempotency_key: idempotency_key.unwrap_or_default(),
+                idempotency_keep_ms: idempotency_keep.map(|d| d.as_millis() as u64).unwrap_or(0),
                 ..Default::default()
             };
             let r = cx.jobs().enqueue(cx.req(pb::EnqueueRequest { job: Some(job) })).await?.into_inner();
             if cx.json {
                 println!("{}", json!({ "id": r.id, "duplicate": r.duplicate }));
+            } else if r.duplicate && keyed {
+                println!("job {} was already enqueued with that idempotency key (nothing enqueued)", r.id);
             } else if r.duplicate {
                 println!("job {} already queued with that unique key", r.id);
             } else {
@@ -829,6 +991,234 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
     Ok(())
 }
 
+fn schedule_json(s: &pb::Schedule) -> serde_json::Value {
+    let d = s.definition.clone().unwrap_or_default();
+    json!({
+        "id": s.id, "account": d.account, "name": d.name, "partition": s.partition,
+        "cron": (!d.cron.is_empty()).then_some(&d.cron), "every_ms": (d.every_ms != 0).then_some(d.every_ms),
+        "anchor_unix_ms": (d.every_ms != 0).then_some(d.anchor_unix_ms), "zone": d.zone, "jitter_ms": d.jitter_ms,
+        "start_unix_ms": d.start_unix_ms, "end_unix_ms": d.end_unix_ms, "kind": d.kind,
+        "args": serde_json::from_str::<serde_json::Value>(&d.args_json).unwrap_or(serde_json::Value::Null),
+        "lane": d.lane, "priority": d.priority, "max_attempts": d.max_attempts, "timeout_ms": d.timeout_ms,
+        "overlap": d.overlap, "catchup_window_ms": d.catchup_window_ms, "catchup": d.catchup,
+        "paused": s.paused, "source": s.source, "revision": s.revision,
+        "next_nominal_unix_ms": s.next_nominal_unix_ms, "next_fire_at_unix_ms": s.next_fire_at_unix_ms,
+        "last_nominal_unix_ms": s.last_nominal_unix_ms, "last_fired_at_unix_ms": s.last_fired_at_unix_ms,
+        "last_job_id": s.last_job_id, "fires_total": s.fires_total, "skipped_total": s.skipped_total,
+        "missed_total": s.missed_total, "created_at_unix_ms": s.created_at_unix_ms,
+        "updated_at_unix_ms": s.updated_at_unix_ms,
+    })
+}
+
+/// `cron "0 3 * * *"` or `every 30s`; the zone when it matters.
+fn timing(d: &pb::ScheduleDefinition) -> String {
+    if !d.cron.is_empty() {
+        format!("cron {:?}", d.cron)
+    } else if d.anchor_unix_ms != 0 {
+        format!("every {} from {}", age(d.every_ms as i64), time(d.anchor_unix_ms))
+    } else {
+        format!("every {}", age(d.every_ms as i64))
+    }
+}
+
+/// The next fire: `2026-01-02 02:00:00.000` (+ jitter), `paused`, or `ended`.
+fn next_fire(s: &pb::Schedule) -> String {
+    if s.next_nominal_unix_ms == 0 {
+        "ended".into()
+    } else if s.paused {
+        "paused".into()
+    } else {
+        time(s.next_fire_at_unix_ms)
+    }
+}
+
+/// `warden schedules get` and the answers to create, pause and resume.
+fn print_schedule(s: &pb::Schedule) {
+    let d = s.definition.clone().unwrap_or_default();
+    let state = if s.paused { "paused" } else { "active" };
+    let origin =
+        if s.source == "code" { format!("declared in code, revision {}", s.revision) } else { s.source.clone() };
+    println!("schedule {} / {}  {state}  (id {}, partition {}, {origin})", d.account, d.name, s.id, s.partition);
+    println!("timing     {} in {}", timing(&d), d.zone);
+    if d.jitter_ms != 0 || d.start_unix_ms != 0 || d.end_unix_ms != 0 {
+        println!(
+            "           jitter {} · start {} · end {}",
+            age(d.jitter_ms as i64),
+            time(d.start_unix_ms),
+            time(d.end_unix_ms)
+        );
+    }
+    println!("job        {} {}  lane {}", d.kind, d.args_json, d.lane);
+    println!(
+        "policies   overlap {} · catch-up {} within {}",
+        d.overlap,
+        d.catchup,
+        age(d.catchup_window_ms.unwrap_or(0) as i64)
+    );
+    match (s.next_nominal_unix_ms, s.paused) {
+        (0, _) => println!("next fire  none (the schedule has ended)"),
+        (n, true) => println!("next fire  paused (was {})", time(n)),
+        (n, false) if n == s.next_fire_at_unix_ms => println!("next fire  {}", time(n)),
+        (n, false) => println!("next fire  {} (nominal {})", time(s.next_fire_at_unix_ms), time(n)),
+    }
+    if s.last_fired_at_unix_ms == 0 {
+        println!("last fire  never");
+    } else {
+        println!("last fire  {} (job {})", time(s.last_fired_at_unix_ms), s.last_job_id);
+    }
+    // Triggers and backfills are fires too, but only the schedule's own fires advance
+    // the last nominal time.
+    if s.last_nominal_unix_ms != 0 {
+        println!("           last scheduled nominal time {}", time(s.last_nominal_unix_ms));
+    }
+    println!("fires      {} enqueued · {} skipped · {} missed", s.fires_total, s.skipped_total, s.missed_total);
+}
+
+async fn schedules(cx: &Ctx, cmd: SchedulesCmd) -> Result<(), Failure> {
+    let one = |s: Option<pb::Schedule>| s.ok_or_else(|| Failure::Other("empty response".into()));
+    let show = |s: &pb::Schedule| {
+        if cx.json {
+            println!("{}", schedule_json(s));
+        } else {
+            print_schedule(s);
+        }
+    };
+    let r = |account: String, name: String| cx.req(pb::ScheduleRef { account, name });
+    match cmd {
+        SchedulesCmd::List { account, limit, page_token } => {
+            let r = cx
+                .schedules()
+                .list_schedules(cx.req(pb::ListSchedulesRequest {
+                    account: account.unwrap_or_default(),
+                    page_size: limit,
+                    page_token: page_token.unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            if cx.json {
+                println!(
+                    "{}",
+                    json!({ "schedules": r.schedules.iter().map(schedule_json).collect::<Vec<_>>(),
+                            "next_page_token": r.next_page_token })
+                );
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .schedules
+                    .iter()
+                    .map(|s| {
+                        let d = s.definition.clone().unwrap_or_default();
+                        let when = timing(&d);
+                        vec![
+                            d.account,
+                            d.name,
+                            when,
+                            d.zone,
+                            d.kind,
+                            next_fire(s),
+                            time(s.last_fired_at_unix_ms),
+                            s.fires_total.to_string(),
+                            s.skipped_total.to_string(),
+                            s.missed_total.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "account",
+                        "name",
+                        "timing",
+                        "zone",
+                        "kind",
+                        "next fire",
+                        "last fire",
+                        "fires",
+                        "skipped",
+                        "missed",
+                    ],
+                    &rows,
+                );
+                if !r.next_page_token.is_empty() {
+                    println!("\nmore: --page-token {}", r.next_page_token);
+                }
+            }
+        }
+        SchedulesCmd::Get { account, name } => {
+            show(&one(cx.schedules().get_schedule(r(account, name)).await?.into_inner().schedule)?)
+        }
+        SchedulesCmd::Create(c) => {
+            let def = pb::ScheduleDefinition {
+                account: c.account,
+                name: c.name,
+                cron: c.cron.unwrap_or_default(),
+                every_ms: c.every.map(|d| d.as_millis() as u64).unwrap_or(0),
+                anchor_unix_ms: c.anchor.map(|t| t.timestamp_millis()).unwrap_or(0),
+                zone: c.zone.unwrap_or_default(),
+                jitter_ms: c.jitter.map(|d| d.as_millis() as u64).unwrap_or(0),
+                start_unix_ms: c.start.map(|t| t.timestamp_millis()).unwrap_or(0),
+                end_unix_ms: c.end.map(|t| t.timestamp_millis()).unwrap_or(0),
+                kind: c.kind,
+                args_json: c.args,
+                lane: c.lane.unwrap_or_default(),
+                priority: c.priority.unwrap_or(0),
+                max_attempts: c.max_attempts.unwrap_or(0),
+                timeout_ms: c.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                overlap: c.overlap.unwrap_or_default(),
+                catchup_window_ms: c.catchup_window.map(|d| d.as_millis() as u64),
+                catchup: c.catchup.unwrap_or_default(),
+            };
+            let put = pb::PutScheduleRequest { schedule: Some(def) };
+            show(&one(cx.schedules().put_schedule(cx.req(put)).await?.into_inner().schedule)?)
+        }
+        SchedulesCmd::Pause { account, name } => {
+            show(&one(cx.schedules().pause_schedule(r(account, name)).await?.into_inner().schedule)?)
+        }
+        SchedulesCmd::Resume { account, name } => {
+            show(&one(cx.schedules().resume_schedule(r(account, name)).await?.into_inner().schedule)?)
+        }
+        SchedulesCmd::Trigger { account, name } => {
+            let job_id = cx.schedules().trigger_schedule(r(account, name.clone())).await?.into_inner().job_id;
+            if cx.json {
+                println!("{}", json!({ "job_id": job_id }));
+            } else {
+                println!("schedule {name} fired now: job {job_id}");
+            }
+        }
+        SchedulesCmd::Backfill { account, name, from, to } => {
+            let b = cx
+                .schedules()
+                .backfill_schedule(cx.req(pb::BackfillScheduleRequest {
+                    account,
+                    name: name.clone(),
+                    from_unix_ms: from.timestamp_millis(),
+                    to_unix_ms: to.timestamp_millis(),
+                }))
+                .await?
+                .into_inner();
+            if cx.json {
+                println!("{}", json!({ "job_ids": b.job_ids, "already_fired": b.already_fired }));
+            } else {
+                println!(
+                    "schedule {name}: {} job(s) enqueued for the range, {} nominal time(s) already fired",
+                    b.job_ids.len(),
+                    b.already_fired
+                );
+                if let (Some(first), Some(last)) = (b.job_ids.first(), b.job_ids.last()) {
+                    println!("jobs {first} … {last}");
+                }
+            }
+        }
+        SchedulesCmd::Delete { account, name } => {
+            cx.schedules().delete_schedule(r(account, name.clone())).await?;
+            if cx.json {
+                println!("{}", json!({ "deleted": true }));
+            } else {
+                println!("schedule {name} deleted (the jobs it fired stay)");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The whole `warden` CLI: parse the process arguments, run, map the outcome to an exit code.
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -867,6 +1257,20 @@ mod tests {
         assert_eq!(age(2 * 86_400_000 + 4 * 3_600_000), "2d 4h");
         assert_eq!(size(120), "120 B");
         assert_eq!(size(3277), "3.2 KiB");
+    }
+
+    #[test]
+    fn durations_and_times_parse_as_written() {
+        let d = |s: &str| parse_duration(s).map(|d| d.as_millis());
+        assert_eq!(d("30s"), Ok(30_000));
+        assert_eq!(d("500ms"), Ok(500));
+        assert_eq!(d("1h30m"), Ok(5_400_000));
+        assert_eq!(d("2d"), Ok(172_800_000));
+        for bad in ["", "30", "s", "3x", "1.5h", "-1s"] {
+            assert!(d(bad).unwrap_err().contains("not a duration"), "{bad}");
+        }
+        assert_eq!(parse_time("2026-01-01T04:00:00+01:00").unwrap().to_rfc3339(), "2026-01-01T03:00:00+00:00");
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
     }
 
     #[test]

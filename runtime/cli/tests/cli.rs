@@ -289,3 +289,139 @@ async fn schema_setup_and_reset_without_a_node() {
     assert_eq!(schema(&db.url, &["reset", "--yes"]).await.0, 0);
     assert_eq!(schema(&db.url, &["setup", "--partitions", "16"]).await.0, 0);
 }
+
+/// Issue 14, item 4: `warden schedules create | list | get | pause | resume | trigger |
+/// backfill | delete` against a node, human output (next fire, last fire, totals) and
+/// `--json`; bad input gets the engine's message and exit code 4, an unknown schedule
+/// exit code 3; `jobs enqueue --idempotency-key` enqueues once per key.
+#[tokio::test]
+async fn cli_manages_schedules() {
+    let db = TestDb::new().await;
+    let node = node_on(&db.url, "n1").await;
+    let (addr, _stop) = serve(&node, None).await;
+    let (code, out, err) = cli(
+        addr,
+        &[
+            "schedules",
+            "create",
+            "acct-s",
+            "nightly",
+            "--cron",
+            "0 3 * * *",
+            "--zone",
+            "Europe/Berlin",
+            "--kind",
+            "report",
+            "--args",
+            r#"{"k": 1}"#,
+            "--overlap",
+            "buffer_one",
+            "--catchup-window",
+            "10m",
+            "--catchup",
+            "latest",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("schedule acct-s / nightly  active  (id "), "{out}");
+    assert!(out.contains("timing     cron \"0 3 * * *\" in Europe/Berlin"), "{out}");
+    assert!(out.contains("policies   overlap buffer_one · catch-up latest within 10m 0s"), "{out}");
+    assert!(out.contains("next fire  20") && out.contains("last fire  never"), "{out}");
+    assert!(out.contains("fires      0 enqueued · 0 skipped · 0 missed"), "{out}");
+    let (code, _, err) =
+        cli(addr, &["schedules", "create", "acct-s", "beat", "--every", "30s", "--kind", "report"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+
+    let (code, out, _) = cli(addr, &["schedules", "list"], &[]).await;
+    assert_eq!(code, 0);
+    let header = out.lines().next().unwrap();
+    for column in ["ACCOUNT", "NAME", "TIMING", "ZONE", "KIND", "NEXT FIRE", "LAST FIRE", "FIRES", "SKIPPED", "MISSED"]
+    {
+        assert!(header.contains(column), "{out}");
+    }
+    assert!(out.contains("every 30s") && out.contains("cron \"0 3 * * *\""), "{out}");
+    let (code, out, _) = cli(addr, &["schedules", "list", "--account", "acct-s", "--limit", "1", "--json"], &[]).await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["schedules"][0]["name"], "nightly");
+    assert_eq!(v["schedules"][0]["catchup_window_ms"], 600_000);
+    assert!(v["schedules"][0]["next_fire_at_unix_ms"].as_i64().unwrap() > 0);
+    assert!(!v["next_page_token"].as_str().unwrap().is_empty(), "{v}");
+
+    let (code, out, _) = cli(addr, &["schedules", "pause", "acct-s", "nightly"], &[]).await;
+    assert!(code == 0 && out.contains("  paused  ") && out.contains("next fire  paused (was 20"), "{out}");
+    let (code, out, _) = cli(addr, &["schedules", "resume", "acct-s", "nightly"], &[]).await;
+    assert!(code == 0 && out.contains("  active  "), "{out}");
+    let (code, out, _) = cli(addr, &["schedules", "trigger", "acct-s", "nightly", "--json"], &[]).await;
+    assert_eq!(code, 0);
+    let job = serde_json::from_str::<serde_json::Value>(&out).unwrap()["job_id"].as_i64().unwrap();
+    let (code, out, _) = cli(
+        addr,
+        &[
+            "schedules",
+            "backfill",
+            "acct-s",
+            "nightly",
+            "--from",
+            "2026-01-01T00:00:00Z",
+            "--to",
+            "2026-01-02T12:00:00Z",
+        ],
+        &[],
+    )
+    .await;
+    assert!(code == 0 && out.contains("2 job(s) enqueued for the range, 0 nominal time(s) already fired"), "{out}");
+    let (code, out, _) = cli(addr, &["schedules", "get", "acct-s", "nightly"], &[]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("fires      3 enqueued · 0 skipped · 0 missed"), "{out}");
+    let (_, json, _) = cli(addr, &["schedules", "get", "acct-s", "nightly", "--json"], &[]).await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let last = v["last_job_id"].as_i64().unwrap();
+    assert!(last > job && v["fires_total"] == 3 && v["last_fired_at_unix_ms"].as_i64().unwrap() > 0, "{v}");
+    assert!(out.contains("last fire  20") && out.contains(&format!(" (job {last})")), "{out}");
+    let (code, out, _) = cli(addr, &["schedules", "delete", "acct-s", "nightly"], &[]).await;
+    assert!(code == 0 && out.contains("deleted"), "{out}");
+
+    // Errors.
+    let (code, _, err) = cli(addr, &["schedules", "get", "acct-s", "nightly"], &[]).await;
+    assert_eq!((code, err.trim()), (3, "error: no schedule \"nightly\" for account \"acct-s\""));
+    let create = |timing: &'static [&'static str]| {
+        let mut a = vec!["schedules", "create", "acct-s", "bad", "--kind", "report"];
+        a.extend_from_slice(timing);
+        a
+    };
+    for (args, expected) in [
+        (create(&["--cron", "61 * * * *"]), "minute"),
+        (create(&["--cron", "0 3 * * *", "--zone", "Mars/Olympus"]), "unknown time zone \"Mars/Olympus\""),
+        (create(&["--every", "100ms"]), "interval"),
+        (create(&["--cron", "* * * * *", "--overlap", "allow"]), "Unordered"),
+    ] {
+        let (code, _, err) = cli(addr, &args, &[]).await;
+        assert!(code == 4 && err.contains(expected), "{args:?}: {code} {err}");
+    }
+    for args in [
+        create(&[]),
+        create(&["--cron", "* * * * *", "--every", "1m"]),
+        create(&["--every", "5 minutes"]),
+        create(&["--cron", "* * * * *", "--start", "tomorrow"]),
+    ] {
+        let (code, _, err) = cli(addr, &args, &[]).await;
+        assert_eq!(code, 2, "usage errors exit 2: {args:?}: {err}");
+    }
+
+    // Idempotency keys.
+    let enqueue = ["jobs", "enqueue", "acct-s", "audit", "--args", r#"{"seq": 1}"#, "--idempotency-key", "ext-9"];
+    let (code, first, err) = cli(addr, &enqueue, &[]).await;
+    assert!(code == 0 && first.starts_with("enqueued job "), "{first} {err}");
+    let (code, again, _) = cli(addr, &enqueue, &[]).await;
+    let id = first.trim().trim_start_matches("enqueued job ");
+    assert!(
+        code == 0 && again.contains(&format!("job {id} was already enqueued with that idempotency key")),
+        "{again}"
+    );
+    let (code, _, _) = cli(addr, &["jobs", "enqueue", "a", "audit", "--idempotency-keep", "1h"], &[]).await;
+    assert_eq!(code, 2, "--idempotency-keep needs --idempotency-key");
+    node.shutdown().await.unwrap();
+}

@@ -1,9 +1,10 @@
-//! The gRPC API (`proto/warden.proto`): cluster observation and job operations,
-//! served by every node. Errors are mapped to `tonic::Status` in one place
+//! The gRPC API (`proto/warden.proto`): cluster observation, job operations and
+//! periodic schedules' management, served by every node. Errors are mapped to `tonic::Status` in one place
 //! ([`status`]) and never carry SQL or internal detail.
 //!
 //! Limits: a batch enqueue takes at most [`MAX_API_ENQUEUE_BATCH`] jobs, a page at most
-//! [`MAX_PAGE`] jobs or attempts, a request at most 4 MiB; each connection runs at most
+//! [`MAX_PAGE`] jobs, attempts or schedules, a backfill at most
+//! [`warden_runtime::scheduler::MAX_BACKFILL`] fires, a request at most 4 MiB; each connection runs at most
 //! [`MAX_CONCURRENT_PER_CONNECTION`] requests at once and each request has a
 //! [`REQUEST_TIMEOUT`]. Optional bearer-token authentication.
 //!
@@ -25,7 +26,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use warden_proto::convert::{attempt as attempt_pb, job as job_pb, job_with_progress, new_job, status, unix_ms as ms};
+use warden_proto::convert::{
+    attempt as attempt_pb, job as job_pb, job_with_progress, new_job, schedule as schedule_pb, schedule_def, status,
+    unix_ms as ms,
+};
 use warden_runtime::job::CancelResult;
 use warden_runtime::node::Node;
 use warden_runtime::ownership_diff::{Holder, MemberChange, OwnershipChange};
@@ -36,6 +40,7 @@ pub use warden_proto::pb;
 
 use pb::cluster_server::{Cluster, ClusterServer};
 use pb::jobs_server::{Jobs, JobsServer};
+use pb::schedules_server::{Schedules, SchedulesServer};
 
 pub const MAX_API_ENQUEUE_BATCH: usize = 1000;
 pub const MAX_PAGE: u32 = 500;
@@ -150,6 +155,32 @@ fn page_token(field: &str, token: &str) -> Result<Option<i64>, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("invalid {field}")))
 }
 
+/// A schedule's account and name, both required (the engine checks them further).
+fn schedule_ref(r: &pb::ScheduleRef) -> Result<(&str, &str), Status> {
+    schedule_key(&r.account, &r.name)
+}
+
+fn schedule_key<'a>(account: &'a str, name: &'a str) -> Result<(&'a str, &'a str), Status> {
+    if account.is_empty() {
+        return Err(Status::invalid_argument("account must not be empty"));
+    }
+    if name.is_empty() {
+        return Err(Status::invalid_argument("schedule name must not be empty"));
+    }
+    Ok((account, name))
+}
+
+/// A required time (Unix ms) of a request.
+fn unix_time(field: &str, unix_ms: i64) -> Result<chrono::DateTime<Utc>, Status> {
+    use chrono::TimeZone;
+    if unix_ms == 0 {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Utc.timestamp_millis_opt(unix_ms)
+        .single()
+        .ok_or_else(|| Status::invalid_argument(format!("{field} is out of range")))
+}
+
 fn positive_id(id: i64) -> Result<i64, Status> {
     if id <= 0 {
         return Err(Status::invalid_argument("id must be a positive job id"));
@@ -157,7 +188,7 @@ fn positive_id(id: i64) -> Result<i64, Status> {
     Ok(id)
 }
 
-/// The service implementation, shared by both gRPC services.
+/// The service implementation, shared by the three gRPC services.
 #[derive(Clone)]
 pub struct Api {
     node: Node,
@@ -810,6 +841,107 @@ impl Jobs for Api {
     }
 }
 
+#[tonic::async_trait]
+impl Schedules for Api {
+    async fn put_schedule(&self, r: Request<pb::PutScheduleRequest>) -> Result<Response<pb::ScheduleResponse>, Status> {
+        let _permit = self.admit().await?;
+        let def = schedule_def(r.into_inner().schedule)?;
+        let row = self.client.schedules().put(&def).await.map_err(|e| self.status(e))?;
+        Ok(Response::new(pb::ScheduleResponse { schedule: Some(schedule_pb(&row)) }))
+    }
+
+    async fn get_schedule(&self, r: Request<pb::ScheduleRef>) -> Result<Response<pb::ScheduleResponse>, Status> {
+        let _permit = self.admit().await?;
+        let r = r.into_inner();
+        let (account, name) = schedule_ref(&r)?;
+        let row = self
+            .client
+            .schedules()
+            .get(account, name)
+            .await
+            .map_err(|e| self.status(e))?
+            .ok_or_else(|| status(Error::ScheduleNotFound { account: account.into(), name: name.into() }))?;
+        Ok(Response::new(pb::ScheduleResponse { schedule: Some(schedule_pb(&row)) }))
+    }
+
+    async fn list_schedules(
+        &self,
+        r: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        let _permit = self.admit_weighted(HEAVY_CALL_COST).await?;
+        let r = r.into_inner();
+        let page = page_size("page_size", r.page_size)?;
+        let after_id = page_token("page_token", &r.page_token)?.unwrap_or(0);
+        let account = (!r.account.is_empty()).then_some(r.account.as_str());
+        // One more than the page: the next page token only when there is a next page.
+        let mut rows =
+            self.client.schedules().list(account, after_id, page as i64 + 1).await.map_err(|e| self.status(e))?;
+        let next_page_token = if rows.len() > page as usize {
+            rows.truncate(page as usize);
+            rows.last().map(|s| s.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: rows.iter().map(schedule_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn pause_schedule(&self, r: Request<pb::ScheduleRef>) -> Result<Response<pb::ScheduleResponse>, Status> {
+        let _permit = self.admit().await?;
+        let r = r.into_inner();
+        let (account, name) = schedule_ref(&r)?;
+        let row = self.client.schedules().pause(account, name).await.map_err(|e| self.status(e))?;
+        Ok(Response::new(pb::ScheduleResponse { schedule: Some(schedule_pb(&row)) }))
+    }
+
+    async fn resume_schedule(&self, r: Request<pb::ScheduleRef>) -> Result<Response<pb::ScheduleResponse>, Status> {
+        let _permit = self.admit().await?;
+        let r = r.into_inner();
+        let (account, name) = schedule_ref(&r)?;
+        let row = self.client.schedules().resume(account, name).await.map_err(|e| self.status(e))?;
+        Ok(Response::new(pb::ScheduleResponse { schedule: Some(schedule_pb(&row)) }))
+    }
+
+    async fn trigger_schedule(
+        &self,
+        r: Request<pb::ScheduleRef>,
+    ) -> Result<Response<pb::TriggerScheduleResponse>, Status> {
+        let _permit = self.admit().await?;
+        let r = r.into_inner();
+        let (account, name) = schedule_ref(&r)?;
+        let job_id = self.client.schedules().trigger(account, name).await.map_err(|e| self.status(e))?;
+        Ok(Response::new(pb::TriggerScheduleResponse { job_id }))
+    }
+
+    async fn backfill_schedule(
+        &self,
+        r: Request<pb::BackfillScheduleRequest>,
+    ) -> Result<Response<pb::BackfillScheduleResponse>, Status> {
+        // Up to MAX_BACKFILL jobs in one transaction: priced as a heavy call.
+        let _permit = self.admit_weighted(HEAVY_CALL_COST).await?;
+        let r = r.into_inner();
+        let (account, name) = schedule_key(&r.account, &r.name)?;
+        let (from, to) = (unix_time("from_unix_ms", r.from_unix_ms)?, unix_time("to_unix_ms", r.to_unix_ms)?);
+        let b = self.client.schedules().backfill(account, name, from, to).await.map_err(|e| self.status(e))?;
+        Ok(Response::new(pb::BackfillScheduleResponse { job_ids: b.jobs, already_fired: b.already_fired as u32 }))
+    }
+
+    async fn delete_schedule(
+        &self,
+        r: Request<pb::ScheduleRef>,
+    ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
+        let _permit = self.admit().await?;
+        let r = r.into_inner();
+        let (account, name) = schedule_ref(&r)?;
+        if !self.client.schedules().delete(account, name).await.map_err(|e| self.status(e))? {
+            return Err(status(Error::ScheduleNotFound { account: account.into(), name: name.into() }));
+        }
+        Ok(Response::new(pb::DeleteScheduleResponse {}))
+    }
+}
+
 /// Bearer-token check; `None` accepts every call.
 #[derive(Clone)]
 pub struct Auth(Option<std::sync::Arc<str>>);
@@ -844,7 +976,7 @@ pub struct Tls {
     pub key_pem: Vec<u8>,
 }
 
-/// Serve both services on `listener` until `shutdown` (plain HTTP/2).
+/// Serve the gRPC services on `listener` until `shutdown` (plain HTTP/2).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     node: Node,
@@ -854,7 +986,7 @@ pub async fn serve(
     serve_with(listener, node, auth, None, shutdown).await
 }
 
-/// Serve both services, with TLS (rustls) when `tls` is given.
+/// Serve the gRPC services, with TLS (rustls) when `tls` is given.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     node: Node,
@@ -873,14 +1005,18 @@ pub async fn serve_api(
     tls: Option<Tls>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let (a1, a2) = (auth.clone(), auth);
+    let (a1, a2, a3) = (auth.clone(), auth.clone(), auth);
     let cluster = tonic::service::interceptor::InterceptedService::new(
         ClusterServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         move |r| a1.check(r),
     );
     let jobs = tonic::service::interceptor::InterceptedService::new(
-        JobsServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        JobsServer::new(api.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         move |r| a2.check(r),
+    );
+    let schedules = tonic::service::interceptor::InterceptedService::new(
+        SchedulesServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        move |r| a3.check(r),
     );
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -898,6 +1034,7 @@ pub async fn serve_api(
         .timeout(REQUEST_TIMEOUT)
         .add_service(cluster)
         .add_service(jobs)
+        .add_service(schedules)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.cancelled_owned(),
