@@ -409,6 +409,7 @@ async fn dst_transitions_through_the_fire_path_fire_each_wall_time_once() {
         let stored = store.get_schedule("acct-dst", &row.name).await.unwrap().unwrap();
         assert_eq!(stored.next_nominal, Some(next), "{}: the repeated/skipped wall time fires once", row.name);
     }
+}
 
 /// Migration 0009: pause, trigger and delete from SQL, under the same row lock as the
 /// runtime (the fire re-reads the row: a paused or deleted schedule does not fire); a
