@@ -3,7 +3,8 @@
 //! and every 1.5–3 s a fault timed at a fire boundary (a whole second, −50 ms / 0 /
 //! +50 ms): SIGKILL of a node, SIGSTOP of a node across the boundary past the lease
 //! TTL, SIGTERM of a node (a rolling restart: each is replaced by a new one), a node
-//! joining (a handoff during fires). Then every schedule is paused, its fired jobs
+//! joining (a handoff during fires), a PostgreSQL restart (stopped across the
+//! boundary for 1.5 s; the test runs its own server for it). Then every schedule is paused, its fired jobs
 //! drain, and the checker (`periodic::check`) counts, for every schedule and nominal
 //! time of the run, fires duplicated, lost (neither fired nor counted missed), jobs
 //! not completed and ticks run twice — all must be 0, and with a one-hour catch-up
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use warden_runtime::Client;
 use warden_tests::periodic;
-use warden_tests::{eventually, free_udp_port, NodeProc, TestDb};
+use warden_tests::{eventually, free_udp_port, NodeProc, PrivatePg, TestDb};
 
 const BIN: &str = env!("CARGO_BIN_EXE_warden-test-node");
 const P: usize = 16;
@@ -59,7 +60,9 @@ async fn sleep_until(at: DateTime<Utc>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_nominal_time_fires_once_through_kills_pauses_and_handoffs_at_fire_boundaries() {
-    let db = TestDb::new().await;
+    warden_tests::init_tracing();
+    let pg = PrivatePg::start();
+    let db = TestDb::create(&pg.url(), "sfaults").await.unwrap();
     let secs: u64 = std::env::var("WARDEN_PERIODIC_FAULT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
     let seed: u64 = std::env::var("WARDEN_PERIODIC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(14);
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -81,7 +84,7 @@ async fn every_nominal_time_fires_once_through_kills_pauses_and_handoffs_at_fire
         let boundary = DateTime::<Utc>::from_timestamp(now.timestamp() + 1, 0).unwrap();
         let offset = [-50i64, 0, 50][k % 3];
         sleep_until(boundary + TimeDelta::milliseconds(offset)).await;
-        let what = match k % 4 {
+        let what = match k % 5 {
             0 => {
                 let v = c.victim(&mut rng);
                 c.nodes.remove(&v).unwrap().signal(libc::SIGKILL);
@@ -104,6 +107,12 @@ async fn every_nominal_time_fires_once_through_kills_pauses_and_handoffs_at_fire
                 assert!(status.is_some_and(|s| s.success()), "{v} exits cleanly after SIGTERM: {status:?}");
                 let n = c.add().await;
                 format!("SIGTERM {v} ({offset:+} ms), {n} replaces it")
+            }
+            4 => {
+                pg.stop();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                pg.restart();
+                format!("PostgreSQL stopped 1.5 s and restarted ({offset:+} ms)")
             }
             _ => {
                 let n = c.add().await;

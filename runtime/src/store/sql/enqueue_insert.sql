@@ -17,11 +17,10 @@
 -- commit.
 --
 -- Ids are drawn in `src`, in input order (PostgreSQL evaluates a volatile select
--- list after the ORDER BY), so that an idempotency key can be inserted with its job's
--- id *before* the job: `keyed` inserts the keys (the first of a key repeated in the
--- batch; an expired key is taken over) and a keyed job is inserted only if its key
--- went in — the primary key of warden.idempotency_keys decides, not a snapshot
--- (migration 0007). The result maps inserted jobs to their input position (`ord`).
+-- list after the ORDER BY); the result maps inserted jobs to their input position
+-- (`ord`). Jobs with idempotency keys go through enqueue_insert_keyed.sql instead
+-- (this text references no table newer than schema v5, so a client of this release
+-- enqueues into an older schema); `idem_key IS NULL` keeps a key from being ignored.
 now AS (SELECT clock_timestamp() AS ts FROM locked),
 input AS (
     SELECT ord, account, partition, kind, args, lane, priority, max_attempts, timeout_ms, unique_key, idem_key,
@@ -32,14 +31,6 @@ input AS (
          WITH ORDINALITY AS s(account, partition, kind, args, lane, priority, delay_ms, run_at,
                               max_attempts, timeout_ms, unique_key, idem_key, keep_ms, ord), now),
 src AS (SELECT input.*, nextval('warden.jobs_id_seq'::regclass) AS id FROM input ORDER BY ord),
-keyed AS (
-    INSERT INTO warden.idempotency_keys AS k (account, key, job_id, created_at, expires_at)
-    SELECT DISTINCT ON (account, idem_key) account, idem_key, id, ts, key_expires
-    FROM src WHERE idem_key IS NOT NULL ORDER BY account, idem_key, ord
-    ON CONFLICT (account, key) DO UPDATE
-        SET job_id = EXCLUDED.job_id, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
-        WHERE k.expires_at <= EXCLUDED.created_at
-    RETURNING k.job_id),
 ins AS (
     INSERT INTO warden.jobs (id, account, partition, kind, args, lane, state, priority, run_at, due_at,
                              max_attempts, timeout_ms, unique_key)
@@ -48,7 +39,7 @@ ins AS (
            priority, run_at, run_at, COALESCE(src.max_attempts, k.max_attempts, 25),
            COALESCE(src.timeout_ms, k.timeout_ms, 60000), unique_key
     FROM src LEFT JOIN warden.kinds k ON k.kind = src.kind
-    WHERE src.idem_key IS NULL OR src.id IN (SELECT job_id FROM keyed)
+    WHERE src.idem_key IS NULL
     ORDER BY ord
     ON CONFLICT (account, unique_key)
         WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
