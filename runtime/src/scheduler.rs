@@ -36,8 +36,9 @@
 //!   next nominal time after the resume (the paused period is neither run nor counted
 //!   missed).
 //! - **Trigger now** fires once, outside the timing (`via = 'trigger'`); **backfill**
-//!   fires every nominal time of a range that has no recorded fire yet (`via =
-//!   'backfill'`; a fire is recorded as long as its job is kept, see retention).
+//!   fires every nominal time of a range that has no recorded fire yet and that the
+//!   schedule has already passed (`via = 'backfill'`; a fire is recorded as long as
+//!   its job is kept, see retention; later nominal times are left to the schedule).
 //!
 //! # Declared in code
 //!
@@ -129,6 +130,8 @@ impl CatchUp {
 
 /// The default catch-up window.
 pub const DEFAULT_CATCHUP_WINDOW: Duration = Duration::from_secs(3600);
+/// The shortest catch-up window.
+pub const MIN_CATCHUP_WINDOW: Duration = Duration::from_secs(1);
 /// The longest catch-up window.
 pub const MAX_CATCHUP_WINDOW: Duration = Duration::from_secs(366 * 86_400);
 /// Nominal times one fire handles at most (a long catch-up takes several, each
@@ -319,6 +322,14 @@ impl ScheduleDef {
             if t.is_zero() || t > crate::job::MAX_TIMEOUT {
                 return Err(Error::invalid(format!("timeout must be 1ms..=24h, got {t:?}")));
             }
+        }
+        if self.catchup_window < MIN_CATCHUP_WINDOW {
+            // Every fire is a little late (the scan interval, the transaction): a window
+            // shorter than that would count every fire missed and never run one.
+            return Err(Error::invalid(format!(
+                "catch-up window must be at least {:?} (shorter, every fire would count as missed), got {:?}",
+                MIN_CATCHUP_WINDOW, self.catchup_window
+            )));
         }
         if self.catchup_window > MAX_CATCHUP_WINDOW {
             return Err(Error::invalid(format!(
@@ -1047,6 +1058,8 @@ mod tests {
         let e = d("* * * * *").overlap(Overlap::Allow).validate().unwrap_err();
         assert!(e.to_string().contains("Unordered"), "{e}");
         assert!(d("* * * * *").overlap(Overlap::Allow).lane(Lane::Unordered).validate().is_ok());
+        let e = d("* * * * *").catch_up(Duration::ZERO, CatchUp::Latest).validate().unwrap_err();
+        assert!(e.to_string().contains("at least"), "{e}");
         let e = d("* * * * *").catch_up(Duration::from_secs(400 * 86400), CatchUp::All).validate().unwrap_err();
         assert!(e.to_string().contains("catch-up window"), "{e}");
         let e = ScheduleDef::cron("", "n", "* * * * *", "k", ()).unwrap().validate().unwrap_err();

@@ -553,6 +553,9 @@ impl PgStore {
                 "backfill range holds more than {MAX_BACKFILL} nominal times; split it"
             )));
         }
+        // Nominal times the schedule has not reached yet are its own to fire (on time,
+        // under its policies): a backfill covers only the past it has moved beyond.
+        nominals.retain(|n| row.next_nominal.is_none_or(|next| *n < next));
         let fired: Vec<DateTime<Utc>> =
             sqlx::query_scalar(ALREADY_FIRED_SQL).bind(row.id).bind(&nominals).fetch_all(&mut *tx).await?;
         nominals.retain(|n| !fired.contains(n));
