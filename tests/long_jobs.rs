@@ -249,7 +249,9 @@ async fn a_hung_handler_is_aborted_within_its_heartbeat_timeout_and_retried() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!((0.7..2.0).contains(&hung_for), "aborted {hung_for:.2}s after the last beat (timeout 0.8s)");
+    // Not before the timeout; after it within scheduling slack (loose for a loaded CI
+    // machine: what matters is that it is caught, not the exact figure).
+    assert!((0.7..4.0).contains(&hung_for), "aborted {hung_for:.2}s after the last beat (timeout 0.8s)");
     assert_resumed(&log_of(&db, id).await, 8, 2);
     node.shutdown().await.unwrap();
 }
@@ -353,7 +355,7 @@ async fn a_cancel_reaches_a_heartbeating_handler_through_its_heartbeat() {
     let asked = tokio::time::Instant::now();
     wait_state(&db, id, "cancelled").await;
     // The cancel poll is 30 s here: only the heartbeat can have told it.
-    assert!(asked.elapsed() < Duration::from_secs(3), "stopped {:?} after the cancel", asked.elapsed());
+    assert!(asked.elapsed() < Duration::from_secs(10), "stopped {:?} after the cancel", asked.elapsed());
     let log = log_of(&db, id).await;
     assert!(log.iter().any(|(_, w, _)| w == "stop:Cancelled"), "{log:?}");
     node.shutdown().await.unwrap();

@@ -113,7 +113,9 @@ async fn an_interval_schedule_fires_each_nominal_time_once_and_the_handler_knows
         let nominal = nominal.expect("scheduled_at is the nominal time");
         assert!(fires.contains_key(&nominal));
         let lag = *started - nominal;
-        assert!(lag >= TimeDelta::zero() && lag < TimeDelta::milliseconds(1000), "fire lag {lag}");
+        // The figure is the benchmark's (warden-schedule-bench); here only its bound,
+        // loose enough for a loaded CI machine.
+        assert!(lag >= TimeDelta::zero() && lag < TimeDelta::milliseconds(3000), "fire lag {lag}");
     }
     node.shutdown().await.unwrap();
 }
