@@ -52,7 +52,7 @@
 //! overwritten by code.
 
 use crate::error::{Error, Result};
-use crate::job::{validate_name, Lane, MAX_ACCOUNT_BYTES, MAX_ARGS_BYTES, MAX_KIND_BYTES};
+use crate::job::{validate_name, Lane};
 use crate::schedule::{Spec, SpecError};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
@@ -305,24 +305,11 @@ impl ScheduleDef {
 
     /// Check every field; the error names it.
     pub fn validate(&self) -> Result<Spec> {
-        validate_name("account", &self.account, MAX_ACCOUNT_BYTES)?;
         validate_name("schedule name", &self.name, MAX_SCHEDULE_NAME_BYTES)?;
-        validate_name("kind", &self.kind, MAX_KIND_BYTES)?;
-        let args_len = self.args.to_string().len();
-        if args_len > MAX_ARGS_BYTES {
-            return Err(Error::invalid(format!("args are {args_len} bytes of JSON; the limit is {MAX_ARGS_BYTES}")));
-        }
+        // The job every fire enqueues, checked by the enqueue's own rules (account,
+        // kind, args size, attempts, timeout): one definition of them.
+        self.job().validate()?;
         crate::progress::storable_json("args", &self.args)?;
-        if let Some(n) = self.max_attempts {
-            if !(1..=crate::job::MAX_MAX_ATTEMPTS).contains(&n) {
-                return Err(Error::invalid(format!("max_attempts must be 1..=1000, got {n}")));
-            }
-        }
-        if let Some(t) = self.timeout {
-            if t.is_zero() || t > crate::job::MAX_TIMEOUT {
-                return Err(Error::invalid(format!("timeout must be 1ms..=24h, got {t:?}")));
-            }
-        }
         if self.catchup_window < MIN_CATCHUP_WINDOW {
             // Every fire is a little late (the scan interval, the transaction): a window
             // shorter than that would count every fire missed and never run one.
@@ -347,6 +334,23 @@ impl ScheduleDef {
             return Err(Error::invalid("revision must not be negative"));
         }
         self.spec()
+    }
+
+    /// The job each fire of this schedule enqueues.
+    pub fn job(&self) -> crate::job::NewJob {
+        crate::job::NewJob {
+            account: self.account.clone(),
+            kind: self.kind.clone(),
+            args: self.args.clone(),
+            schedule: crate::job::Schedule::Now,
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            timeout: self.timeout,
+            unique_key: None,
+            lane: self.lane,
+            idempotency_key: None,
+            idempotency_keep: None,
+        }
     }
 
     /// The key that makes jitter deterministic for this schedule on every node.

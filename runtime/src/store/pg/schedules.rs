@@ -4,7 +4,7 @@
 use super::enqueue::insert_resolved;
 use super::PgStore;
 use crate::error::{Error, Result};
-use crate::job::{NewJob, Schedule};
+use crate::job::NewJob;
 use crate::scheduler::{Earlier, FirePlan, ScheduleDef, ScheduleRow, Timing, MAX_BACKFILL, OVERLAP_LOOKBACK};
 use crate::store::{ms, Fence, KindDefaults, CHANNEL_CANCEL};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -309,7 +309,7 @@ impl PgStore {
         for (row, p) in &planned {
             let def = row.def()?;
             for n in &p.fire {
-                jobs.push(job_of(&def));
+                jobs.push(def.job());
                 f_schedule.push(row.id);
                 f_nominal.push(*n);
             }
@@ -407,7 +407,7 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let def = row.def()?;
-        let jobs: Vec<NewJob> = nominals.iter().map(|_| job_of(&def)).collect();
+        let jobs: Vec<NewJob> = nominals.iter().map(|_| def.job()).collect();
         let enqueued = insert_resolved(&mut *conn, self.partitions(), &jobs, defaults).await?;
         let ids: Vec<i64> = enqueued.iter().map(|e| e.id).collect();
         sqlx::query(RECORD_FIRES_SQL).bind(&ids).bind(row.id).bind(nominals).bind(via).execute(&mut *conn).await?;
@@ -572,23 +572,4 @@ impl PgStore {
             .fetch_optional(self.pool())
             .await?)
     }
-}
-
-/// The job a fire of `def` enqueues.
-fn job_of(def: &ScheduleDef) -> NewJob {
-    let mut j = NewJob {
-        account: def.account.clone(),
-        kind: def.kind.clone(),
-        args: def.args.clone(),
-        schedule: Schedule::Now,
-        priority: def.priority,
-        max_attempts: def.max_attempts,
-        timeout: def.timeout,
-        unique_key: None,
-        lane: def.lane,
-        idempotency_key: None,
-        idempotency_keep: None,
-    };
-    j.schedule = Schedule::Now;
-    j
 }
