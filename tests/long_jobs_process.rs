@@ -44,7 +44,10 @@ struct Cluster {
 impl Cluster {
     async fn add(&mut self, id: &str) {
         let gossip = if self.nodes.is_empty() { self.seed } else { free_udp_port() };
-        let a = warden_tests::cluster_node_args(P, gossip, self.seed);
+        // The plain ring, so that the plan below can predict every move from the member
+        // sets alone (the test is about the job surviving them, not about placement).
+        let mut a = warden_tests::cluster_node_args(P, gossip, self.seed);
+        a.extend(["--placement".to_string(), "ring".to_string()]);
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         self.nodes.insert(id.to_string(), NodeProc::start(BIN, &self.url, id, &a).await);
     }
@@ -52,7 +55,8 @@ impl Cluster {
 
 fn ring_owner(members: &[&str], partition: u32) -> String {
     let members: Vec<String> = members.iter().map(|m| m.to_string()).collect();
-    let ring = warden_cluster::place(&members, PartitionCount::new(P as u32).unwrap(), &RingConfig::default()).unwrap();
+    let config = RingConfig { algorithm: 1, ..RingConfig::default() };
+    let ring = warden_cluster::place(&members, PartitionCount::new(P as u32).unwrap(), &config).unwrap();
     ring.owner(partition).to_string()
 }
 

@@ -16,7 +16,8 @@
 //! joins, graceful leaves and gossip lag. Invariant, checked after every step: a node
 //! may act on a partition only while the database says it holds exactly that epoch,
 //! unexpired, so no two nodes ever may act at once. After the faults stop, every
-//! partition must end up held by the node the ring assigns it to, and be usable by it
+//! partition must end up held by the node placement assigns it to (sticky placement: a
+//! fixed point over the final leases; the plain ring: the ring of the members), and be usable by it
 //! at some point in the last 5 s (held but stuck, e.g. draining, fails).
 //!
 //! A seed replays exactly: `WARDEN_SIM_SEED=N WARDEN_SIM_SEEDS=1` (the runtime's own
@@ -35,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warden_cluster::membership::{Member, MemberState, Membership};
 use warden_cluster::placement::{run_ring, RingPlacement};
-use warden_cluster::{place, PartitionCount, RingConfig};
+use warden_cluster::{place, place_sticky, Candidate, Holder, PartitionCount, RingAssignment, RingConfig};
 use warden_runtime::async_trait;
 use warden_runtime::enforcer::{self, Enforcer};
 use warden_runtime::lease::{keep_leases, LeaseConfig, LeaseTable};
@@ -82,8 +83,25 @@ impl Membership for SimMembership {
     async fn shutdown(&self) {}
 }
 
-fn members(ids: &[String]) -> Vec<Member> {
-    ids.iter().map(|id| Member::active(id.clone(), ([127, 0, 0, 1], 1).into())).collect()
+/// Every member publishes the placement config of `config` (so the cluster computes it).
+fn members(ids: &[String], config: &RingConfig) -> Vec<Member> {
+    ids.iter()
+        .map(|id| Member { ring: Some(config.fingerprint()), ..Member::active(id.clone(), ([127, 0, 0, 1], 1).into()) })
+        .collect()
+}
+
+/// The placement the members agree on after healing: the plain ring of the member set,
+/// or sticky placement over the lease holders in the database (a fixed point once the
+/// leases match it, so "every partition held by the node it wants" is checked by it).
+fn wanted(ids: &[String], config: &RingConfig, db: &SharedDb, now: Instant) -> Option<RingAssignment> {
+    let p = PartitionCount::new(P).unwrap();
+    if config.algorithm >= 2 {
+        let holders: Vec<Option<Holder>> = db.lock().unwrap().lease_holders(now);
+        let candidates: Vec<Candidate> = ids.iter().map(|id| Candidate::new(id.clone(), 0, false)).collect();
+        place_sticky(&candidates, &holders, p, config.load_epsilon)
+    } else {
+        place(ids, p, config)
+    }
 }
 
 /// A pause switch for a node's tasks: while paused they are not polled at all (their
@@ -132,6 +150,8 @@ impl Future for Pausable {
 
 struct SimNode {
     table: Arc<LeaseTable>,
+    /// What the node's placement wants (for failure messages).
+    placement: Arc<RingPlacement>,
     view: watch::Sender<Vec<Member>>,
     last_view: Vec<String>,
     /// This node sees membership as it was `lag` ago.
@@ -143,7 +163,7 @@ struct SimNode {
 }
 
 impl SimNode {
-    fn start(id: &str, db: &Db, lag: Duration, seed: u64) -> SimNode {
+    fn start(id: &str, db: &Db, lag: Duration, seed: u64, config: &RingConfig) -> SimNode {
         let owner: Arc<str> = Arc::from(format!("{id}/1"));
         let table = Arc::new(LeaseTable::new(owner));
         let down_until = Arc::new(Mutex::new(None));
@@ -152,18 +172,27 @@ impl SimNode {
         let (view, _) = watch::channel(Vec::new());
         let membership = Arc::new(SimMembership { id: id.into(), view: view.clone() });
         let placement = RingPlacement::new(id);
+        let placement_view = placement.clone();
         let enforcer::Standalone { enforcer: enf, poke } =
             Enforcer::standalone(store.clone(), table.clone(), placement.clone(), cfg());
         let pause = Pause::default();
         let stop = CancellationToken::new();
+        let (holders_tx, holders_rx) = watch::channel(None);
         let tasks = vec![
+            tokio::spawn(pause.wrap(warden_runtime::lease::watch_holders(
+                store.clone(),
+                Duration::from_millis(500),
+                holders_tx,
+                stop.clone(),
+            ))),
             tokio::spawn(pause.wrap(run_ring(
                 membership,
                 placement,
                 PartitionCount::new(P).unwrap(),
-                RingConfig::default(),
+                config.clone(),
                 SETTLE,
                 None,
+                Some(holders_rx),
                 stop.clone(),
             ))),
             tokio::spawn(pause.wrap(keep_leases(
@@ -182,7 +211,7 @@ impl SimNode {
                 stop,
             ))),
         ];
-        SimNode { table, view, last_view: Vec::new(), lag, pause, paused_until: None, down_until, tasks }
+        SimNode { table, placement: placement_view, view, last_view: Vec::new(), lag, pause, paused_until: None, down_until, tasks }
     }
 
     fn crash(self) {
@@ -236,7 +265,7 @@ fn check(nodes: &BTreeMap<String, SimNode>, db: &Db, now: Instant, seed: u64) {
     }
 }
 
-async fn simulate(seed: u64) {
+async fn simulate(seed: u64, config: &RingConfig) {
     let mut rng = fastrand::Rng::with_seed(seed);
     // The runtime code draws its jitter from this thread's generator (the test runs on
     // one thread): seed it too, so a seed replays exactly.
@@ -249,7 +278,7 @@ async fn simulate(seed: u64) {
     let mut add = |nodes: &mut BTreeMap<String, SimNode>, rng: &mut fastrand::Rng| {
         let id = format!("n{next_id}");
         next_id += 1;
-        nodes.insert(id.clone(), SimNode::start(&id, &db, Duration::from_millis(rng.u64(0..300)), rng.u64(..)));
+        nodes.insert(id.clone(), SimNode::start(&id, &db, Duration::from_millis(rng.u64(0..300)), rng.u64(..), config));
         id
     };
     for _ in 0..3 {
@@ -263,8 +292,8 @@ async fn simulate(seed: u64) {
                       // lost one. "At some point", because slow statements keep causing brief, legitimate
                       // gaps (a renewal too late self-fences, an acquire lands before its answer does).
     const WINDOW: u32 = 100;
-    let mut usable = vec![false; P as usize];
-    let mut final_ring = None;
+    // Per partition: the nodes that could run it at some point in the window.
+    let mut usable: Vec<BTreeSet<String>> = vec![BTreeSet::new(); P as usize];
     for i in 0..steps {
         let now = Instant::now();
         // Faults, only in the first 45 s; the last 15 s let the cluster heal.
@@ -309,7 +338,7 @@ async fn simulate(seed: u64) {
             }
             let view = history.as_of(now - n.lag.min(now.duration_since(t0)));
             if view != n.last_view {
-                n.view.send_replace(members(&view));
+                n.view.send_replace(members(&view, config));
                 n.last_view = view;
             }
         }
@@ -320,13 +349,12 @@ async fn simulate(seed: u64) {
         }
         check(&nodes, &db, now, seed);
         if i >= steps - WINDOW {
-            let ring = final_ring.get_or_insert_with(|| {
-                let members: Vec<String> = history.now().into_iter().collect();
-                place(&members, PartitionCount::new(P).unwrap(), &RingConfig::default())
-            });
-            for (p, ok) in usable.iter_mut().enumerate() {
-                let want = ring.as_ref().map(|r| r.owner(p as u32));
-                *ok |= want.and_then(|w| nodes.get(w)).is_some_and(|n| n.table.current(p as u32).is_some());
+            for (id, n) in &nodes {
+                for (p, ok) in usable.iter_mut().enumerate() {
+                    if n.table.current(p as u32).is_some() {
+                        ok.insert(id.clone());
+                    }
+                }
             }
         }
         tokio::time::advance(STEP).await;
@@ -335,25 +363,29 @@ async fn simulate(seed: u64) {
     // Liveness, part 2, after healing: every partition owned by the node the ring wants,
     // and usable by it at some point in the window.
     let now = Instant::now();
-    let ring =
-        place(&history.now().into_iter().collect::<Vec<_>>(), PartitionCount::new(P).unwrap(), &RingConfig::default());
+    let algo = config.algorithm;
+    let ring = wanted(&history.now().into_iter().collect::<Vec<_>>(), config, &db, now);
     if let Some(ring) = ring {
         let db = db.lock().unwrap();
         for p in 0..P {
             let want = ring.owner(p);
             if nodes.get(want).is_some_and(|n| !n.pause.is_paused()) {
                 let d = &db.leases[p as usize];
+                let views: Vec<String> = nodes
+                    .iter()
+                    .map(|(id, n)| format!("{id}: {:?}", n.placement.ring().map(|r| r.owner(p).to_string())))
+                    .collect();
                 assert_eq!(
                     d.owner.as_deref(),
                     Some(format!("{want}/1").as_str()),
-                    "seed {seed}: partition {p} not owned by {want} after healing"
+                    "seed {seed} (ring{algo}): partition {p} not owned by {want} after healing; nodes want {views:?}"
                 );
-                assert!(d.expires > now, "seed {seed}: {want}'s lease on {p} lapsed after healing");
+                assert!(d.expires > now, "seed {seed} (ring{algo}): {want}'s lease on {p} lapsed after healing");
                 // Owned is not enough: a lease held but stuck draining blocks the
                 // partition as surely as a lost one.
                 assert!(
-                    usable[p as usize],
-                    "seed {seed}: {want} owns {p} after healing but could not run it at any time in the last {:?}",
+                    usable[p as usize].contains(want),
+                    "seed {seed} (ring{algo}): {want} owns {p} after healing but could not run it at any time in the last {:?}",
                     STEP * WINDOW
                 );
             }
@@ -376,7 +408,10 @@ async fn simulate(seed: u64) {
 async fn the_real_ownership_logic_holds_across_many_seeds() {
     let base = std::env::var("WARDEN_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let seeds = std::env::var("WARDEN_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100u64);
+    // Sticky placement (the default) and the plain ring (what a cluster computes while
+    // a member of the release before sticky placement is in it).
     for seed in base..base + seeds {
-        simulate(seed).await;
+        simulate(seed, &RingConfig::default()).await;
+        simulate(seed, &RingConfig { algorithm: 1, ..RingConfig::default() }).await;
     }
 }

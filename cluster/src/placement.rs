@@ -3,8 +3,9 @@
 //! trusted for safety.
 //!
 //! - [`SingleNode`]: one node wants every partition.
-//! - [`RingPlacement`]: the consistent-hash ring with bounded loads (see
-//!   [`crate::ring`]) over the *eligible* members ([`eligible_ids`]: live, `active`,
+//! - [`RingPlacement`]: sticky placement over the lease holders (see
+//!   [`crate::sticky`]; the default) or the consistent-hash ring with bounded loads
+//!   (see [`crate::ring`]), whichever every member computes, over the *eligible* members ([`eligible_ids`]: live, `active`,
 //!   not announcing `db=lost`, and — when the runtime supplies proof — seen in the
 //!   database recently), recomputed only after the set has been stable for
 //!   `settle_delay`, so a flapping member does not churn ownership. A member that
@@ -17,6 +18,7 @@
 use crate::membership::{Member, MemberState, Membership};
 use crate::partition::PartitionCount;
 use crate::ring::{place, RingAssignment, RingConfig};
+use crate::sticky::{place_sticky, Candidate, Holders};
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -229,8 +231,16 @@ impl Placement for RingPlacement {
 }
 
 /// Feed membership views (and, when given, the set of members proven to reach the
-/// database) to the settler and publish ring changes to `placement`. Runs until
-/// `shutdown`.
+/// database and the lease holders) to the settler and publish placement changes to
+/// `placement`. Runs until `shutdown`.
+///
+/// The placement is the one every member agrees on ([`RingConfig::effective`]):
+/// sticky placement ([`crate::sticky`]) over the applied member set and the latest
+/// `holders` snapshot — recomputed whenever either changes — or the plain ring
+/// ([`place`]) over the applied set. With a `holders` feed that has not yet
+/// delivered a snapshot, sticky placement waits for it (the node holds nothing new
+/// meanwhile); without a feed it computes from the members alone.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_ring(
     membership: Arc<dyn Membership>,
     placement: Arc<RingPlacement>,
@@ -238,15 +248,24 @@ pub async fn run_ring(
     config: RingConfig,
     settle_delay: Duration,
     proof: Option<watch::Receiver<Proven>>,
+    holders: Option<watch::Receiver<Option<Holders>>>,
     shutdown: CancellationToken,
 ) {
     let mut view = membership.view();
     let mut proof = proof;
+    let mut holders = holders;
     let mut settler = Settler::new(settle_delay);
     let mut applied_config: Option<RingConfig> = None;
+    // A set was applied but sticky placement had no holders snapshot to compute from.
+    let mut waiting_for_holders = false;
+    // The snapshot the current placement was computed from. (Compared by value: the
+    // `changed()` that wakes this loop has already marked the new one seen.)
+    let mut computed_from: Option<Holders> = None;
     loop {
         let members = view.borrow_and_update().clone();
         let proven: Proven = proof.as_mut().and_then(|p| p.borrow_and_update().clone());
+        let snapshot: Option<Holders> = holders.as_mut().and_then(|h| h.borrow_and_update().clone());
+        let holders_changed = snapshot.is_some() && snapshot != computed_from;
         let eligible = eligible_ids(&members, &proven);
         let known_removal =
             settler.applied().is_some_and(|applied| removal_is_known(applied, &eligible, &members, &proven));
@@ -256,40 +275,82 @@ pub async fn run_ring(
             .map(|m| m.ring.as_deref());
         let effective = RingConfig::effective(&config, others);
         let config_changed = applied_config.is_some() && effective != applied_config;
+        let sticky = effective.as_ref().is_some_and(|c| c.algorithm >= 2);
         let applied = if known_removal {
             settler.observe_removal(eligible, Instant::now())
         } else {
             settler.observe(eligible, Instant::now())
         };
+        let membership_changed = applied.is_some() || config_changed;
         let set = match applied {
             Some(set) => Some(set),
-            None if config_changed => settler.applied().map(<[String]>::to_vec),
+            None if config_changed || waiting_for_holders || (sticky && holders_changed) => {
+                settler.applied().map(<[String]>::to_vec)
+            }
             None => None,
         };
         if let Some(set) = set {
             applied_config = effective.clone();
-            let ring = match &effective {
+            let placed: Vec<Member> = members.iter().filter(|m| set.contains(&m.node_id)).cloned().collect();
+            let rollout_target = crate::rollout::target_version(&placed).map(str::to_string);
+            // Outer `None`: cannot compute yet (sticky placement without its snapshot).
+            let computed: Option<Option<RingAssignment>> = match &effective {
+                Some(c) if c.algorithm >= 2 => match (&holders, &snapshot) {
+                    (Some(_), None) => None,
+                    (_, snapshot) => {
+                        let candidates: Vec<Candidate> = set
+                            .iter()
+                            .map(|id| {
+                                let m = placed.iter().find(|m| m.node_id == *id);
+                                let version = m.and_then(|m| m.version.as_deref());
+                                Candidate::new(
+                                    id.clone(),
+                                    m.and_then(|m| m.started_us).unwrap_or(0),
+                                    rollout_target.is_some() && version == rollout_target.as_deref(),
+                                )
+                            })
+                            .collect();
+                        let holders: &[Option<crate::sticky::Holder>] = snapshot.as_deref().unwrap_or(&[]);
+                        computed_from = snapshot.clone();
+                        Some(place_sticky(&candidates, holders, partitions, c.load_epsilon))
+                    }
+                },
                 Some(c) => {
                     if *c != config {
                         tracing::warn!(own = %config.fingerprint(), effective = %c.fingerprint(),
                             "ownership: members publish different ring configs; computing the one they agree on");
                     }
-                    place(&set, partitions, c)
+                    Some(place(&set, partitions, c))
                 }
                 None => {
                     tracing::error!(own = %config.fingerprint(),
                         "ownership: the cluster's oldest ring algorithm is unknown to this binary; owning nothing");
-                    None
+                    Some(None)
                 }
             };
-            let standby = effective.is_none();
-            let mine = ring.as_ref().map(|r| r.partitions_of(&placement.node_id).len()).unwrap_or(0);
-            // Reported only: placement is the plain ring whatever the versions (see
-            // `crate::rollout` for why).
-            let placed: Vec<Member> = members.iter().filter(|m| set.contains(&m.node_id)).cloned().collect();
-            let rollout_target = crate::rollout::target_version(&placed);
-            tracing::info!(members = ?set, partitions_here = mine, standby, ?rollout_target, "ownership: ring changed");
-            placement.set(ring, standby);
+            waiting_for_holders = computed.is_none();
+            if let Some(ring) = computed {
+                let standby = effective.is_none();
+                let current = placement.ring();
+                let changed = current.as_deref() != ring.as_ref() || placement.standby() != standby;
+                if membership_changed || changed {
+                    let mine = ring.as_ref().map(|r| r.partitions_of(&placement.node_id).len()).unwrap_or(0);
+                    let algorithm = effective.as_ref().map(|c| c.algorithm);
+                    if membership_changed {
+                        tracing::info!(members = ?set, partitions_here = mine, standby, ?algorithm, ?rollout_target,
+                            "ownership: ring changed");
+                    } else {
+                        let moved = match (&current, &ring) {
+                            (Some(a), Some(b)) if a.partitions() == b.partitions() => {
+                                (0..a.partitions()).filter(|q| a.owner(*q) != b.owner(*q)).count()
+                            }
+                            _ => partitions.get() as usize,
+                        };
+                        tracing::debug!(moved, partitions_here = mine, "ownership: sticky placement followed the lease holders");
+                    }
+                    placement.set(ring, standby);
+                }
+            }
         }
         let deadline = settler.deadline();
         tokio::select! {
@@ -301,6 +362,12 @@ pub async fn run_ring(
                     None => std::future::pending().await,
                 }
             } => if changed.is_err() { proof = None },
+            changed = async {
+                match holders.as_mut() {
+                    Some(h) => h.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if changed.is_err() { holders = None },
             _ = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -389,7 +456,7 @@ mod tests {
     #[test]
     fn members_agree_on_one_ring_config() {
         let own = RingConfig::default();
-        let other = RingConfig { vnodes_per_member: 64, load_epsilon: 0.1 };
+        let other = RingConfig { vnodes_per_member: 64, load_epsilon: 0.1, ..RingConfig::default() };
         let (o, x) = (own.fingerprint(), other.fingerprint());
         // Same everywhere: our own.
         assert_eq!(RingConfig::effective(&own, [Some(o.as_str())]), Some(own.clone()));
@@ -401,11 +468,19 @@ mod tests {
         let b = RingConfig::effective(&other, [Some(o.as_str())]);
         assert_eq!(a, b);
         // An older algorithm published by anyone wins; one this binary does not know
-        // (a future "ring2" is newer, so ring1 still wins) is ignored in favour of it.
-        assert_eq!(RingConfig::effective(&own, [Some("ring2;whatever")]), Some(own.clone()));
+        // (a future "ring3" is newer, so ring2 still wins) is ignored in favour of it.
+        assert_eq!(RingConfig::effective(&own, [Some("ring3;whatever")]), Some(own.clone()));
+        // One member of the release before sticky placement (ring1): everyone computes
+        // the plain ring until it is gone, whoever computes.
+        let plain = RingConfig { algorithm: 1, ..RingConfig::default() };
+        let p1 = plain.fingerprint();
+        assert_eq!(p1, "ring1;vnodes=128;eps=0.05", "what the release before publishes");
+        assert_eq!(RingConfig::effective(&own, [Some(o.as_str()), Some(p1.as_str())]), Some(plain.clone()));
+        assert_eq!(RingConfig::effective(&plain, [Some(o.as_str()), Some(o.as_str())]), Some(plain.clone()));
         // A cluster whose oldest algorithm this binary cannot compute: own nothing.
         assert_eq!(RingConfig::effective(&own, [Some("ring0;vnodes=1;eps=0")]), None);
-        // Members that publish nothing count as the default config.
-        assert_eq!(RingConfig::effective(&other, [None, None]), Some(RingConfig::default()));
+        // Members that publish nothing (binaries before the field) count as the
+        // default config of the plain ring, the only one they compute.
+        assert_eq!(RingConfig::effective(&other, [None, None]), Some(plain));
     }
 }

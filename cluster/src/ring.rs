@@ -132,31 +132,39 @@ pub struct RingConfig {
     pub vnodes_per_member: u32,
     /// Load slack ε: max/mean ≤ 1 + ε. Negative or NaN is taken as 0.
     pub load_epsilon: f64,
+    /// Which placement: 1 the plain ring ([`place`]), 2 sticky placement over the
+    /// lease holders ([`crate::sticky`], the default). Each member publishes its own;
+    /// the cluster computes the oldest any member publishes ([`RingConfig::effective`]).
+    pub algorithm: u32,
 }
 
 impl Default for RingConfig {
     fn default() -> Self {
-        Self { vnodes_per_member: 128, load_epsilon: 0.05 }
+        Self { vnodes_per_member: 128, load_epsilon: 0.05, algorithm: RING_ALGORITHM }
     }
 }
 
-/// The ring algorithm this binary implements. A binary that changes [`place`] bumps
-/// it and must still implement every older version it may run beside (see
-/// [`RingConfig::effective`]).
-pub const RING_ALGORITHM: u32 = 1;
+/// The newest placement algorithm this binary implements, and its default: 2, sticky
+/// placement ([`crate::sticky`]). A binary that changes placement bumps it and must
+/// still implement every older version it may run beside (see
+/// [`RingConfig::effective`]): this one also computes 1, the plain ring ([`place`]).
+pub const RING_ALGORITHM: u32 = 2;
+
+/// The oldest algorithm this binary still computes.
+pub const OLDEST_RING_ALGORITHM: u32 = 1;
 
 impl RingConfig {
     /// What a member publishes in gossip (`ring`): algorithm version and config, e.g.
     /// `ring1;vnodes=128;eps=0.05`.
     pub fn fingerprint(&self) -> String {
-        format!("ring{RING_ALGORITHM};vnodes={};eps={}", self.vnodes_per_member, self.load_epsilon)
+        format!("ring{};vnodes={};eps={}", self.algorithm, self.vnodes_per_member, self.load_epsilon)
     }
 
     /// Parse a fingerprint of an algorithm this binary implements.
     pub fn from_fingerprint(s: &str) -> Option<RingConfig> {
         let mut parts = s.split(';');
         let algo: u32 = parts.next()?.strip_prefix("ring")?.parse().ok()?;
-        if algo != RING_ALGORITHM {
+        if !(OLDEST_RING_ALGORITHM..=RING_ALGORITHM).contains(&algo) {
             return None;
         }
         let (mut vnodes, mut eps) = (None, None);
@@ -167,7 +175,7 @@ impl RingConfig {
                 _ => return None,
             }
         }
-        Some(RingConfig { vnodes_per_member: vnodes?, load_epsilon: eps? })
+        Some(RingConfig { vnodes_per_member: vnodes?, load_epsilon: eps?, algorithm: algo })
     }
 
     /// The one ring every member computes when their published fingerprints differ
@@ -182,9 +190,9 @@ impl RingConfig {
     /// that publish none (binaries before this field) count as the default config.
     pub fn effective<'a>(own: &RingConfig, published: impl IntoIterator<Item = Option<&'a str>>) -> Option<RingConfig> {
         let own_fp = own.fingerprint();
-        let legacy = RingConfig::default().fingerprint();
+        let legacy = RingConfig { algorithm: 1, ..RingConfig::default() }.fingerprint();
         let mut counts: BTreeMap<(u32, String), usize> = BTreeMap::new();
-        *counts.entry((RING_ALGORITHM, own_fp.clone())).or_default() += 1;
+        *counts.entry((own.algorithm, own_fp.clone())).or_default() += 1;
         for fp in published {
             let fp = fp.unwrap_or(&legacy);
             let algo = fp
@@ -216,6 +224,13 @@ pub struct RingAssignment {
 }
 
 impl RingAssignment {
+    /// From sorted, deduplicated `members` and a member index per partition.
+    pub(crate) fn from_parts(members: Vec<String>, owners: Vec<u32>, cap: u32) -> Self {
+        debug_assert!(members.windows(2).all(|w| w[0] < w[1]));
+        debug_assert!(owners.iter().all(|o| (*o as usize) < members.len()));
+        Self { members, owners, cap }
+    }
+
     /// The member that should own `partition`.
     ///
     /// # Panics
@@ -326,7 +341,7 @@ fn partition_position(q: u32, p: u32) -> u64 {
 /// The first 8 bytes of md5, big-endian: the crate's documented stable hash (see
 /// [`crate::partition`]), not `std`'s `Hash`, whose byte feed is not promised to be
 /// the same across Rust versions or endianness.
-fn md5_u64(bytes: &[u8]) -> u64 {
+pub(crate) fn md5_u64(bytes: &[u8]) -> u64 {
     let d = Md5::digest(bytes);
     u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
@@ -680,12 +695,12 @@ mod tests {
         let (mut rng, seed) = rng();
         let configs = [
             RingConfig::default(),
-            RingConfig { vnodes_per_member: 0, load_epsilon: 0.05 },
-            RingConfig { vnodes_per_member: 1, load_epsilon: 0.0 },
-            RingConfig { vnodes_per_member: 7, load_epsilon: -1.0 },
-            RingConfig { vnodes_per_member: 64, load_epsilon: f64::NAN },
-            RingConfig { vnodes_per_member: 16, load_epsilon: f64::INFINITY },
-            RingConfig { vnodes_per_member: u32::MAX, load_epsilon: 0.25 },
+            RingConfig { vnodes_per_member: 0, load_epsilon: 0.05, ..RingConfig::default() },
+            RingConfig { vnodes_per_member: 1, load_epsilon: 0.0, ..RingConfig::default() },
+            RingConfig { vnodes_per_member: 7, load_epsilon: -1.0, ..RingConfig::default() },
+            RingConfig { vnodes_per_member: 64, load_epsilon: f64::NAN, ..RingConfig::default() },
+            RingConfig { vnodes_per_member: 16, load_epsilon: f64::INFINITY, ..RingConfig::default() },
+            RingConfig { vnodes_per_member: u32::MAX, load_epsilon: 0.25, ..RingConfig::default() },
         ];
         for config in &configs {
             for (p, n) in [(1, 1), (1, 5), (3, 10), (7, 3), (100, 9), (1000, 1), (65_536, 4)] {
@@ -877,7 +892,7 @@ mod tests {
     #[test]
     fn a_walk_starts_at_the_partitions_nearest_member() {
         let (mut rng, seed) = rng();
-        let cfg = RingConfig { vnodes_per_member: 32, load_epsilon: 0.05 };
+        let cfg = RingConfig { vnodes_per_member: 32, load_epsilon: 0.05, ..RingConfig::default() };
         for n in [1, 4, 17] {
             let mut m = ids(n, &mut rng);
             m.sort();

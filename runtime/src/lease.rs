@@ -406,6 +406,34 @@ pub async fn keep_leases(
     }
 }
 
+/// Publish the lease table's live holders ([`Store::lease_holders`]) every `every`,
+/// for sticky placement (`warden_cluster::sticky`), which every node computes from
+/// them. (A handoff does not wait for it: every node computes the releases and the
+/// new owners from the snapshot before the handoff, which names the same ones.)
+/// Publishes only changes; a failed read keeps the last snapshot (placement keeps
+/// its last assignment meanwhile). Returns at once if the store keeps no holders.
+pub async fn watch_holders(
+    store: Arc<dyn Store>,
+    every: Duration,
+    holders: watch::Sender<Option<warden_cluster::Holders>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match tokio::time::timeout(every.max(Duration::from_millis(100)) * 2, store.lease_holders()).await {
+            Ok(Ok(Some(now))) => {
+                holders.send_if_modified(|old| (old.as_ref() != Some(&now)).then(|| *old = Some(now)).is_some());
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => tracing::debug!(error = %e, "reading the lease holders failed"),
+            Err(_) => tracing::debug!("reading the lease holders did not answer in time"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 fn fence(table: &LeaseTable, partitions: &[u32], on_fence: &OnFence) {
     for p in partitions {
         if let Some(l) = table.fence(*p) {

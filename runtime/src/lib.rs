@@ -90,4 +90,6 @@ pub use lease::LeaseConfig;
 pub use retention::RetentionConfig;
 pub use store::StoreConfig;
 pub use warden_cluster as cluster;
-pub use warden_cluster::{partition_of, GossipConfig, GossipMembership, Membership, PartitionCount, RingConfig};
+pub use warden_cluster::{
+    partition_of, GossipConfig, GossipMembership, Holder, Holders, Membership, PartitionCount, RingConfig,
+};

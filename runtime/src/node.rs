@@ -336,6 +336,14 @@ impl NodeBuilder {
             membership.set_versions(&options.ring.fingerprint(), crate::schema::binary_version()).await;
             membership.set_node_version(&options.node_version, u64::try_from(generation).unwrap_or(u64::MAX)).await;
             let rp = RingPlacement::new(config.node_id.clone());
+            // The lease holders sticky placement computes from, read twice per renewal.
+            let (holders_tx, holders_rx) = watch::channel(None);
+            tracker.spawn(crate::lease::watch_holders(
+                store.clone(),
+                config.lease.renew_interval / 2,
+                holders_tx,
+                shutdown.clone(),
+            ));
             tracker.spawn(warden_cluster::placement::run_ring(
                 membership.clone(),
                 rp.clone(),
@@ -343,6 +351,7 @@ impl NodeBuilder {
                 options.ring.clone(),
                 options.settle_delay,
                 Some(proven_rx),
+                Some(holders_rx),
                 shutdown.clone(),
             ));
             // Join the ring once gossip has had a settle delay to show us the cluster,

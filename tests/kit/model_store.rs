@@ -51,6 +51,8 @@ pub struct ModelLease {
     pub owner: Option<String>,
     pub epoch: i64,
     pub expires: Instant,
+    /// When the lease came to its owner (`acquired_at`, schema v10).
+    pub acquired: Option<Instant>,
 }
 
 /// One row of the modelled `warden.job_progress`.
@@ -89,7 +91,7 @@ impl ModelDb {
     pub fn new(partitions: u32) -> ModelDb {
         let now = Instant::now();
         ModelDb {
-            leases: (0..partitions).map(|_| ModelLease { owner: None, epoch: 0, expires: now }).collect(),
+            leases: (0..partitions).map(|_| ModelLease { owner: None, epoch: 0, expires: now, acquired: None }).collect(),
             jobs: BTreeMap::new(),
             attempts: Vec::new(),
             progress: BTreeMap::new(),
@@ -123,11 +125,29 @@ impl ModelDb {
             .collect()
     }
 
+    /// HOLDERS_SQL: live holders and their grant times (µs since the Unix epoch).
+    pub fn lease_holders(&self, now: Instant) -> warden_runtime::Holders {
+        self.leases
+            .iter()
+            .map(|l| match (&l.owner, l.expires > now) {
+                (Some(owner), true) => Some(warden_runtime::Holder {
+                    owner: warden_runtime::cluster::sticky::member_of_owner(owner).to_string(),
+                    acquired_us: l.acquired.map_or(0, |a| self.utc(a).timestamp_micros()),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn acquire(&mut self, owner: &str, partitions: &[u32], ttl: Duration, now: Instant) -> Vec<GrantedLease> {
         let mut granted = Vec::new();
         for p in self.matched(partitions, |p| p) {
             let d = &mut self.leases[p as usize];
             if d.owner.is_none() || d.owner.as_deref() == Some(owner) || d.expires < now {
+                let kept = d.owner.as_deref() == Some(owner) && d.expires >= now && d.acquired.is_some();
+                if !kept {
+                    d.acquired = Some(now);
+                }
                 d.owner = Some(owner.to_string());
                 d.epoch += 1;
                 d.expires = now + ttl;
@@ -764,6 +784,10 @@ impl Store for ModelStore {
     async fn heartbeat(&self, member: &MemberInfo, within: Duration) -> Result<Option<Vec<String>>> {
         let member = member.clone();
         Ok(Some(self.statement(move |db, now| db.heartbeat(&member, within, now)).await))
+    }
+
+    async fn lease_holders(&self) -> Result<Option<warden_runtime::Holders>> {
+        Ok(Some(self.statement(move |db, now| db.lease_holders(now)).await))
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use warden_cluster::GossipConfig;
+use warden_cluster::{GossipConfig, RingConfig};
 use warden_runtime::account_actor::ExecConfig;
 use warden_runtime::lease::LeaseConfig;
 use warden_runtime::node::ClusterOptions;
@@ -115,6 +115,13 @@ pub struct HostFlags {
     /// Rebalance only after the member set was stable this long (ms).
     #[arg(long, env = "WARDEN_SETTLE_DELAY_MS", default_value_t = 500)]
     pub settle_delay_ms: u64,
+    /// Placement algorithm this node publishes: `sticky` (2, the default: partitions
+    /// stay with their lease holder unless a join, leave or the load cap moves them;
+    /// at most two moves per partition in a rolling replace) or `ring` (1, the plain
+    /// consistent-hash ring of the member set). The cluster computes the oldest any
+    /// member publishes, so one `ring` member makes every node compute the ring.
+    #[arg(long, env = "WARDEN_PLACEMENT", default_value = "sticky", value_parser = ["sticky", "ring"])]
+    pub placement: String,
     /// gRPC address announced to peers and clients (default: the gRPC listen address).
     #[arg(long, env = "WARDEN_GRPC_ADDR")]
     pub grpc_addr: Option<String>,
@@ -184,6 +191,7 @@ impl std::fmt::Debug for HostFlags {
             .field("gossip_secret_file", &self.gossip_secret_file)
             .field("node_version", &self.node_version)
             .field("settle_delay_ms", &self.settle_delay_ms)
+            .field("placement", &self.placement)
             .field("grpc_addr", &self.grpc_addr)
             .field("grpc_listen", &self.grpc_listen)
             .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
@@ -273,6 +281,10 @@ impl HostFlags {
                     options: ClusterOptions {
                         settle_delay: Duration::from_millis(self.settle_delay_ms),
                         node_version: self.node_version.clone(),
+                        ring: RingConfig {
+                            algorithm: if self.placement == "ring" { 1 } else { RingConfig::default().algorithm },
+                            ..RingConfig::default()
+                        },
                         ..Default::default()
                     },
                 })

@@ -135,4 +135,12 @@ pub trait Store: Send + Sync + 'static {
     async fn heartbeat(&self, _member: &MemberInfo, _within: Duration) -> Result<Option<Vec<String>>> {
         Ok(None)
     }
+
+    /// Every partition's live holder (owner of an unexpired lease) and when the lease
+    /// was granted to it, indexed by partition: the shared memory sticky placement
+    /// computes from (`warden_cluster::sticky`). `None`: this store keeps no grant
+    /// times (placement then computes from the members alone).
+    async fn lease_holders(&self) -> Result<Option<warden_cluster::Holders>> {
+        Ok(None)
+    }
 }

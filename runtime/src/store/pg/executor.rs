@@ -57,6 +57,11 @@ const UNCLAIM_SQL: &str = include_str!("../sql/unclaim.sql");
 pub(super) const DISCARD_UNDECODABLE_SQL: &str = include_str!("../sql/discard_undecodable.sql");
 const CANCEL_REQUESTED_SQL: &str = "SELECT cancel_requested FROM warden.jobs WHERE id = $1";
 const HEARTBEAT_SQL: &str = include_str!("../sql/heartbeat.sql");
+/// Live holders and their grant times (µs), for sticky placement.
+const HOLDERS_SQL: &str = "
+    SELECT partition, owner_node, COALESCE((extract(epoch FROM acquired_at) * 1000000)::bigint, 0) AS acquired_us
+    FROM warden.leases
+    WHERE owner_node IS NOT NULL AND lease_expires_at > now()";
 const JOB_BEAT_SQL: &str = include_str!("../sql/job_beat.sql");
 const CHECKPOINT_SQL: &str =
     "SELECT checkpoint, checkpoint_at, checkpoint_attempt FROM warden.job_progress WHERE job_id = $1 AND checkpoint IS NOT NULL";
@@ -328,6 +333,22 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await?;
         Ok(Some(ids))
+    }
+
+    async fn lease_holders(&self) -> Result<Option<warden_cluster::Holders>> {
+        let rows = sqlx::query(HOLDERS_SQL).fetch_all(&self.pool).await?;
+        let mut holders: warden_cluster::Holders = vec![None; self.partitions.get() as usize];
+        for r in rows {
+            let partition: i32 = r.try_get("partition")?;
+            if let Some(slot) = usize::try_from(partition).ok().and_then(|p| holders.get_mut(p)) {
+                let owner: String = r.try_get("owner_node")?;
+                *slot = Some(warden_cluster::Holder {
+                    owner: warden_cluster::sticky::member_of_owner(&owner).to_string(),
+                    acquired_us: r.try_get("acquired_us")?,
+                });
+            }
+        }
+        Ok(Some(holders))
     }
 
     async fn begin(&self, idle_timeout: Duration) -> Result<JobTx> {
