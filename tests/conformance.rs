@@ -64,6 +64,7 @@ conformance!(
     cancel_and_retry_follow_the_job_state,
     unique_keys_make_enqueue_idempotent,
     heartbeat_lists_the_members_seen_within_the_window,
+    lease_holders_name_live_holders_and_when_their_lease_came_to_them,
     beats_are_fenced_per_attempt_and_keep_the_last_checkpoint,
     idempotency_keys_dedup_while_kept_even_after_the_job_completed,
 );

@@ -28,6 +28,9 @@ async fn a_rolling_restart_keeps_the_guarantee_and_kills_no_work() {
     assert_eq!(r.guarantee.killed_in_flight, 0, "{:?}", r.guarantee);
     assert_eq!(r.exit_codes, vec![Some(0); 3]);
     assert!(r.moves.iter().all(|m| *m >= 1), "every partition left the old generation: {:?}", r.moves);
+    // Sticky placement: at most twice per partition over the whole rolling restart.
+    let over: Vec<_> = r.grants.iter().filter(|(_, g)| g.len() > 3).collect();
+    assert!(r.moves.iter().all(|m| *m <= 2), "a partition moved more than twice: {:?}; grants {over:?}", r.moves);
     assert!(!r.pauses_ms.is_empty());
 }
 

@@ -181,7 +181,8 @@ impl SimNode {
         let tasks = vec![
             tokio::spawn(pause.wrap(warden_runtime::lease::watch_holders(
                 store.clone(),
-                Duration::from_millis(500),
+                Duration::from_millis(250),
+                Some(table.clone()),
                 holders_tx,
                 stop.clone(),
             ))),

@@ -208,13 +208,31 @@ impl LeaseTable {
     /// Start handing `partition` off: it stays held (and renewed) but is no longer usable
     /// for new attempts; attempts already running keep their fence.
     pub fn begin_drain(&self, partition: u32) {
-        if let Some(h) = self.held.lock().unwrap().get_mut(&partition) {
-            h.draining = true;
+        let mut held = self.held.lock().unwrap();
+        if let Some(h) = held.get_mut(&partition) {
+            if !h.draining {
+                h.draining = true;
+                self.count.send_replace(held.len());
+            }
         }
     }
 
     pub fn is_draining(&self, partition: u32) -> bool {
         self.held.lock().unwrap().get(&partition).is_some_and(|h| h.draining)
+    }
+
+    /// Held partitions this node is not handing off (draining ones are on their way
+    /// out), sorted: what sticky placement counts as this node's own.
+    pub fn keeping(&self) -> Vec<u32> {
+        let held = self.held.lock().unwrap();
+        let mut v: Vec<u32> = held.iter().filter(|(_, h)| !h.draining).map(|(p, _)| *p).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Notified on every grant and every partition given up (fenced or released).
+    pub fn changes(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
     }
 
     pub fn held(&self) -> Vec<GrantedLease> {
@@ -408,30 +426,78 @@ pub async fn keep_leases(
 
 /// Publish the lease table's live holders ([`Store::lease_holders`]) every `every`,
 /// for sticky placement (`warden_cluster::sticky`), which every node computes from
-/// them. (A handoff does not wait for it: every node computes the releases and the
-/// new owners from the snapshot before the handoff, which names the same ones.)
-/// Publishes only changes; a failed read keeps the last snapshot (placement keeps
-/// its last assignment meanwhile). Returns at once if the store keeps no holders.
+/// them. With this node's `table`, its own holdings are overlaid exactly as it knows
+/// them (re-published at once on every local grant, drain or release): a snapshot
+/// read a moment before this node acquired or let go of a partition must not make
+/// it let go of what it just took, or take back what it just gave away (both
+/// measured as extra moves in the rolling-restart harness before the overlay).
+/// Other nodes' holdings may be a read old; that only makes an acquire wait.
+/// Publishes only changes; a failed read keeps the last snapshot. Returns at once
+/// if the store keeps no holders.
 pub async fn watch_holders(
     store: Arc<dyn Store>,
     every: Duration,
+    table: Option<Arc<LeaseTable>>,
     holders: watch::Sender<Option<warden_cluster::Holders>>,
     shutdown: CancellationToken,
 ) {
+    let mut local = table.as_ref().map(|t| t.changes());
+    let mut read: Option<warden_cluster::Holders> = None;
+    let mut next_read = Instant::now();
     loop {
-        match tokio::time::timeout(every.max(Duration::from_millis(100)) * 2, store.lease_holders()).await {
-            Ok(Ok(Some(now))) => {
-                holders.send_if_modified(|old| (old.as_ref() != Some(&now)).then(|| *old = Some(now)).is_some());
+        if Instant::now() >= next_read {
+            match tokio::time::timeout(every.max(Duration::from_millis(100)) * 2, store.lease_holders()).await {
+                Ok(Ok(Some(now))) => read = Some(now),
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => tracing::debug!(error = %e, "reading the lease holders failed"),
+                Err(_) => tracing::debug!("reading the lease holders did not answer in time"),
             }
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => tracing::debug!(error = %e, "reading the lease holders failed"),
-            Err(_) => tracing::debug!("reading the lease holders did not answer in time"),
+            next_read = Instant::now() + every;
+        }
+        if let Some(read) = &read {
+            let now = match &table {
+                Some(t) => overlay(read, t),
+                None => read.clone(),
+            };
+            holders.send_if_modified(|old| (old.as_ref() != Some(&now)).then(|| *old = Some(now)).is_some());
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep_until(next_read) => {}
+            changed = async {
+                match local.as_mut() {
+                    Some(l) => l.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if changed.is_err() { local = None },
         }
     }
+}
+
+/// `read` with this node's own holdings replaced by what `table` says: partitions it
+/// keeps are its own (at the time read, or now if the read predates the grant), any
+/// other partition the read gives it is free.
+fn overlay(read: &warden_cluster::Holders, table: &LeaseTable) -> warden_cluster::Holders {
+    let me = warden_cluster::sticky::member_of_owner(table.owner());
+    let keeping = table.keeping();
+    let now_us = chrono::Utc::now().timestamp_micros();
+    read.iter()
+        .enumerate()
+        .map(|(p, h)| {
+            let mine = h.as_ref().is_some_and(|h| h.owner == me);
+            if keeping.binary_search(&(p as u32)).is_ok() {
+                if mine {
+                    h.clone()
+                } else {
+                    Some(warden_cluster::Holder { owner: me.to_string(), acquired_us: now_us })
+                }
+            } else if mine {
+                None
+            } else {
+                h.clone()
+            }
+        })
+        .collect()
 }
 
 fn fence(table: &LeaseTable, partitions: &[u32], on_fence: &OnFence) {

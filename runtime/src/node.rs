@@ -336,11 +336,13 @@ impl NodeBuilder {
             membership.set_versions(&options.ring.fingerprint(), crate::schema::binary_version()).await;
             membership.set_node_version(&options.node_version, u64::try_from(generation).unwrap_or(u64::MAX)).await;
             let rp = RingPlacement::new(config.node_id.clone());
-            // The lease holders sticky placement computes from, read twice per renewal.
+            // The lease holders sticky placement computes from, read four times per
+            // renewal, with this node's own as its lease table says (see watch_holders).
             let (holders_tx, holders_rx) = watch::channel(None);
             tracker.spawn(crate::lease::watch_holders(
                 store.clone(),
-                config.lease.renew_interval / 2,
+                config.lease.renew_interval / 4,
+                Some(leases.clone()),
                 holders_tx,
                 shutdown.clone(),
             ));

@@ -184,6 +184,39 @@ pub async fn lease_wait_is_the_time_until_another_owners_lease_expires<S: Store 
     assert_eq!(s.lease_wait(B, &[0, 2]).await.unwrap(), Some(Duration::ZERO), "expired but not released");
 }
 
+/// lease_holders (sticky placement's input): every live holder as its member id
+/// (without the `/generation`) and the time the partition came to it — kept across a
+/// re-grant of a lease it still holds, new after a release, an expiry or another
+/// owner; released and expired leases have no holder.
+pub async fn lease_holders_name_live_holders_and_when_their_lease_came_to_them<S: Store + ProducerStore>(s: &S) {
+    let holders = || async { s.lease_holders().await.unwrap().expect("the store keeps holders") };
+    let h = holders().await;
+    assert_eq!(h.len(), P as usize);
+    assert!(h.iter().all(Option::is_none), "nothing held yet");
+    s.acquire(A, &[0, 1], TTL).await.unwrap();
+    s.acquire(A, &[2], SHORT_TTL).await.unwrap();
+    let h = holders().await;
+    let at = |h: &warden_cluster::Holders, p: usize| h[p].as_ref().map(|x| (x.owner.clone(), x.acquired_us));
+    let (owner, t0) = at(&h, 0).expect("held");
+    assert_eq!(owner, "a", "the member id, without the generation");
+    assert!(t0 > 0, "a grant time");
+    assert_eq!(at(&h, 1).map(|x| x.0), Some("a".to_string()));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.acquire(A, &[0], TTL).await.unwrap();
+    assert_eq!(at(&holders().await, 0), Some(("a".to_string(), t0)), "a re-grant of a held lease keeps its time");
+    tokio::time::sleep(PAST_SHORT_TTL).await;
+    assert_eq!(at(&holders().await, 2), None, "expired: no holder");
+    s.acquire(A, &[2], TTL).await.unwrap();
+    let (_, t2) = at(&holders().await, 2).expect("held again");
+    assert!(t2 > t0, "a grant after an expiry is new, even to the same owner");
+    s.release(A, &granted(&[(1, 1)])).await.unwrap();
+    assert_eq!(at(&holders().await, 1), None, "released: no holder");
+    s.acquire(B, &[1], TTL).await.unwrap();
+    let (owner, t1) = at(&holders().await, 1).expect("held by b");
+    assert_eq!(owner, "b");
+    assert!(t1 > t0, "another owner: a new time");
+}
+
 // ---------------------------------------------------------------------------
 // Claim order.
 

@@ -243,6 +243,33 @@ pub async fn epochs(pool: &sqlx::PgPool) -> anyhow::Result<BTreeMap<i32, i64>> {
     Ok(rows.into_iter().collect())
 }
 
+/// Every lease grant seen while it runs, per partition: (epoch, owner, ms since the
+/// start), polled every 20 ms (a grant and a re-grant within one poll show as one;
+/// the epochs say how many there were). Stop it with the returned token.
+pub fn track_grants(
+    pool: sqlx::PgPool,
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<BTreeMap<i32, Vec<(i64, String, u64)>>>) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let mut seen: BTreeMap<i32, Vec<(i64, String, u64)>> = BTreeMap::new();
+        while !s.is_cancelled() {
+            let rows: Vec<(i32, i64, Option<String>)> =
+                sqlx::query_as("SELECT partition, epoch, owner_node FROM warden.leases").fetch_all(&pool).await.unwrap_or_default();
+            for (p, e, o) in rows {
+                let v = seen.entry(p).or_default();
+                if v.last().map(|(le, _, _)| *le) != Some(e) {
+                    v.push((e, o.unwrap_or_default(), t0.elapsed().as_millis() as u64));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    });
+    (stop, task)
+}
+
 /// Per partition, the largest wait beyond the in-flight predecessor (ms) of jobs
 /// enqueued in [from, to] (first attempts' audit rows).
 pub async fn pauses(pool: &sqlx::PgPool, from: Ts, to: Ts) -> anyhow::Result<Vec<(i32, f64)>> {
@@ -368,6 +395,8 @@ pub struct RolloutReport {
     pub baseline_ms: Vec<f64>,
     /// Per partition: lease grants during the rollout (moves).
     pub moves: Vec<i64>,
+    /// Per partition: the grants seen during the rollout (see [`track_grants`]).
+    pub grants: BTreeMap<i32, Vec<(i64, String, u64)>>,
     /// Per replaced node: SIGTERM → exit, and the exit codes.
     pub stop_times: Vec<Duration>,
     pub exit_codes: Vec<Option<i32>>,
@@ -393,6 +422,7 @@ pub async fn rollout(url: &str, pool: &sqlx::PgPool, bin: &str, o: &RolloutOpts)
     let t0 = db_now(pool).await?;
     let e0 = epochs(pool).await?;
     let started = Instant::now();
+    let (tracking, tracker) = track_grants(pool.clone());
     let mut r = RolloutReport::default();
     for _ in 0..o.nodes {
         r.ready_times.push(c.add(new_v).await?);
@@ -405,6 +435,8 @@ pub async fn rollout(url: &str, pool: &sqlx::PgPool, bin: &str, o: &RolloutOpts)
     r.took = started.elapsed();
     let t1 = db_now(pool).await?;
     let e1 = epochs(pool).await?;
+    tracking.cancel();
+    r.grants = tracker.await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let enqueued = load.stop().await?;
     wait_drained(pool, Duration::from_secs(120)).await?;
