@@ -17,7 +17,7 @@
 //! guaranteed".
 
 use crate::store::{Fence, GrantedLease, MemberInfo, Store};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,6 +86,8 @@ struct Held {
     token: CancellationToken,
     /// Handing off: keep renewing, start nothing new.
     draining: bool,
+    /// When this grant was recorded here.
+    granted_at: Instant,
 }
 
 /// The leases this node holds. Never held across `.await`.
@@ -185,7 +187,14 @@ impl LeaseTable {
             let validity = LeaseValidity::new(self.base, valid_until);
             if let Some(old) = held.insert(
                 l.partition,
-                Held { epoch: l.epoch, valid_until, validity, token: CancellationToken::new(), draining: false },
+                Held {
+                    epoch: l.epoch,
+                    valid_until,
+                    validity,
+                    token: CancellationToken::new(),
+                    draining: false,
+                    granted_at: Instant::now(),
+                },
             ) {
                 old.validity.close();
                 old.token.cancel();
@@ -228,6 +237,18 @@ impl LeaseTable {
         let mut v: Vec<u32> = held.iter().filter(|(_, h)| !h.draining).map(|(p, _)| *p).collect();
         v.sort_unstable();
         v
+    }
+
+    /// Held partitions granted less than `within` ago, with the time left until they
+    /// are not (the enforcer does not hand those off yet: see `LeaseView::settling`).
+    pub fn settling(&self, within: Duration) -> BTreeMap<u32, Duration> {
+        let now = Instant::now();
+        let held = self.held.lock().unwrap();
+        held.iter()
+            .filter(|(_, h)| !h.draining)
+            .filter_map(|(p, h)| (h.granted_at + within).checked_duration_since(now).map(|left| (*p, left)))
+            .filter(|(_, left)| !left.is_zero())
+            .collect()
     }
 
     /// Notified on every grant and every partition given up (fenced or released).

@@ -103,6 +103,16 @@ async fn main() -> anyhow::Result<()> {
                 r.exit_codes,
                 r.guarantee.clean()
             );
+            // A partition granted more than three times (the first grant of the
+            // rollout is its first move): its grants, to see what moved it.
+            if r.grants.values().any(|g| g.len() > 3) {
+                let ev: Vec<String> = r.events.iter().map(|(e, t)| format!("{e}@{t}ms")).collect();
+                println!("    steps: {}", ev.join(", "));
+            }
+            for (p, g) in r.grants.iter().filter(|(_, g)| g.len() > 3) {
+                let seq: Vec<String> = g.iter().map(|(e, o, t)| format!("{e}:{o}@{t}ms")).collect();
+                println!("    partition {p}: {}", seq.join(" → "));
+            }
             all.pauses_ms.extend(r.pauses_ms);
             all.baseline_ms.extend(r.baseline_ms);
             all.moves.extend(r.moves);

@@ -397,6 +397,9 @@ pub struct RolloutReport {
     pub moves: Vec<i64>,
     /// Per partition: the grants seen during the rollout (see [`track_grants`]).
     pub grants: BTreeMap<i32, Vec<(i64, String, u64)>>,
+    /// The rollout's steps, ms since it began (the grants' clock): `+nK` started,
+    /// `nK ready`, `-nK` SIGTERMed, `nK exited`.
+    pub events: Vec<(String, u64)>,
     /// Per replaced node: SIGTERM → exit, and the exit codes.
     pub stop_times: Vec<Duration>,
     pub exit_codes: Vec<Option<i32>>,
@@ -424,10 +427,18 @@ pub async fn rollout(url: &str, pool: &sqlx::PgPool, bin: &str, o: &RolloutOpts)
     let started = Instant::now();
     let (tracking, tracker) = track_grants(pool.clone());
     let mut r = RolloutReport::default();
+    let ms = |t: Instant| t.duration_since(started).as_millis() as u64;
     for _ in 0..o.nodes {
+        let t = Instant::now();
+        let id = format!("n{}", c.next_id);
         r.ready_times.push(c.add(new_v).await?);
+        r.events.push((format!("+{id}"), ms(t)));
+        r.events.push((format!("{id} ready"), ms(Instant::now())));
         // The oldest remaining member of the old generation.
+        let gone = c.members[0].proc.node_id.clone();
+        r.events.push((format!("-{gone}"), ms(Instant::now())));
         let (code, took) = c.remove(0, o.grace).await?;
+        r.events.push((format!("{gone} exited"), ms(Instant::now())));
         r.exit_codes.push(code);
         r.stop_times.push(took);
     }
