@@ -20,16 +20,24 @@
 //! member does not publish a version (an older binary: it cannot agree on anything
 //! version-aware, so nothing version-aware may decide ownership).
 //!
-//! # Placement during a rollout: measured, and left as the plain ring
+//! # Placement during a rollout: why it needed memory (now [`crate::sticky`])
+//!
+//! What follows measured the *memoryless* schemes — placements that are a function
+//! of the member view alone — and explains why none of them bounds the moves of a
+//! rolling replace. Sticky placement ([`crate::sticky`], the default since schema
+//! v10) is the way out it names at the end: memory every node shares, the lease
+//! holders. It keeps every partition to at most two moves per rolling replace (in
+//! simulation and in the rolling-restart harness, BENCHMARKS.md). The plain ring
+//! below is what a cluster still computes while any member publishes `ring1`.
 //!
 //! The goal was that a maxSurge 1 / maxUnavailable 0 rolling replace of N nodes
 //! (+new₁, −old₁, +new₂, −old₂, …) moves each partition at most twice. It does not
 //! hold for the plain ring ([`crate::ring::place`]), and none of the memoryless
 //! version-aware schemes measured here gets there either. The two that lower the
 //! worst case (a, b: 8 instead of 10 at N = 5) do it by moving *more*: +13–15% moves
-//! in all and 1.5–1.8× as many partitions moving three times or more. So placement
-//! is unchanged: [`crate::placement::run_ring`] uses the plain ring whatever the
-//! versions, and the target version is only reported (logged with every ring change).
+//! in all and 1.5–1.8× as many partitions moving three times or more. So the plain
+//! ring stayed version-blind; sticky placement uses the target version only as a
+//! preference (a member of it is the first to receive what must move).
 //!
 //! Figures (`print_rollout_figures`, P = 1024, ε = 0.05, 200 random id sets per N;
 //! per partition over the whole rollout: max moves over all runs / mean moves /
@@ -78,13 +86,14 @@
 //!   nearest partitions, which reshuffles the targets at every join (each one keeps
 //!   only its nearest `cap` of a changing pool) and the old side at every leave.
 //!
-//! What would help, left open: a placement with **memory that every node shares**,
-//! e.g. "prefer the current lease holder while it is eligible and under the cap"
-//! read from `warden.leases` — but nodes read it at different moments, so two nodes
-//! could compute different owners from the same view; that needs its own agreement
-//! protocol (a ring epoch in the database) and is not a settle-delay-sized change. A
-//! larger P (less granularity: the alternating cap moves fewer partitions per member)
-//! or a looser ε during a rollout would also reduce the tail.
+//! What helps: a placement with **memory that every node shares** — "keep the
+//! current lease holder while it is eligible and under the cap", read from
+//! `warden.leases`. Nodes read it at different moments, so two nodes can compute
+//! different owners for a moment; no agreement protocol was needed, because the
+//! lease arbitrates who gets a contested partition and sticky placement then keeps
+//! it there (a fixed point), with two dampers against the stale reads: a node
+//! overlays its own lease table on what it reads, and does not hand off a partition
+//! within a renewal interval of its grant. See [`crate::sticky`].
 
 use crate::membership::Member;
 use std::collections::BTreeMap;
