@@ -493,8 +493,7 @@ mod attack {
         let mut holders = holders_of(&place_sticky(&live, &[], pc(p), 0.05).unwrap(), &[], 0);
         let mut moves = vec![0u32; p as usize];
         let mut avoidable = vec![0u32; p as usize];
-        let mut t = 1;
-        for step in steps {
+        for (t, step) in (1i64..).zip(steps) {
             let mut crashed: Vec<String> = Vec::new();
             let mut freed: BTreeSet<u32> = BTreeSet::new();
             for ev in step {
@@ -529,7 +528,6 @@ mod attack {
                 }
             }
             holders = holders_of(&a, &holders, t);
-            t += 1;
         }
         (moves, avoidable)
     }
@@ -694,7 +692,7 @@ mod attack {
                 }
                 let me = &ids[rng.usize(..ids.len())];
                 let frozen = self.frozen.as_deref() == Some(me.as_str()) && self.reads.contains_key(me);
-                if !frozen && !(rng.f64() < stale && self.reads.contains_key(me)) {
+                if !frozen && (rng.f64() >= stale || !self.reads.contains_key(me)) {
                     self.reads.insert(me.clone(), self.db.clone());
                 }
                 let a = place_sticky(live, &self.view(me), pc(self.p), 0.05).unwrap();
@@ -876,7 +874,7 @@ mod attack {
                     for i in 0..n {
                         live.push(Candidate::new(ids[n + i].clone(), 100 + i as u64, false));
                         h = holders_of(&place_sticky(&live, &h, pc(p), 0.05).unwrap(), &h, 2 * i as i64 + 1);
-                        let gone = live.iter().filter(|c| ids[..n].contains(&c.id)).nth(0).map(|c| c.id.clone());
+                        let gone = live.iter().find(|c| ids[..n].contains(&c.id)).map(|c| c.id.clone());
                         live.retain(|c| Some(&c.id) != gone.as_ref());
                         h = holders_of(&place_sticky(&live, &h, pc(p), 0.05).unwrap(), &h, 2 * i as i64 + 2);
                     }
