@@ -182,6 +182,7 @@ impl SimNode {
             tokio::spawn(pause.wrap(warden_runtime::lease::watch_holders(
                 store.clone(),
                 Duration::from_millis(250),
+                cfg().valid_for(),
                 Some(table.clone()),
                 holders_tx,
                 stop.clone(),

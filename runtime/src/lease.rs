@@ -455,25 +455,40 @@ pub async fn keep_leases(
 /// Other nodes' holdings may be a read old; that only makes an acquire wait.
 /// Publishes only changes; a failed read keeps the last snapshot. Returns at once
 /// if the store keeps no holders.
+///
+/// A read may take up to `read_timeout` — give it the lease validity window
+/// ([`LeaseConfig::valid_for`]), the time a renewal may take: a node that can keep its
+/// leases must also be able to refresh its snapshot. (A snapshot that stays old makes
+/// this node compute a different owner for a partition being handed off than the nodes
+/// that read the new holders, and the partition can wait for as long as it stays old;
+/// with a timeout shorter than the database's answer, it never gets fresher.) Local
+/// changes are re-published while a read is in flight.
 pub async fn watch_holders(
     store: Arc<dyn Store>,
     every: Duration,
+    read_timeout: Duration,
     table: Option<Arc<LeaseTable>>,
     holders: watch::Sender<Option<warden_cluster::Holders>>,
     shutdown: CancellationToken,
 ) {
+    type Read = std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = std::result::Result<
+                        crate::error::Result<Option<warden_cluster::Holders>>,
+                        tokio::time::error::Elapsed,
+                    >,
+                > + Send,
+        >,
+    >;
     let mut local = table.as_ref().map(|t| t.changes());
     let mut read: Option<warden_cluster::Holders> = None;
     let mut next_read = Instant::now();
+    let mut in_flight: Option<Read> = None;
     loop {
-        if Instant::now() >= next_read {
-            match tokio::time::timeout(every.max(Duration::from_millis(100)) * 2, store.lease_holders()).await {
-                Ok(Ok(Some(now))) => read = Some(now),
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => tracing::debug!(error = %e, "reading the lease holders failed"),
-                Err(_) => tracing::debug!("reading the lease holders did not answer in time"),
-            }
-            next_read = Instant::now() + every;
+        if in_flight.is_none() && Instant::now() >= next_read {
+            let store = store.clone();
+            in_flight = Some(Box::pin(async move { tokio::time::timeout(read_timeout, store.lease_holders()).await }));
         }
         if let Some(read) = &read {
             let now = match &table {
@@ -484,7 +499,17 @@ pub async fn watch_holders(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(next_read) => {}
+            result = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                in_flight = None;
+                match result {
+                    Ok(Ok(Some(now))) => read = Some(now),
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "reading the lease holders failed"),
+                    Err(_) => tracing::debug!("reading the lease holders did not answer in time"),
+                }
+                next_read = Instant::now() + every;
+            }
+            _ = tokio::time::sleep_until(next_read), if in_flight.is_none() => {}
             changed = async {
                 match local.as_mut() {
                     Some(l) => l.changed().await,
@@ -575,6 +600,118 @@ mod tests {
         tokio::time::advance(Duration::from_secs(4)).await;
         assert!(!v.is_valid() && v.remaining().is_zero());
         assert!(!t.current(1).unwrap_or_else(|| t.held_lease_for_test(1)).token.is_cancelled());
+    }
+
+    /// A store whose holders read answers after `delay` (the first at once).
+    struct SlowHolders {
+        delay: Duration,
+        reads: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for SlowHolders {
+        fn partitions(&self) -> warden_cluster::PartitionCount {
+            warden_cluster::PartitionCount::new(4).unwrap()
+        }
+        async fn acquire(&self, _: &str, _: &[u32], _: Duration) -> crate::error::Result<Vec<GrantedLease>> {
+            unreachable!()
+        }
+        async fn renew(&self, _: &str, _: &[GrantedLease], _: Duration) -> crate::error::Result<Vec<u32>> {
+            unreachable!()
+        }
+        async fn release(&self, _: &str, _: &[GrantedLease]) -> crate::error::Result<u64> {
+            unreachable!()
+        }
+        async fn rescue(&self, _: &str, _: &[GrantedLease]) -> crate::error::Result<u64> {
+            unreachable!()
+        }
+        async fn lease_wait(&self, _: &str, _: &[u32]) -> crate::error::Result<Option<Duration>> {
+            unreachable!()
+        }
+        async fn due_accounts(&self, _: &[u32], _: i64) -> crate::error::Result<Vec<crate::store::DueAccount>> {
+            unreachable!()
+        }
+        async fn running_here(&self, _: &str, _: &[u32], _: i64) -> crate::error::Result<Vec<crate::store::RunningJob>> {
+            unreachable!()
+        }
+        async fn claim(&self, _: &str, _: &Fence) -> crate::error::Result<Option<crate::job::JobRow>> {
+            unreachable!()
+        }
+        async fn finish(
+            &self,
+            _: Option<crate::store::JobTx>,
+            _: &crate::job::JobRow,
+            _: &Fence,
+            _: &crate::store::Finish,
+            _: bool,
+        ) -> crate::error::Result<crate::store::Finished> {
+            unreachable!()
+        }
+        async fn unclaim(&self, _: &crate::job::JobRow, _: &Fence) -> crate::error::Result<()> {
+            unreachable!()
+        }
+        async fn cancel_requested(&self, _: i64) -> crate::error::Result<bool> {
+            unreachable!()
+        }
+        async fn beat(
+            &self,
+            _: i64,
+            _: i32,
+            _: &Fence,
+            _: &crate::progress::Beat,
+        ) -> crate::error::Result<crate::progress::BeatAck> {
+            unreachable!()
+        }
+        async fn checkpoint(&self, _: i64) -> crate::error::Result<Option<crate::progress::StoredCheckpoint>> {
+            unreachable!()
+        }
+        async fn begin(&self, _: Duration) -> crate::error::Result<crate::store::JobTx> {
+            unreachable!()
+        }
+        async fn lease_holders(&self) -> crate::error::Result<Option<warden_cluster::Holders>> {
+            let n = self.reads.fetch_add(1, Ordering::SeqCst);
+            if n > 0 {
+                tokio::time::sleep(self.delay).await;
+            }
+            let h = warden_cluster::Holder { owner: "other".into(), acquired_us: n as i64 };
+            Ok(Some(vec![Some(h); 4]))
+        }
+    }
+
+    /// A database that answers the holders read in 800 ms — slower than the 500 ms the
+    /// read was given (2 × renew/4), well inside the 3 s a renewal is: the node keeps its
+    /// leases, so its snapshot must keep up too (a snapshot that stays old left
+    /// partitions unowned in `sticky::attack`'s agents). And a local grant is published
+    /// while a read is in flight.
+    #[tokio::test(start_paused = true)]
+    async fn holders_keep_up_with_a_slow_database_and_local_grants_do_not_wait_for_a_read() {
+        let config = LeaseConfig::default();
+        let store = Arc::new(SlowHolders { delay: Duration::from_millis(800), reads: AtomicU64::new(0) });
+        let table = Arc::new(LeaseTable::new("n1/1".into()));
+        let (tx, mut rx) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch_holders(
+            store.clone(),
+            config.renew_interval / 4,
+            config.valid_for(),
+            Some(table.clone()),
+            tx,
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let first = rx.borrow_and_update().clone().expect("the first read");
+        assert_eq!(first[1].as_ref().unwrap().acquired_us, 0);
+        // A read is in flight now (since 250 ms, until 1050 ms): a grant shows at once.
+        table.granted(&[GrantedLease { partition: 1, epoch: 1 }], Instant::now() + Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = rx.borrow_and_update().clone().unwrap();
+        assert_eq!(now[1].as_ref().unwrap().owner, "n1", "the local grant waited for the read");
+        // Reads that take 800 ms complete: the snapshot gets fresher.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let later = rx.borrow_and_update().clone().unwrap();
+        assert!(later[0].as_ref().unwrap().acquired_us >= 2, "the snapshot never got fresher: {later:?}");
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[test]

@@ -342,6 +342,7 @@ impl NodeBuilder {
             tracker.spawn(crate::lease::watch_holders(
                 store.clone(),
                 config.lease.renew_interval / 4,
+                config.lease.valid_for(),
                 Some(leases.clone()),
                 holders_tx,
                 shutdown.clone(),
