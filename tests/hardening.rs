@@ -303,6 +303,16 @@ impl Store for Faulty {
     async fn checkpoint(&self, id: i64) -> warden_runtime::Result<Option<warden_runtime::progress::StoredCheckpoint>> {
         self.inner.checkpoint(id).await
     }
+    async fn heartbeat(
+        &self,
+        member: &warden_runtime::store::MemberInfo,
+        within: Duration,
+    ) -> warden_runtime::Result<Option<Vec<String>>> {
+        self.inner.heartbeat(member, within).await
+    }
+    async fn lease_holders(&self) -> warden_runtime::Result<Option<warden_runtime::Holders>> {
+        self.inner.lease_holders().await
+    }
     async fn begin(&self, idle: std::time::Duration) -> warden_runtime::Result<JobTx> {
         self.inner.begin(idle).await
     }

@@ -269,18 +269,23 @@ pub async fn run_ring(
         let eligible = eligible_ids(&members, &proven);
         let known_removal =
             settler.applied().is_some_and(|applied| removal_is_known(applied, &eligible, &members, &proven));
-        let others = members
-            .iter()
-            .filter(|m| m.node_id != placement.node_id && eligible.contains(&m.node_id))
-            .map(|m| m.ring.as_deref());
-        let effective = RingConfig::effective(&config, others);
-        let config_changed = applied_config.is_some() && effective != applied_config;
-        let sticky = effective.as_ref().is_some_and(|c| c.algorithm >= 2);
         let applied = if known_removal {
             settler.observe_removal(eligible, Instant::now())
         } else {
             settler.observe(eligible, Instant::now())
         };
+        // The config every member agrees on, over the members placement is computed
+        // for (the applied set): a joiner publishing an older algorithm switches the
+        // cluster when it joins the placement, in the same step — not a settle delay
+        // earlier, which would move most partitions twice (a rollback to `ring1`).
+        let in_set = settler.applied().unwrap_or(&[]);
+        let others = members
+            .iter()
+            .filter(|m| m.node_id != placement.node_id && in_set.contains(&m.node_id))
+            .map(|m| m.ring.as_deref());
+        let effective = RingConfig::effective(&config, others);
+        let config_changed = applied_config.is_some() && effective != applied_config;
+        let sticky = effective.as_ref().is_some_and(|c| c.algorithm >= 2);
         let membership_changed = applied.is_some() || config_changed;
         let set = match applied {
             Some(set) => Some(set),

@@ -139,7 +139,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every partition's live holder (owner of an unexpired lease) and when the lease
     /// was granted to it, indexed by partition: the shared memory sticky placement
     /// computes from (`warden_cluster::sticky`). `None`: this store keeps no grant
-    /// times (placement then computes from the members alone).
+    /// times (placement then computes from the members alone — and disagrees with
+    /// nodes that read holders, so a store that wraps another must forward this, as
+    /// it must forward [`Store::heartbeat`]).
     async fn lease_holders(&self) -> Result<Option<warden_cluster::Holders>> {
         Ok(None)
     }
