@@ -500,11 +500,18 @@ async fn a_handoff_undone_during_the_drain_does_not_stall_the_partition() {
     let a = node.client().enqueue(script("flip", Script { sleep_ms: 3_000, ..Default::default() })).await.unwrap();
     let b = node.client().enqueue(script("flip", Script { seq: 1, ..Default::default() })).await.unwrap();
     let p = wait_running(node.client(), a.id).await.partition as u32;
-    // A partition is not handed off within a renewal interval of its grant (see
-    // `LeaseView::settling`): let the ones granted at start settle.
+    // A partition is not handed off within a renewal interval of its grant, nor
+    // before placement has wanted it elsewhere for half of one (see
+    // `LeaseView::settling`): let the ones granted at start settle, then wait out the
+    // debounce.
     tokio::time::sleep(config().lease.renew_interval).await;
     *placement.0.lock().unwrap() = Some(p);
-    let report = node.run_enforcer_once().await.unwrap();
+    let mut report = node.run_enforcer_once().await.unwrap();
+    let began = std::time::Instant::now();
+    while report.draining != vec![p] && began.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        report = node.run_enforcer_once().await.unwrap();
+    }
     assert_eq!(report.draining, vec![p], "the handoff began");
     tokio::time::sleep(Duration::from_millis(300)).await;
     *placement.0.lock().unwrap() = None;

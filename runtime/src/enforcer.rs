@@ -61,6 +61,9 @@ pub struct Enforcer {
     pub(crate) lease_config: LeaseConfig,
     /// Max accounts woken per run (bounds one scan).
     pub(crate) due_scan_limit: i64,
+    /// Held partitions placement no longer wants, and since when (see
+    /// [`Enforcer::held_back`]).
+    pub(crate) unwanted_since: std::sync::Mutex<std::collections::HashMap<u32, Instant>>,
 }
 
 impl Enforcer {
@@ -92,7 +95,15 @@ impl Enforcer {
             heartbeats: Default::default(),
         });
         let actors = AccountActors::new(shared);
-        let enforcer = Enforcer { store, leases, actors, placement, lease_config, due_scan_limit: DUE_SCAN_LIMIT };
+        let enforcer = Enforcer {
+            store,
+            leases,
+            actors,
+            placement,
+            lease_config,
+            due_scan_limit: DUE_SCAN_LIMIT,
+            unwanted_since: Default::default(),
+        };
         Standalone { enforcer: Arc::new(enforcer), poke }
     }
 
@@ -114,6 +125,35 @@ impl Enforcer {
         let usable: Vec<u32> = self.usable().into_iter().collect();
         report.woken_accounts = self.wake_due(&usable).await?;
         Ok(report)
+    }
+
+    /// Held partitions not to be handed off yet, with the time left (see
+    /// [`LeaseView::settling`]): those granted less than a renewal interval ago, and
+    /// those placement has not wanted elsewhere for half a renewal interval yet.
+    fn held_back(
+        &self,
+        desired: Option<&BTreeSet<u32>>,
+        held: &BTreeSet<u32>,
+        draining: &BTreeSet<u32>,
+    ) -> std::collections::BTreeMap<u32, Duration> {
+        let mut back = self.leases.settling(self.lease_config.renew_interval);
+        let debounce = self.lease_config.renew_interval / 2;
+        let now = Instant::now();
+        let mut since = self.unwanted_since.lock().unwrap();
+        let Some(desired) = desired else {
+            since.clear();
+            return back;
+        };
+        since.retain(|p, _| held.contains(p) && !desired.contains(p) && !draining.contains(p));
+        for p in held.iter().filter(|p| !desired.contains(p) && !draining.contains(p)) {
+            let first = *since.entry(*p).or_insert(now);
+            let left = (first + debounce).saturating_duration_since(now);
+            if !left.is_zero() {
+                let e = back.entry(*p).or_insert(left);
+                *e = (*e).max(left);
+            }
+        }
+        back
     }
 
     /// Held partitions usable for new attempts now (held, not draining, inside their window).
@@ -155,19 +195,22 @@ impl Enforcer {
     async fn run(&self, scan: Scan) -> Result<EnforceReport> {
         let mut report = EnforceReport::default();
         let held = self.leases.held();
-        let settling = self.leases.settling(self.lease_config.renew_interval);
+        let desired = self.placement.desired(self.store.partitions()).map(|a| a.partitions);
+        let held_set: BTreeSet<u32> = held.iter().map(|l| l.partition).collect();
+        let draining: BTreeSet<u32> = held_set.iter().copied().filter(|p| self.leases.is_draining(*p)).collect();
+        let held_back = self.held_back(desired.as_ref(), &held_set, &draining);
         let view = LeaseView {
-            desired: self.placement.desired(self.store.partitions()).map(|a| a.partitions),
-            held: held.iter().map(|l| l.partition).collect(),
-            draining: held.iter().map(|l| l.partition).filter(|p| self.leases.is_draining(*p)).collect(),
+            desired,
+            held: held_set,
+            draining,
             with_actors: self.actors.partitions_with_actors(),
-            settling: settling.keys().copied().collect(),
+            settling: held_back.keys().copied().collect(),
         };
         let plan = plan_leases(&view);
-        // Unwanted partitions kept while they settle: look again when the first is due.
+        // Unwanted partitions held back: look again when the first is due.
         let desired_now = view.desired.as_ref().unwrap_or(&view.held);
         report.retry_in =
-            settling.iter().filter(|(p, _)| !desired_now.contains(p)).map(|(_, left)| *left).min();
+            held_back.iter().filter(|(p, _)| !desired_now.contains(p)).map(|(_, left)| *left).min();
 
         // 2. Acquire.
         if !plan.acquire.is_empty() {
@@ -374,13 +417,18 @@ pub struct LeaseView {
     /// Partitions with at least one live account actor here (perhaps still stopping
     /// from an earlier tenure).
     pub with_actors: BTreeSet<u32>,
-    /// Held partitions granted less than a renewal interval ago (not draining). One
-    /// of them that placement no longer wants is kept until it is older: placement is
-    /// computed from lease holders every node reads at its own moment, so for a moment
-    /// after a handoff two nodes can disagree on who should hold a partition just
-    /// granted. Handing it straight back would move it twice for nothing (measured in
-    /// the rolling-restart harness); a moment later the holders agree on who has it,
-    /// and sticky placement keeps it there unless the cap says otherwise.
+    /// Held partitions (not draining) not to be handed off yet, even if placement no
+    /// longer wants them: those granted less than a renewal interval ago, and those
+    /// placement has wanted elsewhere for less than half a renewal interval. Placement
+    /// is computed from lease holders every node reads at its own moment, so for a
+    /// moment during a handoff two nodes can disagree on who should hold a partition,
+    /// and one node's successive computations can flip while the reads catch up.
+    /// Handing a partition off on such a flip moves it twice for nothing (measured in
+    /// the rolling-restart harness: a third move for a few partitions in 1 of ~8
+    /// rollouts); a moment later the reads agree, and sticky placement keeps a
+    /// partition with its holder unless the cap says otherwise. The price: a join
+    /// completes half a renewal interval later (the old owner keeps running the
+    /// partition meanwhile, so nothing pauses longer).
     pub settling: BTreeSet<u32>,
 }
 

@@ -400,6 +400,7 @@ impl NodeBuilder {
             placement,
             lease_config: config.lease,
             due_scan_limit: config.due_scan_limit,
+            unwanted_since: Default::default(),
         });
         crate::telemetry::describe();
 
