@@ -129,17 +129,24 @@ impl Enforcer {
 
     /// Held partitions not to be handed off yet, with the time left (see
     /// [`LeaseView::settling`]): those granted less than a renewal interval ago, and
-    /// those placement has not wanted elsewhere for half a renewal interval yet.
+    /// those placement has not wanted elsewhere for half a renewal interval yet. None
+    /// when placement wants nothing here (a leaving node hands off at once).
     fn held_back(
         &self,
         desired: Option<&BTreeSet<u32>>,
         held: &BTreeSet<u32>,
         draining: &BTreeSet<u32>,
     ) -> std::collections::BTreeMap<u32, Duration> {
+        let mut since = self.unwanted_since.lock().unwrap();
+        // Placement wants nothing here (the node is leaving, standing by, or lost the
+        // database): hand everything off at once; no flip of a read is that large.
+        if desired.is_some_and(BTreeSet::is_empty) {
+            since.clear();
+            return Default::default();
+        }
         let mut back = self.leases.settling(self.lease_config.renew_interval);
         let debounce = self.lease_config.renew_interval / 2;
         let now = Instant::now();
-        let mut since = self.unwanted_since.lock().unwrap();
         let Some(desired) = desired else {
             since.clear();
             return back;
