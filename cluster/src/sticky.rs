@@ -55,7 +55,17 @@
 //! That is safe — the lease decides who may run it, placement only says who
 //! should try — and it converges: the function is a fixed point on the holders it
 //! produces, and the inputs that differ are the ones a release or grant is about to
-//! make equal. A cluster whose members do not all publish algorithm 2 computes the
+//! make equal. What it could cost is moves, so three dampers keep a momentary
+//! disagreement from becoming a handoff (each measured in the rolling-restart
+//! harness, BENCHMARKS.md):
+//!
+//! - a node overlays its own lease table on the holders it reads
+//!   (`warden_runtime::lease::watch_holders`), so it never drops what it just took
+//!   or takes back what it just gave away because its read predates them;
+//! - a partition is not handed off within a renewal interval of its grant, and
+//! - only once placement has wanted it elsewhere for half a renewal interval
+//!   (`warden_runtime::enforcer::LeaseView::settling`; a node that placement wants
+//!   nothing from — leaving, standby — hands off at once). A cluster whose members do not all publish algorithm 2 computes the
 //! plain ring ([`crate::ring::RingConfig::effective`]), so a rolling upgrade from a
 //! release without it never mixes the two. Once every member runs it, sticky
 //! placement starts from the plain ring's leases, which are within the cap: only
