@@ -90,6 +90,7 @@ impl Enforcer {
             slots: None,
             meter: crate::account_actor::Shared::meter_for(&crate::account_actor::ExecConfig::default()),
             heartbeats: Default::default(),
+            fires: Default::default(),
         });
         let actors = AccountActors::new(shared);
         let enforcer = Enforcer { store, leases, actors, placement, lease_config, due_scan_limit: DUE_SCAN_LIMIT };

@@ -507,6 +507,11 @@ pub struct ScheduleRow {
     pub missed_total: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the job of the last fire at `last_nominal` (not a trigger or a backfill)
+    /// first started (its first attempt's claim); `None` while it has not, once it is
+    /// pruned, or where the row was not read by `get`/`list`. See [`Self::last_fire_lag`].
+    #[sqlx(default)]
+    pub last_fire_started_at: Option<DateTime<Utc>>,
 }
 
 fn ms_duration(ms: i64) -> Duration {
@@ -514,6 +519,18 @@ fn ms_duration(ms: i64) -> Duration {
 }
 
 impl ScheduleRow {
+    /// The last fire's lag: its job's first start minus the instant the fire was due
+    /// (`last_nominal` + its jitter, what `next_fire_at` said), the same figure as
+    /// `warden_schedule_fire_lag_seconds`. `None` while that job has not started.
+    pub fn last_fire_lag(&self) -> Option<Duration> {
+        let (started, nominal) = (self.last_fire_started_at?, self.last_nominal?);
+        let due = match self.def().and_then(|d| d.spec()) {
+            Ok(spec) => spec.fire_at(&ScheduleDef::jitter_key(&self.account, &self.name), nominal),
+            Err(_) => nominal,
+        };
+        Some((started - due).to_std().unwrap_or_default())
+    }
+
     /// The definition back from the row.
     pub fn def(&self) -> Result<ScheduleDef> {
         let timing = match (&self.cron, self.every_ms) {
@@ -575,6 +592,55 @@ pub struct Scheduler {
     pub(crate) registry: std::sync::Arc<crate::handler::Registry>,
     /// Bound on a fire transaction's idle time (the lease TTL).
     pub(crate) idle_timeout: Duration,
+    /// The fires this node enqueued whose job has not started yet (the fire lag).
+    pub(crate) pending: std::sync::Arc<PendingFires>,
+}
+
+/// Jobs this node's scheduler enqueued, by id, with the instant their fire was due
+/// (nominal time + jitter, [`crate::schedule::Spec::fire_at`]), until their first
+/// start on this node: then `warden_schedule_fire_lag_seconds` records the attempt's
+/// start (`warden.jobs.attempted_at`, the database's clock at the claim) minus that
+/// instant. In memory, so a job no schedule enqueued costs a map lookup, not a query.
+/// A fire whose job starts on another node (its partition moved meanwhile) is not
+/// recorded; the map is bounded ([`PENDING_FIRES_CAP`]).
+#[derive(Debug, Default)]
+pub(crate) struct PendingFires {
+    due: std::sync::Mutex<std::collections::HashMap<i64, DateTime<Utc>>>,
+}
+
+/// Fires awaiting their job's start that one node remembers at most.
+pub(crate) const PENDING_FIRES_CAP: usize = 100_000;
+
+impl PendingFires {
+    /// Remember that job `job` was enqueued by a fire due at `due`.
+    pub(crate) fn fired(&self, job: i64, due: DateTime<Utc>) {
+        let mut m = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= PENDING_FIRES_CAP {
+            // Jobs that never start here (cancelled, moved, skipped): drop the oldest hour.
+            let horizon = Utc::now() - TimeDelta::hours(1);
+            m.retain(|_, d| *d > horizon);
+            if m.len() >= PENDING_FIRES_CAP {
+                return;
+            }
+        }
+        m.insert(job, due);
+    }
+
+    /// Job `job` started, claimed at `attempted_at`: if a fire of this node enqueued
+    /// it, record its fire lag and return it (never negative).
+    pub(crate) fn started(&self, job: i64, attempted_at: Option<DateTime<Utc>>) -> Option<Duration> {
+        let attempted_at = attempted_at?;
+        let due = {
+            let mut m = self.due.lock().unwrap_or_else(|e| e.into_inner());
+            if m.is_empty() {
+                return None;
+            }
+            m.remove(&job)?
+        };
+        let lag = (attempted_at - due).to_std().unwrap_or_default();
+        metrics::histogram!("warden_schedule_fire_lag_seconds").record(lag.as_secs_f64());
+        Some(lag)
+    }
 }
 
 impl Scheduler {
@@ -679,11 +745,9 @@ impl Scheduler {
 
     fn count(&self, id: i64, outcome: Result<crate::store::pg::FireOutcome>, report: &mut PassReport) {
         match outcome {
-            Ok(crate::store::pg::FireOutcome::Fired { plan, jobs }) => {
-                let now = Utc::now();
-                for n in &plan.fire {
-                    let lag = (now - *n).to_std().unwrap_or_default();
-                    metrics::histogram!("warden_schedule_fire_lag_seconds").record(lag.as_secs_f64());
+            Ok(crate::store::pg::FireOutcome::Fired { plan, jobs, due }) => {
+                for (job, due) in jobs.iter().zip(&due) {
+                    self.pending.fired(*job, *due);
                 }
                 report.fired += jobs.len() as u64;
                 report.skipped += plan.skipped;

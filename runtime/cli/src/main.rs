@@ -1006,7 +1006,7 @@ fn schedule_json(s: &pb::Schedule) -> serde_json::Value {
         "last_nominal_unix_ms": s.last_nominal_unix_ms, "last_fired_at_unix_ms": s.last_fired_at_unix_ms,
         "last_job_id": s.last_job_id, "fires_total": s.fires_total, "skipped_total": s.skipped_total,
         "missed_total": s.missed_total, "created_at_unix_ms": s.created_at_unix_ms,
-        "updated_at_unix_ms": s.updated_at_unix_ms,
+        "updated_at_unix_ms": s.updated_at_unix_ms, "last_fire_lag_ms": s.last_fire_lag_ms,
     })
 }
 
@@ -1069,7 +1069,11 @@ fn print_schedule(s: &pb::Schedule) {
     // Triggers and backfills are fires too, but only the schedule's own fires advance
     // the last nominal time.
     if s.last_nominal_unix_ms != 0 {
-        println!("           last scheduled nominal time {}", time(s.last_nominal_unix_ms));
+        let lag = match s.last_fire_lag_ms {
+            Some(ms) => format!("fire lag {:.3} s", ms as f64 / 1000.0),
+            None => "its job not started".into(),
+        };
+        println!("           last scheduled nominal time {} ({lag})", time(s.last_nominal_unix_ms));
     }
     println!("fires      {} enqueued · {} skipped · {} missed", s.fires_total, s.skipped_total, s.missed_total);
 }
