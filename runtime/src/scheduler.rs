@@ -792,11 +792,92 @@ pub(crate) async fn run(scheduler: Scheduler, interval: Duration, stop: tokio_ut
     }
 }
 
+/// How [`reconcile_declared`] retries a transient database error (connection lost,
+/// pool timed out, serialization failure, deadlock, statement timeout: whatever
+/// [`Error::is_permanent`] does not call permanent): `tries` in all, waiting `first`,
+/// then twice as long each time, at most `max_wait`, and none past `budget` (defaults:
+/// 5 tries, 0.5 + 1 + 2 + 4 s = 7.5 s of waiting, 10 s in all). A permanent error (an
+/// invalid definition, a constraint violation) is not retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileRetry {
+    pub tries: u32,
+    pub first: Duration,
+    pub max_wait: Duration,
+    /// No further try once this much time would have passed (tries included).
+    pub budget: Duration,
+}
+
+impl Default for ReconcileRetry {
+    fn default() -> Self {
+        ReconcileRetry {
+            tries: 5,
+            first: Duration::from_millis(500),
+            max_wait: Duration::from_secs(4),
+            budget: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ReconcileRetry {
+    /// The wait after failed try `n` (1-based).
+    pub fn wait_after(&self, n: u32) -> Duration {
+        self.first.saturating_mul(1u32 << (n.saturating_sub(1)).min(16)).min(self.max_wait)
+    }
+}
+
 /// Upsert the schedules a node declares in code (see the module docs: a higher
 /// revision replaces, an equal one with another definition is refused loudly).
+/// Transient errors are retried per [`ReconcileRetry::default`]; the node's start
+/// fails with an error naming the schedule when one is permanent or keeps failing.
 pub(crate) async fn reconcile_declared(store: &crate::store::PgStore, declared: &[ScheduleDef]) -> Result<()> {
+    reconcile_with(declared, ReconcileRetry::default(), |def| store.upsert_schedule(def, "code")).await
+}
+
+/// Store one declared schedule with `op`, retrying transient errors per `retry`
+/// (tests inject failures here); errors name the schedule.
+pub(crate) async fn retry_transient<T, F, Fut>(def: &ScheduleDef, retry: ReconcileRetry, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let began = tokio::time::Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let e = match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if e.is_permanent() {
+            return Err(Error::Config(format!(
+                "schedule {:?} of account {:?} declared in code was refused: {e}",
+                def.name, def.account
+            )));
+        }
+        let wait = retry.wait_after(n);
+        if n >= retry.tries.max(1) || began.elapsed() + wait > retry.budget {
+            return Err(Error::Config(format!(
+                "schedule {:?} of account {:?} declared in code could not be stored ({n} tries over {:.1} s): {e}",
+                def.name,
+                def.account,
+                began.elapsed().as_secs_f64()
+            )));
+        }
+        tracing::warn!(account = %def.account, name = %def.name, error = %e, attempt = n, ?wait,
+            "storing a schedule declared in code failed; retrying");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The schedules declared in code, each stored with `upsert` (retried per `retry`).
+async fn reconcile_with<'a, F, Fut>(declared: &'a [ScheduleDef], retry: ReconcileRetry, mut upsert: F) -> Result<()>
+where
+    F: FnMut(&'a ScheduleDef) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::store::pg::Upserted>>,
+{
     for def in declared {
-        match store.upsert_schedule(def, "code").await? {
+        let upserted = retry_transient(def, retry, || upsert(def)).await?;
+        match upserted {
             crate::store::pg::Upserted::Written(row) => {
                 tracing::info!(account = %row.account, name = %row.name, revision = row.revision, "schedule declared in code applied");
             }
@@ -911,6 +992,69 @@ impl Schedules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn declared() -> ScheduleDef {
+        ScheduleDef::every("acct-r", "nightly", Duration::from_secs(60), "report", serde_json::json!({})).unwrap()
+    }
+
+    fn transient() -> Error {
+        Error::Database(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset")))
+    }
+
+    /// `op` failing its first `fail` calls with `err`, counting calls.
+    async fn run_retry(fail: u32, err: fn() -> Error) -> (Result<u32>, u32, Duration) {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let began = tokio::time::Instant::now();
+        let out = retry_transient(&declared(), ReconcileRetry::default(), || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                if n <= fail {
+                    Err(err())
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        (out, calls.load(std::sync::atomic::Ordering::SeqCst), began.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_retries_a_transient_error_with_backoff_then_succeeds() {
+        let (out, calls, took) = run_retry(3, transient).await;
+        assert_eq!(out.unwrap(), 4);
+        assert_eq!(calls, 4);
+        assert_eq!(took, Duration::from_millis(500 + 1000 + 2000), "0.5 s, then doubling");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_gives_up_on_a_lasting_transient_error_within_ten_seconds_naming_the_schedule() {
+        let (out, calls, took) = run_retry(u32::MAX, transient).await;
+        let e = out.unwrap_err().to_string();
+        assert_eq!(calls, 5);
+        assert!(took <= Duration::from_secs(10), "{took:?}");
+        assert!(e.contains("\"nightly\"") && e.contains("\"acct-r\"") && e.contains("5 tries"), "{e}");
+        assert!(e.contains("connection reset"), "{e}");
+        // A serialization failure or a statement timeout is transient too; a pool timeout as well.
+        assert!(!Error::Database(sqlx::Error::PoolTimedOut).is_permanent());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_fails_at_once_on_a_definitive_error() {
+        let (out, calls, took) = run_retry(u32::MAX, || Error::invalid("cron: hour field out of range")).await;
+        let e = out.unwrap_err().to_string();
+        assert_eq!((calls, took), (1, Duration::ZERO));
+        assert!(e.contains("\"nightly\"") && e.contains("refused") && e.contains("hour field"), "{e}");
+    }
+
+    #[test]
+    fn the_reconcile_backoff_doubles_up_to_its_cap() {
+        let r = ReconcileRetry::default();
+        let waits: Vec<u64> = (1..=6).map(|n| r.wait_after(n).as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 4000, 4000]);
+        let total: Duration = (1..r.tries).map(|n| r.wait_after(n)).sum();
+        assert!(total <= r.budget, "{total:?}");
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
