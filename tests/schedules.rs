@@ -406,7 +406,7 @@ async fn dst_transitions_through_the_fire_path_fire_each_wall_time_once() {
             })
             .await
             .unwrap();
-        let FireOutcome::Fired { plan, jobs } = out else { panic!("{out:?}") };
+        let FireOutcome::Fired { plan, jobs, .. } = out else { panic!("{out:?}") };
         assert_eq!((plan.fire, jobs.len(), plan.missed), (vec![nominal], 1, 0), "{}", row.name);
         let stored = store.get_schedule("acct-dst", &row.name).await.unwrap().unwrap();
         assert_eq!(stored.next_nominal, Some(next), "{}: the repeated/skipped wall time fires once", row.name);
@@ -476,5 +476,71 @@ async fn schedules_are_paused_triggered_and_deleted_from_sql() {
     assert!(!again);
     assert!(node.client().schedules().get("acct-sql", "beat").await.unwrap().is_none());
     assert!(node.client().get(job).await.unwrap().is_some(), "its jobs stay");
+    node.shutdown().await.unwrap();
+}
+
+/// `name{labels} value` lines of Prometheus text: the value of `name` (labels verbatim).
+fn prom(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_fire_lag_is_due_to_first_start_in_the_metric_and_in_the_schedules_view() {
+    // The only test of this binary that installs a recorder (nextest: one process per test).
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
+    let db = TestDb::new().await;
+    let node = start(&db, "n1").await;
+    let sch = node.client().schedules();
+    // With jitter, so "due" (nominal + jitter) and "nominal" differ.
+    let def = every_second("acct-lag", "beat", 0).jitter(Duration::from_millis(400));
+    let row = sch.put(&def).await.unwrap();
+    assert_eq!(row.last_fire_lag(), None, "not fired yet");
+    eventually(WAIT, "3 fires started", || async { (fires_of(&db, "acct-lag").await.len() >= 3).then_some(()) }).await;
+    sch.pause("acct-lag", "beat").await.unwrap();
+    // The last fire's job starts; the view then carries its lag.
+    let row = eventually(WAIT, "the last fire's lag", || async {
+        let r = sch.get("acct-lag", "beat").await.unwrap().unwrap();
+        r.last_fire_lag().is_some().then_some(r)
+    })
+    .await;
+    let lag = row.last_fire_lag().unwrap();
+    // Against the database: the first attempt's claim minus (nominal + jitter).
+    let (job, nominal): (i64, DateTime<Utc>) = sqlx::query_as(
+        "SELECT job_id, nominal_at FROM warden.schedule_fires WHERE schedule_id = $1 AND nominal_at = $2",
+    )
+    .bind(row.id)
+    .bind(row.last_nominal.unwrap())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    node.client().wait_finished(&[job], WAIT).await.unwrap();
+    let started: DateTime<Utc> =
+        sqlx::query_scalar("SELECT started_at FROM warden.attempts WHERE job_id = $1 AND attempt = 1")
+            .bind(job)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let due = def.spec().unwrap().fire_at(&ScheduleDef::jitter_key("acct-lag", "beat"), nominal);
+    assert_eq!(lag, (started - due).to_std().unwrap(), "the view's lag: first start − due");
+    assert!(lag < Duration::from_secs(3), "{lag:?}");
+
+    // The metric: one observation per fire whose job started, each ≥ 0, and the view's
+    // lag among them (its value is between the smallest and the largest).
+    let fired = fires_of(&db, "acct-lag").await.len();
+    let text = eventually(WAIT, "every fire's lag recorded", || async {
+        let t = metrics.render();
+        (prom(&t, "warden_schedule_fire_lag_seconds_count").unwrap_or(0.0) as usize >= fired).then_some(t)
+    })
+    .await;
+    let count = prom(&text, "warden_schedule_fire_lag_seconds_count").unwrap();
+    assert_eq!(count as usize, fired, "one observation per fire:\n{text}");
+    let min = prom(&text, "warden_schedule_fire_lag_seconds{quantile=\"0\"}").unwrap();
+    let max = prom(&text, "warden_schedule_fire_lag_seconds{quantile=\"1\"}").unwrap();
+    assert!(min >= 0.0, "{text}");
+    let l = lag.as_secs_f64();
+    eprintln!("fire lag: view {l:.3} s; metric: {count} observations in [{min:.3}, {max:.3}] s");
+    // (The summary's quantiles are approximate: a relative error of about 1 %.)
+    let slack = 0.002 + 0.02 * max;
+    assert!(l >= min - slack && l <= max + slack, "view {l} s, metric [{min}, {max}]:\n{text}");
     node.shutdown().await.unwrap();
 }

@@ -275,5 +275,6 @@ pub fn schedule(r: &ScheduleRow) -> pb::Schedule {
         missed_total: r.missed_total,
         created_at_unix_ms: unix_ms(r.created_at),
         updated_at_unix_ms: unix_ms(r.updated_at),
+        last_fire_lag_ms: r.last_fire_lag().map(|l| l.as_millis().min(i64::MAX as u128) as i64),
     }
 }

@@ -112,6 +112,8 @@ pub(crate) struct Shared {
     pub meter: Arc<crate::saturation::SlotMeter>,
     /// Attempts that heartbeat, for the metrics (see [`crate::progress`]).
     pub heartbeats: Arc<crate::progress::Heartbeats>,
+    /// Jobs this node's scheduler enqueued, not started yet (the fire lag).
+    pub fires: Arc<crate::scheduler::PendingFires>,
 }
 
 impl Shared {
@@ -634,6 +636,8 @@ async fn run_attempt(shared: Arc<Shared>, job: JobRow, lease: ActiveLease, ctl: 
                     return lost(&ctl, &kind, "lease window closed before the handler started");
                 }
                 started = tokio::time::Instant::now();
+                // A fire's job: its fire lag (no query; see `PendingFires`).
+                shared.fires.started(job.id, job.attempted_at);
                 // Busy until the handler returns (the saturation signal).
                 let _busy = shared.meter.start();
                 if !shared.hooks.is_empty() {

@@ -93,6 +93,7 @@ impl Enforcer {
             slots: None,
             meter: crate::account_actor::Shared::meter_for(&crate::account_actor::ExecConfig::default()),
             heartbeats: Default::default(),
+            fires: Default::default(),
         });
         let actors = AccountActors::new(shared);
         let enforcer = Enforcer {

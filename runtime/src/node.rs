@@ -281,6 +281,7 @@ impl NodeBuilder {
         let rescan = Arc::new(Notify::new());
         let meter = Shared::meter_for(&config.exec);
         let heartbeats: Arc<crate::progress::Heartbeats> = Default::default();
+        let fires: Arc<crate::scheduler::PendingFires> = Default::default();
         let shared = Arc::new(Shared {
             store: store.clone(),
             producer: Some(Arc::new(PgStore::new(pool.clone(), partitions))),
@@ -295,6 +296,7 @@ impl NodeBuilder {
             slots: Shared::slots_for(&config.exec),
             meter: meter.clone(),
             heartbeats: heartbeats.clone(),
+            fires: fires.clone(),
         });
         let actors = AccountActors::new(shared);
         let shutdown = CancellationToken::new();
@@ -446,6 +448,7 @@ impl NodeBuilder {
             leases: leases.clone(),
             registry: registry.clone(),
             idle_timeout: config.lease.ttl,
+            pending: fires,
         };
         tracker.spawn(crate::scheduler::run(scheduler, config.schedule_interval, shutdown.clone()));
         status.saturation.lock().unwrap_or_else(|e| e.into_inner()).slots = meter.slots();

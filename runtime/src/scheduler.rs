@@ -507,6 +507,11 @@ pub struct ScheduleRow {
     pub missed_total: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the job of the last fire at `last_nominal` (not a trigger or a backfill)
+    /// first started (its first attempt's claim); `None` while it has not, once it is
+    /// pruned, or where the row was not read by `get`/`list`. See [`Self::last_fire_lag`].
+    #[sqlx(default)]
+    pub last_fire_started_at: Option<DateTime<Utc>>,
 }
 
 fn ms_duration(ms: i64) -> Duration {
@@ -514,6 +519,18 @@ fn ms_duration(ms: i64) -> Duration {
 }
 
 impl ScheduleRow {
+    /// The last fire's lag: its job's first start minus the instant the fire was due
+    /// (`last_nominal` + its jitter, what `next_fire_at` said), the same figure as
+    /// `warden_schedule_fire_lag_seconds`. `None` while that job has not started.
+    pub fn last_fire_lag(&self) -> Option<Duration> {
+        let (started, nominal) = (self.last_fire_started_at?, self.last_nominal?);
+        let due = match self.def().and_then(|d| d.spec()) {
+            Ok(spec) => spec.fire_at(&ScheduleDef::jitter_key(&self.account, &self.name), nominal),
+            Err(_) => nominal,
+        };
+        Some((started - due).to_std().unwrap_or_default())
+    }
+
     /// The definition back from the row.
     pub fn def(&self) -> Result<ScheduleDef> {
         let timing = match (&self.cron, self.every_ms) {
@@ -575,6 +592,55 @@ pub struct Scheduler {
     pub(crate) registry: std::sync::Arc<crate::handler::Registry>,
     /// Bound on a fire transaction's idle time (the lease TTL).
     pub(crate) idle_timeout: Duration,
+    /// The fires this node enqueued whose job has not started yet (the fire lag).
+    pub(crate) pending: std::sync::Arc<PendingFires>,
+}
+
+/// Jobs this node's scheduler enqueued, by id, with the instant their fire was due
+/// (nominal time + jitter, [`crate::schedule::Spec::fire_at`]), until their first
+/// start on this node: then `warden_schedule_fire_lag_seconds` records the attempt's
+/// start (`warden.jobs.attempted_at`, the database's clock at the claim) minus that
+/// instant. In memory, so a job no schedule enqueued costs a map lookup, not a query.
+/// A fire whose job starts on another node (its partition moved meanwhile) is not
+/// recorded; the map is bounded ([`PENDING_FIRES_CAP`]).
+#[derive(Debug, Default)]
+pub(crate) struct PendingFires {
+    due: std::sync::Mutex<std::collections::HashMap<i64, DateTime<Utc>>>,
+}
+
+/// Fires awaiting their job's start that one node remembers at most.
+pub(crate) const PENDING_FIRES_CAP: usize = 100_000;
+
+impl PendingFires {
+    /// Remember that job `job` was enqueued by a fire due at `due`.
+    pub(crate) fn fired(&self, job: i64, due: DateTime<Utc>) {
+        let mut m = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= PENDING_FIRES_CAP {
+            // Jobs that never start here (cancelled, moved, skipped): drop the oldest hour.
+            let horizon = Utc::now() - TimeDelta::hours(1);
+            m.retain(|_, d| *d > horizon);
+            if m.len() >= PENDING_FIRES_CAP {
+                return;
+            }
+        }
+        m.insert(job, due);
+    }
+
+    /// Job `job` started, claimed at `attempted_at`: if a fire of this node enqueued
+    /// it, record its fire lag and return it (never negative).
+    pub(crate) fn started(&self, job: i64, attempted_at: Option<DateTime<Utc>>) -> Option<Duration> {
+        let attempted_at = attempted_at?;
+        let due = {
+            let mut m = self.due.lock().unwrap_or_else(|e| e.into_inner());
+            if m.is_empty() {
+                return None;
+            }
+            m.remove(&job)?
+        };
+        let lag = (attempted_at - due).to_std().unwrap_or_default();
+        metrics::histogram!("warden_schedule_fire_lag_seconds").record(lag.as_secs_f64());
+        Some(lag)
+    }
 }
 
 impl Scheduler {
@@ -679,11 +745,9 @@ impl Scheduler {
 
     fn count(&self, id: i64, outcome: Result<crate::store::pg::FireOutcome>, report: &mut PassReport) {
         match outcome {
-            Ok(crate::store::pg::FireOutcome::Fired { plan, jobs }) => {
-                let now = Utc::now();
-                for n in &plan.fire {
-                    let lag = (now - *n).to_std().unwrap_or_default();
-                    metrics::histogram!("warden_schedule_fire_lag_seconds").record(lag.as_secs_f64());
+            Ok(crate::store::pg::FireOutcome::Fired { plan, jobs, due }) => {
+                for (job, due) in jobs.iter().zip(&due) {
+                    self.pending.fired(*job, *due);
                 }
                 report.fired += jobs.len() as u64;
                 report.skipped += plan.skipped;
@@ -728,11 +792,92 @@ pub(crate) async fn run(scheduler: Scheduler, interval: Duration, stop: tokio_ut
     }
 }
 
+/// How [`reconcile_declared`] retries a transient database error (connection lost,
+/// pool timed out, serialization failure, deadlock, statement timeout: whatever
+/// [`Error::is_permanent`] does not call permanent): `tries` in all, waiting `first`,
+/// then twice as long each time, at most `max_wait`, and none past `budget` (defaults:
+/// 5 tries, 0.5 + 1 + 2 + 4 s = 7.5 s of waiting, 10 s in all). A permanent error (an
+/// invalid definition, a constraint violation) is not retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileRetry {
+    pub tries: u32,
+    pub first: Duration,
+    pub max_wait: Duration,
+    /// No further try once this much time would have passed (tries included).
+    pub budget: Duration,
+}
+
+impl Default for ReconcileRetry {
+    fn default() -> Self {
+        ReconcileRetry {
+            tries: 5,
+            first: Duration::from_millis(500),
+            max_wait: Duration::from_secs(4),
+            budget: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ReconcileRetry {
+    /// The wait after failed try `n` (1-based).
+    pub fn wait_after(&self, n: u32) -> Duration {
+        self.first.saturating_mul(1u32 << (n.saturating_sub(1)).min(16)).min(self.max_wait)
+    }
+}
+
 /// Upsert the schedules a node declares in code (see the module docs: a higher
 /// revision replaces, an equal one with another definition is refused loudly).
+/// Transient errors are retried per [`ReconcileRetry::default`]; the node's start
+/// fails with an error naming the schedule when one is permanent or keeps failing.
 pub(crate) async fn reconcile_declared(store: &crate::store::PgStore, declared: &[ScheduleDef]) -> Result<()> {
+    reconcile_with(declared, ReconcileRetry::default(), |def| store.upsert_schedule(def, "code")).await
+}
+
+/// Store one declared schedule with `op`, retrying transient errors per `retry`
+/// (tests inject failures here); errors name the schedule.
+pub(crate) async fn retry_transient<T, F, Fut>(def: &ScheduleDef, retry: ReconcileRetry, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let began = tokio::time::Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let e = match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if e.is_permanent() {
+            return Err(Error::Config(format!(
+                "schedule {:?} of account {:?} declared in code was refused: {e}",
+                def.name, def.account
+            )));
+        }
+        let wait = retry.wait_after(n);
+        if n >= retry.tries.max(1) || began.elapsed() + wait > retry.budget {
+            return Err(Error::Config(format!(
+                "schedule {:?} of account {:?} declared in code could not be stored ({n} tries over {:.1} s): {e}",
+                def.name,
+                def.account,
+                began.elapsed().as_secs_f64()
+            )));
+        }
+        tracing::warn!(account = %def.account, name = %def.name, error = %e, attempt = n, ?wait,
+            "storing a schedule declared in code failed; retrying");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The schedules declared in code, each stored with `upsert` (retried per `retry`).
+async fn reconcile_with<'a, F, Fut>(declared: &'a [ScheduleDef], retry: ReconcileRetry, mut upsert: F) -> Result<()>
+where
+    F: FnMut(&'a ScheduleDef) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::store::pg::Upserted>>,
+{
     for def in declared {
-        match store.upsert_schedule(def, "code").await? {
+        let upserted = retry_transient(def, retry, || upsert(def)).await?;
+        match upserted {
             crate::store::pg::Upserted::Written(row) => {
                 tracing::info!(account = %row.account, name = %row.name, revision = row.revision, "schedule declared in code applied");
             }
@@ -847,6 +992,69 @@ impl Schedules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn declared() -> ScheduleDef {
+        ScheduleDef::every("acct-r", "nightly", Duration::from_secs(60), "report", serde_json::json!({})).unwrap()
+    }
+
+    fn transient() -> Error {
+        Error::Database(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset")))
+    }
+
+    /// `op` failing its first `fail` calls with `err`, counting calls.
+    async fn run_retry(fail: u32, err: fn() -> Error) -> (Result<u32>, u32, Duration) {
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let began = tokio::time::Instant::now();
+        let out = retry_transient(&declared(), ReconcileRetry::default(), || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                if n <= fail {
+                    Err(err())
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        (out, calls.load(std::sync::atomic::Ordering::SeqCst), began.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_retries_a_transient_error_with_backoff_then_succeeds() {
+        let (out, calls, took) = run_retry(3, transient).await;
+        assert_eq!(out.unwrap(), 4);
+        assert_eq!(calls, 4);
+        assert_eq!(took, Duration::from_millis(500 + 1000 + 2000), "0.5 s, then doubling");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_gives_up_on_a_lasting_transient_error_within_ten_seconds_naming_the_schedule() {
+        let (out, calls, took) = run_retry(u32::MAX, transient).await;
+        let e = out.unwrap_err().to_string();
+        assert_eq!(calls, 5);
+        assert!(took <= Duration::from_secs(10), "{took:?}");
+        assert!(e.contains("\"nightly\"") && e.contains("\"acct-r\"") && e.contains("5 tries"), "{e}");
+        assert!(e.contains("connection reset"), "{e}");
+        // A serialization failure or a statement timeout is transient too; a pool timeout as well.
+        assert!(!Error::Database(sqlx::Error::PoolTimedOut).is_permanent());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconcile_fails_at_once_on_a_definitive_error() {
+        let (out, calls, took) = run_retry(u32::MAX, || Error::invalid("cron: hour field out of range")).await;
+        let e = out.unwrap_err().to_string();
+        assert_eq!((calls, took), (1, Duration::ZERO));
+        assert!(e.contains("\"nightly\"") && e.contains("refused") && e.contains("hour field"), "{e}");
+    }
+
+    #[test]
+    fn the_reconcile_backoff_doubles_up_to_its_cap() {
+        let r = ReconcileRetry::default();
+        let waits: Vec<u64> = (1..=6).map(|n| r.wait_after(n).as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 4000, 4000]);
+        let total: Duration = (1..r.tries).map(|n| r.wait_after(n)).sum();
+        assert!(total <= r.budget, "{total:?}");
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

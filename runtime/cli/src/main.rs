@@ -439,22 +439,60 @@ fn progress_line(p: &pb::JobProgress) -> String {
     parts.join(" · ")
 }
 
+/// Text for a terminal: what handlers and users wrote (a job's progress message, its
+/// last error, an account, kind or schedule name, args) may hold control characters,
+/// and an escape sequence or a newline printed raw can garble or spoof the operator's
+/// terminal. Every control character (C0 including tab and newline, DEL, C1) and the
+/// bidirectional-text controls (U+202A–U+202E, U+2066–U+2069) become a visible escape
+/// (`\u{1b}`, `\n`); printable Unicode stays. `--json` output is not passed through
+/// this: it stays exact.
+fn safe(s: &str) -> String {
+    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `println!` for people: the line goes through [`safe`] (our formats have no
+/// control characters of their own).
+macro_rules! say {
+    ($($t:tt)*) => { println!("{}", safe(&format!($($t)*))) };
+}
+
 /// Print rows as an aligned table.
 fn table(headers: &[&str], rows: &[Vec<String>]) {
+    print!("{}", table_text(headers, rows));
+}
+
+/// Rows as an aligned table, each cell through [`safe`], one line each.
+fn table_text(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| safe(c)).collect()).collect();
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
         let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
-        println!("{}", s.join("  ").trim_end());
+        out.push_str(s.join("  ").trim_end());
+        out.push('\n');
     };
     line(headers.iter().map(|h| h.to_uppercase()).collect());
     for r in rows {
-        line(r.clone());
+        line(r);
     }
+    out
 }
 
 /// A schema error: refusals and bad input are the caller's to fix, the rest is the
@@ -607,7 +645,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .collect();
                 table(&["node", "state", "held", "desired", "actors", "backlog", "grpc", "generation"], &rows);
                 if !r.lease_holders_not_in_gossip.is_empty() {
-                    println!("\nholding leases but not seen in gossip: {}", r.lease_holders_not_in_gossip.join(", "));
+                    say!("\nholding leases but not seen in gossip: {}", r.lease_holders_not_in_gossip.join(", "));
                 }
             }
         }
@@ -653,9 +691,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 })
                 .collect();
             table(&["node", "held", "desired", "moving", "load/mean", "share"], &rows);
-            println!(
+            say!(
                 "\n{} partitions: {} moving, {} unowned (answered by {})",
-                r.partitions, moving, unowned, r.answered_by
+                r.partitions,
+                moving,
+                unowned,
+                r.answered_by
             );
             if partitions {
                 println!();
@@ -687,21 +728,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "next_due_job": r.next_due_job.as_ref().map(job_json) })
                 );
             } else {
-                println!("account        {}", r.account);
-                println!("partition      {}", r.partition);
-                println!(
+                say!("account        {}", r.account);
+                say!("partition      {}", r.partition);
+                say!(
                     "owner (lease)  {} (epoch {})",
                     if r.actual_owner.is_empty() { "-" } else { &r.actual_owner },
                     r.epoch
                 );
-                println!("owner (ring)   {}", if r.desired_owner.is_empty() { "-" } else { &r.desired_owner });
-                println!(
+                say!("owner (ring)   {}", if r.desired_owner.is_empty() { "-" } else { &r.desired_owner });
+                say!(
                     "actor running  {}",
                     if r.answered_by_owner { r.actor_running.to_string() } else { "unknown (ask the owner)".into() }
                 );
-                println!("unfinished     {}", r.unfinished_jobs);
+                say!("unfinished     {}", r.unfinished_jobs);
                 if let Some(j) = r.next_due_job {
-                    println!("next job       #{} {} ({}, due {})", j.id, j.kind, j.state, time(j.due_at_unix_ms));
+                    say!("next job       #{} {} ({}, due {})", j.id, j.kind, j.state, time(j.due_at_unix_ms));
                 }
             }
         }
@@ -732,7 +773,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         ),
                         other => other.to_string(),
                     };
-                    println!("{}  {what}", time(e.at_unix_ms));
+                    say!("{}  {what}", time(e.at_unix_ms));
                 }
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
@@ -769,7 +810,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     &states.iter().map(|(s, n)| vec![s.to_string(), shown(s, **n)]).collect::<Vec<_>>(),
                 );
                 if r.capped {
-                    println!(
+                    say!(
                         "(counting stopped at {} unfinished jobs per partition: `+` figures are lower bounds)",
                         r.partition_count_cap
                     );
@@ -781,7 +822,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     &["node", "backlog"],
                     &nodes.iter().map(|(s, n)| vec![s.to_string(), n.to_string()]).collect::<Vec<_>>(),
                 );
-                println!("\noldest due job waiting: {} ms", r.oldest_due_age_ms);
+                say!("\noldest due job waiting: {} ms", r.oldest_due_age_ms);
             }
         }
         Cmd::Jobs { cmd } => jobs(&cx, cmd).await?,
@@ -823,11 +864,11 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
             if cx.json {
                 println!("{}", json!({ "id": r.id, "duplicate": r.duplicate }));
             } else if r.duplicate && keyed {
-                println!("job {} was already enqueued with that idempotency key (nothing enqueued)", r.id);
+                say!("job {} was already enqueued with that idempotency key (nothing enqueued)", r.id);
             } else if r.duplicate {
-                println!("job {} already queued with that unique key", r.id);
+                say!("job {} already queued with that unique key", r.id);
             } else {
-                println!("enqueued job {}", r.id);
+                say!("enqueued job {}", r.id);
             }
         }
         JobsCmd::Get { id, attempts_limit, attempts_page_token } => {
@@ -850,11 +891,16 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                             "read_at_unix_ms": r.read_at_unix_ms })
                 );
             } else {
-                println!(
+                say!(
                     "job {}  {} / {}  state {}  attempt {}/{}",
-                    j.id, j.account, j.kind, j.state, j.attempt, j.max_attempts
+                    j.id,
+                    j.account,
+                    j.kind,
+                    j.state,
+                    j.attempt,
+                    j.max_attempts
                 );
-                println!(
+                say!(
                     "args {}  lane {}  partition {}  run_at {}  due {}",
                     j.args_json,
                     j.lane,
@@ -863,17 +909,17 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     time(j.due_at_unix_ms)
                 );
                 if j.state == "running" && j.attempted_at_unix_ms != 0 {
-                    println!(
+                    say!(
                         "running    {} (since {})",
                         age(r.read_at_unix_ms - j.attempted_at_unix_ms),
                         time(j.attempted_at_unix_ms)
                     );
                 }
                 if let Some(p) = &j.progress {
-                    println!("progress   {}", progress_line(p));
+                    say!("progress   {}", progress_line(p));
                 }
                 if !j.last_error.is_empty() {
-                    println!("last error: {}", j.last_error);
+                    say!("last error: {}", j.last_error);
                 }
                 println!();
                 let rows: Vec<Vec<String>> = r
@@ -893,7 +939,7 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     .collect();
                 table(&["attempt", "outcome", "node", "epoch", "started", "took", "error"], &rows);
                 if !r.next_attempts_page_token.is_empty() {
-                    println!("\nmore attempts: --attempts-page-token {}", r.next_attempts_page_token);
+                    say!("\nmore attempts: --attempts-page-token {}", r.next_attempts_page_token);
                 }
             }
         }
@@ -940,7 +986,7 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     .collect();
                 table(&["id", "account", "kind", "attempt", "running", "heartbeat", "node", "progress"], &rows);
                 if !r.next_page_token.is_empty() {
-                    println!("\nmore: --page-token {}", r.next_page_token);
+                    say!("\nmore: --page-token {}", r.next_page_token);
                 }
             } else {
                 let rows: Vec<Vec<String>> = r
@@ -960,7 +1006,7 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                     .collect();
                 table(&["id", "account", "kind", "state", "attempts", "run_at", "last error"], &rows);
                 if !r.next_page_token.is_empty() {
-                    println!("\nmore: --page-token {}", r.next_page_token);
+                    say!("\nmore: --page-token {}", r.next_page_token);
                 }
             }
         }
@@ -970,11 +1016,11 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
                 println!("{}", json!({ "result": r.result, "state": r.state }));
             } else {
                 match r.result.as_str() {
-                    "cancelled" => println!("job {id} cancelled"),
+                    "cancelled" => say!("job {id} cancelled"),
                     "cancel_requested" => {
-                        println!("job {id} is running: asked to stop (aborted after the grace period)")
+                        say!("job {id} is running: asked to stop (aborted after the grace period)")
                     }
-                    _ => println!("job {id} had already finished ({})", r.state),
+                    _ => say!("job {id} had already finished ({})", r.state),
                 }
             }
         }
@@ -984,7 +1030,7 @@ async fn jobs(cx: &Ctx, cmd: JobsCmd) -> Result<(), Failure> {
             if cx.json {
                 println!("{}", job_json(&j));
             } else {
-                println!("job {} re-queued ({}; attempts {}/{})", j.id, j.state, j.attempt, j.max_attempts);
+                say!("job {} re-queued ({}; attempts {}/{})", j.id, j.state, j.attempt, j.max_attempts);
             }
         }
     }
@@ -1006,7 +1052,7 @@ fn schedule_json(s: &pb::Schedule) -> serde_json::Value {
         "last_nominal_unix_ms": s.last_nominal_unix_ms, "last_fired_at_unix_ms": s.last_fired_at_unix_ms,
         "last_job_id": s.last_job_id, "fires_total": s.fires_total, "skipped_total": s.skipped_total,
         "missed_total": s.missed_total, "created_at_unix_ms": s.created_at_unix_ms,
-        "updated_at_unix_ms": s.updated_at_unix_ms,
+        "updated_at_unix_ms": s.updated_at_unix_ms, "last_fire_lag_ms": s.last_fire_lag_ms,
     })
 }
 
@@ -1034,44 +1080,59 @@ fn next_fire(s: &pb::Schedule) -> String {
 
 /// `warden schedules get` and the answers to create, pause and resume.
 fn print_schedule(s: &pb::Schedule) {
+    print!("{}", schedule_text(s));
+}
+
+/// `warden schedules get`'s text, each line through [`safe`].
+fn schedule_text(s: &pb::Schedule) -> String {
+    let mut out: Vec<String> = Vec::new();
+    macro_rules! say {
+        ($($t:tt)*) => { out.push(safe(&format!($($t)*))) };
+    }
     let d = s.definition.clone().unwrap_or_default();
     let state = if s.paused { "paused" } else { "active" };
     let origin =
         if s.source == "code" { format!("declared in code, revision {}", s.revision) } else { s.source.clone() };
-    println!("schedule {} / {}  {state}  (id {}, partition {}, {origin})", d.account, d.name, s.id, s.partition);
-    println!("timing     {} in {}", timing(&d), d.zone);
+    say!("schedule {} / {}  {state}  (id {}, partition {}, {origin})", d.account, d.name, s.id, s.partition);
+    say!("timing     {} in {}", timing(&d), d.zone);
     if d.jitter_ms != 0 || d.start_unix_ms != 0 || d.end_unix_ms != 0 {
-        println!(
+        say!(
             "           jitter {} · start {} · end {}",
             age(d.jitter_ms as i64),
             time(d.start_unix_ms),
             time(d.end_unix_ms)
         );
     }
-    println!("job        {} {}  lane {}", d.kind, d.args_json, d.lane);
-    println!(
+    say!("job        {} {}  lane {}", d.kind, d.args_json, d.lane);
+    say!(
         "policies   overlap {} · catch-up {} within {}",
         d.overlap,
         d.catchup,
         age(d.catchup_window_ms.unwrap_or(0) as i64)
     );
     match (s.next_nominal_unix_ms, s.paused) {
-        (0, _) => println!("next fire  none (the schedule has ended)"),
-        (n, true) => println!("next fire  paused (was {})", time(n)),
-        (n, false) if n == s.next_fire_at_unix_ms => println!("next fire  {}", time(n)),
-        (n, false) => println!("next fire  {} (nominal {})", time(s.next_fire_at_unix_ms), time(n)),
+        (0, _) => say!("next fire  none (the schedule has ended)"),
+        (n, true) => say!("next fire  paused (was {})", time(n)),
+        (n, false) if n == s.next_fire_at_unix_ms => say!("next fire  {}", time(n)),
+        (n, false) => say!("next fire  {} (nominal {})", time(s.next_fire_at_unix_ms), time(n)),
     }
     if s.last_fired_at_unix_ms == 0 {
-        println!("last fire  never");
+        say!("last fire  never");
     } else {
-        println!("last fire  {} (job {})", time(s.last_fired_at_unix_ms), s.last_job_id);
+        say!("last fire  {} (job {})", time(s.last_fired_at_unix_ms), s.last_job_id);
     }
     // Triggers and backfills are fires too, but only the schedule's own fires advance
     // the last nominal time.
     if s.last_nominal_unix_ms != 0 {
-        println!("           last scheduled nominal time {}", time(s.last_nominal_unix_ms));
+        let lag = match s.last_fire_lag_ms {
+            Some(ms) => format!("fire lag {:.3} s", ms as f64 / 1000.0),
+            None => "its job not started".into(),
+        };
+        say!("           last scheduled nominal time {} ({lag})", time(s.last_nominal_unix_ms));
     }
-    println!("fires      {} enqueued · {} skipped · {} missed", s.fires_total, s.skipped_total, s.missed_total);
+    say!("fires      {} enqueued · {} skipped · {} missed", s.fires_total, s.skipped_total, s.missed_total);
+    out.push(String::new());
+    out.join("\n")
 }
 
 async fn schedules(cx: &Ctx, cmd: SchedulesCmd) -> Result<(), Failure> {
@@ -1138,7 +1199,7 @@ async fn schedules(cx: &Ctx, cmd: SchedulesCmd) -> Result<(), Failure> {
                     &rows,
                 );
                 if !r.next_page_token.is_empty() {
-                    println!("\nmore: --page-token {}", r.next_page_token);
+                    say!("\nmore: --page-token {}", r.next_page_token);
                 }
             }
         }
@@ -1180,7 +1241,7 @@ async fn schedules(cx: &Ctx, cmd: SchedulesCmd) -> Result<(), Failure> {
             if cx.json {
                 println!("{}", json!({ "job_id": job_id }));
             } else {
-                println!("schedule {name} fired now: job {job_id}");
+                say!("schedule {name} fired now: job {job_id}");
             }
         }
         SchedulesCmd::Backfill { account, name, from, to } => {
@@ -1197,13 +1258,13 @@ async fn schedules(cx: &Ctx, cmd: SchedulesCmd) -> Result<(), Failure> {
             if cx.json {
                 println!("{}", json!({ "job_ids": b.job_ids, "already_fired": b.already_fired }));
             } else {
-                println!(
+                say!(
                     "schedule {name}: {} job(s) enqueued for the range, {} nominal time(s) already fired",
                     b.job_ids.len(),
                     b.already_fired
                 );
                 if let (Some(first), Some(last)) = (b.job_ids.first(), b.job_ids.last()) {
-                    println!("jobs {first} … {last}");
+                    say!("jobs {first} … {last}");
                 }
             }
         }
@@ -1212,7 +1273,7 @@ async fn schedules(cx: &Ctx, cmd: SchedulesCmd) -> Result<(), Failure> {
             if cx.json {
                 println!("{}", json!({ "deleted": true }));
             } else {
-                println!("schedule {name} deleted (the jobs it fired stay)");
+                say!("schedule {name} deleted (the jobs it fired stay)");
             }
         }
     }
@@ -1226,11 +1287,11 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Other(m)) => {
-            eprintln!("error: {m}");
+            eprintln!("error: {}", safe(&m));
             ExitCode::from(1)
         }
         Err(Failure::Status(s)) => {
-            eprintln!("error: {}", s.message());
+            eprintln!("error: {}", safe(s.message()));
             ExitCode::from(match s.code() {
                 Code::NotFound => 3,
                 Code::InvalidArgument => 4,
@@ -1246,6 +1307,77 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedules_get_shows_the_last_fire_lag_and_escapes_names() {
+        let mut s = pb::Schedule {
+            definition: Some(pb::ScheduleDefinition {
+                account: "acct-1".into(),
+                name: "beat\u{1b}[2J".into(),
+                every_ms: 1000,
+                zone: "UTC".into(),
+                kind: "tick".into(),
+                args_json: "{}".into(),
+                ..Default::default()
+            }),
+            source: "runtime".into(),
+            next_nominal_unix_ms: 1_767_225_602_000,
+            next_fire_at_unix_ms: 1_767_225_602_000,
+            last_nominal_unix_ms: 1_767_225_601_000,
+            last_fired_at_unix_ms: 1_767_225_601_010,
+            last_job_id: 7,
+            last_fire_lag_ms: Some(123),
+            ..Default::default()
+        };
+        let text = schedule_text(&s);
+        assert!(text.starts_with("schedule acct-1 / beat\\u{1b}[2J  active"), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("last scheduled nominal time 2026-01-01 00:00:01.000 (fire lag 0.123 s)"), "{text}");
+        s.last_fire_lag_ms = None;
+        assert!(schedule_text(&s).contains("(its job not started)"));
+        assert_eq!(schedule_json(&s)["last_fire_lag_ms"], serde_json::Value::Null);
+        s.last_fire_lag_ms = Some(5);
+        assert_eq!(schedule_json(&s)["last_fire_lag_ms"], 5);
+        assert_eq!(schedule_json(&s)["name"], "beat\u{1b}[2J", "--json stays exact");
+    }
+
+    #[test]
+    fn text_from_handlers_is_shown_with_its_control_characters_escaped() {
+        // ESC sequences (clear screen, colour, OSC title), newlines, CR, tab, DEL, C1, bidi.
+        assert_eq!(safe("\u{1b}[2J\u{1b}[31mred"), "\\u{1b}[2J\\u{1b}[31mred");
+        assert_eq!(safe("a\nFAKE LINE\rb\tc"), "a\\nFAKE LINE\\rb\\tc");
+        assert_eq!(safe("\u{1b}]0;title\u{7}"), "\\u{1b}]0;title\\u{7}");
+        assert_eq!(safe("del\u{7f} c1\u{9b}31m"), "del\\u{7f} c1\\u{9b}31m");
+        assert_eq!(safe("abc\u{202e}gpj.exe"), "abc\\u{202e}gpj.exe");
+        // Printable Unicode (and a backslash) stays as written.
+        for ok in ["step 42/100", "Grüße · 日本語 · émoji 🚀", "C:\\path", ""] {
+            assert_eq!(safe(ok), ok);
+        }
+        // Nothing raw is left: no control character survives.
+        let all: String = (0u32..0x2100).filter_map(char::from_u32).collect();
+        assert!(!safe(&all).chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn jobs_list_running_renders_a_hostile_progress_message_on_one_visible_line() {
+        let p = pb::JobProgress {
+            attempt: 1,
+            node: "node-a/1".into(),
+            heartbeat_age_ms: 800,
+            message: "ok\u{1b}[2K\rDONE 100%\nfake row".into(),
+            ..Default::default()
+        };
+        let rows = vec![vec!["7".into(), "acct\u{1b}[8m".into(), "sync".into(), progress_figures(&p)]];
+        let text = table_text(&["id", "account", "kind", "progress"], &rows);
+        assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+        assert_eq!(text.lines().count(), 2, "a header and one row: {text:?}");
+        let row = text.lines().nth(1).unwrap();
+        assert_eq!(row, "7   acct\\u{1b}[8m  sync  ok\\u{1b}[2K\\rDONE 100%\\nfake row");
+        // Columns are aligned on the escaped text.
+        assert_eq!(text.lines().next().unwrap(), format!("ID  {:<13}  KIND  PROGRESS", "ACCOUNT"), "{text}");
+        // --json stays exact.
+        assert_eq!(progress_json(&p)["message"], "ok\u{1b}[2K\rDONE 100%\nfake row");
+    }
 
     #[test]
     fn ages_read_as_people_say_them() {

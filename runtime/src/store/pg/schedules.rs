@@ -123,10 +123,26 @@ const UPSERT_SQL: &str = "
        OR (EXCLUDED.source = 'code' AND s.source = 'code' AND s.revision < EXCLUDED.revision)
     RETURNING *";
 
-const GET_SQL: &str = "SELECT * FROM warden.schedules WHERE account = $1 AND name = $2";
+/// A schedule (`s`) with `last_fire_started_at`: the first start of the job its fire
+/// at `last_nominal` enqueued: the first attempt's start once one is recorded, else the
+/// running attempt's claim (NULL while queued; `unclaim` clears it).
+macro_rules! with_last_start {
+    ($from:literal) => {
+        concat!(
+            "SELECT s.*, (SELECT COALESCE((SELECT min(a.started_at) FROM warden.attempts a WHERE a.job_id = f.job_id),
+                                      (SELECT j.attempted_at FROM warden.jobs j WHERE j.id = f.job_id))
+                      FROM warden.schedule_fires f
+                      WHERE f.schedule_id = s.id AND f.nominal_at = s.last_nominal AND f.via = 'schedule'
+                      LIMIT 1) AS last_fire_started_at ",
+            $from
+        )
+    };
+}
+const GET_SQL: &str = with_last_start!("FROM warden.schedules s WHERE s.account = $1 AND s.name = $2");
 /// A page of schedules after id $2 ($1 account or NULL), at most $3.
-const LIST_SQL: &str = "
-    SELECT * FROM warden.schedules WHERE ($1::text IS NULL OR account = $1) AND id > $2 ORDER BY id LIMIT $3";
+const LIST_SQL: &str = with_last_start!(
+    "FROM warden.schedules s WHERE ($1::text IS NULL OR s.account = $1) AND s.id > $2 ORDER BY s.id LIMIT $3"
+);
 const PAUSE_SQL: &str =
     "UPDATE warden.schedules SET paused = true, updated_at = statement_timestamp() WHERE account = $1 AND name = $2 RETURNING *";
 const RESUME_SQL: &str = "
@@ -147,8 +163,9 @@ const DEFER_SQL: &str = "
 /// How a fire attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FireOutcome {
-    /// Fired as planned (the plan, and the ids of the jobs enqueued for its fires).
-    Fired { plan: FirePlan, jobs: Vec<i64> },
+    /// Fired as planned (the plan, the ids of the jobs enqueued for its fires, and the
+    /// instant each of those fires was due: nominal time + jitter).
+    Fired { plan: FirePlan, jobs: Vec<i64>, due: Vec<DateTime<Utc>> },
     /// The schedule changed since it was read (another fire, an update, a pause, a
     /// delete): nothing done; the next scan plans again.
     Stale,
@@ -305,13 +322,16 @@ impl PgStore {
         }
         // Enqueue every fire in one statement, then record the fires.
         let mut jobs: Vec<NewJob> = Vec::new();
-        let (mut f_schedule, mut f_nominal) = (Vec::new(), Vec::new());
+        let (mut f_schedule, mut f_nominal, mut f_due) = (Vec::new(), Vec::new(), Vec::new());
         for (row, p) in &planned {
             let def = row.def()?;
+            let spec = def.spec()?;
+            let key = ScheduleDef::jitter_key(&row.account, &row.name);
             for n in &p.fire {
                 jobs.push(def.job());
                 f_schedule.push(row.id);
                 f_nominal.push(*n);
+                f_due.push(spec.fire_at(&key, *n));
             }
         }
         let mut job_ids = Vec::with_capacity(jobs.len());
@@ -334,6 +354,7 @@ impl PgStore {
         let mut fired_out = Vec::with_capacity(planned.len());
         for (row, p) in planned {
             let mine: Vec<i64> = job_ids[cursor..cursor + p.fire.len()].to_vec();
+            let due: Vec<DateTime<Utc>> = f_due[cursor..cursor + p.fire.len()].to_vec();
             cursor += p.fire.len();
             adv.id.push(row.id);
             adv.next_nominal.push(p.next_nominal);
@@ -344,7 +365,7 @@ impl PgStore {
             adv.fires.push(mine.len() as i64);
             adv.skipped.push(p.skipped as i64);
             adv.missed.push(p.missed as i64);
-            fired_out.push((row.id, Ok(FireOutcome::Fired { plan: p, jobs: mine })));
+            fired_out.push((row.id, Ok(FireOutcome::Fired { plan: p, jobs: mine, due })));
         }
         if !adv.id.is_empty() {
             sqlx::query(ADVANCE_MANY_SQL)
