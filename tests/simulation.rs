@@ -213,7 +213,17 @@ impl SimNode {
                 stop,
             ))),
         ];
-        SimNode { table, placement: placement_view, view, last_view: Vec::new(), lag, pause, paused_until: None, down_until, tasks }
+        SimNode {
+            table,
+            placement: placement_view,
+            view,
+            last_view: Vec::new(),
+            lag,
+            pause,
+            paused_until: None,
+            down_until,
+            tasks,
+        }
     }
 
     fn crash(self) {

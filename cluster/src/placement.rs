@@ -351,7 +351,11 @@ pub async fn run_ring(
                             }
                             _ => partitions.get() as usize,
                         };
-                        tracing::debug!(moved, partitions_here = mine, "ownership: sticky placement followed the lease holders");
+                        tracing::debug!(
+                            moved,
+                            partitions_here = mine,
+                            "ownership: sticky placement followed the lease holders"
+                        );
                     }
                     placement.set(ring, standby);
                 }

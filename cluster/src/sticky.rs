@@ -299,7 +299,11 @@ mod tests {
                     let load = a.loads().get(&h.owner).copied();
                     if load.is_some() && a.owner(q) != h.owner {
                         let held_before = holders.iter().flatten().filter(|x| x.owner == h.owner).count() as u32;
-                        assert!(held_before > p / n as u32, "{} shed a partition without being above the floor", h.owner);
+                        assert!(
+                            held_before > p / n as u32,
+                            "{} shed a partition without being above the floor",
+                            h.owner
+                        );
                     }
                 }
             }
@@ -319,7 +323,8 @@ mod tests {
             let h = holders_of(&a, &[], 1);
             // Leave of a random member.
             let gone = rng.usize(..n);
-            let rest: Vec<Candidate> = cands[..n].iter().enumerate().filter(|(i, _)| *i != gone).map(|(_, c)| c.clone()).collect();
+            let rest: Vec<Candidate> =
+                cands[..n].iter().enumerate().filter(|(i, _)| *i != gone).map(|(_, c)| c.clone()).collect();
             if !rest.is_empty() {
                 let b = place_sticky(&rest, &h, pc(p), 0.05).unwrap();
                 check(&b, n - 1, p);
@@ -344,7 +349,8 @@ mod tests {
     fn rollout(n: usize, p: u32, versioned: bool, rng: &mut fastrand::Rng) -> Vec<u32> {
         let old = ids(n, rng, &BTreeSet::new());
         let new = ids(n, rng, &old.iter().cloned().collect());
-        let mut live: Vec<Candidate> = old.iter().map(|id| Candidate::new(id.clone(), 1 + rng.u64(..1000), false)).collect();
+        let mut live: Vec<Candidate> =
+            old.iter().map(|id| Candidate::new(id.clone(), 1 + rng.u64(..1000), false)).collect();
         let mut holders = holders_of(&place_sticky(&live, &[], pc(p), 0.05).unwrap(), &[], 0);
         let mut moves = vec![0u32; p as usize];
         // Old pods go in any order (Kubernetes picks).
@@ -458,10 +464,7 @@ mod attack {
                 (0..n).map(|i| Candidate::new(format!("n{i}"), 1 + rng.u64(..1000), false)).collect();
             let s0 = holders_of(&place_sticky(&cands, &[], pc(p), 0.05).unwrap(), &[], 1);
             // Randomize grant times a bit, as a history would.
-            let s: Holders = s0
-                .into_iter()
-                .map(|h| h.map(|h| Holder { acquired_us: rng.i64(1..50), ..h }))
-                .collect();
+            let s: Holders = s0.into_iter().map(|h| h.map(|h| Holder { acquired_us: rng.i64(1..50), ..h })).collect();
             // A join or a leave.
             if rng.bool() || n == 2 {
                 cands.push(Candidate::new("new", 5_000, rng.bool()));
@@ -491,7 +494,14 @@ mod attack {
                     if failures < 4 {
                         let diff: Vec<_> = (0..p)
                             .filter(|q| again.owner(*q) != t.owner(*q))
-                            .map(|q| (q, owner(&s, q).map(str::to_string), t.owner(q).to_string(), again.owner(q).to_string()))
+                            .map(|q| {
+                                (
+                                    q,
+                                    owner(&s, q).map(str::to_string),
+                                    t.owner(q).to_string(),
+                                    again.owner(q).to_string(),
+                                )
+                            })
                             .collect();
                         eprintln!("n={n} p={p}: {} differ: {diff:?}", diff.len());
                     }
@@ -512,7 +522,13 @@ mod attack {
     /// Run `events` as steps (each a batch applied at once), every step carried out
     /// fully before the next. Returns per-partition moves (grants), and moves not
     /// caused by a crash re-grant of the crashed node's own partitions.
-    fn run(p: u32, start: &[Candidate], steps: &[Vec<Ev>], versioned: bool, new: &BTreeSet<String>) -> (Vec<u32>, Vec<u32>) {
+    fn run(
+        p: u32,
+        start: &[Candidate],
+        steps: &[Vec<Ev>],
+        versioned: bool,
+        new: &BTreeSet<String>,
+    ) -> (Vec<u32>, Vec<u32>) {
         let mut live: Vec<Candidate> = start.to_vec();
         let mut holders = holders_of(&place_sticky(&live, &[], pc(p), 0.05).unwrap(), &[], 0);
         let mut moves = vec![0u32; p as usize];
@@ -646,7 +662,6 @@ mod attack {
         }
     }
 
-
     /// Agents: every node reads the DB holders at its own moments (a read can be a
     /// few ticks old), overlays its own lease table (held and not draining = its own),
     /// computes, begins draining what it should not hold (released a few ticks later),
@@ -667,7 +682,15 @@ mod attack {
 
     impl Agents {
         fn new(p: u32, db: Holders) -> Self {
-            Self { p, db, draining: BTreeMap::new(), reads: BTreeMap::new(), grants: vec![0; p as usize], tick: 1000, frozen: None }
+            Self {
+                p,
+                db,
+                draining: BTreeMap::new(),
+                reads: BTreeMap::new(),
+                grants: vec![0; p as usize],
+                tick: 1000,
+                frozen: None,
+            }
         }
 
         fn view(&self, me: &str) -> Holders {
@@ -679,7 +702,11 @@ mod attack {
                     let keeping = mine_db && !drain.is_some_and(|d| d.contains_key(&(q as u32)));
                     let mine_read = read[q].as_ref().is_some_and(|h| h.owner == me);
                     if keeping {
-                        if mine_read { read[q].clone() } else { self.db[q].clone() }
+                        if mine_read {
+                            read[q].clone()
+                        } else {
+                            self.db[q].clone()
+                        }
                     } else if mine_read {
                         None
                     } else {
@@ -751,10 +778,19 @@ mod attack {
         }
     }
 
-    fn agent_rollout(n: usize, p: u32, versioned: bool, rng: &mut fastrand::Rng, max_drain: u64, stale: f64, leave_first: bool) -> Vec<u32> {
+    fn agent_rollout(
+        n: usize,
+        p: u32,
+        versioned: bool,
+        rng: &mut fastrand::Rng,
+        max_drain: u64,
+        stale: f64,
+        leave_first: bool,
+    ) -> Vec<u32> {
         let old = names("old", n);
         let new = names("new", n);
-        let mut live: Vec<Candidate> = old.iter().map(|id| Candidate::new(id.clone(), 1 + rng.u64(..1000), false)).collect();
+        let mut live: Vec<Candidate> =
+            old.iter().map(|id| Candidate::new(id.clone(), 1 + rng.u64(..1000), false)).collect();
         let db = holders_of(&place_sticky(&live, &[], pc(p), 0.05).unwrap(), &[], 0);
         let mut ag = Agents::new(p, db);
         let mut leave_order = old.clone();
@@ -786,8 +822,9 @@ mod attack {
                 for p in [64u32, 256] {
                     for versioned in [false, true] {
                         for leave_first in [false, true] {
-                            let all: Vec<Vec<u32>> =
-                                (0..5).map(|_| agent_rollout(n, p, versioned, &mut rng, max_drain, stale, leave_first)).collect();
+                            let all: Vec<Vec<u32>> = (0..5)
+                                .map(|_| agent_rollout(n, p, versioned, &mut rng, max_drain, stale, leave_first))
+                                .collect();
                             let m = report(
                                 &format!("agents drain≤{max_drain} stale={stale} N={n} P={p} versioned={versioned} leave_first={leave_first}"),
                                 &all,
@@ -802,7 +839,6 @@ mod attack {
         }
         assert!(worst <= 2, "a partition was granted {worst} times in a surge-1 rollout with racing nodes");
     }
-
 
     /// A StatefulSet rolling update: pods are replaced one at a time, highest ordinal
     /// first, *deleted before* their replacement (same name, so the same node id)
@@ -831,7 +867,8 @@ mod attack {
                                     live.push(Candidate::new(id.clone(), 10_000 + i as u64, false));
                                     renewed.insert(id.clone());
                                 }
-                                let both = live.iter().any(|c| renewed.contains(&c.id)) && live.iter().any(|c| !renewed.contains(&c.id));
+                                let both = live.iter().any(|c| renewed.contains(&c.id))
+                                    && live.iter().any(|c| !renewed.contains(&c.id));
                                 for c in &mut live {
                                     c.target = versioned && both && renewed.contains(&c.id);
                                 }
@@ -853,7 +890,6 @@ mod attack {
         }
     }
 
-
     /// The switch-over when the last ring1 member leaves: holders are the plain
     /// ring's assignment; how many partitions does sticky placement move at once?
     #[test]
@@ -867,16 +903,19 @@ mod attack {
                     let ids: Vec<String> = (0..n).map(|i| format!("node-{trial}-{i}")).collect();
                     let ring = crate::ring::place(&ids, pc(p), &cfg).unwrap();
                     let h = holders_of(&ring, &[], 5);
-                    let cands: Vec<Candidate> = ids.iter().enumerate().map(|(i, id)| Candidate::new(id.clone(), i as u64, false)).collect();
+                    let cands: Vec<Candidate> =
+                        ids.iter().enumerate().map(|(i, id)| Candidate::new(id.clone(), i as u64, false)).collect();
                     let a = place_sticky(&cands, &h, pc(p), 0.05).unwrap();
                     let moved = (0..p).filter(|q| ring.owner(*q) != a.owner(*q)).count();
                     worst = worst.max(moved);
                 }
-                eprintln!("switch-over N={n} P={p}: up to {worst} partitions move ({:.1}%)", 100.0 * worst as f64 / p as f64);
+                eprintln!(
+                    "switch-over N={n} P={p}: up to {worst} partitions move ({:.1}%)",
+                    100.0 * worst as f64 / p as f64
+                );
             }
         }
     }
-
 
     /// A rollback to the release before sticky placement: the first ring1 member to
     /// turn active makes every member compute the plain ring at once, over the
@@ -886,14 +925,18 @@ mod attack {
     #[ignore = "figures (attack-sticky): a rollback to ring1 moves (1 - 1/N) of the partitions at once"]
     fn switch_back_to_the_plain_ring_on_a_rollback() {
         let cfg = crate::ring::RingConfig { algorithm: 1, ..crate::ring::RingConfig::default() };
-        
+
         for n in [3usize, 5, 10] {
             for p in [256u32, 1024] {
                 let mut worst = 0.0f64;
                 for trial in 0..10 {
                     // A settled sticky cluster after a history of joins (a rollout).
                     let ids: Vec<String> = (0..2 * n).map(|i| format!("node-{trial}-{i}")).collect();
-                    let mut live: Vec<Candidate> = ids[..n].iter().enumerate().map(|(i, id)| Candidate::new(id.clone(), i as u64, false)).collect();
+                    let mut live: Vec<Candidate> = ids[..n]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| Candidate::new(id.clone(), i as u64, false))
+                        .collect();
                     let mut h = holders_of(&place_sticky(&live, &[], pc(p), 0.05).unwrap(), &[], 0);
                     for i in 0..n {
                         live.push(Candidate::new(ids[n + i].clone(), 100 + i as u64, false));
@@ -911,7 +954,6 @@ mod attack {
             }
         }
     }
-
 
     /// Finding (attack-sticky): one node's holder reads stop refreshing just before a
     /// join or leave (they time out: 2 × renew/4 = 500 ms, while renewals may take the
@@ -961,5 +1003,4 @@ mod attack {
         }
         assert!(!stuck.is_empty(), "the finding no longer reproduces: update this test");
     }
-
 }

@@ -217,8 +217,7 @@ impl Enforcer {
         let plan = plan_leases(&view);
         // Unwanted partitions held back: look again when the first is due.
         let desired_now = view.desired.as_ref().unwrap_or(&view.held);
-        report.retry_in =
-            held_back.iter().filter(|(p, _)| !desired_now.contains(p)).map(|(_, left)| *left).min();
+        report.retry_in = held_back.iter().filter(|(p, _)| !desired_now.contains(p)).map(|(_, left)| *left).min();
 
         // 2. Acquire.
         if !plan.acquire.is_empty() {
@@ -569,7 +568,13 @@ mod tests {
 
     #[test]
     fn unknown_placement_keeps_what_is_held_and_takes_nothing() {
-        let view = LeaseView { desired: None, held: set(&[3, 4]), draining: set(&[4]), with_actors: set(&[4]), ..Default::default() };
+        let view = LeaseView {
+            desired: None,
+            held: set(&[3, 4]),
+            draining: set(&[4]),
+            with_actors: set(&[4]),
+            ..Default::default()
+        };
         assert_eq!(plan_leases(&view), LeasePlan { acquire: vec![], begin_drain: vec![], hand_off: vec![4] });
     }
 

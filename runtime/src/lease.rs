@@ -631,7 +631,12 @@ mod tests {
         async fn due_accounts(&self, _: &[u32], _: i64) -> crate::error::Result<Vec<crate::store::DueAccount>> {
             unreachable!()
         }
-        async fn running_here(&self, _: &str, _: &[u32], _: i64) -> crate::error::Result<Vec<crate::store::RunningJob>> {
+        async fn running_here(
+            &self,
+            _: &str,
+            _: &[u32],
+            _: i64,
+        ) -> crate::error::Result<Vec<crate::store::RunningJob>> {
             unreachable!()
         }
         async fn claim(&self, _: &str, _: &Fence) -> crate::error::Result<Option<crate::job::JobRow>> {

@@ -91,7 +91,9 @@ impl ModelDb {
     pub fn new(partitions: u32) -> ModelDb {
         let now = Instant::now();
         ModelDb {
-            leases: (0..partitions).map(|_| ModelLease { owner: None, epoch: 0, expires: now, acquired: None }).collect(),
+            leases: (0..partitions)
+                .map(|_| ModelLease { owner: None, epoch: 0, expires: now, acquired: None })
+                .collect(),
             jobs: BTreeMap::new(),
             attempts: Vec::new(),
             progress: BTreeMap::new(),

@@ -256,7 +256,10 @@ pub fn track_grants(
         let mut seen: BTreeMap<i32, Vec<(i64, String, u64)>> = BTreeMap::new();
         while !s.is_cancelled() {
             let rows: Vec<(i32, i64, Option<String>)> =
-                sqlx::query_as("SELECT partition, epoch, owner_node FROM warden.leases").fetch_all(&pool).await.unwrap_or_default();
+                sqlx::query_as("SELECT partition, epoch, owner_node FROM warden.leases")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap_or_default();
             for (p, e, o) in rows {
                 let v = seen.entry(p).or_default();
                 if v.last().map(|(le, _, _)| *le) != Some(e) {
