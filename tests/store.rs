@@ -827,3 +827,112 @@ async fn an_idempotency_key_held_by_a_transaction_that_rolls_back_goes_to_the_wa
         assert_eq!(holder, id);
     }
 }
+
+/// Batched claims (`store::pg::claims`, `claim_many.sql`) give each account exactly
+/// what a lone claim (`claim.sql`) gives: its due serial head, a due unordered job, an
+/// adoption of its job already running at this epoch, nothing behind a retrying head
+/// or before a scheduled time, and a refusal under a fence that does not hold.
+#[tokio::test]
+async fn a_batched_claim_gives_each_account_what_a_lone_claim_would() {
+    let (_db, s, client) = setup(8).await;
+    let fences = own_all(&s, "n/1").await;
+    let f = |a: &str| fence_for(&fences, a, 8);
+    let mut plain = Vec::new();
+    for i in 0..20 {
+        plain.push(client.enqueue(NewJob::new(format!("a{i}"), "k", i).unwrap()).await.unwrap().id);
+    }
+    // Claimed already (a claim whose reply was lost): adopted, one more attempt.
+    let adopt = client.enqueue(NewJob::new("adopt", "k", ()).unwrap()).await.unwrap().id;
+    assert_eq!(s.claim("adopt", &f("adopt")).await.unwrap().unwrap().attempt, 1);
+    // A head retrying in an hour blocks the job behind it.
+    let blocked: Vec<i64> = client
+        .enqueue_many(&[NewJob::new("blocked", "k", 0).unwrap(), NewJob::new("blocked", "k", 1).unwrap()])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let head = s.claim("blocked", &f("blocked")).await.unwrap().unwrap();
+    assert_eq!(head.id, blocked[0]);
+    let retry = Finish::Retry { after: Duration::from_secs(3600), outcome: "failed", error: "later".into() };
+    assert!(s.finish(None, &head, &f("blocked"), &retry, true).await.unwrap().into_next().is_none());
+    let unordered = client
+        .enqueue(NewJob::new("unord", "k", ()).unwrap().lane(warden_runtime::Lane::Unordered))
+        .await
+        .unwrap()
+        .id;
+    client
+        .enqueue(NewJob::new("later", "k", ()).unwrap().run_at(chrono::Utc::now() + chrono::Duration::hours(1)))
+        .await
+        .unwrap();
+    client.enqueue(NewJob::new("stale", "k", ()).unwrap()).await.unwrap();
+    let stale = Fence { epoch: f("stale").epoch + 7, ..f("stale") };
+
+    let mut accounts: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+    accounts.extend(["adopt", "blocked", "unord", "later", "empty"].map(String::from));
+    let fs: Vec<Fence> = accounts.iter().map(|a| f(a)).collect();
+    let mut req: Vec<(&str, &Fence)> = accounts.iter().map(String::as_str).zip(fs.iter()).collect();
+    req.push(("stale", &stale));
+    let out = s.claim_together(&req).await.unwrap();
+    assert_eq!(out.len(), req.len());
+    let got = |i: usize| out[i].as_ref().unwrap().as_ref().map(|j| (j.id, j.attempt, j.account.clone()));
+    for (i, id) in plain.iter().enumerate() {
+        assert_eq!(got(i), Some((*id, 1, format!("a{i}"))), "a{i}: its due head");
+    }
+    assert_eq!(got(20), Some((adopt, 2, "adopt".into())), "adopted, counted");
+    assert_eq!(got(21), None, "nothing runs behind a retrying head");
+    assert_eq!(got(22), Some((unordered, 1, "unord".into())), "a due unordered job");
+    assert_eq!(got(23), None, "not due yet");
+    assert_eq!(got(24), None, "no job");
+    assert!(matches!(out[25], Err(Error::Fenced { .. })), "a fence that does not hold: {:?}", out[25]);
+    for (i, id) in plain.iter().enumerate() {
+        let j = client.get(*id).await.unwrap().unwrap();
+        assert_eq!((j.state.as_str(), j.attempt, j.epoch), ("running", 1, Some(fs[i].epoch)), "a{i}");
+    }
+    assert_eq!(client.get(blocked[1]).await.unwrap().unwrap().state, "available");
+    // Claiming again (the batch's reply lost) adopts the same jobs.
+    let again = s.claim_together(&req[..20]).await.unwrap();
+    for (i, id) in plain.iter().enumerate() {
+        let j = again[i].as_ref().unwrap().as_ref().unwrap();
+        assert_eq!((j.id, j.attempt), (*id, 2), "a{i}: adopted");
+    }
+    // Misuse is refused before the database.
+    assert!(matches!(s.claim_together(&[("a0", &fs[0]), ("a0", &fs[0])]).await, Err(Error::InvalidInput(_))));
+}
+
+/// Claims arriving while one is in flight travel together: with the first claim
+/// stuck behind a lock, 40 more actors' claims wait in the node's queue, not in 40
+/// statements, and each gets its own account's job once the lock goes.
+#[tokio::test]
+async fn claims_made_while_one_is_in_flight_go_in_one_statement() {
+    let (db, s, client) = setup(8).await;
+    let fences = own_all(&s, "n/1").await;
+    let accounts: Vec<String> = (0..41).map(|i| format!("c{i}")).collect();
+    let mut ids = std::collections::HashMap::new();
+    for a in &accounts {
+        ids.insert(a.clone(), client.enqueue(NewJob::new(a.clone(), "k", ()).unwrap()).await.unwrap().id);
+    }
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE warden.leases IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let mut tasks = Vec::new();
+    for a in &accounts {
+        let (s, a, f) = (s.clone(), a.clone(), fence_for(&fences, a, 8));
+        tasks.push(tokio::spawn(async move { (a.clone(), s.claim(&a, &f).await) }));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%Claim%'
+           AND state = 'active' AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 1, "one claim statement in flight, the others queued behind it");
+    lock.rollback().await.unwrap();
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        let j = r.unwrap().unwrap_or_else(|| panic!("{a}: claimed nothing"));
+        assert_eq!((j.id, j.account.as_str(), j.attempt), (ids[&a], a.as_str(), 1));
+    }
+}

@@ -197,6 +197,38 @@ async fn measure(
     Ok(Minute { fires: due_fired, missing: (n * minutes).saturating_sub(due_fired), lags })
 }
 
+/// CPU seconds (user + system) of one process.
+fn proc_cpu(pid: i32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some(i) = s.rfind(')') else { return 0.0 };
+    let f: Vec<&str> = s[i + 2..].split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (n(11) + n(12)) as f64 / 100.0
+}
+
+/// The statements that took the most execution time, with calls and ms per call.
+async fn top_statements(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64, f64)>> {
+    Ok(sqlx::query_as(
+        "SELECT regexp_replace(left(query, 90), '\\s+', ' ', 'g'), calls, total_exec_time FROM pg_stat_statements
+         ORDER BY total_exec_time DESC LIMIT 12",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+fn format_top(rows: &[(String, i64, f64)], fires: usize) -> Vec<String> {
+    rows.iter()
+        .map(|(q, calls, ms)| {
+            format!(
+                "{:>9.3} ms/fire {:>8} calls {:>7.3} ms/call  {q}",
+                ms / fires.max(1) as f64,
+                calls,
+                ms / (*calls).max(1) as f64
+            )
+        })
+        .collect()
+}
+
 async fn scheduler_exec_ms(pool: &sqlx::PgPool) -> anyhow::Result<f64> {
     Ok(sqlx::query_scalar(
         "SELECT COALESCE(sum(total_exec_time), 0)::float8 FROM pg_stat_statements
@@ -210,7 +242,9 @@ struct Run {
     n: usize,
     minutes: Vec<Minute>,
     cpu_per_fire_ms: f64,
+    node_cpu_per_fire_ms: f64,
     sched_exec_per_fire_ms: f64,
+    top: Vec<String>,
 }
 
 async fn run(admin: &str, n: usize, nodes: usize, measured: u32, tag: &str) -> anyhow::Result<Run> {
@@ -245,9 +279,12 @@ async fn run(admin: &str, n: usize, nodes: usize, measured: u32, tag: &str) -> a
     let pm = postmaster(&pool).await?;
     sqlx::query("SELECT pg_stat_statements_reset()").execute(&pool).await?;
     let cpu0 = pg_cpu(pm);
+    let nodes0: f64 = procs.iter().map(|p| proc_cpu(p.pid())).sum();
     tokio::time::sleep((end - Utc::now()).to_std().unwrap_or_default()).await;
     let cpu1 = pg_cpu(pm);
+    let nodes1: f64 = procs.iter().map(|p| proc_cpu(p.pid())).sum();
     let exec_ms = scheduler_exec_ms(&pool).await?;
+    let top_rows = top_statements(&pool).await?;
     // Let the last fires' jobs start before measuring.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let mut minutes = Vec::new();
@@ -256,6 +293,7 @@ async fn run(admin: &str, n: usize, nodes: usize, measured: u32, tag: &str) -> a
         minutes.push(measure(&pool, tag, n, from, from + TimeDelta::seconds(60)).await?);
     }
     let fires: usize = minutes.iter().map(|m| m.fires).sum();
+    let top = format_top(&top_rows, fires);
     drop(procs);
     pool.close().await;
     db.drop_database().await.ok();
@@ -263,6 +301,8 @@ async fn run(admin: &str, n: usize, nodes: usize, measured: u32, tag: &str) -> a
         n,
         minutes,
         cpu_per_fire_ms: (cpu1 - cpu0) * 1000.0 / fires.max(1) as f64,
+        node_cpu_per_fire_ms: (nodes1 - nodes0) * 1000.0 / fires.max(1) as f64,
+        top,
         sched_exec_per_fire_ms: exec_ms / fires.max(1) as f64,
     })
 }
@@ -285,6 +325,11 @@ fn print(r: &Run) {
         "  database cost per fire (and its job): server CPU {:.3} ms; the scheduler's statements {:.3} ms of execution",
         r.cpu_per_fire_ms, r.sched_exec_per_fire_ms
     );
+    println!("  node processes' CPU per fire (and its job): {:.3} ms", r.node_cpu_per_fire_ms);
+    println!("  top statements by execution time:");
+    for t in &r.top {
+        println!("    {t}");
+    }
 }
 
 #[tokio::main]

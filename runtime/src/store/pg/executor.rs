@@ -51,7 +51,7 @@ const RUNNING_HERE_SQL: &str = "
     SELECT id, account, partition FROM warden.jobs
     WHERE partition = ANY($1) AND state = 'running' AND node = $2 LIMIT $3";
 
-const CLAIM_SQL: &str = include_str!("../sql/claim.sql");
+pub(super) const CLAIM_SQL: &str = include_str!("../sql/claim.sql");
 const FINISH_SQL: &str = include_str!("../sql/finish.sql");
 const UNCLAIM_SQL: &str = include_str!("../sql/unclaim.sql");
 pub(super) const DISCARD_UNDECODABLE_SQL: &str = include_str!("../sql/discard_undecodable.sql");
@@ -198,17 +198,7 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, account: &str, fence: &Fence) -> Result<Option<JobRow>> {
-        let row = sqlx::query(CLAIM_SQL)
-            .bind(account)
-            .bind(fence.partition as i32)
-            .bind(fence.epoch)
-            .bind(&*fence.owner)
-            .fetch_one(&self.pool)
-            .await?;
-        if row.try_get::<i64, _>("fence_held")? == 0 {
-            return Err(Error::Fenced { partition: fence.partition, epoch: fence.epoch });
-        }
-        self.claimed_row(&row, fence).await
+        self.claim_batched(account, fence).await
     }
 
     async fn finish(

@@ -3,17 +3,19 @@
 //! [`init_partitions`], [`load_partitions`].
 //!
 //! Files: `executor.rs` (leases, the fenced hot path, rescue, scans, heartbeats),
-//! `enqueue.rs` (enqueue locking and the job operations of the client), `admin.rs`
+//! `claims.rs` (claims of many actors batched into one statement), `enqueue.rs` (enqueue locking and the job operations of the client), `admin.rs`
 //! (observation, retention, the history checker's figures). Every statement is whole
 //! SQL: the long ones as files in `store/sql/` (read with `include_str!`), the short
 //! ones as named constants beside the code that binds them.
 
 mod admin;
+mod claims;
 mod enqueue;
 mod executor;
 mod schedules;
 
 pub use admin::RETENTION_LOCK_CLASS;
+pub use claims::MAX_CLAIM_BATCH;
 pub use enqueue::{ENQUEUE_LOCK_BATCH, ENQUEUE_LOCK_CLASS};
 pub use executor::DUE_ACCOUNTS_SQL;
 pub use schedules::{FireOutcome, Upserted};
@@ -256,11 +258,13 @@ pub struct PgStore {
     /// Bound on how long a finished-but-uncommitted handler transaction may hold its
     /// fence lock (see FINISH_SQL). Set it to the lease TTL.
     finish_idle_timeout_ms: u64,
+    /// Claims waiting for a statement ([`claims`]), shared by the store's clones.
+    claims: std::sync::Arc<claims::ClaimBatcher>,
 }
 
 impl PgStore {
     pub fn new(pool: PgPool, partitions: PartitionCount) -> Self {
-        Self { pool, partitions, finish_idle_timeout_ms: 4000 }
+        Self { pool, partitions, finish_idle_timeout_ms: 4000, claims: Default::default() }
     }
 
     /// See `finish_idle_timeout_ms`.
