@@ -37,7 +37,22 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_histogram!("warden_queue_seconds", Unit::Seconds, "Time from a job being due to its attempt starting");
     describe_histogram!("warden_processing_seconds", Unit::Seconds, "Handler run time per attempt");
+    describe_histogram!(
+        "warden_claims_per_statement",
+        Unit::Count,
+        "Claims one claim statement carried (claims made while one is in flight go together)"
+    );
     describe_counter!("warden_attempts_total", "Attempts by outcome");
+    describe_counter!(
+        "warden_schedule_fires_total",
+        "Schedule nominal times by outcome: enqueued, skipped (a policy), missed (outside the catch-up window)"
+    );
+    describe_counter!("warden_schedule_errors_total", "Schedule fires that failed (retried by the next pass)");
+    describe_histogram!(
+        "warden_schedule_fire_lag_seconds",
+        Unit::Seconds,
+        "From a fire being due (nominal time + jitter) to its job's first start, for fires whose job started on this node"
+    );
     describe_counter!("warden_jobs_completed_total", "Jobs completed");
     describe_counter!("warden_retries_total", "Attempts that will be retried");
     describe_counter!("warden_discards_total", "Jobs discarded");
