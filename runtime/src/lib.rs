@@ -11,7 +11,8 @@
 //!   executor: leases, the fenced finish-and-claim-next hot path, rescue, scans, member
 //!   heartbeats), [`store::ProducerStore`] (enqueue and the client's job operations) and
 //!   [`store::AdminStore`] (observation, retention, the history figures); `store::pg`
-//!   implements them on PostgreSQL with the statements as `.sql` files.
+//!   implements them on PostgreSQL with the statements as `.sql` files (claims of
+//!   many idle accounts travel together: `store::pg::claims`).
 //! - [`schema`] — the migration runner with Warden's own history
 //!   (`warden.schema_history`), adoption of a legacy sqlx history, and the
 //!   compatibility check of the upgrade contract (`deploy/UPGRADING.md`).
