@@ -10,9 +10,12 @@
 //!   `Spec::fire_at` says) to its job's first attempt start (`warden.attempts`),
 //!   p50 / p99 / max; flat means minute after minute the same;
 //! - fires per second and fires missing (due in the window, not fired);
-//! - **database cost per fire**: server CPU (the postmaster and its children, from
-//!   /proc) per fire-and-run, and pg_stat_statements' execution time of the
-//!   scheduler's own statements per fire;
+//! - **cost per fire**: server CPU (the postmaster and its children, from /proc) and
+//!   the node processes' CPU per fire whose job ran in the window (a tick recorded:
+//!   at steady state, the window's fires; past saturation, what got done),
+//!   pg_stat_statements' execution time of the scheduler's own statements per fire,
+//!   and the top statements; from these, the fires a second this machine's cores
+//!   could sustain and the cores N schedules would need;
 //! - the same for a baseline of N/100 schedules measured first in the same run
 //!   (ratios: at scale / baseline).
 //!
@@ -241,6 +244,8 @@ async fn scheduler_exec_ms(pool: &sqlx::PgPool) -> anyhow::Result<f64> {
 struct Run {
     n: usize,
     minutes: Vec<Minute>,
+    /// Fires whose job ran, per second, over the measured window.
+    done_per_s: f64,
     cpu_per_fire_ms: f64,
     node_cpu_per_fire_ms: f64,
     sched_exec_per_fire_ms: f64,
@@ -278,11 +283,21 @@ async fn run(admin: &str, n: usize, nodes: usize, measured: u32, tag: &str) -> a
     tokio::time::sleep((start - Utc::now()).to_std().unwrap_or_default()).await;
     let pm = postmaster(&pool).await?;
     sqlx::query("SELECT pg_stat_statements_reset()").execute(&pool).await?;
+    let db_now = || sqlx::query_scalar::<_, DateTime<Utc>>("SELECT clock_timestamp()").fetch_one(&pool);
+    let t0 = db_now().await?;
     let cpu0 = pg_cpu(pm);
     let nodes0: f64 = procs.iter().map(|p| proc_cpu(p.pid())).sum();
     tokio::time::sleep((end - Utc::now()).to_std().unwrap_or_default()).await;
     let cpu1 = pg_cpu(pm);
     let nodes1: f64 = procs.iter().map(|p| proc_cpu(p.pid())).sum();
+    let t1 = db_now().await?;
+    // The costs are per fire whose job ran in the window (its tick): at steady state
+    // the fires of the window; past saturation, what the cluster actually got done.
+    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM periodic_ticks WHERE at >= $1 AND at < $2")
+        .bind(t0)
+        .bind(t1)
+        .fetch_one(&pool)
+        .await?;
     let exec_ms = scheduler_exec_ms(&pool).await?;
     let top_rows = top_statements(&pool).await?;
     // Let the last fires' jobs start before measuring.
@@ -292,18 +307,18 @@ async fn run(admin: &str, n: usize, nodes: usize, measured: u32, tag: &str) -> a
         let from = start + TimeDelta::seconds(60 * m as i64);
         minutes.push(measure(&pool, tag, n, from, from + TimeDelta::seconds(60)).await?);
     }
-    let fires: usize = minutes.iter().map(|m| m.fires).sum();
-    let top = format_top(&top_rows, fires);
+    let top = format_top(&top_rows, done as usize);
     drop(procs);
     pool.close().await;
     db.drop_database().await.ok();
     Ok(Run {
         n,
         minutes,
-        cpu_per_fire_ms: (cpu1 - cpu0) * 1000.0 / fires.max(1) as f64,
-        node_cpu_per_fire_ms: (nodes1 - nodes0) * 1000.0 / fires.max(1) as f64,
+        done_per_s: done as f64 / (t1 - t0).num_milliseconds().max(1) as f64 * 1000.0,
+        cpu_per_fire_ms: (cpu1 - cpu0) * 1000.0 / done.max(1) as f64,
+        node_cpu_per_fire_ms: (nodes1 - nodes0) * 1000.0 / done.max(1) as f64,
         top,
-        sched_exec_per_fire_ms: exec_ms / fires.max(1) as f64,
+        sched_exec_per_fire_ms: exec_ms / done.max(1) as f64,
     })
 }
 
@@ -321,11 +336,22 @@ fn print(r: &Run) {
             pct(&m.lags, 1.0)
         );
     }
+    println!("  fires whose job ran in the measured window: {:.0}/s", r.done_per_s);
     println!(
         "  database cost per fire (and its job): server CPU {:.3} ms; the scheduler's statements {:.3} ms of execution",
         r.cpu_per_fire_ms, r.sched_exec_per_fire_ms
     );
     println!("  node processes' CPU per fire (and its job): {:.3} ms", r.node_cpu_per_fire_ms);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let per_fire = r.cpu_per_fire_ms + r.node_cpu_per_fire_ms;
+    println!(
+        "  CPU per fire, server + nodes: {per_fire:.3} ms → this machine's {cores} cores fire at most {:.0}/s \
+         ({:.0} every-minute schedules) at 100% busy; {:.0} every-minute schedules need {:.1} cores",
+        cores * 1000.0 / per_fire,
+        cores * 1000.0 / per_fire * 60.0,
+        r.n,
+        r.n as f64 / 60.0 * per_fire / 1000.0
+    );
     println!("  top statements by execution time:");
     for t in &r.top {
         println!("    {t}");
